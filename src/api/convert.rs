@@ -1,0 +1,96 @@
+//! Conversions between `keyward.v1` messages and domain types.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tonic::Status;
+
+use super::proto;
+use crate::{
+    crypto::{context::EncryptionContext, envelope::Envelope},
+    error::Error,
+    keys::{KeyRecord, KeyStatus},
+    service::crypto::{Ciphertext, Sealed},
+};
+
+pub fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Error> {
+    Ok(EncryptionContext::parse(map)?)
+}
+
+pub fn envelope_to_proto(env: Envelope) -> proto::Envelope {
+    proto::Envelope {
+        encryption_key_id: env.encryption_key_id,
+        data_key_ciphertext: env.data_key_ciphertext,
+        data_key_iv: env.data_key_iv,
+        payload_ciphertext: env.payload_ciphertext,
+        payload_iv: env.payload_iv,
+    }
+}
+
+pub fn envelope_from_proto(env: proto::Envelope) -> Envelope {
+    Envelope {
+        encryption_key_id: env.encryption_key_id,
+        data_key_ciphertext: env.data_key_ciphertext,
+        data_key_iv: env.data_key_iv,
+        payload_ciphertext: env.payload_ciphertext,
+        payload_iv: env.payload_iv,
+    }
+}
+
+pub fn sealed_to_proto(sealed: Sealed) -> proto::EncryptResponse {
+    proto::EncryptResponse {
+        key_id: sealed.key.key_id.clone(),
+        envelope: Some(envelope_to_proto(sealed.envelope)),
+        blob: sealed.blob,
+    }
+}
+
+pub fn ciphertext(ct: Option<proto::decrypt_request::Ciphertext>) -> Result<Ciphertext, Error> {
+    match ct {
+        Some(proto::decrypt_request::Ciphertext::Envelope(env)) => {
+            Ok(Ciphertext::Envelope(envelope_from_proto(env)))
+        }
+        Some(proto::decrypt_request::Ciphertext::Blob(blob)) if !blob.is_empty() => {
+            Ok(Ciphertext::Blob(blob))
+        }
+        _ => Err(Error::MissingCiphertext),
+    }
+}
+
+pub fn item_error(status: &Status) -> proto::ItemError {
+    proto::ItemError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+pub fn key_status(status: KeyStatus) -> proto::KeyStatus {
+    match status {
+        KeyStatus::Pending => proto::KeyStatus::Pending,
+        KeyStatus::Active => proto::KeyStatus::Active,
+        KeyStatus::Rotating => proto::KeyStatus::Rotating,
+        KeyStatus::Retired => proto::KeyStatus::Retired,
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        // subsec_nanos is below 2e9 and fits an i32.
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn key(record: &KeyRecord) -> proto::Key {
+    proto::Key {
+        id: record.id.clone(),
+        key_id: record.key_id.clone(),
+        kms_key_arn: record.kms_key_arn.clone(),
+        alias: record.alias.clone().unwrap_or_default(),
+        provider: record.provider.as_str().to_owned(),
+        status: key_status(record.status) as i32,
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        rotated_at: record.rotated_at.map(timestamp),
+    }
+}

@@ -1,0 +1,103 @@
+//! Domain errors to gRPC status codes: one exhaustive match.
+//!
+//! Client mistakes get the code that tells the caller what to change and
+//! the domain error's message (which never carries key material). Server
+//! faults get INTERNAL with a generic message; the whole cause chain goes
+//! to the log instead.
+
+use tonic::{Code, Status};
+
+use crate::{crypto::kms::KmsError, error::Error, store::StoreError};
+
+/// The gRPC code for a domain error.
+pub fn code_of(err: &Error) -> Code {
+    match err {
+        Error::EmptyPlaintext
+        | Error::PlaintextTooLarge { .. }
+        | Error::BatchTooLarge { .. }
+        | Error::InvalidContext(_)
+        | Error::MissingCiphertext
+        | Error::MalformedBlob(_)
+        | Error::MalformedEnvelope(_)
+        | Error::DecryptionFailed
+        | Error::InvalidField { .. } => Code::InvalidArgument,
+        Error::UnknownKey(_) | Error::KeyNotFound(_) => Code::NotFound,
+        Error::KeyExists(_) => Code::AlreadyExists,
+        Error::LegacyUnavailable
+        | Error::NoActiveKey
+        | Error::KeyStatusConflict { .. }
+        | Error::KeyInUse { .. }
+        | Error::ProviderUnavailable(_)
+        | Error::KeyUnusable { .. } => Code::FailedPrecondition,
+        Error::Kms(kms) => match kms {
+            KmsError::UnwrapFailed => Code::InvalidArgument,
+            KmsError::KeyDisabled { .. }
+            | KmsError::KeyNotFound { .. }
+            | KmsError::InvalidKeyRef { .. } => Code::FailedPrecondition,
+            KmsError::AccessDenied { .. } => Code::PermissionDenied,
+            KmsError::Unavailable { .. } => Code::Unavailable,
+        },
+        Error::Store(store) => match store {
+            StoreError::Unavailable(_) => Code::Unavailable,
+            StoreError::Concurrent => Code::Aborted,
+            StoreError::Conflict(_) => Code::AlreadyExists,
+            StoreError::InvalidUrl(_)
+            | StoreError::Query(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Migrate(_) => Code::Internal,
+        },
+    }
+}
+
+/// Converts a domain error into the status a caller sees.
+pub fn to_status(err: &Error) -> Status {
+    match code_of(err) {
+        Code::Internal => {
+            tracing::error!(error = %chain(err), "internal error");
+            Status::internal("internal error: the server log has the details")
+        }
+        Code::Unavailable => {
+            tracing::warn!(error = %chain(err), "dependency unavailable");
+            Status::unavailable(err.to_string())
+        }
+        code => Status::new(code, err.to_string()),
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        to_status(&err)
+    }
+}
+
+/// The error and all its sources, for the log.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let err = Error::Store(StoreError::Corrupt("secret detail".into()));
+        let status = to_status(&err);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret detail"));
+    }
+
+    #[test]
+    fn client_errors_keep_their_message() {
+        let status = to_status(&Error::DecryptionFailed);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("encryption context"));
+    }
+}

@@ -1,0 +1,293 @@
+//! Wiring: builds the services from settings, binds the listener, and runs
+//! the gRPC server until a shutdown future resolves.
+//!
+//! `Application::build` does all fallible start-up work (database,
+//! migrations, catalog, self-test) and exposes `local_addr()`, so tests bind
+//! port 0 and talk to the real server; `run_until_stopped(shutdown)` serves,
+//! then on shutdown turns health NOT_SERVING, drains RPCs under the grace
+//! period, and returns.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::{
+    api::{
+        proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
+        AdminApi, CryptoApi,
+    },
+    config::{MasterSecrets, Settings},
+    crypto::{
+        kms::{local::LocalKms, KmsRegistry},
+        legacy::LegacyKeys,
+    },
+    error::Error,
+    keys::KeyCatalog,
+    service::{
+        admin::{CreateKey, KeyAdmin, Readiness},
+        crypto::{CryptoService, Limits},
+    },
+    store::{Store, StoreError},
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The database could not be opened or migrated.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// A key operation during start-up failed.
+    #[error("keys: {0}")]
+    Keys(#[from] Error),
+    /// Server reflection could not be built from the descriptors.
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed while serving.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The domain services, opened on a database: shared by the server and the
+/// operator CLI.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Store,
+    pub catalog: Arc<KeyCatalog>,
+    pub crypto: Arc<CryptoService>,
+    pub admin: Arc<KeyAdmin>,
+}
+
+impl Services {
+    /// Connects, applies migrations and loads the key catalog.
+    pub async fn open(
+        database_url: &str,
+        master: Option<&MasterSecrets>,
+        limits: Limits,
+    ) -> Result<Self, StartupError> {
+        let store = Store::connect(database_url).await?;
+        store.migrate().await?;
+        let mut kms = KmsRegistry::default();
+        let mut legacy = None;
+        if let Some(master) = master {
+            kms = kms.with(Arc::new(LocalKms::new(
+                master.current.clone(),
+                master.previous.clone(),
+            )));
+            legacy = Some(LegacyKeys::new(master.all()));
+        }
+        let catalog = Arc::new(KeyCatalog::default());
+        let crypto = Arc::new(CryptoService::new(Arc::clone(&catalog), kms, legacy, limits));
+        let admin = Arc::new(KeyAdmin::new(
+            store.clone(),
+            Arc::clone(&catalog),
+            Arc::clone(&crypto),
+        ));
+        admin.refresh().await?;
+        Ok(Self {
+            store,
+            catalog,
+            crypto,
+            admin,
+        })
+    }
+}
+
+/// The key id `serve --dev` seeds when the catalog has no active key.
+pub const DEV_KEY_ID: &str = "dev-local";
+
+pub struct Application {
+    listener: TcpListener,
+    services: Services,
+    settings: Settings,
+}
+
+impl Application {
+    /// Binds `settings.listen` and builds the services.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.listen,
+                source,
+            })?;
+        Self::build_with_listener(settings, listener).await
+    }
+
+    /// Builds the services around an already bound listener.
+    pub async fn build_with_listener(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> Result<Self, StartupError> {
+        let services = Services::open(
+            &settings.database_url,
+            settings.master.as_ref(),
+            settings.limits,
+        )
+        .await?;
+        if settings.seed_dev_key && services.catalog.snapshot().active().is_none() {
+            let key = services
+                .admin
+                .seed_key(CreateKey {
+                    key_id: DEV_KEY_ID.into(),
+                    alias: Some("seeded by serve --dev".into()),
+                    ..CreateKey::default()
+                })
+                .await?;
+            tracing::warn!(key_id = %key.key_id, "--dev: no active key was found, so a local key was seeded and activated");
+        }
+        Ok(Self {
+            listener,
+            services,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+
+    /// Serves until `shutdown` resolves, then drains under the grace period.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartupError> {
+        let Self {
+            listener,
+            services,
+            settings,
+        } = self;
+        let stop = CancellationToken::new();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        tokio::spawn(follow_readiness(
+            services.admin.readiness(),
+            health.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(refresh_catalog_periodically(
+            Arc::clone(&services.admin),
+            settings.catalog_refresh_interval,
+            stop.clone(),
+        ));
+        // Publish the current readiness now that a follower is listening.
+        services.admin.refresh().await?;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let max = settings.max_request_bytes;
+        let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&services.crypto)))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(usize::MAX);
+        let admin = AdminServer::new(AdminApi::new(Arc::clone(&services.admin)))
+            .max_decoding_message_size(max);
+
+        let drain = stop.clone();
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(crypto)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.cancelled_owned());
+        tokio::pin!(server);
+
+        tokio::select! {
+            result = &mut server => {
+                stop.cancel();
+                return result.map_err(StartupError::from);
+            }
+            () = shutdown => {}
+        }
+        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: health is NOT_SERVING, draining in-flight RPCs");
+        stop.cancel();
+        set_health(&health, ServingStatus::NotServing).await;
+        let result = match tokio::time::timeout(settings.shutdown_grace, server).await {
+            Ok(result) => result.map_err(StartupError::from),
+            Err(_) => {
+                tracing::warn!("grace period elapsed with RPCs still in flight; closing them");
+                Ok(())
+            }
+        };
+        services.store.close().await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Sets the overall status ("") and both keyward services alike.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in ["", "keyward.v1.Crypto", "keyward.v1.Admin"] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Mirrors service readiness into gRPC health until `stop`.
+async fn follow_readiness(
+    mut readiness: tokio::sync::watch::Receiver<Readiness>,
+    health: HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut announced = false;
+    loop {
+        let current = readiness.borrow_and_update().clone();
+        match current {
+            Readiness::Ready => {
+                if !announced {
+                    tracing::info!("🔐 Encryption service initialized successfully");
+                    announced = true;
+                }
+                set_health(&health, ServingStatus::Serving).await;
+            }
+            Readiness::NotReady(reason) => {
+                tracing::warn!(%reason, "not ready: health is NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+            Readiness::Starting => {}
+        }
+        tokio::select! {
+            changed = readiness.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Reloads the key catalog on a timer, so key changes made elsewhere (the
+/// CLI, another replica, hand-written SQL) reach this process.
+async fn refresh_catalog_periodically(
+    admin: Arc<KeyAdmin>,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if let Err(err) = admin.refresh().await {
+                    tracing::warn!(error = %err, "periodic key catalog refresh failed; keeping the previous catalog");
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The `keyward` command line: the binary's edge, where `anyhow` is used.
+//!
+//! Every flag can also be set from the environment (`env = …`). Secrets are
+//! read from the environment or a file only: `ENCRYPTION_MASTER_KEY`
+//! (fallback `LOCAL_KMS_SECRET`), `ENCRYPTION_MASTER_KEY_PREVIOUS`
+//! (comma-separated), or `--master-key-file`.
+//!
+//! Operator commands other than `serve` and `bench` work on the database
+//! directly, like the runbook's scripts; a running server picks their
+//! changes up on its catalog refresh timer or on `RefreshKeyMetadata`.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::{
+    app::{Application, Services},
+    bench::BenchArgs,
+    config::{dev_master_key_path, MasterSecrets, Settings},
+    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
+    keys::KeyRecord,
+    service::{admin::CreateKey, crypto::Limits},
+};
+
+/// Exit status for invalid configuration (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about = "Envelope-encryption key service")]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://keyward.db", global = true)]
+    database_url: String,
+    /// File holding the local KMS master secret (instead of ENCRYPTION_MASTER_KEY).
+    #[arg(long, env = "KEYWARD_MASTER_KEY_FILE", global = true)]
+    master_key_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve keyward.v1.Crypto, keyward.v1.Admin, health and reflection.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Upsert the active key (the runbook's `npm run seed:encryption-key`).
+    SeedKey(SeedArgs),
+    /// List, create, activate or retire key records.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Round-trip every non-retired key through its KMS; exit 0 only if all pass.
+    SelfTest,
+    /// Write a connections row the way the pre-keyward application did
+    /// (legacy format; plaintext read from stdin). A fixture generator.
+    LegacyEncrypt(LegacyArgs),
+    /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Zero-setup sandbox: create a master secret file if none is configured,
+    /// and seed an active local key if there is none.
+    #[arg(long, env = "KEYWARD_DEV")]
+    dev: bool,
+    /// Largest plaintext Encrypt accepts, in bytes.
+    #[arg(long, env = "KEYWARD_MAX_PLAINTEXT_BYTES", default_value_t = 65536)]
+    max_plaintext_bytes: usize,
+    /// Most items in one BatchEncrypt / BatchDecrypt.
+    #[arg(long, env = "KEYWARD_MAX_BATCH_ITEMS", default_value_t = 1000)]
+    max_batch_items: usize,
+    /// Largest gRPC request message, in bytes.
+    #[arg(long, env = "KEYWARD_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_request_bytes: usize,
+    /// Seconds between reloads of the key catalog from the database.
+    #[arg(long, env = "KEYWARD_CATALOG_REFRESH_SECS", default_value_t = 30)]
+    catalog_refresh_secs: u64,
+    /// Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct SeedArgs {
+    /// key_id of the seeded key.
+    #[arg(long, env = "DEFAULT_ENCRYPTION_KEY_ID", default_value = "primary")]
+    key_id: String,
+    /// Alias recorded with the key.
+    #[arg(long, env = "DEFAULT_ENCRYPTION_KEY_ALIAS")]
+    alias: Option<String>,
+    /// KMS key; default `local:<key_id>` (the built-in local KMS).
+    #[arg(long, env = "DEFAULT_ENCRYPTION_KMS_KEY_ARN")]
+    kms_key_arn: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// List every key record.
+    List,
+    /// Register a key record (pending unless --activate).
+    Create {
+        #[arg(long)]
+        key_id: String,
+        /// KMS key ARN / id / alias, or local:NAME; default local:<key_id>.
+        #[arg(long, default_value = "")]
+        kms_key_arn: String,
+        #[arg(long)]
+        alias: Option<String>,
+        /// local or aws-kms; default inferred from --kms-key-arn.
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// Activate at once (the previous active key becomes rotating).
+        #[arg(long)]
+        activate: bool,
+    },
+    /// Make a key active; the previous active key becomes rotating.
+    Activate { key_id: String },
+    /// Retire a rotating key; refuses while rows reference it unless --force.
+    Retire {
+        key_id: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct LegacyArgs {
+    /// connections.id of the row to write (created or overwritten).
+    #[arg(long)]
+    connection_id: String,
+    /// connections.name of the row.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// Parses arguments, runs the command on a Tokio runtime, maps the outcome
+/// to an exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("keyward: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("keyward: {err:#}");
+            if err.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Configuration that cannot work; exits with [`EXIT_CONFIG`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Installing fails only if a subscriber is already set; keep that one.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let global = cli.global;
+    match cli.command {
+        Command::Serve(args) => serve(&global, args).await,
+        Command::Migrate => {
+            let store = crate::store::Store::connect(&global.database_url).await?;
+            store.migrate().await?;
+            println!("migrations applied to {}", redact_url(&global.database_url));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SeedKey(args) => {
+            let services = open(&global).await?;
+            let key = services
+                .admin
+                .seed_key(CreateKey {
+                    key_id: args.key_id,
+                    kms_key_arn: args.kms_key_arn.unwrap_or_default(),
+                    alias: args.alias,
+                    ..CreateKey::default()
+                })
+                .await?;
+            tracing::info!(id = %key.id, key_id = %key.key_id, "active key seeded");
+            println!("{}", key.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => keys(&global, cmd).await,
+        Command::SelfTest => {
+            let services = open(&global).await?;
+            let report = services.admin.self_test().await?;
+            for check in &report.keys {
+                match &check.error {
+                    None => println!("ok    {} ({}, {})", check.key.key_id, check.key.provider, check.key.status),
+                    Some(err) => println!("FAIL  {} ({}, {}): {err}", check.key.key_id, check.key.provider, check.key.status),
+                }
+            }
+            if report.passed() {
+                println!("Encryption self-test: ✅ passed");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                if !report.keys.iter().any(|c| c.key.status == crate::keys::KeyStatus::Active) {
+                    println!("no active key");
+                }
+                println!("Encryption self-test: ❌ failed");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::LegacyEncrypt(args) => legacy_encrypt(&global, args).await,
+        Command::Bench(args) => {
+            crate::bench::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let master = match master_secrets(global)? {
+        Some(master) => master,
+        None if args.dev => dev_master_secret(&global.database_url)?,
+        None => {
+            return Err(ConfigError(
+                "no master secret: set ENCRYPTION_MASTER_KEY (or LOCAL_KMS_SECRET, or --master-key-file), \
+                 or run `keyward serve --dev` for a local sandbox"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    let settings = Settings {
+        listen: args.listen,
+        limits: Limits {
+            max_plaintext_bytes: args.max_plaintext_bytes,
+            max_batch_items: args.max_batch_items,
+        },
+        max_request_bytes: args.max_request_bytes,
+        catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        seed_dev_key: args.dev,
+        ..Settings::for_database(global.database_url.clone(), Some(master))
+    };
+    let app = Application::build(settings).await?;
+    tracing::info!(addr = %app.local_addr()?, database = %redact_url(&global.database_url), "keyward listening");
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The configured master secrets, from the environment or a file.
+fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<MasterSecrets>> {
+    let from_env = ["ENCRYPTION_MASTER_KEY", "LOCAL_KMS_SECRET"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
+    let current = match (from_env, &global.master_key_file) {
+        (Some(secret), _) => Some(secret),
+        (None, Some(path)) => Some(read_secret_file(path)?),
+        (None, None) => None,
+    };
+    let previous: Vec<String> = std::env::var("ENCRYPTION_MASTER_KEY_PREVIOUS")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    current
+        .map(|c| MasterSecrets::parse(&c, &previous))
+        .transpose()
+        .map_err(|e| ConfigError(format!("master secret: {e}")).into())
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| ConfigError(format!("cannot read master key file {}: {e}", path.display())).into())
+}
+
+/// `serve --dev`: reuse or create a 0600 master secret file.
+fn dev_master_secret(database_url: &str) -> anyhow::Result<MasterSecrets> {
+    let path = dev_master_key_path(database_url);
+    let secret = if path.exists() {
+        tracing::warn!(path = %path.display(), "--dev: using the development master secret in this file");
+        read_secret_file(&path)?
+    } else {
+        let secret = MasterSecret::generate_hex();
+        write_private_file(&path, secret.as_bytes())
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        tracing::warn!(
+            path = %path.display(),
+            "--dev: NO MASTER SECRET WAS CONFIGURED, so a new one was generated and written to this file (mode 0600). \
+             Anything encrypted is only as safe as that file. Do not use --dev in production: set ENCRYPTION_MASTER_KEY."
+        );
+        secret.to_string()
+    };
+    MasterSecrets::parse(&secret, &[]).map_err(|e| ConfigError(format!("{}: {e}", path.display())).into())
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.write_all(b"\n")
+}
+
+async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
+    let master = master_secrets(global)?;
+    Ok(Services::open(&global.database_url, master.as_ref(), Limits::default()).await?)
+}
+
+async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    let services = open(global).await?;
+    let admin = &services.admin;
+    match cmd {
+        KeysCommand::List => print_keys(&admin.list_keys().await?),
+        KeysCommand::Create {
+            key_id,
+            kms_key_arn,
+            alias,
+            provider,
+            activate,
+        } => {
+            let key = admin
+                .create_key(CreateKey {
+                    key_id,
+                    kms_key_arn,
+                    alias,
+                    provider,
+                    activate,
+                })
+                .await?;
+            print_keys(&[key]);
+        }
+        KeysCommand::Activate { key_id } => {
+            let activation = admin.activate_key(&key_id).await?;
+            print_keys(&[activation.activated]);
+            if let Some(previous) = activation.previous {
+                println!("previous active key {} is now rotating", previous.key_id);
+            }
+            println!("running servers pick this up within their refresh interval, or at once on Admin/RefreshKeyMetadata");
+        }
+        KeysCommand::Retire { key_id, force } => {
+            let retirement = admin.retire_key(&key_id, force).await?;
+            print_keys(&[retirement.key]);
+            if retirement.referencing_rows > 0 {
+                println!("warning: retired with --force while {} rows still reference it", retirement.referencing_rows);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_keys(keys: &[KeyRecord]) {
+    println!(
+        "{:<36}  {:<20}  {:<8}  {:<8}  {:<40}  ALIAS",
+        "ID", "KEY_ID", "STATUS", "PROVIDER", "KMS_KEY_ARN"
+    );
+    for k in keys {
+        println!(
+            "{:<36}  {:<20}  {:<8}  {:<8}  {:<40}  {}",
+            k.id,
+            k.key_id,
+            k.status,
+            k.provider,
+            k.kms_key_arn,
+            k.alias.as_deref().unwrap_or("")
+        );
+    }
+}
+
+async fn legacy_encrypt(global: &GlobalArgs, args: LegacyArgs) -> anyhow::Result<ExitCode> {
+    let Some(master) = master_secrets(global)? else {
+        bail!(ConfigError("legacy-encrypt needs the master secret: set ENCRYPTION_MASTER_KEY".into()));
+    };
+    let mut plaintext = zeroize::Zeroizing::new(Vec::new());
+    std::io::stdin().read_to_end(&mut plaintext)?;
+    if plaintext.is_empty() {
+        bail!("no plaintext on standard input");
+    }
+    let (iv, ciphertext) = encrypt_legacy(&master.current, &plaintext);
+    let store = crate::store::Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    store
+        .write_legacy_connection(&args.connection_id, args.name.as_deref(), &ciphertext, &iv)
+        .await?;
+    println!("{}", args.connection_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A database URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

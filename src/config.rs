@@ -1,0 +1,116 @@
+//! Typed settings for the server, built by the CLI from flags and the
+//! environment. Secrets are read from the environment or a file only, never
+//! from flags (which `ps` would show).
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use crate::{
+    crypto::secret::{MasterSecret, WeakMasterSecret},
+    service::crypto::Limits,
+};
+
+/// The local KMS's master secrets: `current` wraps new data keys; all of
+/// them unwrap (runbook §2: a new secret is rolled out beside the old).
+#[derive(Debug, Clone)]
+pub struct MasterSecrets {
+    pub current: MasterSecret,
+    pub previous: Vec<MasterSecret>,
+}
+
+impl MasterSecrets {
+    /// Every secret, current first.
+    pub fn all(&self) -> impl Iterator<Item = &MasterSecret> {
+        std::iter::once(&self.current).chain(&self.previous)
+    }
+
+    /// Parses the current secret and the previous ones.
+    pub fn parse(current: &str, previous: &[String]) -> Result<Self, WeakMasterSecret> {
+        Ok(Self {
+            current: MasterSecret::new(current.trim())?,
+            previous: previous
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(MasterSecret::new)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// Everything `Application::build` needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// The local KMS's secrets; `None` disables the local provider and the
+    /// legacy format.
+    pub master: Option<MasterSecrets>,
+    pub limits: Limits,
+    /// Largest gRPC request message accepted.
+    pub max_request_bytes: usize,
+    /// How often the key catalog is reloaded from the database.
+    pub catalog_refresh_interval: Duration,
+    /// How long in-flight RPCs may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// `serve --dev`: seed an active local key when there is none.
+    pub seed_dev_key: bool,
+}
+
+impl Settings {
+    /// Defaults for a given database, listening on a random loopback port
+    /// (tests and the in-process benchmark start from here).
+    pub fn for_database(database_url: impl Into<String>, master: Option<MasterSecrets>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            master,
+            limits: Limits::default(),
+            max_request_bytes: 16 * 1024 * 1024,
+            catalog_refresh_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            seed_dev_key: false,
+        }
+    }
+}
+
+/// Where `serve --dev` keeps its generated master secret: beside a SQLite
+/// database file, else in the working directory.
+pub fn dev_master_key_path(database_url: &str) -> std::path::PathBuf {
+    const FILE: &str = "keyward.master.key";
+    let path = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest));
+    match path {
+        Some(db) if !db.is_empty() && db != ":memory:" => Path::new(db)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| p.join(FILE))
+            .unwrap_or_else(|| FILE.into()),
+        _ => FILE.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_key_sits_beside_the_database() {
+        assert_eq!(dev_master_key_path("sqlite://keyward.db"), Path::new("keyward.master.key"));
+        assert_eq!(
+            dev_master_key_path("sqlite:///var/lib/kw/keyward.db?mode=rwc"),
+            Path::new("/var/lib/kw/keyward.master.key")
+        );
+        assert_eq!(dev_master_key_path("postgres://h/db"), Path::new("keyward.master.key"));
+    }
+
+    #[test]
+    fn previous_secrets_are_parsed() {
+        let m = MasterSecrets::parse("current-secret-123", &["old-secret-456789".into(), " ".into()]).unwrap();
+        assert_eq!(m.all().count(), 2);
+        assert!(MasterSecrets::parse("short", &[]).is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! The encryption context: caller-supplied key/value pairs bound to a
+//! ciphertext as additional authenticated data, and their canonical bytes.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Most entries a context may have.
+pub const MAX_ENTRIES: usize = 64;
+/// Most bytes a context may hold, keys and values together.
+pub const MAX_BYTES: usize = 8 * 1024;
+
+/// Why a context was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// A key was the empty string.
+    #[error("encryption context keys must not be empty")]
+    EmptyKey,
+    /// More than [`MAX_ENTRIES`] pairs.
+    #[error("encryption context has {0} entries; the limit is {MAX_ENTRIES}")]
+    TooManyEntries(usize),
+    /// More than [`MAX_BYTES`] bytes of keys and values.
+    #[error("encryption context is {0} bytes; the limit is {MAX_BYTES}")]
+    TooLarge(usize),
+}
+
+/// A validated encryption context, ordered by key so that its encoding is
+/// canonical whatever order the caller sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncryptionContext(BTreeMap<String, String>);
+
+impl EncryptionContext {
+    /// The empty context.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Validates a caller's map ("parse, don't validate": every
+    /// `EncryptionContext` in the process is within the limits).
+    pub fn parse(map: HashMap<String, String>) -> Result<Self, ContextError> {
+        Self::from_pairs(map)
+    }
+
+    /// Builds a context from pairs, with the same checks as [`Self::parse`].
+    pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, ContextError>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let map: BTreeMap<String, String> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        if map.len() > MAX_ENTRIES {
+            return Err(ContextError::TooManyEntries(map.len()));
+        }
+        if map.keys().any(String::is_empty) {
+            return Err(ContextError::EmptyKey);
+        }
+        let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_BYTES {
+            return Err(ContextError::TooLarge(size));
+        }
+        Ok(Self(map))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Canonical encoding: entry count, then each key and value in key order,
+    /// each as a big-endian u32 length and its UTF-8 bytes. Unambiguous, so
+    /// two different contexts never encode alike.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        put_u32_len(out, self.0.len());
+        for (k, v) in &self.0 {
+            put_bytes(out, k.as_bytes());
+            put_bytes(out, v.as_bytes());
+        }
+    }
+}
+
+/// Appends a length-prefixed byte string (u32, big-endian).
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_u32_len(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+fn put_u32_len(out: &mut Vec<u8>, len: usize) {
+    // Every length here is bounded far below u32::MAX by the limits above
+    // and by the request size limit; saturate rather than wrap regardless.
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canonical(ctx: &EncryptionContext) -> Vec<u8> {
+        let mut out = Vec::new();
+        ctx.write_canonical(&mut out);
+        out
+    }
+
+    #[test]
+    fn order_does_not_matter() {
+        let a = EncryptionContext::from_pairs([("b", "2"), ("a", "1")]).unwrap();
+        let b = EncryptionContext::from_pairs([("a", "1"), ("b", "2")]).unwrap();
+        assert_eq!(canonical(&a), canonical(&b));
+    }
+
+    #[test]
+    fn encoding_is_unambiguous() {
+        let a = EncryptionContext::from_pairs([("ab", "c")]).unwrap();
+        let b = EncryptionContext::from_pairs([("a", "bc")]).unwrap();
+        assert_ne!(canonical(&a), canonical(&b));
+        assert_ne!(canonical(&EncryptionContext::empty()), canonical(&a));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        assert_eq!(
+            EncryptionContext::from_pairs([("", "x")]),
+            Err(ContextError::EmptyKey)
+        );
+        let many = (0..=MAX_ENTRIES).map(|i| (i.to_string(), String::new()));
+        assert_eq!(
+            EncryptionContext::from_pairs(many),
+            Err(ContextError::TooManyEntries(MAX_ENTRIES + 1))
+        );
+        let big = "x".repeat(MAX_BYTES);
+        assert!(matches!(
+            EncryptionContext::from_pairs([("k", big)]),
+            Err(ContextError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,188 @@
+//! Key-management providers: where key-encryption keys (KEKs) live and how
+//! data keys are wrapped under them. Every provider sits behind
+//! [`KmsProvider`]; a key record names its provider and KEK
+//! (`encryption_keys.kms_key_arn`).
+
+pub mod local;
+
+use std::{fmt, sync::Arc};
+
+use async_trait::async_trait;
+
+use super::{context::EncryptionContext, secret::SecretKey};
+
+/// Which provider holds a key record's KEK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProviderKind {
+    /// The built-in local KMS: KEKs derived from the master secret.
+    Local,
+    /// AWS KMS (or a KMS-compatible server) through `aws-sdk-kms`.
+    AwsKms,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 2] = [ProviderKind::Local, ProviderKind::AwsKms];
+
+    /// The name stored in `encryption_keys.provider`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::AwsKms => "aws-kms",
+        }
+    }
+
+    /// Parses a stored or requested provider name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
+    /// The provider a bare `kms_key_arn` implies, for rows inserted by hand
+    /// (runbook §1.2 inserts no provider): AWS ARNs, `alias/…` names and
+    /// bare AWS key ids are AWS KMS; `local:…` and anything else is local.
+    pub fn infer(kms_key_arn: &str) -> Self {
+        let arn = kms_key_arn.trim();
+        if arn.starts_with("arn:aws") || arn.starts_with("alias/") || looks_like_aws_key_id(arn) {
+            ProviderKind::AwsKms
+        } else {
+            ProviderKind::Local
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// AWS key ids are UUIDs (or `mrk-` + 32 hex digits for multi-Region keys).
+fn looks_like_aws_key_id(s: &str) -> bool {
+    let hex_dash = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    (s.len() == 36 && hex_dash(s) && s.matches('-').count() == 4)
+        || (s.len() == 36 && s.starts_with("mrk-") && s[4..].chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The KEK a call is about: the key record and the KMS key it names.
+#[derive(Debug, Clone, Copy)]
+pub struct KekRef<'a> {
+    /// `encryption_keys.id`; the local provider binds it into the wrap.
+    pub record_id: &'a str,
+    /// `encryption_keys.kms_key_arn`.
+    pub kms_key_arn: &'a str,
+}
+
+/// A data key as stored: the provider's ciphertext and optional nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub ciphertext: Vec<u8>,
+    pub iv: Vec<u8>,
+}
+
+/// A fresh data key, in plaintext (zeroized on drop) and wrapped.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    pub plaintext: SecretKey,
+    pub wrapped: WrappedKey,
+}
+
+/// What can go wrong inside a provider. Messages name keys, never data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KmsError {
+    /// The wrapped data key did not authenticate under this KEK and context:
+    /// a modified ciphertext, a different context, or another key's data.
+    #[error("the data key could not be unwrapped: the ciphertext was modified, belongs to another key, or the encryption context differs")]
+    UnwrapFailed,
+    /// The KMS key exists but is disabled or pending deletion.
+    #[error("kms key {key} is disabled; enable it in the KMS or restore the key")]
+    KeyDisabled { key: String },
+    /// The KMS key does not exist.
+    #[error("kms key {key} was not found in the KMS; check encryption_keys.kms_key_arn")]
+    KeyNotFound { key: String },
+    /// The KMS refused this principal.
+    #[error("access to kms key {key} was denied; grant GenerateDataKey and Decrypt on it")]
+    AccessDenied { key: String },
+    /// The KMS could not be reached or is throttling.
+    #[error("kms is unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The key reference is not one this provider understands.
+    #[error("invalid kms key reference {key:?}: {reason}")]
+    InvalidKeyRef { key: String, reason: &'static str },
+}
+
+/// A source of key-encryption keys.
+#[async_trait]
+pub trait KmsProvider: Send + Sync {
+    /// Which provider this is.
+    fn kind(&self) -> ProviderKind;
+
+    /// Generates a fresh 256-bit data key and wraps it under `kek`, bound to
+    /// `context`.
+    async fn generate_data_key(
+        &self,
+        kek: KekRef<'_>,
+        context: &EncryptionContext,
+    ) -> Result<GeneratedKey, KmsError>;
+
+    /// Unwraps a data key made by [`Self::generate_data_key`] under the same
+    /// KEK and context.
+    async fn decrypt_data_key(
+        &self,
+        kek: KekRef<'_>,
+        wrapped_key: &[u8],
+        wrapped_iv: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<SecretKey, KmsError>;
+}
+
+/// The providers this process has configured, by kind.
+#[derive(Clone, Default)]
+pub struct KmsRegistry {
+    providers: Vec<Arc<dyn KmsProvider>>,
+}
+
+impl KmsRegistry {
+    /// Adds (or replaces) the provider of its kind.
+    pub fn with(mut self, provider: Arc<dyn KmsProvider>) -> Self {
+        self.providers.retain(|p| p.kind() != provider.kind());
+        self.providers.push(provider);
+        self
+    }
+
+    /// The provider of `kind`, if this process has it configured.
+    pub fn get(&self, kind: ProviderKind) -> Option<&dyn KmsProvider> {
+        self.providers
+            .iter()
+            .find(|p| p.kind() == kind)
+            .map(|p| p.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_is_inferred_from_the_arn() {
+        for arn in [
+            "arn:aws:kms:us-east-1:123456789012:key/alias/app/master",
+            "alias/app/master",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "mrk-1234abcd12ab34cd56ef1234567890ab",
+        ] {
+            assert_eq!(ProviderKind::infer(arn), ProviderKind::AwsKms, "{arn}");
+        }
+        for arn in ["local:default", "my-key", ""] {
+            assert_eq!(ProviderKind::infer(arn), ProviderKind::Local, "{arn}");
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for kind in ProviderKind::ALL {
+            assert_eq!(ProviderKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ProviderKind::parse("gcp"), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! The domain error: everything an operation of keyward can fail with.
+//!
+//! Each variant is a distinct situation a caller can act on; `api::status`
+//! maps them to gRPC codes in one exhaustive match. Messages are lowercase,
+//! say what to do, and never contain key material or plaintext.
+
+use crate::{
+    crypto::{blob::BlobError, context::ContextError, kms::{KmsError, ProviderKind}},
+    keys::KeyStatus,
+    store::StoreError,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Encrypt was given no bytes.
+    #[error("plaintext is empty: encrypt at least one byte")]
+    EmptyPlaintext,
+    /// Encrypt was given more than the configured limit.
+    #[error("plaintext is {len} bytes, over the limit of {max}: store large data elsewhere and encrypt its key")]
+    PlaintextTooLarge { len: usize, max: usize },
+    /// A batch had more items than the configured limit.
+    #[error("batch has {len} items, over the limit of {max}: split it into smaller batches")]
+    BatchTooLarge { len: usize, max: usize },
+    /// The encryption context was refused.
+    #[error("invalid encryption context: {0}")]
+    InvalidContext(#[from] ContextError),
+    /// Decrypt was given neither an envelope nor a blob.
+    #[error("no ciphertext: set either `envelope` or `blob`")]
+    MissingCiphertext,
+    /// The blob could not be parsed.
+    #[error("invalid blob: {0}")]
+    MalformedBlob(#[from] BlobError),
+    /// A structured envelope is missing or has a malformed field.
+    #[error("invalid envelope: {0}")]
+    MalformedEnvelope(&'static str),
+    /// Authentication failed: modified ciphertext or a different context.
+    #[error("decryption failed: the ciphertext was modified, or the encryption context differs from the one used to encrypt")]
+    DecryptionFailed,
+    /// A legacy ciphertext arrived but no master secret is configured.
+    #[error("legacy ciphertexts need the master secret: set ENCRYPTION_MASTER_KEY")]
+    LegacyUnavailable,
+    /// An envelope names a key record the catalog does not have.
+    #[error("encryption key {0} is not in the key catalog: if its encryption_keys row was deleted, restore it and call RefreshKeyMetadata")]
+    UnknownKey(String),
+    /// An admin request names a key that does not exist.
+    #[error("no key with key_id or id {0:?}: list keys with ListKeys")]
+    KeyNotFound(String),
+    /// There is no active key to encrypt with.
+    #[error("no active key: create and activate one (keyward seed-key, or Admin/CreateKey with activate)")]
+    NoActiveKey,
+    /// A key record with this key_id already exists.
+    #[error("a key with key_id {0:?} already exists")]
+    KeyExists(String),
+    /// The operation is not allowed from the key's current status.
+    #[error("key {key_id} is {status}: {hint}")]
+    KeyStatusConflict { key_id: String, status: KeyStatus, hint: &'static str },
+    /// Rows still reference the key that was to be retired.
+    #[error("key {key_id} is still referenced by {rows} connections rows: run a rotation first, or retire with force")]
+    KeyInUse { key_id: String, rows: i64 },
+    /// An admin request field is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    /// The key's provider is not configured in this process.
+    #[error("kms provider {0} is not configured on this server")]
+    ProviderUnavailable(ProviderKind),
+    /// The key's KMS failed a round trip (self-test before activation).
+    #[error("key {key_id} failed its kms round trip: {source}")]
+    KeyUnusable { key_id: String, #[source] source: Box<Error> },
+    /// The KMS provider failed.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

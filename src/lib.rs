@@ -1,0 +1,30 @@
+//! keyward: an envelope-encryption key service.
+//!
+//! Applications call `keyward.v1.Crypto` over gRPC to encrypt and decrypt
+//! secrets and never see a data key; operators call `keyward.v1.Admin` (or
+//! the `keyward` CLI) to manage the key catalog.
+//!
+//! # Layout
+//! - [`api`]: the gRPC layer (the only place that knows proto types);
+//! - [`service`]: the operations, transport-free;
+//! - [`crypto`]: envelope format, AES-256-GCM, KMS providers, secrets;
+//! - [`keys`]: key records and the in-memory catalog;
+//! - [`store`]: the database (SQLite or PostgreSQL), the only place with SQL;
+//! - [`app`]: wiring and the server's lifecycle;
+//! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
+//! - [`bench`]: the `keyward bench` load generator.
+//!
+//! See `ARCHITECTURE.md` for the map and the invariants.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod keys;
+pub mod service;
+pub mod store;

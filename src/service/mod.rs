@@ -1,0 +1,5 @@
+//! The operations of keyward, independent of transport: no tonic here and
+//! no SQL (that is `store`). The gRPC layer and the CLI both call into this.
+
+pub mod admin;
+pub mod crypto;

@@ -1,0 +1,170 @@
+//! Persistence: the only module that runs SQL.
+//!
+//! One [`Store`] over either SQLite (the embedded default) or PostgreSQL.
+//! Queries are runtime-checked (`query_as` + `FromRow`), so the crate
+//! compiles with no database at hand; both backends accept the same `$n`
+//! placeholders, so a statement is written once and run on whichever pool
+//! is configured (`on_pool!`). Where the dialects differ, the code matches
+//! on the backend explicitly.
+
+mod connections;
+mod keys;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
+    PgPool, SqlitePool,
+};
+
+pub use keys::{NewKey, RetireOutcome};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Database failures, with the cause kept for the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `DATABASE_URL` is not a URL keyward can use.
+    #[error("invalid DATABASE_URL: {0}; use sqlite://PATH or postgres://USER@HOST/DB")]
+    InvalidUrl(String),
+    /// The database could not be reached (connect, pool timeout, I/O).
+    #[error("the database is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// A statement failed.
+    #[error("a database statement failed")]
+    Query(#[source] sqlx::Error),
+    /// A unique constraint refused the write.
+    #[error("a row with that {0} already exists")]
+    Conflict(&'static str),
+    /// A row changed between the check and the write; the caller may retry.
+    #[error("the row was changed concurrently; retry")]
+    Concurrent,
+    /// A row holds a value keyward does not understand.
+    #[error("invalid value in the database: {0}")]
+    Corrupt(String),
+    /// Applying migrations failed.
+    #[error("applying database migrations failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(unique_field(db.message()))
+            }
+            _ => StoreError::Query(err),
+        }
+    }
+}
+
+/// Names the field a unique violation was about, for a helpful message.
+fn unique_field(message: &str) -> &'static str {
+    if message.contains("one_active") {
+        "status 'active' (only one key may be active)"
+    } else if message.contains("key_id") {
+        "key_id"
+    } else {
+        "identity"
+    }
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same statement code against whichever pool is configured.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Sqlite($pool) => $body,
+            $crate::store::Pool::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// A handle on the database. Cheap to clone (a pool inside).
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Connects to `sqlite://…` (the file is created if missing) or
+    /// `postgres://…`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await?,
+            )
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await?,
+            )
+        } else {
+            return Err(StoreError::InvalidUrl("unknown scheme".into()));
+        };
+        Ok(Self { pool })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the migrations of this backend that have not run yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.pool {
+            Pool::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+            Pool::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+        }
+        .map_err(StoreError::Migrate)
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Closes every connection (used on shutdown).
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+}
