@@ -88,7 +88,7 @@ struct ServeArgs {
     listen: SocketAddr,
     /// Zero-setup sandbox: create a master secret file if none is configured,
     /// and seed an active local key if there is none.
-    #[arg(long, env = "KEYWARD_DEV")]
+    #[arg(long, env = "KEYWARD_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     dev: bool,
     /// Largest plaintext Encrypt accepts, in bytes.
     #[arg(long, env = "KEYWARD_MAX_PLAINTEXT_BYTES", default_value_t = 65536)]
@@ -192,7 +192,10 @@ pub struct ConfigError(String);
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // Installing fails only if a subscriber is already set; keep that one.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

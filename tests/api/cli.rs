@@ -1,0 +1,286 @@
+//! The `keyward` binary: start-up refusal, `serve --dev`, graceful SIGTERM,
+//! and the operator commands of the runbook, run as real processes.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use keyward::api::proto::{decrypt_request::Ciphertext, DecryptRequest, EncryptRequest};
+use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+use crate::helpers::ctx;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+const SECRET: &str = "cli-test-master-secret-0123456789";
+
+/// A `keyward` command with a clean environment and its own database.
+fn keyward(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", format!("sqlite://{}", dir.join("keyward.db").display()))
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `keyward serve` whose stderr is collected as it arrives.
+struct Server {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    addr: String,
+}
+
+impl Server {
+    fn start(cmd: Command) -> Server {
+        Self::start_with(cmd, &[])
+    }
+
+    fn start_with(mut cmd: Command, serve_args: &[&str]) -> Server {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = cmd
+            .args(["serve", "--listen", &addr])
+            .args(serve_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Server { child, log, addr }
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log.lock().unwrap().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in log:\n{}", self.log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit in time");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_master_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(keyward(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ENCRYPTION_MASTER_KEY"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--dev"));
+    let weak = run(keyward(dir.path()).env("ENCRYPTION_MASTER_KEY", "short").args(["serve"]));
+    assert_eq!(weak.status.code(), Some(64), "{}", stderr(&weak));
+    assert!(!stderr(&weak).contains("short"), "the secret must not be echoed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_dev_serves_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = keyward(dir.path());
+    cmd.arg("--log-format").arg("json").env("KEYWARD_DEV", "true");
+    let mut server = Server::start(cmd);
+    server.wait_for_log("Encryption service initialized successfully");
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("NO MASTER SECRET WAS CONFIGURED"), "{log}");
+
+    let key_file = dir.path().join("keyward.master.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let secret = std::fs::read_to_string(&key_file).unwrap();
+    assert!(!log.contains(secret.trim()), "the master secret must never be logged");
+
+    let channel = server.channel().await;
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1);
+    let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(channel);
+    let sealed = crypto
+        .encrypt(EncryptRequest { plaintext: b"dev secret".to_vec(), context: ctx(&[("connection_id", "1")]) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sealed.key_id, keyward::app::DEV_KEY_ID);
+
+    server.signal("-TERM");
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+    server.wait_for_log("draining");
+
+    // A restart reuses the same development secret: old data still decrypts.
+    let server = Server::start_with(keyward(dir.path()), &["--dev"]);
+    server.wait_for_log("Encryption service initialized successfully");
+    let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(server.channel().await);
+    let opened = crypto
+        .decrypt(DecryptRequest {
+            context: ctx(&[("connection_id", "1")]),
+            ciphertext: Some(Ciphertext::Blob(sealed.blob)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(opened.plaintext, b"dev secret");
+}
+
+#[test]
+fn operator_commands_follow_the_runbook() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = |args: &[&str]| {
+        let mut cmd = keyward(dir.path());
+        cmd.env("ENCRYPTION_MASTER_KEY", SECRET).args(args);
+        run(&mut cmd)
+    };
+
+    let out = with_secret(&["migrate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Baseline §2: seed-key honours the DEFAULT_ENCRYPTION_* variables and
+    // prints the record id.
+    let mut cmd = keyward(dir.path());
+    cmd.env("ENCRYPTION_MASTER_KEY", SECRET)
+        .env("DEFAULT_ENCRYPTION_KEY_ID", "2024-12-local")
+        .env("DEFAULT_ENCRYPTION_KEY_ALIAS", "dev/app")
+        .arg("seed-key");
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).trim().to_owned();
+    assert_eq!(id.len(), 36, "record id printed: {id}");
+    // Re-running re-asserts the same key.
+    let mut cmd = keyward(dir.path());
+    cmd.env("LOCAL_KMS_SECRET", SECRET).env("DEFAULT_ENCRYPTION_KEY_ID", "2024-12-local").arg("seed-key");
+    let again = run(&mut cmd);
+    assert_eq!(stdout(&again).trim(), id, "{}", stderr(&again));
+
+    let out = with_secret(&["keys", "create", "--key-id", "2025-03", "--alias", "prod/app/2025-03"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_secret(&["keys", "activate", "2025-03"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("2024-12-local is now rotating"), "{}", stdout(&out));
+
+    let list = stdout(&with_secret(&["keys", "list"]));
+    let line = |key: &str| list.lines().find(|l| l.contains(key)).unwrap_or_default().to_owned();
+    assert!(line("2025-03 ").contains("active"), "{list}");
+    assert!(line("2024-12-local").contains("rotating"), "{list}");
+
+    let out = with_secret(&["self-test"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("✅ passed"));
+
+    let out = with_secret(&["keys", "retire", "2024-12-local"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_secret(&["keys", "retire", "no-such-key"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no key with key_id"), "{}", stderr(&out));
+
+    // A key whose provider is not configured fails the self-test.
+    let out = with_secret(&["keys", "create", "--key-id", "aws-next", "--kms-key-arn", "alias/app/next"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_secret(&["self-test"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("FAIL  aws-next"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("❌ failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_fixture_rows_decrypt_through_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = keyward(dir.path());
+    cmd.env("ENCRYPTION_MASTER_KEY", SECRET)
+        .args(["legacy-encrypt", "--connection-id", "conn-7", "--name", "warehouse"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"legacy-password").unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("keyward.db").display()))
+        .await
+        .unwrap();
+    let (key, ct, iv, mirror): (Option<String>, Vec<u8>, Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT encryption_key_id, encrypted_credentials, credentials_iv, payload_ciphertext FROM connections WHERE id = 'conn-7'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(key.is_none());
+    assert_eq!(ct, mirror);
+
+    let mut cmd = keyward(dir.path());
+    cmd.env("ENCRYPTION_MASTER_KEY", SECRET).env("KEYWARD_DEV", "1");
+    let server = Server::start(cmd);
+    server.wait_for_log("initialized successfully");
+    let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(server.channel().await);
+    let opened = crypto
+        .decrypt(DecryptRequest {
+            context: ctx(&[("connection_id", "conn-7")]),
+            ciphertext: Some(Ciphertext::Envelope(keyward::api::proto::Envelope {
+                payload_ciphertext: ct,
+                payload_iv: iv,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(opened.plaintext, b"legacy-password");
+    assert!(opened.legacy);
+}

@@ -1,0 +1,290 @@
+//! Test harness: spawn the real server on port 0 with a fresh database, and
+//! gRPC clients connected to it.
+
+use std::collections::HashMap;
+
+use keyward::{
+    api::proto::{admin_client::AdminClient, crypto_client::CryptoClient, EncryptRequest, EncryptResponse},
+    app::Application,
+    config::{MasterSecrets, Settings},
+    service::{admin::CreateKey, crypto::Limits},
+};
+use sqlx::{PgPool, SqlitePool};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+use crate::postgres;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per backend for each listed `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )+
+        }
+    };
+}
+
+pub const MASTER: &str = "test-master-secret-0123456789abcdef";
+pub const PRIMARY: &str = "primary";
+
+pub fn master(current: &str, previous: &[&str]) -> MasterSecrets {
+    let previous: Vec<String> = previous.iter().map(|s| s.to_string()).collect();
+    MasterSecrets::parse(current, &previous).unwrap()
+}
+
+pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A fresh, empty database of `backend`: `None` (with a note on stderr) when
+/// PostgreSQL cannot be had here, and a panic instead when `CI=true`, so
+/// CI never passes by skipping.
+pub async fn fresh_database(backend: Backend, dir: &tempfile::TempDir) -> Option<String> {
+    match backend {
+        Backend::Sqlite => Some(format!("sqlite://{}", dir.path().join("keyward.db").display())),
+        Backend::Postgres => match postgres::server_url() {
+            Ok(server) => {
+                let name = format!("kw_{}", uuid::Uuid::new_v4().simple());
+                let admin = PgPool::connect(&format!("{server}/postgres")).await.unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+                admin.close().await;
+                Some(format!("{server}/{name}"))
+            }
+            Err(reason) => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!("PostgreSQL is required in CI but unavailable: {reason}");
+                }
+                eprintln!("SKIPPED (PostgreSQL unavailable: {reason})");
+                None
+            }
+        },
+    }
+}
+
+/// How to start a test server.
+pub struct Options {
+    pub master: Option<MasterSecrets>,
+    /// Seed and activate key `primary`.
+    pub seed: bool,
+    pub limits: Limits,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            master: Some(master(MASTER, &[])),
+            seed: true,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running server with clients on it; stopped when dropped.
+pub struct TestApp {
+    pub backend: Backend,
+    pub database_url: String,
+    pub crypto: CryptoClient<Channel>,
+    pub admin: AdminClient<Channel>,
+    pub health: HealthClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+pub async fn spawn(backend: Backend) -> Option<TestApp> {
+    spawn_with(backend, Options::default()).await
+}
+
+pub async fn spawn_with(backend: Backend, options: Options) -> Option<TestApp> {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = fresh_database(backend, &dir).await?;
+    Some(start(backend, database_url, dir, options).await)
+}
+
+async fn start(backend: Backend, database_url: String, dir: tempfile::TempDir, options: Options) -> TestApp {
+    let mut settings = Settings::for_database(database_url.clone(), options.master);
+    settings.limits = options.limits;
+    let app = Application::build(settings).await.unwrap();
+    if options.seed {
+        app.services()
+            .admin
+            .seed_key(CreateKey {
+                key_id: PRIMARY.into(),
+                ..CreateKey::default()
+            })
+            .await
+            .unwrap();
+    }
+    let addr = app.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestApp {
+        backend,
+        database_url,
+        crypto: CryptoClient::new(channel.clone()),
+        admin: AdminClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+        stop: Some(stop),
+        server: Some(server),
+        dir,
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and starts a new one on the same
+    /// database with other options (e.g. a rotated master secret).
+    pub async fn restart(mut self, options: Options) -> TestApp {
+        self.shutdown().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        start(self.backend, self.database_url.clone(), dir, options).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    pub async fn encrypt(&self, plaintext: &[u8], context: &[(&str, &str)]) -> EncryptResponse {
+        self.crypto
+            .clone()
+            .encrypt(EncryptRequest {
+                plaintext: plaintext.to_vec(),
+                context: ctx(context),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// The overall health status ("" service) as its proto integer.
+    pub async fn health_status(&self) -> i32 {
+        self.health
+            .clone()
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
+    /// Waits (up to 5 s) for the overall health status to become `expected`
+    /// (1 SERVING, 2 NOT_SERVING): health follows readiness asynchronously.
+    pub async fn wait_for_health(&self, expected: i32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let status = self.health_status().await;
+            if status == expected {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "health stayed {status}, expected {expected}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs one SQL statement on the app's database (test set-up only).
+    pub async fn sql(&self, statement: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
+                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+            Backend::Postgres => {
+                let pool = PgPool::connect(&self.database_url).await.unwrap();
+                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
+                pool.close().await;
+            }
+        }
+    }
+
+    /// Inserts a `connections` row holding an envelope, as an application would.
+    pub async fn insert_connection(&self, id: &str, envelope: &keyward::api::proto::Envelope) {
+        const SQL: &str = "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
+             data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)";
+        macro_rules! run {
+            ($pool:expr) => {{
+                let pool = $pool;
+                sqlx::query(SQL)
+                    .bind(id)
+                    .bind(&envelope.encryption_key_id)
+                    .bind(&envelope.data_key_ciphertext)
+                    .bind(&envelope.data_key_iv)
+                    .bind(&envelope.payload_ciphertext)
+                    .bind(&envelope.payload_iv)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }};
+        }
+        match self.backend {
+            Backend::Sqlite => run!(SqlitePool::connect(&self.database_url).await.unwrap()),
+            Backend::Postgres => run!(PgPool::connect(&self.database_url).await.unwrap()),
+        }
+    }
+
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Asserts a gRPC call failed with `code`, and that its message has no
+/// sign of an internal failure.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: tonic::Code) -> tonic::Status {
+    let status = result.expect_err("the call should have failed");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert!(!status.message().is_empty());
+    status
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: each starts the real keyward server on a random port
+//! (in-process, or the built binary for CLI and signal tests) and talks to
+//! it through the generated gRPC clients. One test binary keeps link time
+//! down; each test gets its own database.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
+
+mod admin;
+mod cli;
+mod crypto;
+mod helpers;
+mod postgres;

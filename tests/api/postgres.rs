@@ -1,0 +1,143 @@
+//! A throwaway PostgreSQL cluster for the test run.
+//!
+//! `KEYWARD_TEST_DATABASE_URL` (a server URL whose user may CREATE DATABASE)
+//! wins when set. Otherwise one cluster is started from the local server
+//! binaries (`initdb`/`pg_ctl` on PATH or under /usr/lib/postgresql/*/bin)
+//! in a temporary directory on a free port, as the `postgres` OS user when
+//! running as root. A detached reaper stops it and removes the directory
+//! when this test process exits. Each test creates its own database.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
+};
+
+/// The server URL to create test databases on, or why there is none.
+pub fn server_url() -> Result<&'static str, &'static str> {
+    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| match std::env::var("KEYWARD_TEST_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Ok(url),
+            _ => start_cluster(),
+        })
+        .as_deref()
+        .map_err(|e| e.as_str())
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    candidates.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when we are root
+/// (initdb and postgres refuse to run as root).
+fn pg_command(bin: &Path, root: bool) -> Command {
+    if root {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(bin);
+        cmd
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn start_cluster() -> Result<String, String> {
+    let bin = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb, pg_ctl) found")?;
+    let root = is_root();
+    let dir = std::env::temp_dir().join(format!("keyward-pg-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    if root {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .map_err(|e| format!("chown: {e}"))?;
+        if !status.success() {
+            return Err("chown of the cluster directory to postgres failed".into());
+        }
+    }
+    let data = dir.join("data");
+    let out = pg_command(&bin.join("initdb"), root)
+        .args(["-D"])
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("free port: {e}"))?
+        .port();
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=300",
+        dir.display()
+    );
+    let out = pg_command(&bin.join("pg_ctl"), root)
+        .arg("-D")
+        .arg(&data)
+        .args(["-o", &options, "-l"])
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "60", "start"])
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("pg_ctl: {e}"))?;
+    if !out.status.success() {
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        return Err(format!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
+    }
+    spawn_reaper(&bin, &data, &dir, root);
+    Ok(format!("postgres://postgres@127.0.0.1:{port}"))
+}
+
+/// Stops the cluster and removes its directory once this process is gone.
+fn spawn_reaper(bin: &Path, data: &Path, dir: &Path, root: bool) {
+    let pg_ctl = bin.join("pg_ctl");
+    let stop = if root {
+        format!("runuser -u postgres -- {} -D {} stop -m immediate", pg_ctl.display(), data.display())
+    } else {
+        format!("{} -D {} stop -m immediate", pg_ctl.display(), data.display())
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    let _ = Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
