@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 
 use protox::prost::Message;
 
-const PROTOS: &[&str] = &["proto/keyward/v1/crypto.proto", "proto/keyward/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "proto/keyward/v1/crypto.proto",
+    "proto/keyward/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

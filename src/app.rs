@@ -40,7 +40,10 @@ use crate::{
 pub enum StartupError {
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The database could not be opened or migrated.
     #[error("database: {0}")]
     Store(#[from] StoreError),
@@ -84,7 +87,12 @@ impl Services {
             legacy = Some(LegacyKeys::new(master.all()));
         }
         let catalog = Arc::new(KeyCatalog::default());
-        let crypto = Arc::new(CryptoService::new(Arc::clone(&catalog), kms, legacy, limits));
+        let crypto = Arc::new(CryptoService::new(
+            Arc::clone(&catalog),
+            kms,
+            legacy,
+            limits,
+        ));
         let admin = Arc::new(KeyAdmin::new(
             store.clone(),
             Arc::clone(&catalog),
@@ -112,12 +120,13 @@ pub struct Application {
 impl Application {
     /// Binds `settings.listen` and builds the services.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
         Self::build_with_listener(settings, listener).await
     }
 
@@ -208,7 +217,10 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(crypto)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain.cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                drain.cancelled_owned(),
+            );
         tokio::pin!(server);
 
         tokio::select! {

@@ -79,12 +79,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         .await
         .with_context(|| format!("cannot connect to {target}"))?;
     let duration = Duration::from_secs_f64(args.seconds.max(0.5));
-    let context: HashMap<String, String> = [("connection_id".to_owned(), "bench".to_owned())].into();
+    let context: HashMap<String, String> =
+        [("connection_id".to_owned(), "bench".to_owned())].into();
     let payload = vec![0x5a_u8; args.payload_bytes.max(1)];
 
     println!(
         "keyward bench: target {target}, concurrency {}, payload {} bytes, {:.1} s per phase",
-        args.concurrency, args.payload_bytes, duration.as_secs_f64()
+        args.concurrency,
+        args.payload_bytes,
+        duration.as_secs_f64()
     );
 
     // Warm up connections, allocator and caches.
@@ -95,13 +98,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         let (ch, ctx, pl) = (channel.clone(), context.clone(), payload.clone());
         phase("Encrypt", args.concurrency, duration, 1, move || {
             let mut client = CryptoClient::new(ch.clone());
-            let req = EncryptRequest { plaintext: pl.clone(), context: ctx.clone() };
+            let req = EncryptRequest {
+                plaintext: pl.clone(),
+                context: ctx.clone(),
+            };
             async move { client.encrypt(req).await.map(|_| ()) }
         })
         .await?
     };
     let blob = CryptoClient::new(channel.clone())
-        .encrypt(EncryptRequest { plaintext: payload.clone(), context: context.clone() })
+        .encrypt(EncryptRequest {
+            plaintext: payload.clone(),
+            context: context.clone(),
+        })
         .await?
         .into_inner()
         .blob;
@@ -120,24 +129,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let floor_b = health_phase(&channel, args.concurrency, duration).await?;
     let batch = {
         let items: Vec<EncryptRequest> = (0..args.batch_size.max(1))
-            .map(|_| EncryptRequest { plaintext: payload.clone(), context: context.clone() })
+            .map(|_| EncryptRequest {
+                plaintext: payload.clone(),
+                context: context.clone(),
+            })
             .collect();
         let ch = channel.clone();
-        phase("BatchEncrypt", args.batch_concurrency, duration, items.len(), move || {
-            let mut client = CryptoClient::new(ch.clone());
-            let req = BatchEncryptRequest { items: items.clone() };
-            async move { client.batch_encrypt(req).await.map(|_| ()) }
-        })
+        phase(
+            "BatchEncrypt",
+            args.batch_concurrency,
+            duration,
+            items.len(),
+            move || {
+                let mut client = CryptoClient::new(ch.clone());
+                let req = BatchEncryptRequest {
+                    items: items.clone(),
+                };
+                async move { client.batch_encrypt(req).await.map(|_| ()) }
+            },
+        )
         .await?
     };
 
     let floor_rps = (floor_a.ops_per_sec + floor_b.ops_per_sec) / 2.0;
-    let floor = PhaseResult { name: "Health/Check (floor)", ops_per_sec: floor_rps, p50: floor_a.p50.min(floor_b.p50), p99: floor_a.p99.max(floor_b.p99) };
-    println!("\n{:<22} {:>14} {:>10} {:>10} {:>10}", "phase", "ops/s", "vs floor", "p50 ms", "p99 ms");
+    let floor = PhaseResult {
+        name: "Health/Check (floor)",
+        ops_per_sec: floor_rps,
+        p50: floor_a.p50.min(floor_b.p50),
+        p99: floor_a.p99.max(floor_b.p99),
+    };
+    println!(
+        "\n{:<22} {:>14} {:>10} {:>10} {:>10}",
+        "phase", "ops/s", "vs floor", "p50 ms", "p99 ms"
+    );
     for r in [&floor, &encrypt, &decrypt] {
         println!(
             "{:<22} {:>14.0} {:>10.2} {:>10.3} {:>10.3}",
-            r.name, r.ops_per_sec, r.ops_per_sec / floor_rps, ms(r.p50), ms(r.p99)
+            r.name,
+            r.ops_per_sec,
+            r.ops_per_sec / floor_rps,
+            ms(r.p50),
+            ms(r.p99)
         );
     }
     println!(
@@ -155,13 +187,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn health_phase(channel: &Channel, concurrency: usize, duration: Duration) -> anyhow::Result<PhaseResult> {
+async fn health_phase(
+    channel: &Channel,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<PhaseResult> {
     let ch = channel.clone();
     phase("Health/Check", concurrency, duration, 1, move || {
         let mut client = HealthClient::new(ch.clone());
         async move {
             client
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await
                 .map(|_| ())
         }
@@ -193,7 +231,9 @@ where
             let mut calls = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                make_call().await.map_err(|s| anyhow::anyhow!("{name} failed: {s}"))?;
+                make_call()
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{name} failed: {s}"))?;
                 hist.saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
                 calls += 1;
             }
@@ -231,7 +271,8 @@ impl InProcessServer {
             current: MasterSecret::new(MasterSecret::generate_hex().as_bytes())?,
             previous: vec![],
         };
-        let mut settings = Settings::for_database(format!("sqlite://{}", db.display()), Some(master));
+        let mut settings =
+            Settings::for_database(format!("sqlite://{}", db.display()), Some(master));
         settings.seed_dev_key = true;
         let app = Application::build(settings).await?;
         let url = format!("http://{}", app.local_addr()?);
@@ -239,7 +280,11 @@ impl InProcessServer {
         tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
-        Ok(Self { url, _dir: dir, stop: Some(stop) })
+        Ok(Self {
+            url,
+            _dir: dir,
+            stop: Some(stop),
+        })
     }
 }
 

@@ -45,7 +45,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 struct GlobalArgs {
     /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://keyward.db", global = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://keyward.db",
+        global = true
+    )]
     database_url: String,
     /// File holding the local KMS master secret (instead of ENCRYPTION_MASTER_KEY).
     #[arg(long, env = "KEYWARD_MASTER_KEY_FILE", global = true)]
@@ -165,7 +170,10 @@ struct LegacyArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("keyward: cannot start the async runtime: {err}");
@@ -234,15 +242,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = services.admin.self_test().await?;
             for check in &report.keys {
                 match &check.error {
-                    None => println!("ok    {} ({}, {})", check.key.key_id, check.key.provider, check.key.status),
-                    Some(err) => println!("FAIL  {} ({}, {}): {err}", check.key.key_id, check.key.provider, check.key.status),
+                    None => println!(
+                        "ok    {} ({}, {})",
+                        check.key.key_id, check.key.provider, check.key.status
+                    ),
+                    Some(err) => println!(
+                        "FAIL  {} ({}, {}): {err}",
+                        check.key.key_id, check.key.provider, check.key.status
+                    ),
                 }
             }
             if report.passed() {
                 println!("Encryption self-test: ✅ passed");
                 Ok(ExitCode::SUCCESS)
             } else {
-                if !report.keys.iter().any(|c| c.key.status == crate::keys::KeyStatus::Active) {
+                if !report
+                    .keys
+                    .iter()
+                    .any(|c| c.key.status == crate::keys::KeyStatus::Active)
+                {
                     println!("no active key");
                 }
                 println!("Encryption self-test: ❌ failed");
@@ -334,7 +352,13 @@ fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<MasterSecrets>> 
 fn read_secret_file(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
-        .map_err(|e| ConfigError(format!("cannot read master key file {}: {e}", path.display())).into())
+        .map_err(|e| {
+            ConfigError(format!(
+                "cannot read master key file {}: {e}",
+                path.display()
+            ))
+            .into()
+        })
 }
 
 /// `serve --dev`: reuse or create a 0600 master secret file.
@@ -354,7 +378,8 @@ fn dev_master_secret(database_url: &str) -> anyhow::Result<MasterSecrets> {
         );
         secret.to_string()
     };
-    MasterSecrets::parse(&secret, &[]).map_err(|e| ConfigError(format!("{}: {e}", path.display())).into())
+    MasterSecrets::parse(&secret, &[])
+        .map_err(|e| ConfigError(format!("{}: {e}", path.display())).into())
 }
 
 fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -407,7 +432,10 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             let retirement = admin.retire_key(&key_id, force).await?;
             print_keys(&[retirement.key]);
             if retirement.referencing_rows > 0 {
-                println!("warning: retired with --force while {} rows still reference it", retirement.referencing_rows);
+                println!(
+                    "warning: retired with --force while {} rows still reference it",
+                    retirement.referencing_rows
+                );
             }
         }
     }
@@ -434,7 +462,9 @@ fn print_keys(keys: &[KeyRecord]) {
 
 async fn legacy_encrypt(global: &GlobalArgs, args: LegacyArgs) -> anyhow::Result<ExitCode> {
     let Some(master) = master_secrets(global)? else {
-        bail!(ConfigError("legacy-encrypt needs the master secret: set ENCRYPTION_MASTER_KEY".into()));
+        bail!(ConfigError(
+            "legacy-encrypt needs the master secret: set ENCRYPTION_MASTER_KEY".into()
+        ));
     };
     let mut plaintext = zeroize::Zeroizing::new(Vec::new());
     std::io::stdin().read_to_end(&mut plaintext)?;

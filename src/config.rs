@@ -99,17 +99,27 @@ mod tests {
 
     #[test]
     fn dev_key_sits_beside_the_database() {
-        assert_eq!(dev_master_key_path("sqlite://keyward.db"), Path::new("keyward.master.key"));
+        assert_eq!(
+            dev_master_key_path("sqlite://keyward.db"),
+            Path::new("keyward.master.key")
+        );
         assert_eq!(
             dev_master_key_path("sqlite:///var/lib/kw/keyward.db?mode=rwc"),
             Path::new("/var/lib/kw/keyward.master.key")
         );
-        assert_eq!(dev_master_key_path("postgres://h/db"), Path::new("keyward.master.key"));
+        assert_eq!(
+            dev_master_key_path("postgres://h/db"),
+            Path::new("keyward.master.key")
+        );
     }
 
     #[test]
     fn previous_secrets_are_parsed() {
-        let m = MasterSecrets::parse("current-secret-123", &["old-secret-456789".into(), " ".into()]).unwrap();
+        let m = MasterSecrets::parse(
+            "current-secret-123",
+            &["old-secret-456789".into(), " ".into()],
+        )
+        .unwrap();
         assert_eq!(m.all().count(), 2);
         assert!(MasterSecrets::parse("short", &[]).is_err());
     }

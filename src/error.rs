@@ -5,7 +5,11 @@
 //! say what to do, and never contain key material or plaintext.
 
 use crate::{
-    crypto::{blob::BlobError, context::ContextError, kms::{KmsError, ProviderKind}},
+    crypto::{
+        blob::BlobError,
+        context::ContextError,
+        kms::{KmsError, ProviderKind},
+    },
     keys::KeyStatus,
     store::StoreError,
 };
@@ -54,7 +58,11 @@ pub enum Error {
     KeyExists(String),
     /// The operation is not allowed from the key's current status.
     #[error("key {key_id} is {status}: {hint}")]
-    KeyStatusConflict { key_id: String, status: KeyStatus, hint: &'static str },
+    KeyStatusConflict {
+        key_id: String,
+        status: KeyStatus,
+        hint: &'static str,
+    },
     /// Rows still reference the key that was to be retired.
     #[error("key {key_id} is still referenced by {rows} connections rows: run a rotation first, or retire with force")]
     KeyInUse { key_id: String, rows: i64 },
@@ -66,7 +74,11 @@ pub enum Error {
     ProviderUnavailable(ProviderKind),
     /// The key's KMS failed a round trip (self-test before activation).
     #[error("key {key_id} failed its kms round trip: {source}")]
-    KeyUnusable { key_id: String, #[source] source: Box<Error> },
+    KeyUnusable {
+        key_id: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// The KMS provider failed.
     #[error(transparent)]
     Kms(#[from] KmsError),

@@ -86,7 +86,11 @@ impl Catalog {
         let keys: Vec<Arc<KeyRecord>> = records.into_iter().map(Arc::new).collect();
         let by_id = keys.iter().map(|k| (k.id.clone(), Arc::clone(k))).collect();
         let active = keys.iter().find(|k| k.status == KeyStatus::Active).cloned();
-        Self { by_id, active, keys }
+        Self {
+            by_id,
+            active,
+            keys,
+        }
     }
 
     /// The key new Encrypts use.
@@ -143,7 +147,10 @@ mod tests {
     fn snapshot_finds_active_and_by_id() {
         let catalog = KeyCatalog::default();
         assert!(catalog.snapshot().active().is_none());
-        catalog.replace(vec![record("a", KeyStatus::Rotating), record("b", KeyStatus::Active)]);
+        catalog.replace(vec![
+            record("a", KeyStatus::Rotating),
+            record("b", KeyStatus::Active),
+        ]);
         let snap = catalog.snapshot();
         assert_eq!(snap.active().map(|k| k.id.as_str()), Some("b"));
         assert_eq!(snap.get("a").map(|k| k.status), Some(KeyStatus::Rotating));

@@ -54,7 +54,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::ActivateKeyRequest>,
     ) -> Result<Response<proto::ActivateKeyResponse>, Status> {
-        let activation = self.admin.activate_key(&request.into_inner().key_id).await?;
+        let activation = self
+            .admin
+            .activate_key(&request.into_inner().key_id)
+            .await?;
         Ok(Response::new(proto::ActivateKeyResponse {
             activated: Some(convert::key(&activation.activated)),
             previous: activation.previous.as_ref().map(convert::key),

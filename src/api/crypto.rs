@@ -20,18 +20,28 @@ impl CryptoApi {
         Self { service }
     }
 
-    async fn encrypt_one(&self, req: proto::EncryptRequest) -> Result<proto::EncryptResponse, Error> {
+    async fn encrypt_one(
+        &self,
+        req: proto::EncryptRequest,
+    ) -> Result<proto::EncryptResponse, Error> {
         let context = convert::context(req.context)?;
         let sealed = self.service.encrypt(&req.plaintext, &context).await?;
         Ok(convert::sealed_to_proto(sealed))
     }
 
-    async fn decrypt_one(&self, req: proto::DecryptRequest) -> Result<proto::DecryptResponse, Error> {
+    async fn decrypt_one(
+        &self,
+        req: proto::DecryptRequest,
+    ) -> Result<proto::DecryptResponse, Error> {
         let context = convert::context(req.context)?;
         let ciphertext = convert::ciphertext(req.ciphertext)?;
         let opened = self.service.decrypt(ciphertext, &context).await?;
         Ok(proto::DecryptResponse {
-            encryption_key_id: opened.key.as_ref().map(|k| k.id.clone()).unwrap_or_default(),
+            encryption_key_id: opened
+                .key
+                .as_ref()
+                .map(|k| k.id.clone())
+                .unwrap_or_default(),
             legacy: opened.key.is_none(),
             plaintext: opened.plaintext.into_vec(),
         })
@@ -64,9 +74,13 @@ impl Crypto for CryptoApi {
         for item in items {
             let result = match self.encrypt_one(item).await {
                 Ok(ok) => proto::batch_encrypt_result::Result::Ok(ok),
-                Err(err) => proto::batch_encrypt_result::Result::Error(convert::item_error(&to_status(&err))),
+                Err(err) => proto::batch_encrypt_result::Result::Error(convert::item_error(
+                    &to_status(&err),
+                )),
             };
-            results.push(proto::BatchEncryptResult { result: Some(result) });
+            results.push(proto::BatchEncryptResult {
+                result: Some(result),
+            });
         }
         Ok(Response::new(proto::BatchEncryptResponse { results }))
     }
@@ -81,9 +95,13 @@ impl Crypto for CryptoApi {
         for item in items {
             let result = match self.decrypt_one(item).await {
                 Ok(ok) => proto::batch_decrypt_result::Result::Ok(ok),
-                Err(err) => proto::batch_decrypt_result::Result::Error(convert::item_error(&to_status(&err))),
+                Err(err) => proto::batch_decrypt_result::Result::Error(convert::item_error(
+                    &to_status(&err),
+                )),
             };
-            results.push(proto::BatchDecryptResult { result: Some(result) });
+            results.push(proto::BatchDecryptResult {
+                result: Some(result),
+            });
         }
         Ok(Response::new(proto::BatchDecryptResponse { results }))
     }

@@ -17,5 +17,6 @@ pub mod proto {
     tonic::include_proto!("keyward.v1");
 
     /// The encoded descriptor set, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("keyward_descriptor");
 }

@@ -49,17 +49,34 @@ impl Cipher {
         // aes-gcm fails only for inputs over 2^36 bytes, far above any limit
         // keyward accepts; an empty vector would then fail to open, not leak.
         self.0
-            .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad })
+            .encrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .unwrap_or_default()
     }
 
     /// Decrypts and authenticates ciphertext||tag.
-    pub fn open(&self, nonce: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Plaintext, OpenError> {
+    pub fn open(
+        &self,
+        nonce: &[u8],
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<Plaintext, OpenError> {
         if nonce.len() != NONCE_LEN || ciphertext.len() < TAG_LEN {
             return Err(OpenError);
         }
         self.0
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad,
+                },
+            )
             .map(Plaintext::new)
             .map_err(|_| OpenError)
     }
@@ -98,10 +115,14 @@ mod tests {
     #[test]
     fn known_answer() {
         let key = SecretKey::from_slice(
-            &hex::decode("31bdadd96698c204aa9ce1448ea94ae1fb4a9a0b3c9d773b51bb1822666b8f22").unwrap(),
+            &hex::decode("31bdadd96698c204aa9ce1448ea94ae1fb4a9a0b3c9d773b51bb1822666b8f22")
+                .unwrap(),
         )
         .unwrap();
-        let nonce: [u8; 12] = hex::decode("0d18e06c7c725ac9e362e1ce").unwrap().try_into().unwrap();
+        let nonce: [u8; 12] = hex::decode("0d18e06c7c725ac9e362e1ce")
+            .unwrap()
+            .try_into()
+            .unwrap();
         let pt = hex::decode("2db5168e932556f8089a0622981d017d").unwrap();
         let ct = Cipher::new(&key).seal_with_nonce(&nonce, &pt, b"");
         assert_eq!(

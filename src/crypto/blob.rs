@@ -53,7 +53,8 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BlobError> {
         return Err(BlobError::BadWrappedKey);
     }
     let wrapped_len = u16::try_from(wrapped.len()).map_err(|_| BlobError::BadWrappedKey)?;
-    let dk_iv_len = u8::try_from(envelope.data_key_iv.len()).map_err(|_| BlobError::BadWrappedKey)?;
+    let dk_iv_len =
+        u8::try_from(envelope.data_key_iv.len()).map_err(|_| BlobError::BadWrappedKey)?;
     if envelope.payload_iv.len() != NONCE_LEN {
         return Err(BlobError::BadNonce);
     }
@@ -62,7 +63,11 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BlobError> {
     }
 
     let mut out = Vec::with_capacity(
-        8 + key_id.len() + wrapped.len() + envelope.data_key_iv.len() + NONCE_LEN + envelope.payload_ciphertext.len(),
+        8 + key_id.len()
+            + wrapped.len()
+            + envelope.data_key_iv.len()
+            + NONCE_LEN
+            + envelope.payload_ciphertext.len(),
     );
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT_VERSION);
@@ -170,7 +175,10 @@ mod tests {
 
     #[test]
     fn round_trip_without_key_iv() {
-        let env = Envelope { data_key_iv: vec![], ..sample() };
+        let env = Envelope {
+            data_key_iv: vec![],
+            ..sample()
+        };
         assert_eq!(parse(&encode(&env).unwrap()).unwrap(), env);
     }
 

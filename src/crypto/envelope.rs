@@ -69,7 +69,10 @@ mod tests {
         let key = SecretKey::generate();
         let ctx = EncryptionContext::from_pairs([("connection_id", "1")]).unwrap();
         let (iv, ct) = seal_payload(&key, &ctx, b"p@ss");
-        assert_eq!(open_payload(&key, &ctx, &iv, &ct).unwrap().as_bytes(), b"p@ss");
+        assert_eq!(
+            open_payload(&key, &ctx, &iv, &ct).unwrap().as_bytes(),
+            b"p@ss"
+        );
         let other = EncryptionContext::from_pairs([("connection_id", "2")]).unwrap();
         assert!(open_payload(&key, &other, &iv, &ct).is_err());
         assert!(open_payload(&key, &EncryptionContext::empty(), &iv, &ct).is_err());

@@ -68,7 +68,10 @@ mod tests {
         let new = MasterSecret::new("new-master-secret-value").unwrap();
         let (iv, ct) = encrypt_legacy(&old, b"postgres://u:p@h/db");
         let keys = LegacyKeys::new([&new, &old]);
-        assert_eq!(keys.decrypt(&iv, &ct).unwrap().as_bytes(), b"postgres://u:p@h/db");
+        assert_eq!(
+            keys.decrypt(&iv, &ct).unwrap().as_bytes(),
+            b"postgres://u:p@h/db"
+        );
         assert!(LegacyKeys::new([&new]).decrypt(&iv, &ct).is_err());
     }
 
@@ -81,7 +84,8 @@ mod tests {
         assert_eq!(k1.expose(), k2.expose());
         let hk = Hkdf::<Sha256>::new(None, b"0123456789abcdef0123456789abcdef");
         let mut expected = [0u8; 32];
-        hk.expand(b"connections:credentials", &mut expected).unwrap();
+        hk.expand(b"connections:credentials", &mut expected)
+            .unwrap();
         assert_eq!(k1.expose(), &expected);
     }
 }

@@ -139,7 +139,10 @@ mod tests {
 
     #[test]
     fn generated_keys_differ() {
-        assert_ne!(SecretKey::generate().expose(), SecretKey::generate().expose());
+        assert_ne!(
+            SecretKey::generate().expose(),
+            SecretKey::generate().expose()
+        );
         assert_eq!(MasterSecret::generate_hex().len(), 64);
     }
 }

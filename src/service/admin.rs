@@ -236,8 +236,17 @@ impl KeyAdmin {
     pub async fn self_test(&self) -> Result<SelfTestReport> {
         let catalog = self.refresh_catalog_only().await?;
         let mut keys = Vec::new();
-        for key in catalog.keys().iter().filter(|k| k.status != KeyStatus::Retired) {
-            let error = self.crypto.round_trip(key).await.err().map(|e| e.to_string());
+        for key in catalog
+            .keys()
+            .iter()
+            .filter(|k| k.status != KeyStatus::Retired)
+        {
+            let error = self
+                .crypto
+                .round_trip(key)
+                .await
+                .err()
+                .map(|e| e.to_string());
             keys.push(KeyCheck {
                 key: Arc::clone(key),
                 error,
@@ -328,10 +337,16 @@ impl KeyAdmin {
         let readiness = match catalog.active() {
             None => Readiness::NotReady("no active key".into()),
             Some(active) => {
-                let result = match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
-                    Some(check) => check.error.clone(),
-                    None => self.crypto.round_trip(active).await.err().map(|e| e.to_string()),
-                };
+                let result =
+                    match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
+                        Some(check) => check.error.clone(),
+                        None => self
+                            .crypto
+                            .round_trip(active)
+                            .await
+                            .err()
+                            .map(|e| e.to_string()),
+                    };
                 match result {
                     None => Readiness::Ready,
                     Some(reason) => Readiness::NotReady(format!(
@@ -372,20 +387,27 @@ fn validate_new_key(req: CreateKey) -> Result<NewKey> {
     }
     let explicit = match req.provider.trim() {
         "" => None,
-        name => Some(ProviderKind::parse(name).ok_or_else(|| {
-            invalid("provider", "must be \"local\" or \"aws-kms\"")
-        })?),
+        name => Some(
+            ProviderKind::parse(name)
+                .ok_or_else(|| invalid("provider", "must be \"local\" or \"aws-kms\""))?,
+        ),
     };
     let arn = req.kms_key_arn.trim().to_owned();
     let (provider, kms_key_arn) = match (explicit, arn.is_empty()) {
         (Some(ProviderKind::AwsKms), true) => {
-            return Err(invalid("kms_key_arn", "an aws-kms key needs its KMS key ARN, id or alias"))
+            return Err(invalid(
+                "kms_key_arn",
+                "an aws-kms key needs its KMS key ARN, id or alias",
+            ))
         }
         (Some(kind), false) => (kind, arn),
         (_, true) => (ProviderKind::Local, format!("local:{key_id}")),
         (None, false) => (ProviderKind::infer(&arn), arn),
     };
-    let alias = req.alias.map(|a| a.trim().to_owned()).filter(|a| !a.is_empty());
+    let alias = req
+        .alias
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty());
     Ok(NewKey {
         key_id,
         kms_key_arn,

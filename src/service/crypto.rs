@@ -120,8 +120,12 @@ impl CryptoService {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Sealed> {
-        let data_key = self.provider(key)?.generate_data_key(key.kek(), context).await?;
-        let (payload_iv, payload_ciphertext) = seal_payload(&data_key.plaintext, context, plaintext);
+        let data_key = self
+            .provider(key)?
+            .generate_data_key(key.kek(), context)
+            .await?;
+        let (payload_iv, payload_ciphertext) =
+            seal_payload(&data_key.plaintext, context, plaintext);
         let envelope = Envelope {
             encryption_key_id: key.id.clone(),
             data_key_ciphertext: data_key.wrapped.ciphertext,
@@ -138,7 +142,11 @@ impl CryptoService {
     }
 
     /// Decrypts either form of a ciphertext bound to `context`.
-    pub async fn decrypt(&self, ciphertext: Ciphertext, context: &EncryptionContext) -> Result<Opened> {
+    pub async fn decrypt(
+        &self,
+        ciphertext: Ciphertext,
+        context: &EncryptionContext,
+    ) -> Result<Opened> {
         let envelope = match ciphertext {
             Ciphertext::Blob(bytes) => blob::parse(&bytes)?,
             Ciphertext::Envelope(envelope) => envelope,

@@ -28,8 +28,9 @@ impl TryFrom<KeyRow> for KeyRecord {
     type Error = StoreError;
 
     fn try_from(row: KeyRow) -> Result<Self, StoreError> {
-        let status = KeyStatus::parse(&row.status)
-            .ok_or_else(|| StoreError::Corrupt(format!("key {} has status {:?}", row.key_id, row.status)))?;
+        let status = KeyStatus::parse(&row.status).ok_or_else(|| {
+            StoreError::Corrupt(format!("key {} has status {:?}", row.key_id, row.status))
+        })?;
         let provider = match row.provider.as_deref() {
             None | Some("") => ProviderKind::infer(&row.kms_key_arn),
             Some(name) => ProviderKind::parse(name).ok_or_else(|| {
@@ -64,7 +65,10 @@ pub struct NewKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetireOutcome {
     /// Retired; `referencing_rows` rows still pointed at it (only with force).
-    Retired { key: KeyRecord, referencing_rows: i64 },
+    Retired {
+        key: KeyRecord,
+        referencing_rows: i64,
+    },
     /// Not retired: rows still reference the key and force was not given.
     InUse { referencing_rows: i64 },
     /// Not retired: the key was not `rotating` when the write ran.
@@ -74,9 +78,9 @@ pub enum RetireOutcome {
 impl Store {
     /// Every key record, newest first.
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        let sql = format!("SELECT {KEY_COLUMNS} FROM encryption_keys ORDER BY created_at DESC, key_id");
-        let rows: Vec<KeyRow> =
-            on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+        let sql =
+            format!("SELECT {KEY_COLUMNS} FROM encryption_keys ORDER BY created_at DESC, key_id");
+        let rows: Vec<KeyRow> = on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
         rows.into_iter().map(KeyRecord::try_from).collect()
     }
 
@@ -105,7 +109,11 @@ impl Store {
         let row: KeyRow = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             if new.status == KeyStatus::Active {
-                sqlx::query(DEMOTE_ACTIVE).bind(now).bind(&id).execute(&mut *tx).await?;
+                sqlx::query(DEMOTE_ACTIVE)
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
             }
             let row = sqlx::query_as(&insert)
                 .bind(&id)
@@ -130,7 +138,11 @@ impl Store {
         let now = Utc::now();
         let activated = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
-            sqlx::query(DEMOTE_ACTIVE).bind(now).bind(id).execute(&mut *tx).await?;
+            sqlx::query(DEMOTE_ACTIVE)
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
             let done = sqlx::query(
                 "UPDATE encryption_keys SET status = 'active', updated_at = $1 \
                  WHERE id = $2 AND status IN ('pending', 'rotating')",
@@ -167,7 +179,9 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             if refs > 0 && !force {
-                return Ok(RetireOutcome::InUse { referencing_rows: refs });
+                return Ok(RetireOutcome::InUse {
+                    referencing_rows: refs,
+                });
             }
             let row: Option<KeyRow> = sqlx::query_as(&update)
                 .bind(now)
@@ -196,7 +210,8 @@ impl Store {
     }
 }
 
-const DEMOTE_ACTIVE: &str = "UPDATE encryption_keys SET status = 'rotating', rotated_at = $1, updated_at = $1 \
+const DEMOTE_ACTIVE: &str =
+    "UPDATE encryption_keys SET status = 'rotating', rotated_at = $1, updated_at = $1 \
      WHERE status = 'active' AND id <> $2";
 
 const COUNT_REFERENCES: &str = "SELECT COUNT(*) FROM connections WHERE encryption_key_id = $1";

@@ -12,7 +12,9 @@ use crate::helpers::{assert_code, spawn, spawn_with, Backend, Options, PRIMARY};
 const CONN: &[(&str, &str)] = &[("connection_id", "c-1")];
 
 async fn activation_demotes_the_previous_key(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let mut admin = app.admin.clone();
     let created = admin
         .create_key(CreateKeyRequest {
@@ -30,7 +32,9 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     assert_eq!(app.encrypt(b"x", CONN).await.key_id, PRIMARY);
 
     let activation = admin
-        .activate_key(ActivateKeyRequest { key_id: "2025-03".into() })
+        .activate_key(ActivateKeyRequest {
+            key_id: "2025-03".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -42,46 +46,86 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     assert!(previous.rotated_at.is_some());
     assert_eq!(app.encrypt(b"x", CONN).await.key_id, "2025-03");
 
-    let keys = admin.list_keys(ListKeysRequest {}).await.unwrap().into_inner().keys;
-    let active: Vec<_> = keys.iter().filter(|k| k.status == KeyStatus::Active as i32).collect();
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let active: Vec<_> = keys
+        .iter()
+        .filter(|k| k.status == KeyStatus::Active as i32)
+        .collect();
     assert_eq!(active.len(), 1, "exactly one active key");
 
     // Activating the active key again changes nothing.
     let again = admin
-        .activate_key(ActivateKeyRequest { key_id: "2025-03".into() })
+        .activate_key(ActivateKeyRequest {
+            key_id: "2025-03".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(again.previous.is_none());
     // By record id works too.
-    admin.activate_key(ActivateKeyRequest { key_id: previous.id.clone() }).await.unwrap();
+    admin
+        .activate_key(ActivateKeyRequest {
+            key_id: previous.id.clone(),
+        })
+        .await
+        .unwrap();
     assert_eq!(app.encrypt(b"x", CONN).await.key_id, PRIMARY);
 }
 
 async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let sealed = app.encrypt(b"credential", CONN).await;
-    app.insert_connection("c-1", sealed.envelope.as_ref().unwrap()).await;
+    app.insert_connection("c-1", sealed.envelope.as_ref().unwrap())
+        .await;
     let mut admin = app.admin.clone();
 
     let status = assert_code(
-        admin.retire_key(RetireKeyRequest { key_id: PRIMARY.into(), force: false }).await,
+        admin
+            .retire_key(RetireKeyRequest {
+                key_id: PRIMARY.into(),
+                force: false,
+            })
+            .await,
         Code::FailedPrecondition,
     );
     assert!(status.message().contains("only rotating"), "{status:?}");
 
     admin
-        .create_key(CreateKeyRequest { key_id: "next".into(), activate: true, ..Default::default() })
+        .create_key(CreateKeyRequest {
+            key_id: "next".into(),
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let status = assert_code(
-        admin.retire_key(RetireKeyRequest { key_id: PRIMARY.into(), force: false }).await,
+        admin
+            .retire_key(RetireKeyRequest {
+                key_id: PRIMARY.into(),
+                force: false,
+            })
+            .await,
         Code::FailedPrecondition,
     );
-    assert!(status.message().contains("referenced by 1 connections rows"), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("referenced by 1 connections rows"),
+        "{status:?}"
+    );
 
     let retired = admin
-        .retire_key(RetireKeyRequest { key_id: PRIMARY.into(), force: true })
+        .retire_key(RetireKeyRequest {
+            key_id: PRIMARY.into(),
+            force: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -89,27 +133,47 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
     assert_eq!(retired.key.unwrap().status, KeyStatus::Retired as i32);
 
     let status = assert_code(
-        admin.retire_key(RetireKeyRequest { key_id: "next".into(), force: false }).await,
+        admin
+            .retire_key(RetireKeyRequest {
+                key_id: "next".into(),
+                force: false,
+            })
+            .await,
         Code::FailedPrecondition,
     );
     assert!(status.message().contains("active"));
     assert_code(
-        admin.retire_key(RetireKeyRequest { key_id: "nope".into(), force: false }).await,
+        admin
+            .retire_key(RetireKeyRequest {
+                key_id: "nope".into(),
+                force: false,
+            })
+            .await,
         Code::NotFound,
     );
 }
 
 async fn retire_succeeds_once_no_row_references_the_key(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let mut admin = app.admin.clone();
     admin
-        .create_key(CreateKeyRequest { key_id: "next".into(), activate: true, ..Default::default() })
+        .create_key(CreateKeyRequest {
+            key_id: "next".into(),
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let sealed = app.encrypt(b"credential", CONN).await;
-    app.insert_connection("c-1", sealed.envelope.as_ref().unwrap()).await;
+    app.insert_connection("c-1", sealed.envelope.as_ref().unwrap())
+        .await;
     let retired = admin
-        .retire_key(RetireKeyRequest { key_id: PRIMARY.into(), force: false })
+        .retire_key(RetireKeyRequest {
+            key_id: PRIMARY.into(),
+            force: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -117,27 +181,47 @@ async fn retire_succeeds_once_no_row_references_the_key(backend: Backend) {
 }
 
 async fn bad_admin_requests(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let mut admin = app.admin.clone();
     let dup = assert_code(
-        admin.create_key(CreateKeyRequest { key_id: PRIMARY.into(), ..Default::default() }).await,
+        admin
+            .create_key(CreateKeyRequest {
+                key_id: PRIMARY.into(),
+                ..Default::default()
+            })
+            .await,
         Code::AlreadyExists,
     );
     assert!(dup.message().contains(PRIMARY));
     for key_id in ["", "has space", "semi;colon"] {
         assert_code(
-            admin.create_key(CreateKeyRequest { key_id: key_id.into(), ..Default::default() }).await,
+            admin
+                .create_key(CreateKeyRequest {
+                    key_id: key_id.into(),
+                    ..Default::default()
+                })
+                .await,
             Code::InvalidArgument,
         );
     }
     assert_code(
         admin
-            .create_key(CreateKeyRequest { key_id: "k".into(), provider: "gcp".into(), ..Default::default() })
+            .create_key(CreateKeyRequest {
+                key_id: "k".into(),
+                provider: "gcp".into(),
+                ..Default::default()
+            })
             .await,
         Code::InvalidArgument,
     );
     assert_code(
-        admin.activate_key(ActivateKeyRequest { key_id: "missing".into() }).await,
+        admin
+            .activate_key(ActivateKeyRequest {
+                key_id: "missing".into(),
+            })
+            .await,
         Code::NotFound,
     );
     // An AWS key cannot become active on a server without the AWS provider:
@@ -146,7 +230,9 @@ async fn bad_admin_requests(backend: Backend) {
         admin
             .create_key(CreateKeyRequest {
                 key_id: "aws".into(),
-                kms_key_arn: "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab".into(),
+                kms_key_arn:
+                    "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                        .into(),
                 activate: true,
                 ..Default::default()
             })
@@ -158,7 +244,9 @@ async fn bad_admin_requests(backend: Backend) {
 }
 
 async fn refresh_picks_up_out_of_band_changes(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let now = match backend {
         Backend::Postgres => "NOW()",
         Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
@@ -173,25 +261,46 @@ async fn refresh_picks_up_out_of_band_changes(backend: Backend) {
     // Until refreshed, this process keeps using its cached catalog.
     assert_eq!(app.encrypt(b"x", CONN).await.key_id, PRIMARY);
     let mut admin = app.admin.clone();
-    let summary = admin.refresh_key_metadata(RefreshKeyMetadataRequest {}).await.unwrap().into_inner();
+    let summary = admin
+        .refresh_key_metadata(RefreshKeyMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(summary.active_key_id, "2025-03-kms");
     assert_eq!(summary.key_count, 2);
     let sealed = app.encrypt(b"x", CONN).await;
     assert_eq!(sealed.key_id, "2025-03-kms");
-    let keys = admin.list_keys(ListKeysRequest {}).await.unwrap().into_inner().keys;
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
     let inserted = keys.iter().find(|k| k.key_id == "2025-03-kms").unwrap();
-    assert_eq!(inserted.provider, "local", "provider inferred from kms_key_arn");
+    assert_eq!(
+        inserted.provider, "local",
+        "provider inferred from kms_key_arn"
+    );
     assert!(!inserted.id.is_empty());
 }
 
 async fn self_test_reports_every_key(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let mut admin = app.admin.clone();
     admin
-        .create_key(CreateKeyRequest { key_id: "pending-local".into(), ..Default::default() })
+        .create_key(CreateKeyRequest {
+            key_id: "pending-local".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let report = admin.self_test(SelfTestRequest {}).await.unwrap().into_inner();
+    let report = admin
+        .self_test(SelfTestRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(report.passed);
     assert_eq!(report.keys.len(), 2);
     assert!(report.keys.iter().all(|k| k.ok && k.error.is_empty()));
@@ -204,9 +313,17 @@ async fn self_test_reports_every_key(backend: Backend) {
         })
         .await
         .unwrap();
-    let report = admin.self_test(SelfTestRequest {}).await.unwrap().into_inner();
+    let report = admin
+        .self_test(SelfTestRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!report.passed);
-    let aws = report.keys.iter().find(|k| k.key_id == "aws-pending").unwrap();
+    let aws = report
+        .keys
+        .iter()
+        .find(|k| k.key_id == "aws-pending")
+        .unwrap();
     assert!(!aws.ok);
     assert_eq!(aws.provider, "aws-kms");
     assert!(aws.error.contains("not configured"), "{aws:?}");
@@ -215,11 +332,25 @@ async fn self_test_reports_every_key(backend: Backend) {
 }
 
 async fn health_turns_serving_when_a_key_is_activated(backend: Backend) {
-    let Some(app) = spawn_with(backend, Options { seed: false, ..Options::default() }).await else { return };
+    let Some(app) = spawn_with(
+        backend,
+        Options {
+            seed: false,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
     app.wait_for_health(2).await;
     let mut admin = app.admin.clone();
     admin
-        .create_key(CreateKeyRequest { key_id: "first".into(), activate: true, ..Default::default() })
+        .create_key(CreateKeyRequest {
+            key_id: "first".into(),
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     app.wait_for_health(1).await;

@@ -24,7 +24,10 @@ fn keyward(dir: &Path) -> Command {
     cmd.current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("DATABASE_URL", format!("sqlite://{}", dir.join("keyward.db").display()))
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.join("keyward.db").display()),
+        )
         .stdin(Stdio::null());
     cmd
 }
@@ -42,7 +45,11 @@ fn stderr(out: &Output) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `keyward serve` whose stderr is collected as it arrives.
@@ -83,13 +90,20 @@ impl Server {
     fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.log.lock().unwrap().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} in log:\n{}", self.log.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in log:\n{}",
+                self.log.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
 
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -105,7 +119,11 @@ impl Server {
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 }
 
@@ -121,39 +139,60 @@ fn serve_refuses_to_start_without_a_master_secret() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(keyward(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]));
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
-    assert!(stderr(&out).contains("ENCRYPTION_MASTER_KEY"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ENCRYPTION_MASTER_KEY"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("--dev"));
-    let weak = run(keyward(dir.path()).env("ENCRYPTION_MASTER_KEY", "short").args(["serve"]));
+    let weak = run(keyward(dir.path())
+        .env("ENCRYPTION_MASTER_KEY", "short")
+        .args(["serve"]));
     assert_eq!(weak.status.code(), Some(64), "{}", stderr(&weak));
-    assert!(!stderr(&weak).contains("short"), "the secret must not be echoed");
+    assert!(
+        !stderr(&weak).contains("short"),
+        "the secret must not be echoed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_dev_serves_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = keyward(dir.path());
-    cmd.arg("--log-format").arg("json").env("KEYWARD_DEV", "true");
+    cmd.arg("--log-format")
+        .arg("json")
+        .env("KEYWARD_DEV", "true");
     let mut server = Server::start(cmd);
     server.wait_for_log("Encryption service initialized successfully");
     let log = server.log.lock().unwrap().clone();
     assert!(log.contains("NO MASTER SECRET WAS CONFIGURED"), "{log}");
 
     let key_file = dir.path().join("keyward.master.key");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key_file).unwrap().permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let secret = std::fs::read_to_string(&key_file).unwrap();
-    assert!(!log.contains(secret.trim()), "the master secret must never be logged");
+    assert!(
+        !log.contains(secret.trim()),
+        "the master secret must never be logged"
+    );
 
     let channel = server.channel().await;
     let health = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(health.status, 1);
     let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(channel);
     let sealed = crypto
-        .encrypt(EncryptRequest { plaintext: b"dev secret".to_vec(), context: ctx(&[("connection_id", "1")]) })
+        .encrypt(EncryptRequest {
+            plaintext: b"dev secret".to_vec(),
+            context: ctx(&[("connection_id", "1")]),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -204,18 +243,36 @@ fn operator_commands_follow_the_runbook() {
     assert_eq!(id.len(), 36, "record id printed: {id}");
     // Re-running re-asserts the same key.
     let mut cmd = keyward(dir.path());
-    cmd.env("LOCAL_KMS_SECRET", SECRET).env("DEFAULT_ENCRYPTION_KEY_ID", "2024-12-local").arg("seed-key");
+    cmd.env("LOCAL_KMS_SECRET", SECRET)
+        .env("DEFAULT_ENCRYPTION_KEY_ID", "2024-12-local")
+        .arg("seed-key");
     let again = run(&mut cmd);
     assert_eq!(stdout(&again).trim(), id, "{}", stderr(&again));
 
-    let out = with_secret(&["keys", "create", "--key-id", "2025-03", "--alias", "prod/app/2025-03"]);
+    let out = with_secret(&[
+        "keys",
+        "create",
+        "--key-id",
+        "2025-03",
+        "--alias",
+        "prod/app/2025-03",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = with_secret(&["keys", "activate", "2025-03"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("2024-12-local is now rotating"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("2024-12-local is now rotating"),
+        "{}",
+        stdout(&out)
+    );
 
     let list = stdout(&with_secret(&["keys", "list"]));
-    let line = |key: &str| list.lines().find(|l| l.contains(key)).unwrap_or_default().to_owned();
+    let line = |key: &str| {
+        list.lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
     assert!(line("2025-03 ").contains("active"), "{list}");
     assert!(line("2024-12-local").contains("rotating"), "{list}");
 
@@ -227,10 +284,21 @@ fn operator_commands_follow_the_runbook() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = with_secret(&["keys", "retire", "no-such-key"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no key with key_id"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no key with key_id"),
+        "{}",
+        stderr(&out)
+    );
 
     // A key whose provider is not configured fails the self-test.
-    let out = with_secret(&["keys", "create", "--key-id", "aws-next", "--kms-key-arn", "alias/app/next"]);
+    let out = with_secret(&[
+        "keys",
+        "create",
+        "--key-id",
+        "aws-next",
+        "--kms-key-arn",
+        "alias/app/next",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = with_secret(&["self-test"]);
     assert_eq!(out.status.code(), Some(1));
@@ -243,7 +311,13 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = keyward(dir.path());
     cmd.env("ENCRYPTION_MASTER_KEY", SECRET)
-        .args(["legacy-encrypt", "--connection-id", "conn-7", "--name", "warehouse"])
+        .args([
+            "legacy-encrypt",
+            "--connection-id",
+            "conn-7",
+            "--name",
+            "warehouse",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -252,9 +326,12 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("keyward.db").display()))
-        .await
-        .unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("keyward.db").display()
+    ))
+    .await
+    .unwrap();
     let (key, ct, iv, mirror): (Option<String>, Vec<u8>, Vec<u8>, Vec<u8>) = sqlx::query_as(
         "SELECT encryption_key_id, encrypted_credentials, credentials_iv, payload_ciphertext FROM connections WHERE id = 'conn-7'",
     )
@@ -265,7 +342,8 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
     assert_eq!(ct, mirror);
 
     let mut cmd = keyward(dir.path());
-    cmd.env("ENCRYPTION_MASTER_KEY", SECRET).env("KEYWARD_DEV", "1");
+    cmd.env("ENCRYPTION_MASTER_KEY", SECRET)
+        .env("KEYWARD_DEV", "1");
     let server = Server::start(cmd);
     server.wait_for_log("initialized successfully");
     let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(server.channel().await);

@@ -3,9 +3,9 @@
 
 use keyward::{
     api::proto::{
-        batch_decrypt_result, batch_encrypt_result, decrypt_request::Ciphertext, ActivateKeyRequest,
-        BatchDecryptRequest, BatchEncryptRequest, CreateKeyRequest, DecryptRequest, EncryptRequest, Envelope,
-        RetireKeyRequest,
+        batch_decrypt_result, batch_encrypt_result, decrypt_request::Ciphertext,
+        ActivateKeyRequest, BatchDecryptRequest, BatchEncryptRequest, CreateKeyRequest,
+        DecryptRequest, EncryptRequest, Envelope, RetireKeyRequest,
     },
     crypto::{legacy::encrypt_legacy, secret::MasterSecret},
     service::crypto::Limits,
@@ -31,7 +31,9 @@ fn decrypt_envelope(envelope: Envelope, context: &[(&str, &str)]) -> DecryptRequ
 const CONN: &[(&str, &str)] = &[("connection_id", "42")];
 
 async fn round_trip_in_both_forms(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let secret = b"postgres://app:s3cret@db.internal/app";
     let sealed = app.encrypt(secret, CONN).await;
     let envelope = sealed.envelope.clone().unwrap();
@@ -40,10 +42,16 @@ async fn round_trip_in_both_forms(backend: Backend) {
     assert_eq!(envelope.payload_iv.len(), 12);
     assert_eq!(envelope.data_key_iv.len(), 12);
     assert_eq!(envelope.payload_ciphertext.len(), secret.len() + 16);
-    assert!(!sealed.blob.windows(secret.len()).any(|w| w == secret), "plaintext visible in blob");
+    assert!(
+        !sealed.blob.windows(secret.len()).any(|w| w == secret),
+        "plaintext visible in blob"
+    );
 
     let mut client = app.crypto.clone();
-    for request in [decrypt_blob(sealed.blob.clone(), CONN), decrypt_envelope(envelope.clone(), CONN)] {
+    for request in [
+        decrypt_blob(sealed.blob.clone(), CONN),
+        decrypt_envelope(envelope.clone(), CONN),
+    ] {
         let opened = client.decrypt(request).await.unwrap().into_inner();
         assert_eq!(opened.plaintext, secret);
         assert_eq!(opened.encryption_key_id, envelope.encryption_key_id);
@@ -57,7 +65,9 @@ async fn round_trip_in_both_forms(backend: Backend) {
 }
 
 async fn wrong_context_fails(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let sealed = app.encrypt(b"token", CONN).await;
     let mut client = app.crypto.clone();
     let other_contexts: [&[(&str, &str)]; 4] = [
@@ -68,38 +78,87 @@ async fn wrong_context_fails(backend: Backend) {
     ];
     for context in other_contexts {
         let status = assert_code(
-            client.decrypt(decrypt_blob(sealed.blob.clone(), context)).await,
+            client
+                .decrypt(decrypt_blob(sealed.blob.clone(), context))
+                .await,
             Code::InvalidArgument,
         );
-        assert!(status.message().contains("encryption context"), "{status:?}");
+        assert!(
+            status.message().contains("encryption context"),
+            "{status:?}"
+        );
     }
 }
 
 async fn any_tampered_field_fails_without_internal(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let envelope = app.encrypt(b"token", CONN).await.envelope.unwrap();
     let mut client = app.crypto.clone();
-    let mutations: Vec<(&str, Box<dyn Fn(&mut Envelope)>, Code)> = vec![
-        ("payload byte", Box::new(|e| e.payload_ciphertext[0] ^= 1), Code::InvalidArgument),
-        ("tag byte", Box::new(|e| *e.payload_ciphertext.last_mut().unwrap() ^= 0x80), Code::InvalidArgument),
-        ("payload iv", Box::new(|e| e.payload_iv[3] ^= 1), Code::InvalidArgument),
-        ("short payload iv", Box::new(|e| e.payload_iv.truncate(8)), Code::InvalidArgument),
-        ("data key byte", Box::new(|e| e.data_key_ciphertext[5] ^= 1), Code::InvalidArgument),
-        ("data key iv", Box::new(|e| e.data_key_iv[0] ^= 1), Code::InvalidArgument),
-        ("empty data key", Box::new(|e| e.data_key_ciphertext.clear()), Code::InvalidArgument),
-        ("truncated payload", Box::new(|e| e.payload_ciphertext.truncate(10)), Code::InvalidArgument),
-        ("unknown key id", Box::new(|e| e.encryption_key_id = "no-such-key".into()), Code::NotFound),
+    type Mutation = Box<dyn Fn(&mut Envelope)>;
+    let mutations: Vec<(&str, Mutation, Code)> = vec![
+        (
+            "payload byte",
+            Box::new(|e| e.payload_ciphertext[0] ^= 1),
+            Code::InvalidArgument,
+        ),
+        (
+            "tag byte",
+            Box::new(|e| *e.payload_ciphertext.last_mut().unwrap() ^= 0x80),
+            Code::InvalidArgument,
+        ),
+        (
+            "payload iv",
+            Box::new(|e| e.payload_iv[3] ^= 1),
+            Code::InvalidArgument,
+        ),
+        (
+            "short payload iv",
+            Box::new(|e| e.payload_iv.truncate(8)),
+            Code::InvalidArgument,
+        ),
+        (
+            "data key byte",
+            Box::new(|e| e.data_key_ciphertext[5] ^= 1),
+            Code::InvalidArgument,
+        ),
+        (
+            "data key iv",
+            Box::new(|e| e.data_key_iv[0] ^= 1),
+            Code::InvalidArgument,
+        ),
+        (
+            "empty data key",
+            Box::new(|e| e.data_key_ciphertext.clear()),
+            Code::InvalidArgument,
+        ),
+        (
+            "truncated payload",
+            Box::new(|e| e.payload_ciphertext.truncate(10)),
+            Code::InvalidArgument,
+        ),
+        (
+            "unknown key id",
+            Box::new(|e| e.encryption_key_id = "no-such-key".into()),
+            Code::NotFound,
+        ),
     ];
     for (what, mutate, code) in mutations {
         let mut tampered = envelope.clone();
         mutate(&mut tampered);
-        let status = client.decrypt(decrypt_envelope(tampered, CONN)).await.expect_err(what);
+        let status = client
+            .decrypt(decrypt_envelope(tampered, CONN))
+            .await
+            .expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status:?}");
     }
 }
 
 async fn malformed_blobs_are_invalid_argument(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let blob = app.encrypt(b"token", CONN).await.blob;
     let mut client = app.crypto.clone();
     let mut flipped = blob.clone();
@@ -115,47 +174,113 @@ async fn malformed_blobs_are_invalid_argument(backend: Backend) {
         ("header only", blob[..3].to_vec(), "truncated"),
     ];
     for (what, bytes, expect) in cases {
-        let status = assert_code(client.decrypt(decrypt_blob(bytes, CONN)).await, Code::InvalidArgument);
+        let status = assert_code(
+            client.decrypt(decrypt_blob(bytes, CONN)).await,
+            Code::InvalidArgument,
+        );
         assert!(status.message().contains(expect), "{what}: {status:?}");
     }
-    let missing = DecryptRequest { context: ctx(CONN), ciphertext: None };
+    let missing = DecryptRequest {
+        context: ctx(CONN),
+        ciphertext: None,
+    };
     let status = assert_code(client.decrypt(missing).await, Code::InvalidArgument);
     assert!(status.message().contains("envelope"));
 }
 
 async fn plaintext_and_context_limits(backend: Backend) {
-    let limits = Limits { max_plaintext_bytes: 1024, max_batch_items: 3 };
-    let Some(app) = spawn_with(backend, Options { limits, ..Options::default() }).await else { return };
+    let limits = Limits {
+        max_plaintext_bytes: 1024,
+        max_batch_items: 3,
+    };
+    let Some(app) = spawn_with(
+        backend,
+        Options {
+            limits,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
     let mut client = app.crypto.clone();
-    let empty = EncryptRequest { plaintext: vec![], context: ctx(CONN) };
+    let empty = EncryptRequest {
+        plaintext: vec![],
+        context: ctx(CONN),
+    };
     let status = assert_code(client.encrypt(empty).await, Code::InvalidArgument);
     assert!(status.message().contains("empty"));
 
-    let big = EncryptRequest { plaintext: vec![1; 1025], context: ctx(CONN) };
+    let big = EncryptRequest {
+        plaintext: vec![1; 1025],
+        context: ctx(CONN),
+    };
     let status = assert_code(client.encrypt(big).await, Code::InvalidArgument);
-    assert!(status.message().contains("1025 bytes, over the limit of 1024"), "{status:?}");
-    let exact = EncryptRequest { plaintext: vec![1; 1024], context: ctx(CONN) };
+    assert!(
+        status
+            .message()
+            .contains("1025 bytes, over the limit of 1024"),
+        "{status:?}"
+    );
+    let exact = EncryptRequest {
+        plaintext: vec![1; 1024],
+        context: ctx(CONN),
+    };
     client.encrypt(exact).await.unwrap();
 
-    let empty_key = EncryptRequest { plaintext: vec![1], context: ctx(&[("", "x")]) };
+    let empty_key = EncryptRequest {
+        plaintext: vec![1],
+        context: ctx(&[("", "x")]),
+    };
     assert_code(client.encrypt(empty_key).await, Code::InvalidArgument);
 
-    let items = (0..4).map(|_| EncryptRequest { plaintext: vec![1], context: ctx(CONN) }).collect();
-    let status = assert_code(client.batch_encrypt(BatchEncryptRequest { items }).await, Code::InvalidArgument);
-    assert!(status.message().contains("4 items, over the limit of 3"), "{status:?}");
+    let items = (0..4)
+        .map(|_| EncryptRequest {
+            plaintext: vec![1],
+            context: ctx(CONN),
+        })
+        .collect();
+    let status = assert_code(
+        client.batch_encrypt(BatchEncryptRequest { items }).await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        status.message().contains("4 items, over the limit of 3"),
+        "{status:?}"
+    );
     let items = (0..4).map(|_| decrypt_blob(vec![], CONN)).collect();
-    assert_code(client.batch_decrypt(BatchDecryptRequest { items }).await, Code::InvalidArgument);
+    assert_code(
+        client.batch_decrypt(BatchDecryptRequest { items }).await,
+        Code::InvalidArgument,
+    );
 }
 
 async fn batches_report_per_item(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let mut client = app.crypto.clone();
     let items = vec![
-        EncryptRequest { plaintext: b"one".to_vec(), context: ctx(&[("connection_id", "1")]) },
-        EncryptRequest { plaintext: vec![], context: ctx(&[("connection_id", "2")]) },
-        EncryptRequest { plaintext: b"three".to_vec(), context: ctx(&[("connection_id", "3")]) },
+        EncryptRequest {
+            plaintext: b"one".to_vec(),
+            context: ctx(&[("connection_id", "1")]),
+        },
+        EncryptRequest {
+            plaintext: vec![],
+            context: ctx(&[("connection_id", "2")]),
+        },
+        EncryptRequest {
+            plaintext: b"three".to_vec(),
+            context: ctx(&[("connection_id", "3")]),
+        },
     ];
-    let results = client.batch_encrypt(BatchEncryptRequest { items }).await.unwrap().into_inner().results;
+    let results = client
+        .batch_encrypt(BatchEncryptRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
     assert_eq!(results.len(), 3);
     let ok = |i: usize| match results[i].result.clone().unwrap() {
         batch_encrypt_result::Result::Ok(ok) => ok,
@@ -172,7 +297,12 @@ async fn batches_report_per_item(backend: Backend) {
         decrypt_blob(one.blob.clone(), &[("connection_id", "3")]),
         decrypt_envelope(one.envelope.clone().unwrap(), &[("connection_id", "1")]),
     ];
-    let results = client.batch_decrypt(BatchDecryptRequest { items }).await.unwrap().into_inner().results;
+    let results = client
+        .batch_decrypt(BatchDecryptRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
     let outcome: Vec<Result<Vec<u8>, i32>> = results
         .into_iter()
         .map(|r| match r.result.unwrap() {
@@ -182,19 +312,33 @@ async fn batches_report_per_item(backend: Backend) {
         .collect();
     assert_eq!(
         outcome,
-        vec![Ok(b"three".to_vec()), Err(Code::InvalidArgument as i32), Ok(b"one".to_vec())]
+        vec![
+            Ok(b"three".to_vec()),
+            Err(Code::InvalidArgument as i32),
+            Ok(b"one".to_vec())
+        ]
     );
 }
 
 async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let old = MasterSecret::new(MASTER).unwrap();
     let (iv, ct) = encrypt_legacy(&old, b"legacy-credential");
-    let legacy = Envelope { payload_ciphertext: ct, payload_iv: iv.to_vec(), ..Envelope::default() };
+    let legacy = Envelope {
+        payload_ciphertext: ct,
+        payload_iv: iv.to_vec(),
+        ..Envelope::default()
+    };
     let mut client = app.crypto.clone();
     // Legacy ciphertexts carry no context binding; applications may send
     // the row's context all the same.
-    let opened = client.decrypt(decrypt_envelope(legacy.clone(), CONN)).await.unwrap().into_inner();
+    let opened = client
+        .decrypt(decrypt_envelope(legacy.clone(), CONN))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(opened.plaintext, b"legacy-credential");
     assert!(opened.legacy);
     assert!(opened.encryption_key_id.is_empty());
@@ -202,31 +346,72 @@ async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend)
     let sealed = app.encrypt(b"enveloped", CONN).await;
     // Runbook §2: a new master secret arrives; the old one stays as previous.
     let app = app
-        .restart(Options { master: Some(master("a-brand-new-master-secret-value", &[MASTER])), seed: false, ..Options::default() })
+        .restart(Options {
+            master: Some(master("a-brand-new-master-secret-value", &[MASTER])),
+            seed: false,
+            ..Options::default()
+        })
         .await;
     let mut client = app.crypto.clone();
-    let opened = client.decrypt(decrypt_envelope(legacy.clone(), CONN)).await.unwrap().into_inner();
+    let opened = client
+        .decrypt(decrypt_envelope(legacy.clone(), CONN))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(opened.plaintext, b"legacy-credential");
-    let opened = client.decrypt(decrypt_blob(sealed.blob.clone(), CONN)).await.unwrap().into_inner();
+    let opened = client
+        .decrypt(decrypt_blob(sealed.blob.clone(), CONN))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(opened.plaintext, b"enveloped");
     let fresh = app.encrypt(b"after rotation", CONN).await;
 
     // Without the old secret, old ciphertexts fail cleanly; new ones work.
     let app = app
-        .restart(Options { master: Some(master("a-brand-new-master-secret-value", &[])), seed: false, ..Options::default() })
+        .restart(Options {
+            master: Some(master("a-brand-new-master-secret-value", &[])),
+            seed: false,
+            ..Options::default()
+        })
         .await;
     let mut client = app.crypto.clone();
-    assert_code(client.decrypt(decrypt_envelope(legacy, CONN)).await, Code::InvalidArgument);
-    assert_code(client.decrypt(decrypt_blob(sealed.blob, CONN)).await, Code::InvalidArgument);
-    let opened = client.decrypt(decrypt_blob(fresh.blob, CONN)).await.unwrap().into_inner();
+    assert_code(
+        client.decrypt(decrypt_envelope(legacy, CONN)).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        client.decrypt(decrypt_blob(sealed.blob, CONN)).await,
+        Code::InvalidArgument,
+    );
+    let opened = client
+        .decrypt(decrypt_blob(fresh.blob, CONN))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(opened.plaintext, b"after rotation");
 }
 
 async fn no_active_key_is_failed_precondition(backend: Backend) {
-    let Some(app) = spawn_with(backend, Options { seed: false, ..Options::default() }).await else { return };
+    let Some(app) = spawn_with(
+        backend,
+        Options {
+            seed: false,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
     let mut client = app.crypto.clone();
     let status = assert_code(
-        client.encrypt(EncryptRequest { plaintext: b"x".to_vec(), context: ctx(CONN) }).await,
+        client
+            .encrypt(EncryptRequest {
+                plaintext: b"x".to_vec(),
+                context: ctx(CONN),
+            })
+            .await,
         Code::FailedPrecondition,
     );
     assert!(status.message().contains("no active key"));
@@ -235,25 +420,42 @@ async fn no_active_key_is_failed_precondition(backend: Backend) {
 }
 
 async fn retired_keys_decrypt_but_never_encrypt(backend: Backend) {
-    let Some(app) = spawn(backend).await else { return };
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
     let old = app.encrypt(b"under primary", CONN).await;
     let mut admin = app.admin.clone();
     admin
-        .create_key(CreateKeyRequest { key_id: "second".into(), activate: true, ..Default::default() })
+        .create_key(CreateKeyRequest {
+            key_id: "second".into(),
+            activate: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     admin
-        .retire_key(RetireKeyRequest { key_id: crate::helpers::PRIMARY.into(), force: true })
+        .retire_key(RetireKeyRequest {
+            key_id: crate::helpers::PRIMARY.into(),
+            force: true,
+        })
         .await
         .unwrap();
     let fresh = app.encrypt(b"under second", CONN).await;
     assert_eq!(fresh.key_id, "second");
     let mut client = app.crypto.clone();
-    let opened = client.decrypt(decrypt_blob(old.blob, CONN)).await.unwrap().into_inner();
+    let opened = client
+        .decrypt(decrypt_blob(old.blob, CONN))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(opened.plaintext, b"under primary");
     // A retired key cannot come back as the active one.
     let status = assert_code(
-        admin.activate_key(ActivateKeyRequest { key_id: crate::helpers::PRIMARY.into() }).await,
+        admin
+            .activate_key(ActivateKeyRequest {
+                key_id: crate::helpers::PRIMARY.into(),
+            })
+            .await,
         Code::FailedPrecondition,
     );
     assert!(status.message().contains("retired"));

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use keyward::{
-    api::proto::{admin_client::AdminClient, crypto_client::CryptoClient, EncryptRequest, EncryptResponse},
+    api::proto::{
+        admin_client::AdminClient, crypto_client::CryptoClient, EncryptRequest, EncryptResponse,
+    },
     app::Application,
     config::{MasterSecrets, Settings},
     service::{admin::CreateKey, crypto::Limits},
@@ -54,7 +56,10 @@ pub fn master(current: &str, previous: &[&str]) -> MasterSecrets {
 }
 
 pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn init_logs() {
@@ -71,12 +76,20 @@ fn init_logs() {
 /// CI never passes by skipping.
 pub async fn fresh_database(backend: Backend, dir: &tempfile::TempDir) -> Option<String> {
     match backend {
-        Backend::Sqlite => Some(format!("sqlite://{}", dir.path().join("keyward.db").display())),
+        Backend::Sqlite => Some(format!(
+            "sqlite://{}",
+            dir.path().join("keyward.db").display()
+        )),
         Backend::Postgres => match postgres::server_url() {
             Ok(server) => {
                 let name = format!("kw_{}", uuid::Uuid::new_v4().simple());
-                let admin = PgPool::connect(&format!("{server}/postgres")).await.unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+                let admin = PgPool::connect(&format!("{server}/postgres"))
+                    .await
+                    .unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
                 admin.close().await;
                 Some(format!("{server}/{name}"))
             }
@@ -132,7 +145,12 @@ pub async fn spawn_with(backend: Backend, options: Options) -> Option<TestApp> {
     Some(start(backend, database_url, dir, options).await)
 }
 
-async fn start(backend: Backend, database_url: String, dir: tempfile::TempDir, options: Options) -> TestApp {
+async fn start(
+    backend: Backend,
+    database_url: String,
+    dir: tempfile::TempDir,
+    options: Options,
+) -> TestApp {
     let mut settings = Settings::for_database(database_url.clone(), options.master);
     settings.limits = options.limits;
     let app = Application::build(settings).await.unwrap();
@@ -206,7 +224,9 @@ impl TestApp {
     pub async fn health_status(&self) -> i32 {
         self.health
             .clone()
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -222,7 +242,10 @@ impl TestApp {
             if status == expected {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "health stayed {status}, expected {expected}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "health stayed {status}, expected {expected}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -245,7 +268,8 @@ impl TestApp {
 
     /// Inserts a `connections` row holding an envelope, as an application would.
     pub async fn insert_connection(&self, id: &str, envelope: &keyward::api::proto::Envelope) {
-        const SQL: &str = "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
+        const SQL: &str =
+            "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
              data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)";
         macro_rules! run {
             ($pool:expr) => {{
@@ -268,7 +292,6 @@ impl TestApp {
             Backend::Postgres => run!(PgPool::connect(&self.database_url).await.unwrap()),
         }
     }
-
 }
 
 impl Drop for TestApp {
@@ -282,7 +305,10 @@ impl Drop for TestApp {
 /// Asserts a gRPC call failed with `code`, and that its message has no
 /// sign of an internal failure.
 #[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: tonic::Code) -> tonic::Status {
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+) -> tonic::Status {
     let status = result.expect_err("the call should have failed");
     assert_eq!(status.code(), code, "unexpected status: {status:?}");
     assert!(!status.message().is_empty());

@@ -72,7 +72,11 @@ fn pg_command(bin: &Path, root: bool) -> Command {
 fn start_cluster() -> Result<String, String> {
     let bin = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb, pg_ctl) found")?;
     let root = is_root();
-    let dir = std::env::temp_dir().join(format!("keyward-pg-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "keyward-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     if root {
         let status = Command::new("chown")
@@ -93,7 +97,10 @@ fn start_cluster() -> Result<String, String> {
         .output()
         .map_err(|e| format!("initdb: {e}"))?;
     if !out.status.success() {
-        return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -115,7 +122,10 @@ fn start_cluster() -> Result<String, String> {
         .map_err(|e| format!("pg_ctl: {e}"))?;
     if !out.status.success() {
         let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-        return Err(format!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "pg_ctl start failed: {}\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     spawn_reaper(&bin, &data, &dir, root);
     Ok(format!("postgres://postgres@127.0.0.1:{port}"))
@@ -125,9 +135,17 @@ fn start_cluster() -> Result<String, String> {
 fn spawn_reaper(bin: &Path, data: &Path, dir: &Path, root: bool) {
     let pg_ctl = bin.join("pg_ctl");
     let stop = if root {
-        format!("runuser -u postgres -- {} -D {} stop -m immediate", pg_ctl.display(), data.display())
+        format!(
+            "runuser -u postgres -- {} -D {} stop -m immediate",
+            pg_ctl.display(),
+            data.display()
+        )
     } else {
-        format!("{} -D {} stop -m immediate", pg_ctl.display(), data.display())
+        format!(
+            "{} -D {} stop -m immediate",
+            pg_ctl.display(),
+            data.display()
+        )
     };
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",

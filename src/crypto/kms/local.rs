@@ -168,13 +168,24 @@ mod tests {
         let kms = LocalKms::new(master("master-secret-one!"), vec![]);
         let key = kms.generate_data_key(KEK, &ctx()).await.unwrap();
         let w = &key.wrapped;
-        let back = kms.decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx()).await.unwrap();
+        let back = kms
+            .decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx())
+            .await
+            .unwrap();
         assert_eq!(back.expose(), key.plaintext.expose());
 
-        let other_arn = KekRef { kms_key_arn: "local:other", ..KEK };
-        let other_rec = KekRef { record_id: "rec-2", ..KEK };
+        let other_arn = KekRef {
+            kms_key_arn: "local:other",
+            ..KEK
+        };
+        let other_rec = KekRef {
+            record_id: "rec-2",
+            ..KEK
+        };
         for kek in [other_arn, other_rec] {
-            let err = kms.decrypt_data_key(kek, &w.ciphertext, &w.iv, &ctx()).await;
+            let err = kms
+                .decrypt_data_key(kek, &w.ciphertext, &w.iv, &ctx())
+                .await;
             assert_eq!(err.unwrap_err(), KmsError::UnwrapFailed);
         }
         let err = kms
@@ -189,17 +200,29 @@ mod tests {
         let key = old.generate_data_key(KEK, &ctx()).await.unwrap();
         let w = &key.wrapped;
 
-        let rotated = LocalKms::new(master("the-new-master-secret"), vec![master("the-old-master-secret")]);
-        let back = rotated.decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx()).await.unwrap();
+        let rotated = LocalKms::new(
+            master("the-new-master-secret"),
+            vec![master("the-old-master-secret")],
+        );
+        let back = rotated
+            .decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx())
+            .await
+            .unwrap();
         assert_eq!(back.expose(), key.plaintext.expose());
 
         let forgotten = LocalKms::new(master("the-new-master-secret"), vec![]);
-        assert!(forgotten.decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx()).await.is_err());
+        assert!(forgotten
+            .decrypt_data_key(KEK, &w.ciphertext, &w.iv, &ctx())
+            .await
+            .is_err());
     }
 
     #[test]
     fn keks_differ_per_key_name() {
         let m = master("master-secret-one!");
-        assert_ne!(derive_kek(&m, "local:a").expose(), derive_kek(&m, "local:b").expose());
+        assert_ne!(
+            derive_kek(&m, "local:a").expose(),
+            derive_kek(&m, "local:b").expose()
+        );
     }
 }
