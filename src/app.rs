@@ -10,9 +10,8 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{server::TcpIncoming, Server};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
@@ -108,6 +107,10 @@ impl Services {
     }
 }
 
+/// HTTP/2 flow-control windows (bytes) for the server and keyward's clients.
+pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
 /// The key id `serve --dev` seeds when the catalog has no active key.
 pub const DEV_KEY_ID: &str = "dev-local";
 
@@ -191,8 +194,6 @@ impl Application {
             settings.catalog_refresh_interval,
             stop.clone(),
         ));
-        // Publish the current readiness now that a follower is listening.
-        services.admin.refresh().await?;
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -212,13 +213,18 @@ impl Application {
 
         let drain = stop.clone();
         let server = Server::builder()
+            // HTTP/2's default 64 KiB windows stall many concurrent or large
+            // messages (batches) behind WINDOW_UPDATE round trips.
+            .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
+            .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(crypto)
             .add_service(admin)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // Small responses must not wait out Nagle + delayed ACK.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 drain.cancelled_owned(),
             );
         tokio::pin!(server);

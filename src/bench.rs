@@ -24,7 +24,7 @@ use crate::{
         crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest, DecryptRequest,
         EncryptRequest,
     },
-    app::Application,
+    app::{Application, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
     config::{MasterSecrets, Settings},
     crypto::secret::MasterSecret,
 };
@@ -75,13 +75,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     };
     let channel = Endpoint::from_shared(target.clone())?
         .tcp_nodelay(true)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
         .connect()
         .await
         .with_context(|| format!("cannot connect to {target}"))?;
     let duration = Duration::from_secs_f64(args.seconds.max(0.5));
     let context: HashMap<String, String> =
         [("connection_id".to_owned(), "bench".to_owned())].into();
-    let payload = vec![0x5a_u8; args.payload_bytes.max(1)];
+    let payload = bytes::Bytes::from(vec![0x5a_u8; args.payload_bytes.max(1)]);
 
     println!(
         "keyward bench: target {target}, concurrency {}, payload {} bytes, {:.1} s per phase",

@@ -20,20 +20,20 @@ pub fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Error>
 pub fn envelope_to_proto(env: Envelope) -> proto::Envelope {
     proto::Envelope {
         encryption_key_id: env.encryption_key_id,
-        data_key_ciphertext: env.data_key_ciphertext,
-        data_key_iv: env.data_key_iv,
-        payload_ciphertext: env.payload_ciphertext,
-        payload_iv: env.payload_iv,
+        data_key_ciphertext: env.data_key_ciphertext.into(),
+        data_key_iv: env.data_key_iv.into(),
+        payload_ciphertext: env.payload_ciphertext.into(),
+        payload_iv: env.payload_iv.into(),
     }
 }
 
 pub fn envelope_from_proto(env: proto::Envelope) -> Envelope {
     Envelope {
         encryption_key_id: env.encryption_key_id,
-        data_key_ciphertext: env.data_key_ciphertext,
-        data_key_iv: env.data_key_iv,
-        payload_ciphertext: env.payload_ciphertext,
-        payload_iv: env.payload_iv,
+        data_key_ciphertext: env.data_key_ciphertext.into(),
+        data_key_iv: env.data_key_iv.into(),
+        payload_ciphertext: env.payload_ciphertext.into(),
+        payload_iv: env.payload_iv.into(),
     }
 }
 
@@ -41,7 +41,7 @@ pub fn sealed_to_proto(sealed: Sealed) -> proto::EncryptResponse {
     proto::EncryptResponse {
         key_id: sealed.key.key_id.clone(),
         envelope: Some(envelope_to_proto(sealed.envelope)),
-        blob: sealed.blob,
+        blob: sealed.blob.into(),
     }
 }
 
@@ -51,7 +51,7 @@ pub fn ciphertext(ct: Option<proto::decrypt_request::Ciphertext>) -> Result<Ciph
             Ok(Ciphertext::Envelope(envelope_from_proto(env)))
         }
         Some(proto::decrypt_request::Ciphertext::Blob(blob)) if !blob.is_empty() => {
-            Ok(Ciphertext::Blob(blob))
+            Ok(Ciphertext::Blob(blob.into()))
         }
         _ => Err(Error::MissingCiphertext),
     }

@@ -43,7 +43,7 @@ impl CryptoApi {
                 .map(|k| k.id.clone())
                 .unwrap_or_default(),
             legacy: opened.key.is_none(),
-            plaintext: opened.plaintext.into_vec(),
+            plaintext: opened.plaintext.into_vec().into(),
         })
     }
 }

@@ -5,7 +5,7 @@ use aes_gcm::{
     aead::{Aead, KeyInit, Payload},
     Aes256Gcm, Key, Nonce,
 };
-use rand::{rngs::OsRng, RngCore};
+use rand::RngCore;
 
 use super::secret::{Plaintext, SecretKey};
 
@@ -33,7 +33,7 @@ impl Cipher {
     /// Encrypts under a fresh random nonce; returns (nonce, ciphertext||tag).
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> ([u8; NONCE_LEN], Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
+        rand::thread_rng().fill_bytes(&mut nonce);
         let sealed = self.seal_with_nonce(&nonce, plaintext, aad);
         (nonce, sealed)
     }

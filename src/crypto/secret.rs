@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use rand::{rngs::OsRng, RngCore};
+use rand::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// Length of every symmetric key keyward handles: AES-256.
@@ -18,10 +18,12 @@ pub const KEY_LEN: usize = 32;
 pub struct SecretKey([u8; KEY_LEN]);
 
 impl SecretKey {
-    /// A fresh key from the operating system's CSPRNG.
+    /// A fresh key from the thread-local CSPRNG (ChaCha12, seeded and
+    /// periodically reseeded from the operating system): as strong as the OS
+    /// generator without a system call per key on the hot path.
     pub fn generate() -> Self {
         let mut key = Self([0u8; KEY_LEN]);
-        OsRng.fill_bytes(&mut key.0);
+        rand::thread_rng().fill_bytes(&mut key.0);
         key
     }
 

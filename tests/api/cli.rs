@@ -190,7 +190,7 @@ async fn serve_dev_serves_and_drains_on_sigterm() {
     let mut crypto = keyward::api::proto::crypto_client::CryptoClient::new(channel);
     let sealed = crypto
         .encrypt(EncryptRequest {
-            plaintext: b"dev secret".to_vec(),
+            plaintext: b"dev secret".to_vec().into(),
             context: ctx(&[("connection_id", "1")]),
         })
         .await
@@ -215,7 +215,7 @@ async fn serve_dev_serves_and_drains_on_sigterm() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"dev secret");
+    assert_eq!(&opened.plaintext[..], b"dev secret");
 }
 
 #[test]
@@ -351,14 +351,14 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
         .decrypt(DecryptRequest {
             context: ctx(&[("connection_id", "conn-7")]),
             ciphertext: Some(Ciphertext::Envelope(keyward::api::proto::Envelope {
-                payload_ciphertext: ct,
-                payload_iv: iv,
+                payload_ciphertext: ct.into(),
+                payload_iv: iv.into(),
                 ..Default::default()
             })),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"legacy-password");
+    assert_eq!(&opened.plaintext[..], b"legacy-password");
     assert!(opened.legacy);
 }

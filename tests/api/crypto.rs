@@ -14,10 +14,10 @@ use tonic::Code;
 
 use crate::helpers::{assert_code, ctx, master, spawn, spawn_with, Backend, Options, MASTER};
 
-fn decrypt_blob(blob: Vec<u8>, context: &[(&str, &str)]) -> DecryptRequest {
+fn decrypt_blob(blob: impl Into<bytes::Bytes>, context: &[(&str, &str)]) -> DecryptRequest {
     DecryptRequest {
         context: ctx(context),
-        ciphertext: Some(Ciphertext::Blob(blob)),
+        ciphertext: Some(Ciphertext::Blob(blob.into())),
     }
 }
 
@@ -29,6 +29,13 @@ fn decrypt_envelope(envelope: Envelope, context: &[(&str, &str)]) -> DecryptRequ
 }
 
 const CONN: &[(&str, &str)] = &[("connection_id", "42")];
+
+/// XORs one byte of a protobuf `bytes` field.
+fn flip(field: &mut bytes::Bytes, index: usize, mask: u8) {
+    let mut bytes = field.to_vec();
+    bytes[index] ^= mask;
+    *field = bytes.into();
+}
 
 async fn round_trip_in_both_forms(backend: Backend) {
     let Some(app) = spawn(backend).await else {
@@ -53,7 +60,7 @@ async fn round_trip_in_both_forms(backend: Backend) {
         decrypt_envelope(envelope.clone(), CONN),
     ] {
         let opened = client.decrypt(request).await.unwrap().into_inner();
-        assert_eq!(opened.plaintext, secret);
+        assert_eq!(&opened.plaintext[..], secret);
         assert_eq!(opened.encryption_key_id, envelope.encryption_key_id);
         assert!(!opened.legacy);
     }
@@ -100,17 +107,20 @@ async fn any_tampered_field_fails_without_internal(backend: Backend) {
     let mutations: Vec<(&str, Mutation, Code)> = vec![
         (
             "payload byte",
-            Box::new(|e| e.payload_ciphertext[0] ^= 1),
+            Box::new(|e| flip(&mut e.payload_ciphertext, 0, 1)),
             Code::InvalidArgument,
         ),
         (
             "tag byte",
-            Box::new(|e| *e.payload_ciphertext.last_mut().unwrap() ^= 0x80),
+            Box::new(|e| {
+                let last = e.payload_ciphertext.len() - 1;
+                flip(&mut e.payload_ciphertext, last, 0x80)
+            }),
             Code::InvalidArgument,
         ),
         (
             "payload iv",
-            Box::new(|e| e.payload_iv[3] ^= 1),
+            Box::new(|e| flip(&mut e.payload_iv, 3, 1)),
             Code::InvalidArgument,
         ),
         (
@@ -120,12 +130,12 @@ async fn any_tampered_field_fails_without_internal(backend: Backend) {
         ),
         (
             "data key byte",
-            Box::new(|e| e.data_key_ciphertext[5] ^= 1),
+            Box::new(|e| flip(&mut e.data_key_ciphertext, 5, 1)),
             Code::InvalidArgument,
         ),
         (
             "data key iv",
-            Box::new(|e| e.data_key_iv[0] ^= 1),
+            Box::new(|e| flip(&mut e.data_key_iv, 0, 1)),
             Code::InvalidArgument,
         ),
         (
@@ -162,15 +172,14 @@ async fn malformed_blobs_are_invalid_argument(backend: Backend) {
     let blob = app.encrypt(b"token", CONN).await.blob;
     let mut client = app.crypto.clone();
     let mut flipped = blob.clone();
-    let last = flipped.len() - 1;
-    flipped[last] ^= 1;
+    flip(&mut flipped, blob.len() - 1, 1);
     let mut bad_version = blob.clone();
-    bad_version[2] = 7;
+    flip(&mut bad_version, 2, 1 ^ 7);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("garbage", b"not a blob at all".to_vec(), "bad magic"),
         ("truncated", blob[..20].to_vec(), "truncated"),
-        ("version", bad_version, "unsupported blob version"),
-        ("flipped tag", flipped, "decryption failed"),
+        ("version", bad_version.to_vec(), "unsupported blob version"),
+        ("flipped tag", flipped.to_vec(), "decryption failed"),
         ("header only", blob[..3].to_vec(), "truncated"),
     ];
     for (what, bytes, expect) in cases {
@@ -206,14 +215,14 @@ async fn plaintext_and_context_limits(backend: Backend) {
     };
     let mut client = app.crypto.clone();
     let empty = EncryptRequest {
-        plaintext: vec![],
+        plaintext: vec![].into(),
         context: ctx(CONN),
     };
     let status = assert_code(client.encrypt(empty).await, Code::InvalidArgument);
     assert!(status.message().contains("empty"));
 
     let big = EncryptRequest {
-        plaintext: vec![1; 1025],
+        plaintext: vec![1; 1025].into(),
         context: ctx(CONN),
     };
     let status = assert_code(client.encrypt(big).await, Code::InvalidArgument);
@@ -224,20 +233,20 @@ async fn plaintext_and_context_limits(backend: Backend) {
         "{status:?}"
     );
     let exact = EncryptRequest {
-        plaintext: vec![1; 1024],
+        plaintext: vec![1; 1024].into(),
         context: ctx(CONN),
     };
     client.encrypt(exact).await.unwrap();
 
     let empty_key = EncryptRequest {
-        plaintext: vec![1],
+        plaintext: vec![1].into(),
         context: ctx(&[("", "x")]),
     };
     assert_code(client.encrypt(empty_key).await, Code::InvalidArgument);
 
     let items = (0..4)
         .map(|_| EncryptRequest {
-            plaintext: vec![1],
+            plaintext: vec![1].into(),
             context: ctx(CONN),
         })
         .collect();
@@ -263,15 +272,15 @@ async fn batches_report_per_item(backend: Backend) {
     let mut client = app.crypto.clone();
     let items = vec![
         EncryptRequest {
-            plaintext: b"one".to_vec(),
+            plaintext: b"one".to_vec().into(),
             context: ctx(&[("connection_id", "1")]),
         },
         EncryptRequest {
-            plaintext: vec![],
+            plaintext: vec![].into(),
             context: ctx(&[("connection_id", "2")]),
         },
         EncryptRequest {
-            plaintext: b"three".to_vec(),
+            plaintext: b"three".to_vec().into(),
             context: ctx(&[("connection_id", "3")]),
         },
     ];
@@ -306,7 +315,7 @@ async fn batches_report_per_item(backend: Backend) {
     let outcome: Vec<Result<Vec<u8>, i32>> = results
         .into_iter()
         .map(|r| match r.result.unwrap() {
-            batch_decrypt_result::Result::Ok(ok) => Ok(ok.plaintext),
+            batch_decrypt_result::Result::Ok(ok) => Ok(ok.plaintext.to_vec()),
             batch_decrypt_result::Result::Error(e) => Err(e.code),
         })
         .collect();
@@ -327,8 +336,8 @@ async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend)
     let old = MasterSecret::new(MASTER).unwrap();
     let (iv, ct) = encrypt_legacy(&old, b"legacy-credential");
     let legacy = Envelope {
-        payload_ciphertext: ct,
-        payload_iv: iv.to_vec(),
+        payload_ciphertext: ct.into(),
+        payload_iv: iv.to_vec().into(),
         ..Envelope::default()
     };
     let mut client = app.crypto.clone();
@@ -339,7 +348,7 @@ async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend)
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"legacy-credential");
+    assert_eq!(&opened.plaintext[..], b"legacy-credential");
     assert!(opened.legacy);
     assert!(opened.encryption_key_id.is_empty());
 
@@ -358,13 +367,13 @@ async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend)
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"legacy-credential");
+    assert_eq!(&opened.plaintext[..], b"legacy-credential");
     let opened = client
         .decrypt(decrypt_blob(sealed.blob.clone(), CONN))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"enveloped");
+    assert_eq!(&opened.plaintext[..], b"enveloped");
     let fresh = app.encrypt(b"after rotation", CONN).await;
 
     // Without the old secret, old ciphertexts fail cleanly; new ones work.
@@ -389,7 +398,7 @@ async fn legacy_rows_decrypt_under_current_and_previous_master(backend: Backend)
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"after rotation");
+    assert_eq!(&opened.plaintext[..], b"after rotation");
 }
 
 async fn no_active_key_is_failed_precondition(backend: Backend) {
@@ -408,7 +417,7 @@ async fn no_active_key_is_failed_precondition(backend: Backend) {
     let status = assert_code(
         client
             .encrypt(EncryptRequest {
-                plaintext: b"x".to_vec(),
+                plaintext: b"x".to_vec().into(),
                 context: ctx(CONN),
             })
             .await,
@@ -448,7 +457,7 @@ async fn retired_keys_decrypt_but_never_encrypt(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(opened.plaintext, b"under primary");
+    assert_eq!(&opened.plaintext[..], b"under primary");
     // A retired key cannot come back as the active one.
     let status = assert_code(
         admin

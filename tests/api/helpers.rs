@@ -212,7 +212,7 @@ impl TestApp {
         self.crypto
             .clone()
             .encrypt(EncryptRequest {
-                plaintext: plaintext.to_vec(),
+                plaintext: plaintext.to_vec().into(),
                 context: ctx(context),
             })
             .await
@@ -277,10 +277,10 @@ impl TestApp {
                 sqlx::query(SQL)
                     .bind(id)
                     .bind(&envelope.encryption_key_id)
-                    .bind(&envelope.data_key_ciphertext)
-                    .bind(&envelope.data_key_iv)
-                    .bind(&envelope.payload_ciphertext)
-                    .bind(&envelope.payload_iv)
+                    .bind(envelope.data_key_ciphertext.to_vec())
+                    .bind(envelope.data_key_iv.to_vec())
+                    .bind(envelope.payload_ciphertext.to_vec())
+                    .bind(envelope.payload_iv.to_vec())
                     .execute(&pool)
                     .await
                     .unwrap();
