@@ -9,20 +9,19 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
     api::proto::{
         crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest, DecryptRequest,
-        EncryptRequest,
+        EncryptRequest, EnvelopeForm,
     },
     app::{Application, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
     config::{MasterSecrets, Settings},
@@ -41,7 +40,7 @@ pub struct BenchArgs {
     /// Plaintext size for Encrypt / Decrypt / BatchEncrypt items.
     #[arg(long, default_value_t = 1024)]
     pub payload_bytes: usize,
-    /// Seconds each phase runs.
+    /// Seconds each of Health, Encrypt, Decrypt and BatchEncrypt runs in all.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Items per BatchEncrypt request.
@@ -50,6 +49,30 @@ pub struct BenchArgs {
     /// BatchEncrypt requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub batch_concurrency: usize,
+    /// Interleaved rounds (Health, Encrypt, Decrypt) the time is split into.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Envelope forms Encrypt returns.
+    #[arg(long, value_enum, default_value_t = Form::Both)]
+    pub form: Form,
+}
+
+/// `--form`: which envelope forms Encrypt and BatchEncrypt return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Form {
+    Both,
+    Fields,
+    Blob,
+}
+
+impl Form {
+    fn proto(self) -> EnvelopeForm {
+        match self {
+            Form::Both => EnvelopeForm::Both,
+            Form::Fields => EnvelopeForm::Fields,
+            Form::Blob => EnvelopeForm::Blob,
+        }
+    }
 }
 
 /// What one phase measured.
@@ -80,182 +103,209 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {target}"))?;
-    let duration = Duration::from_secs_f64(args.seconds.max(0.5));
+    let rounds = args.rounds.max(1);
+    let slice = Duration::from_secs_f64(args.seconds.max(0.3) / rounds as f64);
     let context: HashMap<String, String> =
         [("connection_id".to_owned(), "bench".to_owned())].into();
     let payload = bytes::Bytes::from(vec![0x5a_u8; args.payload_bytes.max(1)]);
+    let form = args.form.proto() as i32;
+    let encrypt_request = EncryptRequest {
+        plaintext: payload,
+        context: context.clone(),
+        form,
+    };
 
     println!(
-        "keyward bench: target {target}, concurrency {}, payload {} bytes, {:.1} s per phase",
+        "keyward bench: target {target}, concurrency {}, payload {} bytes, form {:?}, \
+         {rounds} interleaved rounds of {:.2} s per operation",
         args.concurrency,
         args.payload_bytes,
-        duration.as_secs_f64()
+        args.form,
+        slice.as_secs_f64()
     );
 
-    // Warm up connections, allocator and caches.
-    health_phase(&channel, args.concurrency, Duration::from_millis(500)).await?;
-
-    let floor_a = health_phase(&channel, args.concurrency, duration).await?;
-    let encrypt = {
-        let (ch, ctx, pl) = (channel.clone(), context.clone(), payload.clone());
-        phase("Encrypt", args.concurrency, duration, 1, move || {
-            let mut client = CryptoClient::new(ch.clone());
-            let req = EncryptRequest {
-                plaintext: pl.clone(),
-                context: ctx.clone(),
-            };
-            async move { client.encrypt(req).await.map(|_| ()) }
-        })
-        .await?
-    };
     let blob = CryptoClient::new(channel.clone())
         .encrypt(EncryptRequest {
-            plaintext: payload.clone(),
-            context: context.clone(),
+            form: EnvelopeForm::Blob as i32,
+            ..encrypt_request.clone()
         })
         .await?
         .into_inner()
         .blob;
-    let decrypt = {
-        let (ch, ctx) = (channel.clone(), context.clone());
-        phase("Decrypt", args.concurrency, duration, 1, move || {
-            let mut client = CryptoClient::new(ch.clone());
-            let req = DecryptRequest {
-                context: ctx.clone(),
-                ciphertext: Some(decrypt_request::Ciphertext::Blob(blob.clone())),
-            };
-            async move { client.decrypt(req).await.map(|_| ()) }
-        })
-        .await?
-    };
-    let floor_b = health_phase(&channel, args.concurrency, duration).await?;
-    let batch = {
-        let items: Vec<EncryptRequest> = (0..args.batch_size.max(1))
-            .map(|_| EncryptRequest {
-                plaintext: payload.clone(),
-                context: context.clone(),
-            })
-            .collect();
+
+    let health = {
         let ch = channel.clone();
-        phase(
-            "BatchEncrypt",
-            args.batch_concurrency,
-            duration,
-            items.len(),
-            move || {
-                let mut client = CryptoClient::new(ch.clone());
-                let req = BatchEncryptRequest {
-                    items: items.clone(),
-                };
-                async move { client.batch_encrypt(req).await.map(|_| ()) }
-            },
-        )
-        .await?
+        move || {
+            let mut client = HealthClient::new(ch.clone());
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        }
+    };
+    let encrypt = {
+        let (ch, req) = (channel.clone(), encrypt_request.clone());
+        move || {
+            let mut client = CryptoClient::new(ch.clone());
+            let req = req.clone();
+            async move { client.encrypt(req).await.map(|_| ()) }
+        }
+    };
+    let decrypt = {
+        let ch = channel.clone();
+        let req = DecryptRequest {
+            context: context.clone(),
+            ciphertext: Some(decrypt_request::Ciphertext::Blob(blob)),
+        };
+        move || {
+            let mut client = CryptoClient::new(ch.clone());
+            let req = req.clone();
+            async move { client.decrypt(req).await.map(|_| ()) }
+        }
+    };
+    let batch = {
+        let ch = channel.clone();
+        let req = BatchEncryptRequest {
+            items: vec![encrypt_request.clone(); args.batch_size.max(1)],
+        };
+        move || {
+            let mut client = CryptoClient::new(ch.clone());
+            let req = req.clone();
+            async move { client.batch_encrypt(req).await.map(|_| ()) }
+        }
     };
 
-    let floor_rps = (floor_a.ops_per_sec + floor_b.ops_per_sec) / 2.0;
-    let floor = PhaseResult {
-        name: "Health/Check (floor)",
-        ops_per_sec: floor_rps,
-        p50: floor_a.p50.min(floor_b.p50),
-        p99: floor_a.p99.max(floor_b.p99),
+    // Warm up connections, allocator and caches.
+    run_slice(args.concurrency, Duration::from_millis(300), health.clone()).await?;
+    run_slice(
+        args.concurrency,
+        Duration::from_millis(300),
+        encrypt.clone(),
+    )
+    .await?;
+
+    // Interleave short slices so that drift in the machine's speed hits
+    // every operation alike.
+    let mut totals = [Totals::new()?, Totals::new()?, Totals::new()?];
+    for _ in 0..rounds {
+        totals[0].add(run_slice(args.concurrency, slice, health.clone()).await?)?;
+        totals[1].add(run_slice(args.concurrency, slice, encrypt.clone()).await?)?;
+        totals[2].add(run_slice(args.concurrency, slice, decrypt.clone()).await?)?;
+    }
+    let batch_totals = {
+        let mut t = Totals::new()?;
+        t.add(run_slice(args.batch_concurrency, slice * rounds as u32, batch).await?)?;
+        t
     };
+
+    let floor = totals[0].result("Health/Check (floor)", 1);
+    let results = vec![
+        floor.clone(),
+        totals[1].result("Encrypt", 1),
+        totals[2].result("Decrypt", 1),
+        batch_totals.result("BatchEncrypt", args.batch_size.max(1)),
+    ];
     println!(
         "\n{:<22} {:>14} {:>10} {:>10} {:>10}",
-        "phase", "ops/s", "vs floor", "p50 ms", "p99 ms"
+        "operation", "ops/s", "vs floor", "p50 ms", "p99 ms"
     );
-    for r in [&floor, &encrypt, &decrypt] {
+    for r in &results[..3] {
         println!(
             "{:<22} {:>14.0} {:>10.2} {:>10.3} {:>10.3}",
             r.name,
             r.ops_per_sec,
-            r.ops_per_sec / floor_rps,
+            r.ops_per_sec / floor.ops_per_sec,
             ms(r.p50),
             ms(r.p99)
         );
     }
+    let b = &results[3];
     println!(
         "{:<22} {:>14.0} {:>10} {:>10.3} {:>10.3}   (items/s; {} items per request, {} in flight; latency per request)",
-        batch.name, batch.ops_per_sec, "-", ms(batch.p50), ms(batch.p99), args.batch_size, args.batch_concurrency
+        b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), args.batch_size, args.batch_concurrency
     );
-    println!(
-        "\nfloor runs: {:.0} and {:.0} requests/s (before and after the Encrypt/Decrypt phases)",
-        floor_a.ops_per_sec, floor_b.ops_per_sec
-    );
-    Ok(vec![floor, encrypt, decrypt, batch])
+    Ok(results)
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn health_phase(
-    channel: &Channel,
-    concurrency: usize,
-    duration: Duration,
-) -> anyhow::Result<PhaseResult> {
-    let ch = channel.clone();
-    phase("Health/Check", concurrency, duration, 1, move || {
-        let mut client = HealthClient::new(ch.clone());
-        async move {
-            client
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .map(|_| ())
+/// Calls, time and latencies of one operation, summed over slices.
+struct Totals {
+    calls: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Totals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            calls: 0,
+            elapsed: Duration::ZERO,
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        })
+    }
+
+    fn add(&mut self, other: Totals) -> anyhow::Result<()> {
+        self.calls += other.calls;
+        self.elapsed += other.elapsed;
+        self.hist.add(other.hist)?;
+        Ok(())
+    }
+
+    fn result(&self, name: &'static str, ops_per_call: usize) -> PhaseResult {
+        PhaseResult {
+            name,
+            ops_per_sec: (self.calls as f64 * ops_per_call as f64)
+                / self.elapsed.as_secs_f64().max(f64::EPSILON),
+            p50: Duration::from_micros(self.hist.value_at_quantile(0.50)),
+            p99: Duration::from_micros(self.hist.value_at_quantile(0.99)),
         }
-    })
-    .await
+    }
 }
 
 /// Runs `concurrency` loops of `call` for `duration`; every call must
-/// succeed (a benchmark that counts failures as throughput would lie).
-async fn phase<F, Fut>(
-    name: &'static str,
+/// succeed (a benchmark that counted failures as throughput would lie).
+async fn run_slice<F, Fut>(
     concurrency: usize,
     duration: Duration,
-    ops_per_call: usize,
-    make_call: F,
-) -> anyhow::Result<PhaseResult>
+    call: F,
+) -> anyhow::Result<Totals>
 where
-    F: Fn() -> Fut + Send + Sync + 'static,
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), tonic::Status>> + Send,
 {
-    let make_call = Arc::new(make_call);
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let make_call = Arc::clone(&make_call);
+        let call = call.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let mut calls = 0u64;
+            let mut totals = Totals::new()?;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                make_call()
+                call()
                     .await
-                    .map_err(|s| anyhow::anyhow!("{name} failed: {s}"))?;
-                hist.saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
-                calls += 1;
+                    .map_err(|s| anyhow::anyhow!("benchmark call failed: {s}"))?;
+                totals
+                    .hist
+                    .saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+                totals.calls += 1;
             }
-            anyhow::Ok((calls, hist))
+            anyhow::Ok(totals)
         }));
     }
-    let mut total = 0u64;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut sum = Totals::new()?;
     for task in tasks {
-        let (calls, h) = task.await??;
-        total += calls;
-        hist.add(h)?;
+        sum.add(task.await??)?;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    Ok(PhaseResult {
-        name,
-        ops_per_sec: (total as f64 * ops_per_call as f64) / elapsed,
-        p50: Duration::from_micros(hist.value_at_quantile(0.50)),
-        p99: Duration::from_micros(hist.value_at_quantile(0.99)),
-    })
+    sum.elapsed = start.elapsed();
+    Ok(sum)
 }
 
 /// A server on a temporary SQLite database, stopped on drop.

@@ -37,12 +37,25 @@ pub fn envelope_from_proto(env: proto::Envelope) -> Envelope {
     }
 }
 
-pub fn sealed_to_proto(sealed: Sealed) -> proto::EncryptResponse {
-    proto::EncryptResponse {
+/// The response with the forms the caller asked for.
+pub fn sealed_to_proto(
+    sealed: Sealed,
+    form: proto::EnvelopeForm,
+) -> Result<proto::EncryptResponse, Error> {
+    use proto::EnvelopeForm as Form;
+    let blob = match form {
+        Form::Fields => Vec::new(),
+        Form::Unspecified | Form::Blob | Form::Both => sealed.blob()?,
+    };
+    let envelope = match form {
+        Form::Blob => None,
+        Form::Unspecified | Form::Fields | Form::Both => Some(envelope_to_proto(sealed.envelope)),
+    };
+    Ok(proto::EncryptResponse {
         key_id: sealed.key.key_id.clone(),
-        envelope: Some(envelope_to_proto(sealed.envelope)),
-        blob: sealed.blob.into(),
-    }
+        envelope,
+        blob: blob.into(),
+    })
 }
 
 pub fn ciphertext(ct: Option<proto::decrypt_request::Ciphertext>) -> Result<Ciphertext, Error> {

@@ -24,9 +24,11 @@ impl CryptoApi {
         &self,
         req: proto::EncryptRequest,
     ) -> Result<proto::EncryptResponse, Error> {
+        // An unknown form number (a newer client) gets both forms.
+        let form = proto::EnvelopeForm::try_from(req.form).unwrap_or(proto::EnvelopeForm::Both);
         let context = convert::context(req.context)?;
         let sealed = self.service.encrypt(&req.plaintext, &context).await?;
-        Ok(convert::sealed_to_proto(sealed))
+        convert::sealed_to_proto(sealed, form)
     }
 
     async fn decrypt_one(

@@ -53,8 +53,14 @@ pub enum Ciphertext {
 #[derive(Debug)]
 pub struct Sealed {
     pub envelope: Envelope,
-    pub blob: Vec<u8>,
     pub key: Arc<KeyRecord>,
+}
+
+impl Sealed {
+    /// The one-column form of the envelope.
+    pub fn blob(&self) -> Result<Vec<u8>> {
+        Ok(blob::encode(&self.envelope)?)
+    }
 }
 
 /// The result of a Decrypt.
@@ -133,10 +139,8 @@ impl CryptoService {
             payload_ciphertext,
             payload_iv: payload_iv.to_vec(),
         };
-        let blob = blob::encode(&envelope)?;
         Ok(Sealed {
             envelope,
-            blob,
             key: Arc::clone(key),
         })
     }

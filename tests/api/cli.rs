@@ -192,6 +192,7 @@ async fn serve_dev_serves_and_drains_on_sigterm() {
         .encrypt(EncryptRequest {
             plaintext: b"dev secret".to_vec().into(),
             context: ctx(&[("connection_id", "1")]),
+            ..Default::default()
         })
         .await
         .unwrap()

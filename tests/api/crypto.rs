@@ -5,7 +5,7 @@ use keyward::{
     api::proto::{
         batch_decrypt_result, batch_encrypt_result, decrypt_request::Ciphertext,
         ActivateKeyRequest, BatchDecryptRequest, BatchEncryptRequest, CreateKeyRequest,
-        DecryptRequest, EncryptRequest, Envelope, RetireKeyRequest,
+        DecryptRequest, EncryptRequest, Envelope, EnvelopeForm, RetireKeyRequest,
     },
     crypto::{legacy::encrypt_legacy, secret::MasterSecret},
     service::crypto::Limits,
@@ -69,6 +69,44 @@ async fn round_trip_in_both_forms(backend: Backend) {
     let again = app.encrypt(secret, CONN).await.envelope.unwrap();
     assert_ne!(again.data_key_ciphertext, envelope.data_key_ciphertext);
     assert_ne!(again.payload_ciphertext, envelope.payload_ciphertext);
+}
+
+async fn encrypt_returns_the_forms_asked_for(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let mut client = app.crypto.clone();
+    let request = |form: EnvelopeForm| EncryptRequest {
+        plaintext: b"formed".to_vec().into(),
+        context: ctx(CONN),
+        form: form as i32,
+    };
+    let blob_only = client
+        .encrypt(request(EnvelopeForm::Blob))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(blob_only.envelope.is_none());
+    assert!(!blob_only.blob.is_empty());
+    let fields_only = client
+        .encrypt(request(EnvelopeForm::Fields))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fields_only.blob.is_empty());
+    let both = client
+        .encrypt(request(EnvelopeForm::Both))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(both.envelope.is_some() && !both.blob.is_empty());
+    for req in [
+        decrypt_blob(blob_only.blob, CONN),
+        decrypt_envelope(fields_only.envelope.unwrap(), CONN),
+    ] {
+        let opened = client.decrypt(req).await.unwrap().into_inner();
+        assert_eq!(&opened.plaintext[..], b"formed");
+    }
 }
 
 async fn wrong_context_fails(backend: Backend) {
@@ -217,6 +255,7 @@ async fn plaintext_and_context_limits(backend: Backend) {
     let empty = EncryptRequest {
         plaintext: vec![].into(),
         context: ctx(CONN),
+        ..Default::default()
     };
     let status = assert_code(client.encrypt(empty).await, Code::InvalidArgument);
     assert!(status.message().contains("empty"));
@@ -224,6 +263,7 @@ async fn plaintext_and_context_limits(backend: Backend) {
     let big = EncryptRequest {
         plaintext: vec![1; 1025].into(),
         context: ctx(CONN),
+        ..Default::default()
     };
     let status = assert_code(client.encrypt(big).await, Code::InvalidArgument);
     assert!(
@@ -235,12 +275,14 @@ async fn plaintext_and_context_limits(backend: Backend) {
     let exact = EncryptRequest {
         plaintext: vec![1; 1024].into(),
         context: ctx(CONN),
+        ..Default::default()
     };
     client.encrypt(exact).await.unwrap();
 
     let empty_key = EncryptRequest {
         plaintext: vec![1].into(),
         context: ctx(&[("", "x")]),
+        ..Default::default()
     };
     assert_code(client.encrypt(empty_key).await, Code::InvalidArgument);
 
@@ -248,6 +290,7 @@ async fn plaintext_and_context_limits(backend: Backend) {
         .map(|_| EncryptRequest {
             plaintext: vec![1].into(),
             context: ctx(CONN),
+            ..Default::default()
         })
         .collect();
     let status = assert_code(
@@ -274,14 +317,17 @@ async fn batches_report_per_item(backend: Backend) {
         EncryptRequest {
             plaintext: b"one".to_vec().into(),
             context: ctx(&[("connection_id", "1")]),
+            ..Default::default()
         },
         EncryptRequest {
             plaintext: vec![].into(),
             context: ctx(&[("connection_id", "2")]),
+            ..Default::default()
         },
         EncryptRequest {
             plaintext: b"three".to_vec().into(),
             context: ctx(&[("connection_id", "3")]),
+            ..Default::default()
         },
     ];
     let results = client
@@ -419,6 +465,7 @@ async fn no_active_key_is_failed_precondition(backend: Backend) {
             .encrypt(EncryptRequest {
                 plaintext: b"x".to_vec().into(),
                 context: ctx(CONN),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -472,6 +519,7 @@ async fn retired_keys_decrypt_but_never_encrypt(backend: Backend) {
 
 crate::on_both_backends!(
     round_trip_in_both_forms,
+    encrypt_returns_the_forms_asked_for,
     wrong_context_fails,
     any_tampered_field_fails_without_internal,
     malformed_blobs_are_invalid_argument,

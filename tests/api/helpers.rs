@@ -214,6 +214,7 @@ impl TestApp {
             .encrypt(EncryptRequest {
                 plaintext: plaintext.to_vec().into(),
                 context: ctx(context),
+                ..Default::default()
             })
             .await
             .unwrap()
