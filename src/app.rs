@@ -26,9 +26,11 @@ use crate::{
     },
     error::Error,
     keys::KeyCatalog,
+    rotation::worker::{Worker, WorkerOptions},
     service::{
         admin::{CreateKey, KeyAdmin, Readiness},
         crypto::{CryptoService, Limits},
+        rotation::Rotations,
     },
     store::{Store, StoreError},
 };
@@ -65,9 +67,20 @@ pub struct Services {
     pub catalog: Arc<KeyCatalog>,
     pub crypto: Arc<CryptoService>,
     pub admin: Arc<KeyAdmin>,
+    pub rotations: Arc<Rotations>,
 }
 
 impl Services {
+    /// A rotation worker over these services.
+    pub fn worker(&self, options: WorkerOptions) -> Worker {
+        Worker::new(
+            self.store.clone(),
+            Arc::clone(&self.crypto),
+            Arc::clone(&self.admin),
+            options,
+        )
+    }
+
     /// Connects, applies migrations and loads the key catalog.
     pub async fn open(
         database_url: &str,
@@ -98,11 +111,17 @@ impl Services {
             Arc::clone(&crypto),
         ));
         admin.refresh().await?;
+        let rotations = Arc::new(Rotations::new(
+            store.clone(),
+            Arc::clone(&catalog),
+            Arc::clone(&admin),
+        ));
         Ok(Self {
             store,
             catalog,
             crypto,
             admin,
+            rotations,
         })
     }
 }
@@ -189,6 +208,11 @@ impl Application {
             health.clone(),
             stop.clone(),
         ));
+        let worker = settings.worker.map(|options| {
+            let worker = services.worker(options);
+            let stop = stop.clone();
+            tokio::spawn(async move { worker.run(stop).await })
+        });
         tokio::spawn(refresh_catalog_periodically(
             Arc::clone(&services.admin),
             settings.catalog_refresh_interval,
@@ -203,8 +227,11 @@ impl Application {
         let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&services.crypto)))
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
-        let admin = AdminServer::new(AdminApi::new(Arc::clone(&services.admin)))
-            .max_decoding_message_size(max);
+        let admin = AdminServer::new(AdminApi::new(
+            Arc::clone(&services.admin),
+            Arc::clone(&services.rotations),
+        ))
+        .max_decoding_message_size(max);
 
         let drain = stop.clone();
         let server = Server::builder()
@@ -234,10 +261,19 @@ impl Application {
         tracing::info!(grace = ?settings.shutdown_grace, "shutting down: health is NOT_SERVING, draining in-flight RPCs");
         stop.cancel();
         set_health(&health, ServingStatus::NotServing).await;
-        let result = match tokio::time::timeout(settings.shutdown_grace, server).await {
+        // The worker finishes its current batch (releasing its lease) while
+        // the server drains; both share the grace period.
+        let drained = async {
+            let served = server.await;
+            if let Some(worker) = worker {
+                let _ = worker.await;
+            }
+            served
+        };
+        let result = match tokio::time::timeout(settings.shutdown_grace, drained).await {
             Ok(result) => result.map_err(StartupError::from),
             Err(_) => {
-                tracing::warn!("grace period elapsed with RPCs still in flight; closing them");
+                tracing::warn!("grace period elapsed with RPCs or a rotation batch still in flight; closing them");
                 Ok(())
             }
         };

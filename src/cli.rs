@@ -27,7 +27,12 @@ use crate::{
     config::{dev_master_key_path, MasterSecrets, Settings},
     crypto::{legacy::encrypt_legacy, secret::MasterSecret},
     keys::KeyRecord,
-    service::{admin::CreateKey, crypto::Limits},
+    rotation::{worker::WorkerOptions, JobStatus, Mode, RotationJob},
+    service::{
+        admin::CreateKey,
+        crypto::Limits,
+        rotation::{Rotations, StartRotation},
+    },
 };
 
 /// Exit status for invalid configuration (sysexits' EX_USAGE).
@@ -82,8 +87,59 @@ enum Command {
     /// Write a connections row the way the pre-keyward application did
     /// (legacy format; plaintext read from stdin). A fixture generator.
     LegacyEncrypt(LegacyArgs),
+    /// Run the rotation worker alone (the runbook's `npm run start:rotation`).
+    Worker,
+    /// Start, watch, inspect, cancel or requeue re-encryption jobs.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+    /// Remove expired or used connection_scoped_tokens.
+    PruneTokens,
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RotateCommand {
+    /// Queue a job moving every connections row to the target key.
+    Start {
+        /// Target key (key_id or id); default the active key.
+        #[arg(long)]
+        target: Option<String>,
+        /// reencrypt (fresh data key) or rewrap (data key re-wrapped only).
+        #[arg(long, value_enum, default_value_t = RotateMode::Reencrypt)]
+        mode: RotateMode,
+        /// Decrypt-verify every row and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per batch (1..10000).
+        #[arg(long, default_value_t = 500)]
+        batch_size: i64,
+        /// Rows per second per worker; 0 = unthrottled.
+        #[arg(long, default_value_t = 0)]
+        max_rows_per_second: i64,
+        /// Follow progress until the job ends; exit 0 only if it completed cleanly.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow a job's progress until it ends.
+    Watch { job_id: String },
+    /// Show one job.
+    Status { job_id: String },
+    /// List jobs, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Cancel a job (a running one stops between batches).
+    Cancel { job_id: String },
+    /// Put a failed or cancelled job back in the queue.
+    Requeue { job_id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RotateMode {
+    Reencrypt,
+    Rewrap,
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +166,9 @@ struct ServeArgs {
     /// Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Do not run a rotation worker in this process (run `keyward worker`).
+    #[arg(long, env = "KEYWARD_NO_WORKER", value_parser = clap::builder::BoolishValueParser::new())]
+    no_worker: bool,
 }
 
 #[derive(Debug, Args)]
@@ -268,6 +327,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::LegacyEncrypt(args) => legacy_encrypt(&global, args).await,
+        Command::Worker => {
+            let services = open(&global).await?;
+            let worker = services.worker(WorkerOptions::default());
+            let stop = tokio_util::sync::CancellationToken::new();
+            let signal_stop = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal_stop.cancel();
+            });
+            worker.run(stop).await;
+            services.store.close().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rotate(cmd) => rotate(&global, cmd).await,
+        Command::PruneTokens => {
+            let services = open(&global).await?;
+            let removed = services.rotations.prune_scoped_tokens().await?;
+            println!("removed {removed} expired or used scoped tokens");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             crate::bench::run(args).await?;
             Ok(ExitCode::SUCCESS)
@@ -298,6 +377,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         seed_dev_key: args.dev,
+        worker: (!args.no_worker).then(WorkerOptions::default),
         ..Settings::for_database(global.database_url.clone(), Some(master))
     };
     let app = Application::build(settings).await?;
@@ -479,6 +559,129 @@ async fn legacy_encrypt(global: &GlobalArgs, args: LegacyArgs) -> anyhow::Result
         .await?;
     println!("{}", args.connection_id);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitCode> {
+    let services = open(global).await?;
+    let rotations = &services.rotations;
+    match cmd {
+        RotateCommand::Start {
+            target,
+            mode,
+            dry_run,
+            batch_size,
+            max_rows_per_second,
+            watch,
+        } => {
+            let job = rotations
+                .start(StartRotation {
+                    target: target.unwrap_or_default(),
+                    mode: Some(match mode {
+                        RotateMode::Reencrypt => Mode::Reencrypt,
+                        RotateMode::Rewrap => Mode::Rewrap,
+                    }),
+                    dry_run,
+                    batch_size,
+                    max_rows_per_second,
+                })
+                .await?;
+            println!("Rotation job started: {}", job.id);
+            if watch {
+                return watch_job(rotations, &job.id).await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Watch { job_id } => watch_job(rotations, &job_id).await,
+        RotateCommand::Status { job_id } => {
+            print_jobs(&[rotations.get(&job_id).await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::List { limit } => {
+            print_jobs(&rotations.list(limit).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Cancel { job_id } => {
+            print_jobs(&[rotations.cancel(&job_id).await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Requeue { job_id } => {
+            print_jobs(&[rotations.requeue(&job_id).await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A live progress bar until the job ends; the exit status says whether
+/// it completed cleanly.
+async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} rows  {msg}")?
+            .progress_chars("=> "),
+    );
+    let mut events = Box::pin(rotations.watch(job_id).await?);
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        let progress = event?;
+        let job = &progress.job;
+        bar.set_length(job.counts.total.max(job.counts.processed).max(0) as u64);
+        bar.set_position(job.counts.processed.max(0) as u64);
+        let eta = progress
+            .eta_seconds
+            .map(|s| format!("eta {s:.0}s"))
+            .unwrap_or_else(|| "eta -".into());
+        bar.set_message(format!(
+            "{} pass {}  {:.0} rows/s  {eta}  failed {}",
+            job.status, job.pass, progress.rows_per_second, job.counts.failed
+        ));
+        last = Some(progress);
+    }
+    bar.finish();
+    let Some(last) = last else {
+        bail!("the watch ended without an event");
+    };
+    let job = last.job;
+    println!(
+        "job {}: {} — total {}, processed {}, succeeded {}, failed {}, skipped {}{}",
+        job.id,
+        job.status,
+        job.counts.total,
+        job.counts.processed,
+        job.counts.succeeded,
+        job.counts.failed,
+        job.counts.skipped,
+        job.last_error
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    );
+    Ok(if job.status == JobStatus::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_jobs(jobs: &[RotationJob]) {
+    println!(
+        "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  LAST_ERROR",
+        "ID", "STATUS", "MODE", "PASS", "TOTAL", "PROCESSED", "SUCCEEDED", "FAILED", "SKIPPED"
+    );
+    for j in jobs {
+        println!(
+            "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {}",
+            j.id,
+            format!("{}{}", j.status, if j.dry_run { " (dry run)" } else { "" }),
+            j.mode.as_str(),
+            j.pass,
+            j.counts.total,
+            j.counts.processed,
+            j.counts.succeeded,
+            j.counts.failed,
+            j.counts.skipped,
+            j.last_error.as_deref().unwrap_or("")
+        );
+    }
 }
 
 /// A database URL without its password, for logs.

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use crate::{
     crypto::secret::{MasterSecret, WeakMasterSecret},
+    rotation::worker::WorkerOptions,
     service::crypto::Limits,
 };
 
@@ -56,6 +57,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// `serve --dev`: seed an active local key when there is none.
     pub seed_dev_key: bool,
+    /// Run a rotation worker in-process (`None`: `--no-worker`).
+    pub worker: Option<WorkerOptions>,
 }
 
 impl Settings {
@@ -71,6 +74,7 @@ impl Settings {
             catalog_refresh_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             seed_dev_key: false,
+            worker: Some(WorkerOptions::default()),
         }
     }
 }

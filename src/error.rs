@@ -50,6 +50,16 @@ pub enum Error {
     /// An admin request names a key that does not exist.
     #[error("no key with key_id or id {0:?}: list keys with ListKeys")]
     KeyNotFound(String),
+    /// A rotation job id that does not exist.
+    #[error("no rotation job with id {0:?}: list jobs with ListRotationJobs")]
+    JobNotFound(String),
+    /// The operation is not allowed from the job's current status.
+    #[error("rotation job {job_id} is {status}: {hint}")]
+    JobStatusConflict {
+        job_id: String,
+        status: crate::rotation::JobStatus,
+        hint: &'static str,
+    },
     /// There is no active key to encrypt with.
     #[error("no active key: create and activate one (keyward seed-key, or Admin/CreateKey with activate)")]
     NoActiveKey,

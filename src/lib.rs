@@ -26,5 +26,6 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keys;
+pub mod rotation;
 pub mod service;
 pub mod store;

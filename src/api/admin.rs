@@ -1,24 +1,35 @@
 //! `keyward.v1.Admin` over the key administration service.
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc};
 
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{
     convert,
     proto::{self, admin_server::Admin},
 };
-use crate::service::admin::{CreateKey, KeyAdmin};
+use crate::service::{
+    admin::{CreateKey, KeyAdmin},
+    rotation::{Rotations, StartRotation},
+};
 
 pub struct AdminApi {
     admin: Arc<KeyAdmin>,
+    rotations: Arc<Rotations>,
 }
 
 impl AdminApi {
-    pub fn new(admin: Arc<KeyAdmin>) -> Self {
-        Self { admin }
+    pub fn new(admin: Arc<KeyAdmin>, rotations: Arc<Rotations>) -> Self {
+        Self { admin, rotations }
+    }
+
+    fn job(&self, job: &crate::rotation::RotationJob) -> proto::RotationJob {
+        convert::rotation_job(job, &self.admin.catalog_snapshot())
     }
 }
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<proto::RotationProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
@@ -105,6 +116,87 @@ impl Admin for AdminApi {
                     error: check.error.clone().unwrap_or_default(),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn start_rotation(
+        &self,
+        request: Request<proto::StartRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let req = request.into_inner();
+        let job = self
+            .rotations
+            .start(StartRotation {
+                target: req.target_key_id,
+                mode: convert::rotation_mode(req.mode),
+                dry_run: req.dry_run,
+                batch_size: req.batch_size,
+                max_rows_per_second: req.max_rows_per_second,
+            })
+            .await?;
+        Ok(Response::new(self.job(&job)))
+    }
+
+    type WatchRotationStream = ProgressStream;
+
+    async fn watch_rotation(
+        &self,
+        request: Request<proto::WatchRotationRequest>,
+    ) -> Result<Response<Self::WatchRotationStream>, Status> {
+        let stream = self.rotations.watch(&request.into_inner().job_id).await?;
+        let admin = Arc::clone(&self.admin);
+        let events = stream.map(move |item| {
+            item.map(|progress| convert::rotation_progress(&progress, &admin.catalog_snapshot()))
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn get_rotation_job(
+        &self,
+        request: Request<proto::GetRotationJobRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let job = self.rotations.get(&request.into_inner().job_id).await?;
+        Ok(Response::new(self.job(&job)))
+    }
+
+    async fn list_rotation_jobs(
+        &self,
+        request: Request<proto::ListRotationJobsRequest>,
+    ) -> Result<Response<proto::ListRotationJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => i64::from(n),
+        };
+        let jobs = self.rotations.list(limit).await?;
+        Ok(Response::new(proto::ListRotationJobsResponse {
+            jobs: jobs.iter().map(|j| self.job(j)).collect(),
+        }))
+    }
+
+    async fn cancel_rotation(
+        &self,
+        request: Request<proto::CancelRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let job = self.rotations.cancel(&request.into_inner().job_id).await?;
+        Ok(Response::new(self.job(&job)))
+    }
+
+    async fn requeue_rotation(
+        &self,
+        request: Request<proto::RequeueRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let job = self.rotations.requeue(&request.into_inner().job_id).await?;
+        Ok(Response::new(self.job(&job)))
+    }
+
+    async fn prune_expired_scoped_tokens(
+        &self,
+        _request: Request<proto::PruneExpiredScopedTokensRequest>,
+    ) -> Result<Response<proto::PruneExpiredScopedTokensResponse>, Status> {
+        let removed = self.rotations.prune_scoped_tokens().await?;
+        Ok(Response::new(proto::PruneExpiredScopedTokensResponse {
+            removed: i64::try_from(removed).unwrap_or(i64::MAX),
         }))
     }
 }

@@ -9,8 +9,12 @@ use super::proto;
 use crate::{
     crypto::{context::EncryptionContext, envelope::Envelope},
     error::Error,
-    keys::{KeyRecord, KeyStatus},
-    service::crypto::{Ciphertext, Sealed},
+    keys::{Catalog, KeyRecord, KeyStatus},
+    rotation::{JobStatus, Mode, RotationJob},
+    service::{
+        crypto::{Ciphertext, Sealed},
+        rotation::Progress,
+    },
 };
 
 pub fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Error> {
@@ -105,5 +109,64 @@ pub fn key(record: &KeyRecord) -> proto::Key {
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
         rotated_at: record.rotated_at.map(timestamp),
+    }
+}
+
+pub fn rotation_mode(mode: i32) -> Option<Mode> {
+    match proto::RotationMode::try_from(mode).unwrap_or(proto::RotationMode::Unspecified) {
+        proto::RotationMode::Unspecified => None,
+        proto::RotationMode::Reencrypt => Some(Mode::Reencrypt),
+        proto::RotationMode::Rewrap => Some(Mode::Rewrap),
+    }
+}
+
+fn rotation_status(status: JobStatus) -> proto::RotationStatus {
+    match status {
+        JobStatus::Pending => proto::RotationStatus::Pending,
+        JobStatus::Running => proto::RotationStatus::Running,
+        JobStatus::Completed => proto::RotationStatus::Completed,
+        JobStatus::CompletedWithErrors => proto::RotationStatus::CompletedWithErrors,
+        JobStatus::Failed => proto::RotationStatus::Failed,
+        JobStatus::Cancelled => proto::RotationStatus::Cancelled,
+    }
+}
+
+pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob {
+    proto::RotationJob {
+        id: job.id.clone(),
+        status: rotation_status(job.status) as i32,
+        target_encryption_key_id: job.target_key_id.clone(),
+        target_key_id: catalog
+            .get(&job.target_key_id)
+            .map(|k| k.key_id.clone())
+            .unwrap_or_default(),
+        mode: match job.mode {
+            Mode::Reencrypt => proto::RotationMode::Reencrypt,
+            Mode::Rewrap => proto::RotationMode::Rewrap,
+        } as i32,
+        dry_run: job.dry_run,
+        batch_size: job.batch_size,
+        max_rows_per_second: job.max_rows_per_second.unwrap_or(0),
+        total_rows: job.counts.total,
+        processed_rows: job.counts.processed,
+        succeeded_rows: job.counts.succeeded,
+        failed_rows: job.counts.failed,
+        skipped_rows: job.counts.skipped,
+        pass: job.pass,
+        last_error: job.last_error.clone().unwrap_or_default(),
+        cancel_requested: job.cancel_requested,
+        created_at: Some(timestamp(job.created_at)),
+        updated_at: Some(timestamp(job.updated_at)),
+        started_at: job.started_at.map(timestamp),
+        completed_at: job.completed_at.map(timestamp),
+    }
+}
+
+pub fn rotation_progress(progress: &Progress, catalog: &Catalog) -> proto::RotationProgress {
+    proto::RotationProgress {
+        job: Some(rotation_job(&progress.job, catalog)),
+        rows_per_second: progress.rows_per_second,
+        eta_seconds: progress.eta_seconds.unwrap_or(-1.0),
+        terminal: progress.job.status.is_terminal(),
     }
 }

@@ -21,12 +21,13 @@ pub fn code_of(err: &Error) -> Code {
         | Error::MalformedEnvelope(_)
         | Error::DecryptionFailed
         | Error::InvalidField { .. } => Code::InvalidArgument,
-        Error::UnknownKey(_) | Error::KeyNotFound(_) => Code::NotFound,
+        Error::UnknownKey(_) | Error::KeyNotFound(_) | Error::JobNotFound(_) => Code::NotFound,
         Error::KeyExists(_) => Code::AlreadyExists,
         Error::LegacyUnavailable
         | Error::NoActiveKey
         | Error::KeyStatusConflict { .. }
         | Error::KeyInUse { .. }
+        | Error::JobStatusConflict { .. }
         | Error::ProviderUnavailable(_)
         | Error::KeyUnusable { .. } => Code::FailedPrecondition,
         Error::Kms(kms) => match kms {

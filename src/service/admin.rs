@@ -100,6 +100,11 @@ impl KeyAdmin {
         }
     }
 
+    /// The key catalog as this process has it now.
+    pub fn catalog_snapshot(&self) -> Arc<Catalog> {
+        self.catalog.snapshot()
+    }
+
     /// Follows readiness changes (health reporting subscribes here).
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
         self.readiness.subscribe()

@@ -96,6 +96,11 @@ impl CryptoService {
         }
     }
 
+    /// The key catalog this service encrypts from.
+    pub fn catalog(&self) -> &KeyCatalog {
+        &self.catalog
+    }
+
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -189,6 +194,52 @@ impl CryptoService {
         Ok(Opened {
             plaintext,
             key: Some(Arc::clone(key)),
+        })
+    }
+
+    /// Moves an envelope's data key under `target` without touching the
+    /// payload (REWRAP rotation). The payload is opened first, so a corrupt
+    /// row fails here instead of being carried over.
+    pub async fn rewrap(
+        &self,
+        envelope: Envelope,
+        context: &EncryptionContext,
+        target: &Arc<KeyRecord>,
+    ) -> Result<Envelope> {
+        check_payload_shape(&envelope)?;
+        let catalog = self.catalog.snapshot();
+        let source = catalog
+            .get(&envelope.encryption_key_id)
+            .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))?;
+        let data_key = self
+            .provider(source)?
+            .decrypt_data_key(
+                source.kek(),
+                &envelope.data_key_ciphertext,
+                &envelope.data_key_iv,
+                context,
+            )
+            .await
+            .map_err(|err| match err {
+                KmsError::UnwrapFailed => Error::DecryptionFailed,
+                other => Error::Kms(other),
+            })?;
+        open_payload(
+            &data_key,
+            context,
+            &envelope.payload_iv,
+            &envelope.payload_ciphertext,
+        )
+        .map_err(|_| Error::DecryptionFailed)?;
+        let wrapped = self
+            .provider(target)?
+            .wrap_data_key(target.kek(), &data_key, context)
+            .await?;
+        Ok(Envelope {
+            encryption_key_id: target.id.clone(),
+            data_key_ciphertext: wrapped.ciphertext,
+            data_key_iv: wrapped.iv,
+            ..envelope
         })
     }
 

@@ -9,6 +9,7 @@
 
 mod connections;
 mod keys;
+pub mod rotation;
 
 use std::{str::FromStr, time::Duration};
 

@@ -9,6 +9,7 @@ use keyward::{
     },
     app::Application,
     config::{MasterSecrets, Settings},
+    rotation::worker::WorkerOptions,
     service::{admin::CreateKey, crypto::Limits},
 };
 use sqlx::{PgPool, SqlitePool};
@@ -110,6 +111,8 @@ pub struct Options {
     /// Seed and activate key `primary`.
     pub seed: bool,
     pub limits: Limits,
+    /// The in-process rotation worker (`None`: like `serve --no-worker`).
+    pub worker: Option<WorkerOptions>,
 }
 
 impl Default for Options {
@@ -118,6 +121,10 @@ impl Default for Options {
             master: Some(master(MASTER, &[])),
             seed: true,
             limits: Limits::default(),
+            worker: Some(WorkerOptions {
+                lease: std::time::Duration::from_secs(30),
+                idle_poll: std::time::Duration::from_millis(50),
+            }),
         }
     }
 }
@@ -153,6 +160,7 @@ async fn start(
 ) -> TestApp {
     let mut settings = Settings::for_database(database_url.clone(), options.master);
     settings.limits = options.limits;
+    settings.worker = options.worker;
     let app = Application::build(settings).await.unwrap();
     if options.seed {
         app.services()
@@ -272,6 +280,123 @@ impl TestApp {
         const SQL: &str =
             "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
              data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)";
+        macro_rules! run {
+            ($pool:expr) => {{
+                let pool = $pool;
+                sqlx::query(SQL)
+                    .bind(id)
+                    .bind(&envelope.encryption_key_id)
+                    .bind(envelope.data_key_ciphertext.to_vec())
+                    .bind(envelope.data_key_iv.to_vec())
+                    .bind(envelope.payload_ciphertext.to_vec())
+                    .bind(envelope.payload_iv.to_vec())
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }};
+        }
+        match self.backend {
+            Backend::Sqlite => run!(SqlitePool::connect(&self.database_url).await.unwrap()),
+            Backend::Postgres => run!(PgPool::connect(&self.database_url).await.unwrap()),
+        }
+    }
+}
+
+/// A `connections` row as the tests read it back.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ConnectionRow {
+    pub id: String,
+    pub encryption_key_id: Option<String>,
+    pub data_key_ciphertext: Option<Vec<u8>>,
+    pub data_key_iv: Option<Vec<u8>>,
+    pub payload_ciphertext: Option<Vec<u8>>,
+    pub payload_iv: Option<Vec<u8>>,
+    pub encrypted_credentials: Option<Vec<u8>>,
+    pub credentials_iv: Option<Vec<u8>>,
+    pub last_error: Option<String>,
+}
+
+impl ConnectionRow {
+    pub fn envelope(&self) -> keyward::api::proto::Envelope {
+        keyward::api::proto::Envelope {
+            encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
+            data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default().into(),
+            data_key_iv: self.data_key_iv.clone().unwrap_or_default().into(),
+            payload_ciphertext: self.payload_ciphertext.clone().unwrap_or_default().into(),
+            payload_iv: self.payload_iv.clone().unwrap_or_default().into(),
+        }
+    }
+}
+
+impl TestApp {
+    /// Every `connections` row, ordered by id.
+    pub async fn connections(&self) -> Vec<ConnectionRow> {
+        const SQL: &str = "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
+             payload_iv, encrypted_credentials, credentials_iv, last_error FROM connections ORDER BY id";
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
+                let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
+                pool.close().await;
+                rows
+            }
+            Backend::Postgres => {
+                let pool = PgPool::connect(&self.database_url).await.unwrap();
+                let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
+                pool.close().await;
+                rows
+            }
+        }
+    }
+
+    /// Inserts a legacy row (pre-keyward format); with `mirror`, also the
+    /// payload mirror that the migration backfills.
+    pub async fn insert_legacy_connection(
+        &self,
+        id: &str,
+        ciphertext: &[u8],
+        iv: &[u8],
+        mirror: bool,
+    ) {
+        let sql = if mirror {
+            "INSERT INTO connections (id, encrypted_credentials, credentials_iv, payload_ciphertext, payload_iv) \
+             VALUES ($1, $2, $3, $2, $3)"
+        } else {
+            "INSERT INTO connections (id, encrypted_credentials, credentials_iv) VALUES ($1, $2, $3)"
+        };
+        match self.backend {
+            Backend::Sqlite => {
+                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(ciphertext)
+                    .bind(iv)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            Backend::Postgres => {
+                let pool = PgPool::connect(&self.database_url).await.unwrap();
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(ciphertext)
+                    .bind(iv)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+        }
+    }
+
+    /// Replaces a row's envelope columns, as an application rewriting a
+    /// credential would.
+    pub async fn update_connection(&self, id: &str, envelope: &keyward::api::proto::Envelope) {
+        const SQL: &str =
+            "UPDATE connections SET encryption_key_id = $2, data_key_ciphertext = $3, \
+             data_key_iv = $4, payload_ciphertext = $5, payload_iv = $6 WHERE id = $1";
         macro_rules! run {
             ($pool:expr) => {{
                 let pool = $pool;

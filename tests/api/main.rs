@@ -10,3 +10,4 @@ mod cli;
 mod crypto;
 mod helpers;
 mod postgres;
+mod rotation;

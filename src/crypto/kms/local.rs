@@ -113,19 +113,26 @@ impl KmsProvider for LocalKms {
         kek: KekRef<'_>,
         context: &EncryptionContext,
     ) -> Result<GeneratedKey, KmsError> {
+        let plaintext = SecretKey::generate();
+        let wrapped = self.wrap_data_key(kek, &plaintext, context).await?;
+        Ok(GeneratedKey { plaintext, wrapped })
+    }
+
+    async fn wrap_data_key(
+        &self,
+        kek: KekRef<'_>,
+        data_key: &SecretKey,
+        context: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError> {
         check_ref(kek)?;
         let keks = self.keks_for(kek.kms_key_arn);
         let current = keks.first().ok_or(KmsError::Unavailable {
             reason: "the local KMS has no master secret".into(),
         })?;
-        let plaintext = SecretKey::generate();
-        let (iv, ciphertext) = current.seal(plaintext.expose(), &wrap_aad(kek, context));
-        Ok(GeneratedKey {
-            plaintext,
-            wrapped: WrappedKey {
-                ciphertext,
-                iv: iv.to_vec(),
-            },
+        let (iv, ciphertext) = current.seal(data_key.expose(), &wrap_aad(kek, context));
+        Ok(WrappedKey {
+            ciphertext,
+            iv: iv.to_vec(),
         })
     }
 

@@ -125,6 +125,15 @@ pub trait KmsProvider: Send + Sync {
         context: &EncryptionContext,
     ) -> Result<GeneratedKey, KmsError>;
 
+    /// Wraps an existing data key under `kek`, bound to `context` (REWRAP
+    /// rotation moves a data key to a new KEK this way).
+    async fn wrap_data_key(
+        &self,
+        kek: KekRef<'_>,
+        data_key: &SecretKey,
+        context: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError>;
+
     /// Unwraps a data key made by [`Self::generate_data_key`] under the same
     /// KEK and context.
     async fn decrypt_data_key(

@@ -1,0 +1,233 @@
+//! The rotation worker: claims batches, moves each row to the target key,
+//! writes back with compare-and-swap. [`Worker::try_execute_task`] is one
+//! step, public so tests can drive a worker deterministically;
+//! [`Worker::run`] loops it until told to stop.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{JobStatus, Mode, RotationJob, CONNECTION_CONTEXT_KEY};
+use crate::{
+    crypto::context::EncryptionContext,
+    error::{Error, Result},
+    keys::{KeyRecord, KeyStatus},
+    service::{
+        admin::KeyAdmin,
+        crypto::{Ciphertext, CryptoService},
+    },
+    store::{
+        rotation::{Claim, ClaimOutcome, RotationRow, RowOutcome},
+        Store,
+    },
+};
+
+/// What one step did.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing to do.
+    Idle,
+    /// Other workers hold the last batches of a pass.
+    Waiting,
+    /// A batch was processed.
+    Batch { job_id: String, rows: usize },
+    /// A job started a new pass or ended.
+    Advanced(RotationJob),
+}
+
+/// Worker tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// How long a claimed batch stays ours without being finished.
+    pub lease: Duration,
+    /// Sleep between polls of an empty queue.
+    pub idle_poll: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            idle_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Worker {
+    id: String,
+    store: Store,
+    crypto: Arc<CryptoService>,
+    admin: Arc<KeyAdmin>,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        crypto: Arc<CryptoService>,
+        admin: Arc<KeyAdmin>,
+        options: WorkerOptions,
+    ) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        Self {
+            id: format!(
+                "{host}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            store,
+            crypto,
+            admin,
+            options,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs steps until `stop` is cancelled. A batch in progress is
+    /// finished (and its lease released) before the loop exits.
+    pub async fn run(&self, stop: CancellationToken) {
+        tracing::info!(worker = %self.id, "rotation worker started");
+        while !stop.is_cancelled() {
+            let pause = match self.try_execute_task().await {
+                Ok(Step::Idle) => self.options.idle_poll,
+                Ok(Step::Waiting) => Duration::from_millis(100),
+                Ok(Step::Batch { .. }) => Duration::ZERO,
+                Ok(Step::Advanced(job)) => {
+                    if job.status.is_terminal() {
+                        tracing::info!(job = %job.id, status = %job.status, processed = job.counts.processed,
+                            failed = job.counts.failed, "rotation job finished");
+                    } else {
+                        tracing::info!(job = %job.id, pass = job.pass, "rotation job starts another pass");
+                    }
+                    Duration::ZERO
+                }
+                Err(err) => {
+                    tracing::warn!(worker = %self.id, error = %err, "rotation step failed; retrying");
+                    Duration::from_secs(1)
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
+        tracing::info!(worker = %self.id, "rotation worker stopped");
+    }
+
+    /// One step: claim a batch (or advance a job), process it, write it.
+    pub async fn try_execute_task(&self) -> Result<Step> {
+        let lease =
+            chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
+        let claim = match self.store.claim_batch(&self.id, lease).await? {
+            ClaimOutcome::Idle => return Ok(Step::Idle),
+            ClaimOutcome::Waiting => return Ok(Step::Waiting),
+            ClaimOutcome::Advanced(job) => return Ok(Step::Advanced(job)),
+            ClaimOutcome::Batch(claim) => claim,
+        };
+        let target = match self.target_key(&claim.job).await {
+            Ok(target) => target,
+            Err(err) => {
+                let message = err.to_string();
+                tracing::error!(job = %claim.job.id, error = %message, "rotation job failed");
+                self.store.fail_job(&claim.job.id, &message).await?;
+                let mut job = claim.job;
+                job.status = JobStatus::Failed;
+                job.last_error = Some(message);
+                return Ok(Step::Advanced(job));
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let outcomes = self.process(&claim, &target).await;
+        self.store
+            .finish_batch(&claim, &target.id, &outcomes)
+            .await?;
+        if let Some(rate) = claim.job.max_rows_per_second.filter(|r| *r > 0) {
+            let budget = Duration::from_secs_f64(outcomes.len() as f64 / rate as f64);
+            tokio::time::sleep_until(started + budget).await;
+        }
+        Ok(Step::Batch {
+            job_id: claim.job.id.clone(),
+            rows: outcomes.len(),
+        })
+    }
+
+    async fn process(&self, claim: &Claim, target: &Arc<KeyRecord>) -> Vec<RowOutcome> {
+        let mut outcomes = Vec::with_capacity(claim.rows.len());
+        for row in &claim.rows {
+            let outcome = match self.rotate_row(&claim.job, target, row).await {
+                Ok(outcome) => outcome,
+                Err(err) => RowOutcome::Failed(err.to_string()),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    async fn rotate_row(
+        &self,
+        job: &RotationJob,
+        target: &Arc<KeyRecord>,
+        row: &RotationRow,
+    ) -> Result<RowOutcome> {
+        let envelope = row.envelope();
+        let legacy = envelope.encryption_key_id.is_empty();
+        let context = connection_context(&row.id)?;
+        if job.mode == Mode::Rewrap && !legacy && !job.dry_run {
+            return Ok(RowOutcome::Rewritten(
+                self.crypto.rewrap(envelope, &context, target).await?,
+            ));
+        }
+        let opened = self
+            .crypto
+            .decrypt(Ciphertext::Envelope(envelope), &context)
+            .await?;
+        if job.dry_run {
+            return Ok(RowOutcome::Verified);
+        }
+        let sealed = self
+            .crypto
+            .encrypt_with(target, opened.plaintext.as_bytes(), &context)
+            .await?;
+        Ok(RowOutcome::Rewritten(sealed.envelope))
+    }
+
+    /// The job's target key, refreshing the catalog once if this process
+    /// has not seen it yet. A missing or retired target fails the job.
+    async fn target_key(&self, job: &RotationJob) -> Result<Arc<KeyRecord>> {
+        let find = || {
+            self.crypto
+                .catalog()
+                .snapshot()
+                .get(&job.target_key_id)
+                .cloned()
+        };
+        let key = match find() {
+            Some(key) => key,
+            None => {
+                self.admin.refresh().await?;
+                find().ok_or_else(|| Error::UnknownKey(job.target_key_id.clone()))?
+            }
+        };
+        if key.status == KeyStatus::Retired {
+            return Err(Error::KeyStatusConflict {
+                key_id: key.key_id.clone(),
+                status: key.status,
+                hint: "a retired key cannot be a rotation target; start a job for the active key",
+            });
+        }
+        Ok(key)
+    }
+}
+
+/// `{"connection_id": "<connections.id>"}`.
+pub fn connection_context(id: &str) -> Result<EncryptionContext> {
+    Ok(EncryptionContext::from_pairs([(
+        CONNECTION_CONTEXT_KEY,
+        id,
+    )])?)
+}

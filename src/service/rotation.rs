@@ -1,0 +1,258 @@
+//! Rotation jobs as operators see them (runbook §1.4–§1.6): start, watch,
+//! inspect, cancel, requeue; and scoped-token pruning.
+//!
+//! Progress lives in the database, so any replica can serve WatchRotation
+//! for a job that any worker runs: the watcher polls the job row and emits
+//! an event when it changed, or at least once a second.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use futures::Stream;
+
+use crate::{
+    error::{Error, Result},
+    keys::{KeyCatalog, KeyStatus},
+    rotation::{Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE},
+    service::admin::KeyAdmin,
+    store::Store,
+};
+
+/// Options of StartRotation.
+#[derive(Debug, Clone, Default)]
+pub struct StartRotation {
+    /// `key_id` or `id` of the target key; empty: the active key.
+    pub target: String,
+    pub mode: Option<Mode>,
+    pub dry_run: bool,
+    /// 0: the default (500).
+    pub batch_size: i64,
+    /// 0: unthrottled.
+    pub max_rows_per_second: i64,
+}
+
+/// One WatchRotation event.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub job: RotationJob,
+    /// Rows per second since the job started.
+    pub rows_per_second: f64,
+    /// Seconds left at that rate; `None` when unknown.
+    pub eta_seconds: Option<f64>,
+}
+
+impl Progress {
+    fn of(job: RotationJob) -> Self {
+        let elapsed = job
+            .started_at
+            .map(|s| {
+                (job.completed_at.unwrap_or_else(Utc::now) - s).num_milliseconds() as f64 / 1000.0
+            })
+            .unwrap_or(0.0);
+        let rows_per_second = if elapsed > 0.0 {
+            job.counts.processed as f64 / elapsed
+        } else {
+            0.0
+        };
+        let remaining = (job.counts.total - job.counts.processed).max(0) as f64;
+        let eta_seconds = if job.status.is_terminal() {
+            Some(0.0)
+        } else if rows_per_second > 0.0 {
+            Some(remaining / rows_per_second)
+        } else {
+            None
+        };
+        Self {
+            job,
+            rows_per_second,
+            eta_seconds,
+        }
+    }
+}
+
+pub struct Rotations {
+    store: Store,
+    catalog: Arc<KeyCatalog>,
+    admin: Arc<KeyAdmin>,
+}
+
+impl Rotations {
+    pub fn new(store: Store, catalog: Arc<KeyCatalog>, admin: Arc<KeyAdmin>) -> Self {
+        Self {
+            store,
+            catalog,
+            admin,
+        }
+    }
+
+    /// Queues a job (runbook §1.4). The target must be the active key or a
+    /// pending one; the job then moves every row not on it.
+    pub async fn start(&self, req: StartRotation) -> Result<RotationJob> {
+        self.admin.refresh().await?;
+        let catalog = self.catalog.snapshot();
+        let target = if req.target.trim().is_empty() {
+            catalog.active().cloned().ok_or(Error::NoActiveKey)?
+        } else {
+            let ident = req.target.trim();
+            catalog
+                .keys()
+                .iter()
+                .find(|k| k.key_id == ident)
+                .or_else(|| catalog.get(ident))
+                .cloned()
+                .ok_or_else(|| Error::KeyNotFound(ident.to_owned()))?
+        };
+        if matches!(target.status, KeyStatus::Retired | KeyStatus::Rotating) {
+            return Err(Error::KeyStatusConflict {
+                key_id: target.key_id.clone(),
+                status: target.status,
+                hint: "rotate to the active key (or a pending one)",
+            });
+        }
+        let batch_size = match req.batch_size {
+            0 => DEFAULT_BATCH_SIZE,
+            n if (1..=MAX_BATCH_SIZE).contains(&n) => n,
+            _ => {
+                return Err(Error::InvalidField {
+                    field: "batch_size",
+                    reason: format!("must be between 1 and {MAX_BATCH_SIZE}"),
+                })
+            }
+        };
+        if req.max_rows_per_second < 0 {
+            return Err(Error::InvalidField {
+                field: "max_rows_per_second",
+                reason: "must not be negative".into(),
+            });
+        }
+        let job = self
+            .store
+            .insert_job(&NewJob {
+                target_key_id: target.id.clone(),
+                mode: req.mode.unwrap_or(Mode::Reencrypt),
+                dry_run: req.dry_run,
+                batch_size,
+                max_rows_per_second: Some(req.max_rows_per_second).filter(|r| *r > 0),
+            })
+            .await?;
+        tracing::info!(job = %job.id, target = %target.key_id, mode = job.mode.as_str(), dry_run = job.dry_run, "rotation job queued");
+        Ok(job)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<RotationJob> {
+        self.store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| Error::JobNotFound(id.to_owned()))
+    }
+
+    pub async fn list(&self, limit: i64) -> Result<Vec<RotationJob>> {
+        Ok(self.store.list_jobs(limit.clamp(1, 1000)).await?)
+    }
+
+    /// Cancels a job; a running one stops between batches.
+    pub async fn cancel(&self, id: &str) -> Result<RotationJob> {
+        let job = self
+            .store
+            .cancel_job(id)
+            .await?
+            .ok_or_else(|| Error::JobNotFound(id.to_owned()))?;
+        tracing::info!(job = %job.id, status = %job.status, "rotation job cancel requested");
+        Ok(job)
+    }
+
+    /// Requeues a failed or cancelled job.
+    pub async fn requeue(&self, id: &str) -> Result<RotationJob> {
+        match self.store.requeue_job(id).await? {
+            Some(job) => {
+                tracing::info!(job = %job.id, "rotation job requeued");
+                Ok(job)
+            }
+            None => {
+                let job = self.get(id).await?;
+                Err(Error::JobStatusConflict {
+                    job_id: job.id,
+                    status: job.status,
+                    hint: "only failed or cancelled jobs can be requeued",
+                })
+            }
+        }
+    }
+
+    /// Progress events: the current state at once, then on every change or
+    /// at least every second; ends after the terminal event.
+    pub async fn watch(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<Progress>> + Send + 'static> {
+        let first = self.get(id).await?;
+        let store = self.store.clone();
+        let id = id.to_owned();
+        Ok(progress_stream(store, id, first))
+    }
+
+    /// Removes expired or used `connection_scoped_tokens`.
+    pub async fn prune_scoped_tokens(&self) -> Result<u64> {
+        let removed = self.store.prune_scoped_tokens().await?;
+        tracing::info!(removed, "expired or used scoped tokens pruned");
+        Ok(removed)
+    }
+}
+
+/// Polls the job row every 200 ms; yields when it changed or a second passed.
+fn progress_stream(
+    store: Store,
+    id: String,
+    first: RotationJob,
+) -> impl Stream<Item = Result<Progress>> + Send + 'static {
+    const POLL: Duration = Duration::from_millis(200);
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+    struct State {
+        store: Store,
+        id: String,
+        last: Option<RotationJob>,
+        pending_first: Option<RotationJob>,
+        last_sent: tokio::time::Instant,
+        done: bool,
+    }
+    let state = State {
+        store,
+        id,
+        last: None,
+        pending_first: Some(first),
+        last_sent: tokio::time::Instant::now(),
+        done: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if let Some(job) = st.pending_first.take() {
+            st.done = job.status.is_terminal();
+            st.last = Some(job.clone());
+            st.last_sent = tokio::time::Instant::now();
+            return Some((Ok(Progress::of(job)), st));
+        }
+        loop {
+            tokio::time::sleep(POLL).await;
+            let job = match st.store.get_job(&st.id).await {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    st.done = true;
+                    return Some((Err(Error::JobNotFound(st.id.clone())), st));
+                }
+                Err(err) => {
+                    st.done = true;
+                    return Some((Err(err.into()), st));
+                }
+            };
+            let changed = st.last.as_ref() != Some(&job);
+            if changed || st.last_sent.elapsed() >= HEARTBEAT {
+                st.done = job.status.is_terminal();
+                st.last = Some(job.clone());
+                st.last_sent = tokio::time::Instant::now();
+                return Some((Ok(Progress::of(job)), st));
+            }
+        }
+    })
+}

@@ -1,0 +1,650 @@
+//! `encryption_rotation_jobs`, `encryption_rotation_claims` and the
+//! `connections` reads and writes a rotation makes.
+//!
+//! A worker's step is: [`Store::claim_batch`] (short transaction: pick the
+//! oldest live job, advance its keyset cursor by one batch, record a lease),
+//! then the crypto outside any transaction, then [`Store::finish_batch`]
+//! (short transaction: compare-and-swap writes, per-row failures, counters,
+//! release the lease). When a pass reaches the end of the table and no live
+//! lease remains, the job either starts another pass over the rows still
+//! off the target key or finishes.
+
+use chrono::{DateTime, Duration, Utc};
+
+use super::{Pool, Store, StoreError};
+use crate::{
+    crypto::envelope::Envelope,
+    rotation::{Counts, JobStatus, Mode, NewJob, RotationJob},
+};
+
+const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
+     total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
+     cancel_requested, created_at, updated_at, started_at, completed_at";
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: String,
+    status: String,
+    target_key_id: String,
+    mode: String,
+    dry_run: bool,
+    batch_size: i64,
+    max_rows_per_second: Option<i64>,
+    total_rows: i64,
+    processed_rows: i64,
+    succeeded_rows: i64,
+    failed_rows: i64,
+    skipped_rows: i64,
+    pass: i64,
+    last_error: Option<String>,
+    cursor: Option<String>,
+    cancel_requested: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<JobRow> for RotationJob {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, StoreError> {
+        Ok(RotationJob {
+            status: JobStatus::parse(&row.status).ok_or_else(|| {
+                StoreError::Corrupt(format!("job {} has status {:?}", row.id, row.status))
+            })?,
+            mode: Mode::parse(&row.mode).ok_or_else(|| {
+                StoreError::Corrupt(format!("job {} has mode {:?}", row.id, row.mode))
+            })?,
+            id: row.id,
+            target_key_id: row.target_key_id,
+            dry_run: row.dry_run,
+            batch_size: row.batch_size,
+            max_rows_per_second: row.max_rows_per_second,
+            counts: Counts {
+                total: row.total_rows,
+                processed: row.processed_rows,
+                succeeded: row.succeeded_rows,
+                failed: row.failed_rows,
+                skipped: row.skipped_rows,
+            },
+            pass: row.pass,
+            last_error: row.last_error,
+            cancel_requested: row.cancel_requested,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            started_at: row.started_at,
+            completed_at: row.completed_at,
+        })
+    }
+}
+
+/// A `connections` row as the rotation reads it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RotationRow {
+    pub id: String,
+    pub encryption_key_id: Option<String>,
+    pub data_key_ciphertext: Option<Vec<u8>>,
+    pub data_key_iv: Option<Vec<u8>>,
+    pub payload_ciphertext: Option<Vec<u8>>,
+    pub payload_iv: Option<Vec<u8>>,
+    pub encrypted_credentials: Option<Vec<u8>>,
+    pub credentials_iv: Option<Vec<u8>>,
+}
+
+impl RotationRow {
+    /// The row's ciphertext as an envelope: legacy rows (no key id) read the
+    /// payload mirror, or the legacy columns when the mirror is empty.
+    pub fn envelope(&self) -> Envelope {
+        let legacy = self.encryption_key_id.is_none();
+        let pick = |primary: &Option<Vec<u8>>, fallback: &Option<Vec<u8>>| {
+            primary
+                .clone()
+                .or_else(|| if legacy { fallback.clone() } else { None })
+                .unwrap_or_default()
+        };
+        Envelope {
+            encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
+            data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default(),
+            data_key_iv: self.data_key_iv.clone().unwrap_or_default(),
+            payload_ciphertext: pick(&self.payload_ciphertext, &self.encrypted_credentials),
+            payload_iv: pick(&self.payload_iv, &self.credentials_iv),
+        }
+    }
+}
+
+/// A batch a worker holds under lease.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub id: String,
+    pub job: RotationJob,
+    pub rows: Vec<RotationRow>,
+}
+
+/// What one claim attempt found.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    /// No pending or running job.
+    Idle,
+    /// A batch to process.
+    Batch(Claim),
+    /// The job moved on without a batch (a new pass began, or it finished).
+    Advanced(RotationJob),
+    /// The pass is at its end but other workers still hold batches.
+    Waiting,
+}
+
+/// What became of one row of a batch.
+#[derive(Debug, Clone)]
+pub enum RowOutcome {
+    /// Rotated: write this envelope if the row is unchanged.
+    Rewritten(Envelope),
+    /// Dry run: decrypted and verified, nothing to write.
+    Verified,
+    /// Could not be rotated; the message goes to `connections.last_error`.
+    Failed(String),
+}
+
+/// Counters a finished batch adds to its job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub succeeded: i64,
+    pub failed: i64,
+    pub skipped: i64,
+}
+
+/// Rows not on `$1` and not already failed by job `$2`.
+const OFF_TARGET: &str = "(encryption_key_id IS NULL OR encryption_key_id <> $1) \
+     AND (last_error_job_id IS NULL OR last_error_job_id <> $2)";
+
+impl Store {
+    pub async fn insert_job(&self, new: &NewJob) -> Result<RotationJob, StoreError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = Utc::now();
+        let sql = format!(
+            "INSERT INTO encryption_rotation_jobs (id, status, target_key_id, mode, dry_run, batch_size, \
+             max_rows_per_second, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7) \
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row: JobRow = super::on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(&id)
+            .bind(&new.target_key_id)
+            .bind(new.mode.as_str())
+            .bind(new.dry_run)
+            .bind(new.batch_size)
+            .bind(new.max_rows_per_second)
+            .bind(now)
+            .fetch_one(pool)
+            .await)?;
+        row.try_into()
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE id = $1");
+        let row: Option<JobRow> = super::on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(RotationJob::try_from).transpose()
+    }
+
+    /// The newest jobs first.
+    pub async fn list_jobs(&self, limit: i64) -> Result<Vec<RotationJob>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs ORDER BY created_at DESC, id LIMIT $1"
+        );
+        let rows: Vec<JobRow> = super::on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(RotationJob::try_from).collect()
+    }
+
+    /// Cancels a job: a pending one at once, a running one between batches.
+    /// Returns the job as it now stands; `None` if there is no such job.
+    pub async fn cancel_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
+        let now = Utc::now();
+        super::on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE encryption_rotation_jobs SET status = 'cancelled', completed_at = $2, updated_at = $2 \
+                 WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            sqlx::query(
+                "UPDATE encryption_rotation_jobs SET cancel_requested = TRUE, updated_at = $2 \
+                 WHERE id = $1 AND status = 'running'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        self.get_job(id).await
+    }
+
+    /// Puts a failed or cancelled job back in the queue from the start
+    /// (rows already rotated are not off target any more, so nothing is
+    /// redone). `None` if the job is in another state or does not exist.
+    pub async fn requeue_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
+        let now = Utc::now();
+        let done = super::on_pool!(self, |pool| {
+            sqlx::query(
+            "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, pass = 0, \
+             cancel_requested = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
+             processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, updated_at = $2 \
+             WHERE id = $1 AND status IN ('failed', 'cancelled')"
+        )
+        .bind(id)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
+        if done == 0 {
+            return Ok(None);
+        }
+        super::on_pool!(self, |pool| sqlx::query(
+            "DELETE FROM encryption_rotation_claims WHERE job_id = $1"
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        // A requeued job may retry the rows it failed before.
+        super::on_pool!(self, |pool| sqlx::query(
+            "UPDATE connections SET last_error_job_id = NULL WHERE last_error_job_id = $1"
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        self.get_job(id).await
+    }
+
+    /// Marks a job failed outright (its target key cannot be used).
+    pub async fn fail_job(&self, id: &str, error: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        super::on_pool!(self, |pool| {
+            sqlx::query(
+            "UPDATE encryption_rotation_jobs SET status = 'failed', last_error = $2, completed_at = $3, \
+             updated_at = $3 WHERE id = $1 AND status IN ('pending', 'running')"
+        )
+        .bind(id)
+        .bind(error)
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|_| ())
+        })?;
+        Ok(())
+    }
+
+    /// Claims the next batch of the oldest live job for `worker_id`.
+    pub async fn claim_batch(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        macro_rules! claim {
+            ($tx:ident, $pick_job:expr) => {{
+                let now = Utc::now();
+                let row: Option<JobRow> = sqlx::query_as(&$pick_job).fetch_optional(&mut *$tx).await?;
+                let Some(row) = row else {
+                    $tx.commit().await?;
+                    return Ok(ClaimOutcome::Idle);
+                };
+                let cursor = row.cursor.clone();
+                let mut job = RotationJob::try_from(row)?;
+                let live: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM encryption_rotation_claims WHERE job_id = $1 AND lease_expires_at > $2",
+                )
+                .bind(&job.id)
+                .bind(now)
+                .fetch_one(&mut *$tx)
+                .await?;
+
+                if job.cancel_requested {
+                    if live > 0 {
+                        $tx.commit().await?;
+                        return Ok(ClaimOutcome::Waiting);
+                    }
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET status = 'cancelled', completed_at = $2, \
+                         updated_at = $2, lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    sqlx::query("DELETE FROM encryption_rotation_claims WHERE job_id = $1")
+                        .bind(&job.id)
+                        .execute(&mut *$tx)
+                        .await?;
+                    $tx.commit().await?;
+                    job.status = JobStatus::Cancelled;
+                    return Ok(ClaimOutcome::Advanced(job));
+                }
+
+                if job.status == JobStatus::Pending {
+                    let total: i64 = sqlx::query_scalar(&format!(
+                        "SELECT COUNT(*) FROM connections WHERE {OFF_TARGET}"
+                    ))
+                    .bind(&job.target_key_id)
+                    .bind(&job.id)
+                    .fetch_one(&mut *$tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET status = 'running', started_at = $2, pass = 1, \
+                         total_rows = $3, updated_at = $2 WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(now)
+                    .bind(total)
+                    .execute(&mut *$tx)
+                    .await?;
+                    job.status = JobStatus::Running;
+                    job.pass = 1;
+                    job.counts.total = total;
+                    job.started_at = Some(now);
+                }
+
+                let rows: Vec<RotationRow> = sqlx::query_as(&format!(
+                    "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
+                     payload_iv, encrypted_credentials, credentials_iv FROM connections \
+                     WHERE {OFF_TARGET} AND id > $3 ORDER BY id LIMIT $4"
+                ))
+                .bind(&job.target_key_id)
+                .bind(&job.id)
+                .bind(cursor.unwrap_or_default())
+                .bind(job.batch_size)
+                .fetch_all(&mut *$tx)
+                .await?;
+
+                if let Some(last) = rows.last() {
+                    let claim_id = uuid::Uuid::new_v4().to_string();
+                    let expires = now + lease;
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET cursor = $2, lease_owner = $3, \
+                         lease_expires_at = $4, updated_at = $5 WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(&last.id)
+                    .bind(worker_id)
+                    .bind(expires)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO encryption_rotation_claims (id, job_id, worker_id, first_row_id, \
+                         last_row_id, lease_expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(&claim_id)
+                    .bind(&job.id)
+                    .bind(worker_id)
+                    .bind(rows.first().map(|r| r.id.as_str()).unwrap_or_default())
+                    .bind(&last.id)
+                    .bind(expires)
+                    .execute(&mut *$tx)
+                    .await?;
+                    $tx.commit().await?;
+                    return Ok(ClaimOutcome::Batch(Claim { id: claim_id, job, rows }));
+                }
+
+                // End of a pass. Wait for batches other workers still hold;
+                // batches of workers whose lease expired are dropped and
+                // their rows are picked up by the next pass.
+                if live > 0 {
+                    $tx.commit().await?;
+                    return Ok(ClaimOutcome::Waiting);
+                }
+                sqlx::query("DELETE FROM encryption_rotation_claims WHERE job_id = $1")
+                    .bind(&job.id)
+                    .execute(&mut *$tx)
+                    .await?;
+                let remaining: i64 = sqlx::query_scalar(&format!(
+                    "SELECT COUNT(*) FROM connections WHERE {OFF_TARGET}"
+                ))
+                .bind(&job.target_key_id)
+                .bind(&job.id)
+                .fetch_one(&mut *$tx)
+                .await?;
+                if remaining == 0 || job.dry_run {
+                    let status = if job.counts.failed > 0 {
+                        JobStatus::CompletedWithErrors
+                    } else {
+                        JobStatus::Completed
+                    };
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
+                         lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(status.as_str())
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    job.status = status;
+                    job.completed_at = Some(now);
+                } else {
+                    // Late rows (written under an older key during the job,
+                    // or dropped by a dead worker): another pass.
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, \
+                         total_rows = processed_rows + $2, updated_at = $3 WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(remaining)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?;
+                    job.pass += 1;
+                    job.counts.total = job.counts.processed + remaining;
+                }
+                $tx.commit().await?;
+                Ok(ClaimOutcome::Advanced(job))
+            }};
+        }
+        let pick = format!(
+            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status IN ('pending', 'running') \
+             ORDER BY created_at, id LIMIT 1"
+        );
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                // IMMEDIATE takes the write lock up front, so two claimers
+                // never read the same cursor.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                claim!(tx, pick)
+            }
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // The job row is locked only for this short transaction:
+                // workers sharing a job take turns at its cursor, each
+                // then processing its own batch in parallel.
+                claim!(tx, format!("{pick} FOR UPDATE"))
+            }
+        }
+    }
+
+    /// Writes a processed batch: compare-and-swap updates for rotated rows
+    /// (a row the application rewrote meanwhile is skipped, never
+    /// overwritten), `last_error` for failed rows, the job's counters, and
+    /// the release of the lease. One transaction.
+    pub async fn finish_batch(
+        &self,
+        claim: &Claim,
+        target_key_id: &str,
+        outcomes: &[RowOutcome],
+    ) -> Result<BatchCounts, StoreError> {
+        let now = Utc::now();
+        let mut counts = BatchCounts::default();
+        let mut last_error: Option<String> = None;
+        let rewritten: Vec<(&RotationRow, &Envelope)> = claim
+            .rows
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(row, outcome)| match outcome {
+                RowOutcome::Rewritten(env) => Some((row, env)),
+                _ => None,
+            })
+            .collect();
+        let failures: Vec<(&RotationRow, &String)> = claim
+            .rows
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(row, outcome)| match outcome {
+                RowOutcome::Failed(msg) => Some((row, msg)),
+                _ => None,
+            })
+            .collect();
+        counts.succeeded = outcomes
+            .iter()
+            .filter(|o| matches!(o, RowOutcome::Verified))
+            .count() as i64;
+        counts.failed = failures.len() as i64;
+        if let Some((row, msg)) = failures.last() {
+            last_error = Some(format!("connection {}: {msg}", row.id));
+        }
+
+        macro_rules! finish {
+            ($tx:ident, $written:expr) => {{
+                let written: i64 = $written;
+                counts.succeeded += written;
+                counts.skipped = rewritten.len() as i64 - written;
+                for (row, msg) in &failures {
+                    sqlx::query(
+                        "UPDATE connections SET last_error = $2, last_error_job_id = $3 WHERE id = $1",
+                    )
+                    .bind(&row.id)
+                    .bind(format!("rotation job {}: {msg}", claim.job.id))
+                    .bind(&claim.job.id)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "UPDATE encryption_rotation_jobs SET processed_rows = processed_rows + $2, \
+                     succeeded_rows = succeeded_rows + $3, failed_rows = failed_rows + $4, \
+                     skipped_rows = skipped_rows + $5, last_error = COALESCE($6, last_error), \
+                     updated_at = $7 WHERE id = $1",
+                )
+                .bind(&claim.job.id)
+                .bind(outcomes.len() as i64)
+                .bind(counts.succeeded)
+                .bind(counts.failed)
+                .bind(counts.skipped)
+                .bind(&last_error)
+                .bind(now)
+                .execute(&mut *$tx)
+                .await?;
+                sqlx::query("DELETE FROM encryption_rotation_claims WHERE id = $1")
+                    .bind(&claim.id)
+                    .execute(&mut *$tx)
+                    .await?;
+                $tx.commit().await?;
+            }};
+        }
+
+        match &self.pool {
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                // One statement for the whole batch.
+                let written = if rewritten.is_empty() {
+                    0
+                } else {
+                    let col = |f: fn(&Envelope) -> Vec<u8>| {
+                        rewritten.iter().map(|(_, e)| f(e)).collect::<Vec<_>>()
+                    };
+                    let ids: Vec<String> = rewritten.iter().map(|(r, _)| r.id.clone()).collect();
+                    let old_keys: Vec<Option<String>> = rewritten
+                        .iter()
+                        .map(|(r, _)| r.encryption_key_id.clone())
+                        .collect();
+                    let old_payloads: Vec<Option<Vec<u8>>> = rewritten
+                        .iter()
+                        .map(|(r, _)| r.payload_ciphertext.clone())
+                        .collect();
+                    let old_legacy: Vec<Option<Vec<u8>>> = rewritten
+                        .iter()
+                        .map(|(r, _)| r.encrypted_credentials.clone())
+                        .collect();
+                    sqlx::query(
+                        "UPDATE connections AS c SET encryption_key_id = $1, data_key_ciphertext = u.dk, \
+                         data_key_iv = u.dk_iv, payload_ciphertext = u.ct, payload_iv = u.iv, \
+                         encrypted_credentials = NULL, credentials_iv = NULL, last_error = NULL, \
+                         last_error_job_id = NULL, updated_at = $2 \
+                         FROM UNNEST($3::text[], $4::bytea[], $5::bytea[], $6::bytea[], $7::bytea[], \
+                                     $8::text[], $9::bytea[], $10::bytea[]) \
+                              AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
+                         WHERE c.id = u.id AND c.encryption_key_id IS NOT DISTINCT FROM u.old_key \
+                           AND c.payload_ciphertext IS NOT DISTINCT FROM u.old_ct \
+                           AND c.encrypted_credentials IS NOT DISTINCT FROM u.old_legacy",
+                    )
+                    .bind(target_key_id)
+                    .bind(now)
+                    .bind(ids)
+                    .bind(col(|e| e.data_key_ciphertext.clone()))
+                    .bind(col(|e| e.data_key_iv.clone()))
+                    .bind(col(|e| e.payload_ciphertext.clone()))
+                    .bind(col(|e| e.payload_iv.clone()))
+                    .bind(old_keys)
+                    .bind(old_payloads)
+                    .bind(old_legacy)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected() as i64
+                };
+                finish!(tx, written);
+            }
+            Pool::Sqlite(pool) => {
+                // SQLite has no arrays; an embedded database pays no round
+                // trip per statement, so one statement per row is cheap.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut written = 0i64;
+                for (row, env) in &rewritten {
+                    written += sqlx::query(
+                        "UPDATE connections SET encryption_key_id = $1, data_key_ciphertext = $2, \
+                         data_key_iv = $3, payload_ciphertext = $4, payload_iv = $5, \
+                         encrypted_credentials = NULL, credentials_iv = NULL, last_error = NULL, \
+                         last_error_job_id = NULL, updated_at = $6 \
+                         WHERE id = $7 AND encryption_key_id IS $8 AND payload_ciphertext IS $9 \
+                           AND encrypted_credentials IS $10",
+                    )
+                    .bind(target_key_id)
+                    .bind(&env.data_key_ciphertext)
+                    .bind(&env.data_key_iv)
+                    .bind(&env.payload_ciphertext)
+                    .bind(&env.payload_iv)
+                    .bind(now)
+                    .bind(&row.id)
+                    .bind(&row.encryption_key_id)
+                    .bind(&row.payload_ciphertext)
+                    .bind(&row.encrypted_credentials)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected() as i64;
+                }
+                finish!(tx, written);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Deletes `connection_scoped_tokens` that expired or were used.
+    pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
+        let now = Utc::now();
+        let removed =
+            super::on_pool!(self, |pool| {
+                sqlx::query(
+            "DELETE FROM connection_scoped_tokens WHERE expires_at <= $1 OR used_at IS NOT NULL"
+        )
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+            })?;
+        Ok(removed)
+    }
+}

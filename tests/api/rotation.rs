@@ -1,0 +1,600 @@
+//! Rotation end to end (runbook §1.4–§1.6): mixed tables, failures, dry run,
+//! cancel, watchers, concurrent application writes, an offline worker.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use keyward::{
+    api::proto::{
+        decrypt_request::Ciphertext, ActivateKeyRequest, CancelRotationRequest, CreateKeyRequest,
+        DecryptRequest, GetRotationJobRequest, ListKeysRequest, ListRotationJobsRequest,
+        RequeueRotationRequest, RetireKeyRequest, RotationMode, RotationProgress, RotationStatus,
+        StartRotationRequest, WatchRotationRequest,
+    },
+    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
+};
+use tonic::Code;
+
+use crate::helpers::{
+    assert_code, ctx, spawn, spawn_with, Backend, Options, TestApp, MASTER, PRIMARY,
+};
+
+fn conn_ctx(id: &str) -> Vec<(&str, &str)> {
+    vec![("connection_id", id)]
+}
+
+/// Encrypts `plaintext` for row `id` with the row's context and stores it.
+async fn insert_row(app: &TestApp, id: &str, plaintext: &str) {
+    let sealed = app.encrypt(plaintext.as_bytes(), &conn_ctx(id)).await;
+    app.insert_connection(id, sealed.envelope.as_ref().unwrap())
+        .await;
+}
+
+async fn insert_legacy_row(app: &TestApp, id: &str, plaintext: &str, mirror: bool) {
+    let (iv, ct) = encrypt_legacy(&MasterSecret::new(MASTER).unwrap(), plaintext.as_bytes());
+    app.insert_legacy_connection(id, &ct, &iv, mirror).await;
+}
+
+async fn activate_new_key(app: &TestApp, key_id: &str) -> String {
+    let mut admin = app.admin.clone();
+    admin
+        .create_key(CreateKeyRequest {
+            key_id: key_id.into(),
+            activate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+async fn start(app: &TestApp, request: StartRotationRequest) -> String {
+    app.admin
+        .clone()
+        .start_rotation(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// Every event of a watch, to its end.
+async fn watch_all(app: &TestApp, job_id: &str) -> Vec<RotationProgress> {
+    let mut stream = app
+        .admin
+        .clone()
+        .watch_rotation(WatchRotationRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Some(event) = tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .expect("watch timed out")
+    {
+        events.push(event.unwrap());
+    }
+    events
+}
+
+/// Decrypts every row through the API with its own context.
+async fn decrypt_all(app: &TestApp) -> HashMap<String, String> {
+    let mut client = app.crypto.clone();
+    let mut out = HashMap::new();
+    for row in app.connections().await {
+        let opened = client
+            .decrypt(DecryptRequest {
+                context: ctx(&conn_ctx(&row.id)),
+                ciphertext: Some(Ciphertext::Envelope(row.envelope())),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("row {} does not decrypt: {s:?}", row.id))
+            .into_inner();
+        out.insert(
+            row.id.clone(),
+            String::from_utf8(opened.plaintext.to_vec()).unwrap(),
+        );
+    }
+    out
+}
+
+fn assert_monotone_with_one_terminal(events: &[RotationProgress]) {
+    assert!(!events.is_empty());
+    let terminal: Vec<_> = events.iter().filter(|e| e.terminal).collect();
+    assert_eq!(terminal.len(), 1, "exactly one terminal event");
+    assert!(
+        events.last().unwrap().terminal,
+        "the terminal event is last"
+    );
+    let mut last = 0;
+    for e in events {
+        let processed = e.job.as_ref().unwrap().processed_rows;
+        assert!(
+            processed >= last,
+            "processed went backwards: {last} -> {processed}"
+        );
+        last = processed;
+    }
+}
+
+async fn mixed_table_rotates_to_completion(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let mut expected = HashMap::new();
+    for i in 0..3 {
+        let id = format!("legacy-{i}");
+        insert_legacy_row(&app, &id, &format!("legacy secret {i}"), i != 0).await;
+        expected.insert(id.clone(), format!("legacy secret {i}"));
+    }
+    for i in 0..7 {
+        let id = format!("old-{i}");
+        insert_row(&app, &id, &format!("old secret {i}")).await;
+        expected.insert(id, format!("old secret {i}"));
+    }
+    let next = activate_new_key(&app, "2025-03").await;
+    for i in 0..2 {
+        let id = format!("new-{i}");
+        insert_row(&app, &id, &format!("new secret {i}")).await;
+        expected.insert(id, format!("new secret {i}"));
+    }
+
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let events = watch_all(&app, &job_id).await;
+    assert_monotone_with_one_terminal(&events);
+    let job = events.last().unwrap().job.clone().unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!(job.target_key_id, "2025-03");
+    assert_eq!(
+        (
+            job.total_rows,
+            job.processed_rows,
+            job.succeeded_rows,
+            job.failed_rows
+        ),
+        (10, 10, 10, 0)
+    );
+
+    let rows = app.connections().await;
+    assert!(
+        rows.iter()
+            .all(|r| r.encryption_key_id.as_deref() == Some(next.as_str())),
+        "{rows:?}"
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.encrypted_credentials.is_none() && r.last_error.is_none()));
+    assert_eq!(decrypt_all(&app).await, expected);
+
+    // Runbook §1.6: the old key retires cleanly now.
+    app.admin
+        .clone()
+        .retire_key(RetireKeyRequest {
+            key_id: PRIMARY.into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+}
+
+async fn corrupted_rows_end_completed_with_errors(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    for i in 0..6 {
+        insert_row(&app, &format!("row-{i}"), &format!("secret {i}")).await;
+    }
+    // Two rows whose ciphertext was damaged, one copied from another row.
+    let mut damaged = app
+        .encrypt(b"damaged", &conn_ctx("bad-1"))
+        .await
+        .envelope
+        .unwrap();
+    let mut bytes = damaged.payload_ciphertext.to_vec();
+    bytes[0] ^= 1;
+    damaged.payload_ciphertext = bytes.into();
+    app.insert_connection("bad-1", &damaged).await;
+    let copied = app
+        .encrypt(b"copied", &conn_ctx("row-0"))
+        .await
+        .envelope
+        .unwrap();
+    app.insert_connection("bad-2", &copied).await;
+    let next = activate_new_key(&app, "next").await;
+
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(
+        job.status,
+        RotationStatus::CompletedWithErrors as i32,
+        "{job:?}"
+    );
+    assert_eq!((job.succeeded_rows, job.failed_rows), (6, 2));
+    assert!(job.last_error.contains("decryption failed"), "{job:?}");
+
+    for row in app.connections().await {
+        if row.id.starts_with("bad-") {
+            assert_ne!(row.encryption_key_id.as_deref(), Some(next.as_str()));
+            let error = row.last_error.unwrap_or_default();
+            assert!(error.contains(&job_id), "{error}");
+            assert!(
+                !error.contains("damaged") && !error.contains("copied"),
+                "no plaintext in errors"
+            );
+        } else {
+            assert_eq!(row.encryption_key_id.as_deref(), Some(next.as_str()));
+        }
+    }
+    // Retiring the old key is refused while the failed rows still use it.
+    assert_code(
+        app.admin
+            .clone()
+            .retire_key(RetireKeyRequest {
+                key_id: PRIMARY.into(),
+                force: false,
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+}
+
+async fn dry_run_writes_nothing(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    for i in 0..5 {
+        insert_row(&app, &format!("row-{i}"), "secret").await;
+    }
+    insert_legacy_row(&app, "legacy", "old", true).await;
+    activate_new_key(&app, "next").await;
+    let before = app.connections().await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            dry_run: true,
+            batch_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32);
+    assert!(job.dry_run);
+    assert_eq!((job.processed_rows, job.succeeded_rows), (6, 6));
+    assert_eq!(app.connections().await, before);
+}
+
+async fn rewrap_moves_only_the_data_key(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    for i in 0..4 {
+        insert_row(&app, &format!("row-{i}"), &format!("secret {i}")).await;
+    }
+    insert_legacy_row(&app, "legacy", "legacy secret", true).await;
+    let next = activate_new_key(&app, "next").await;
+    let before = app.connections().await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            mode: RotationMode::Rewrap as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!(job.mode, RotationMode::Rewrap as i32);
+    let after = app.connections().await;
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(new.encryption_key_id.as_deref(), Some(next.as_str()));
+        assert_ne!(new.data_key_ciphertext, old.data_key_ciphertext);
+        if old.encryption_key_id.is_some() {
+            assert_eq!(
+                new.payload_ciphertext, old.payload_ciphertext,
+                "payload untouched"
+            );
+        }
+    }
+    let plain = decrypt_all(&app).await;
+    assert_eq!(plain["row-3"], "secret 3");
+    assert_eq!(plain["legacy"], "legacy secret");
+}
+
+async fn watchers_agree_and_cancel_leaves_a_consistent_table(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let mut expected = HashMap::new();
+    for i in 0..40 {
+        let id = format!("row-{i:02}");
+        insert_row(&app, &id, &format!("secret {i}")).await;
+        expected.insert(id, format!("secret {i}"));
+    }
+    let next = activate_new_key(&app, "next").await;
+    // 20 rows/s in batches of 5: about two seconds for the whole table.
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 5,
+            max_rows_per_second: 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let early = tokio::spawn({
+        let app_admin = app.admin.clone();
+        let job_id = job_id.clone();
+        async move {
+            let mut stream = app_admin
+                .clone()
+                .watch_rotation(WatchRotationRequest { job_id })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(e) = stream.next().await {
+                events.push(e.unwrap());
+            }
+            events
+        }
+    });
+    // A second watcher joins mid-job.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let late = watch_all(&app, &job_id).await;
+    let early = early.await.unwrap();
+    assert_monotone_with_one_terminal(&early);
+    assert_monotone_with_one_terminal(&late);
+    assert_eq!(
+        early.last().unwrap().job,
+        late.last().unwrap().job,
+        "both end on the same state"
+    );
+    assert!(early.len() >= 2);
+    let done = late.last().unwrap().job.clone().unwrap();
+    assert_eq!(done.status, RotationStatus::Completed as i32);
+
+    // Cancel: a fresh slow job is stopped between batches.
+    let other = activate_new_key(&app, "third").await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 5,
+            max_rows_per_second: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    app.admin
+        .clone()
+        .cancel_rotation(CancelRotationRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Cancelled as i32, "{job:?}");
+    assert!(
+        job.processed_rows < 40,
+        "cancel stopped the job early: {job:?}"
+    );
+    let rows = app.connections().await;
+    assert!(rows
+        .iter()
+        .all(|r| [Some(next.as_str()), Some(other.as_str())]
+            .contains(&r.encryption_key_id.as_deref())));
+    assert_eq!(
+        decrypt_all(&app).await,
+        expected,
+        "every row still decrypts after cancel"
+    );
+
+    // A cancelled job can be requeued and then completes.
+    app.admin
+        .clone()
+        .requeue_rotation(RequeueRotationRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert!(app
+        .connections()
+        .await
+        .iter()
+        .all(|r| r.encryption_key_id.as_deref() == Some(other.as_str())));
+}
+
+async fn concurrent_application_writes_are_never_lost(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    for i in 0..60 {
+        insert_row(&app, &format!("row-{i:02}"), "v1").await;
+    }
+    let next = activate_new_key(&app, "next").await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: 150,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The application keeps rewriting rows while the job runs.
+    let mut expected: HashMap<String, String> = (0..60)
+        .map(|i| (format!("row-{i:02}"), "v1".to_owned()))
+        .collect();
+    for round in 0..3 {
+        for i in (round..60).step_by(7) {
+            let id = format!("row-{i:02}");
+            let value = format!("v2-{round}");
+            let sealed = app.encrypt(value.as_bytes(), &conn_ctx(&id)).await;
+            app.update_connection(&id, sealed.envelope.as_ref().unwrap())
+                .await;
+            expected.insert(id, value);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    }
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert!(app
+        .connections()
+        .await
+        .iter()
+        .all(|r| r.encryption_key_id.as_deref() == Some(next.as_str())));
+    assert_eq!(
+        decrypt_all(&app).await,
+        expected,
+        "no application write was lost"
+    );
+}
+
+async fn jobs_wait_for_a_worker(backend: Backend) {
+    let Some(app) = spawn_with(
+        backend,
+        Options {
+            worker: None,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    insert_row(&app, "row-1", "secret").await;
+    activate_new_key(&app, "next").await;
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut admin = app.admin.clone();
+    let job = admin
+        .get_rotation_job(GetRotationJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        job.status,
+        RotationStatus::Pending as i32,
+        "worker offline: the job stays pending"
+    );
+    let listed = admin
+        .list_rotation_jobs(ListRotationJobsRequest { limit: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1);
+
+    // Start a worker on the same database (the runbook's fix).
+    let services = keyward::app::Services::open(
+        &app.database_url,
+        Some(&crate::helpers::master(MASTER, &[])),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let worker = services.worker(Default::default());
+    for _ in 0..10 {
+        worker.try_execute_task().await.unwrap();
+    }
+    let job = admin
+        .get_rotation_job(GetRotationJobRequest { job_id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.status, RotationStatus::Completed as i32);
+    let _ = admin.list_keys(ListKeysRequest {}).await.unwrap();
+}
+
+async fn bad_rotation_requests(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let mut admin = app.admin.clone();
+    assert_code(
+        admin
+            .get_rotation_job(GetRotationJobRequest {
+                job_id: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        admin
+            .watch_rotation(WatchRotationRequest {
+                job_id: "nope".into(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        admin
+            .start_rotation(StartRotationRequest {
+                target_key_id: "missing".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        admin
+            .start_rotation(StartRotationRequest {
+                batch_size: 100_000,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    activate_new_key(&app, "next").await;
+    assert_code(
+        admin
+            .start_rotation(StartRotationRequest {
+                target_key_id: PRIMARY.into(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32);
+    assert_code(
+        admin
+            .requeue_rotation(RequeueRotationRequest { job_id })
+            .await,
+        Code::FailedPrecondition,
+    );
+    let _ = admin
+        .activate_key(ActivateKeyRequest {
+            key_id: "next".into(),
+        })
+        .await
+        .unwrap();
+}
+
+crate::on_both_backends!(
+    mixed_table_rotates_to_completion,
+    corrupted_rows_end_completed_with_errors,
+    dry_run_writes_nothing,
+    rewrap_moves_only_the_data_key,
+    watchers_agree_and_cancel_leaves_a_consistent_table,
+    concurrent_application_writes_are_never_lost,
+    jobs_wait_for_a_worker,
+    bad_rotation_requests,
+);
