@@ -88,7 +88,7 @@ enum Command {
     /// (legacy format; plaintext read from stdin). A fixture generator.
     LegacyEncrypt(LegacyArgs),
     /// Run the rotation worker alone (the runbook's `npm run start:rotation`).
-    Worker,
+    Worker(WorkerArgs),
     /// Start, watch, inspect, cancel or requeue re-encryption jobs.
     #[command(subcommand)]
     Rotate(RotateCommand),
@@ -96,6 +96,26 @@ enum Command {
     PruneTokens,
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Seconds a claimed batch stays this worker's; a crashed worker's
+    /// batch is taken over after this.
+    #[arg(long, env = "KEYWARD_WORKER_LEASE_SECS", default_value_t = 30)]
+    lease_secs: u64,
+    /// Milliseconds between polls of an empty queue.
+    #[arg(long, env = "KEYWARD_WORKER_POLL_MS", default_value_t = 500)]
+    poll_ms: u64,
+}
+
+impl WorkerArgs {
+    fn options(&self) -> WorkerOptions {
+        WorkerOptions {
+            lease: Duration::from_secs(self.lease_secs.max(1)),
+            idle_poll: Duration::from_millis(self.poll_ms.max(10)),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,9 +347,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::LegacyEncrypt(args) => legacy_encrypt(&global, args).await,
-        Command::Worker => {
+        Command::Worker(args) => {
             let services = open(&global).await?;
-            let worker = services.worker(WorkerOptions::default());
+            let worker = services.worker(args.options());
             let stop = tokio_util::sync::CancellationToken::new();
             let signal_stop = stop.clone();
             tokio::spawn(async move {

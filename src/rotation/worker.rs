@@ -143,9 +143,13 @@ impl Worker {
         };
         let started = tokio::time::Instant::now();
         let outcomes = self.process(&claim, &target).await;
-        self.store
+        let counts = self
+            .store
             .finish_batch(&claim, &target.id, &outcomes)
             .await?;
+        tracing::debug!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
+            succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
+            "rotation batch written");
         if let Some(rate) = claim.job.max_rows_per_second.filter(|r| *r > 0) {
             let budget = Duration::from_secs_f64(outcomes.len() as f64 / rate as f64);
             tokio::time::sleep_until(started + budget).await;

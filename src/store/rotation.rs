@@ -635,16 +635,15 @@ impl Store {
     /// Deletes `connection_scoped_tokens` that expired or were used.
     pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
         let now = Utc::now();
-        let removed =
-            super::on_pool!(self, |pool| {
-                sqlx::query(
+        let removed = super::on_pool!(self, |pool| {
+            sqlx::query(
             "DELETE FROM connection_scoped_tokens WHERE expires_at <= $1 OR used_at IS NOT NULL"
         )
         .bind(now)
         .execute(pool)
         .await
         .map(|r| r.rows_affected())
-            })?;
+        })?;
         Ok(removed)
     }
 }

@@ -277,22 +277,30 @@ impl TestApp {
 
     /// Inserts a `connections` row holding an envelope, as an application would.
     pub async fn insert_connection(&self, id: &str, envelope: &keyward::api::proto::Envelope) {
+        self.insert_connections(&[(id.to_owned(), envelope.clone())])
+            .await;
+    }
+
+    /// Inserts many rows over one connection.
+    pub async fn insert_connections(&self, rows: &[(String, keyward::api::proto::Envelope)]) {
         const SQL: &str =
             "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
              data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)";
         macro_rules! run {
             ($pool:expr) => {{
                 let pool = $pool;
-                sqlx::query(SQL)
-                    .bind(id)
-                    .bind(&envelope.encryption_key_id)
-                    .bind(envelope.data_key_ciphertext.to_vec())
-                    .bind(envelope.data_key_iv.to_vec())
-                    .bind(envelope.payload_ciphertext.to_vec())
-                    .bind(envelope.payload_iv.to_vec())
-                    .execute(&pool)
-                    .await
-                    .unwrap();
+                for (id, envelope) in rows {
+                    sqlx::query(SQL)
+                        .bind(id)
+                        .bind(&envelope.encryption_key_id)
+                        .bind(envelope.data_key_ciphertext.to_vec())
+                        .bind(envelope.data_key_iv.to_vec())
+                        .bind(envelope.payload_ciphertext.to_vec())
+                        .bind(envelope.payload_iv.to_vec())
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
                 pool.close().await;
             }};
         }

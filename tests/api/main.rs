@@ -11,3 +11,4 @@ mod crypto;
 mod helpers;
 mod postgres;
 mod rotation;
+mod workers;

@@ -598,3 +598,59 @@ crate::on_both_backends!(
     jobs_wait_for_a_worker,
     bad_rotation_requests,
 );
+
+/// Runbook §1.2 and §1.6 exactly as written (with a local KMS key name for
+/// the ARN), then RefreshKeyMetadata, then a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_sql_runs_verbatim_on_postgres() {
+    let Some(app) = spawn(Backend::Postgres).await else {
+        return;
+    };
+    insert_row(&app, "conn-a", "alpha").await;
+    insert_legacy_row(&app, "conn-b", "beta", true).await;
+    app.sql(
+        "UPDATE encryption_keys
+SET status = 'rotating', rotated_at = NOW(), updated_at = NOW()
+WHERE status = 'active';
+
+INSERT INTO encryption_keys (key_id, kms_key_arn, alias, status)
+VALUES (
+  '2025-03-kms',
+  'local:app/master',
+  'prod/app/2025-03',
+  'active'
+);",
+    )
+    .await;
+    let mut admin = app.admin.clone();
+    let refreshed = admin
+        .refresh_key_metadata(keyward::api::proto::RefreshKeyMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refreshed.active_key_id, "2025-03-kms");
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!(job.target_key_id, "2025-03-kms");
+    assert_eq!(job.succeeded_rows, 2);
+    app.sql(
+        "UPDATE encryption_keys
+SET status = 'retired', updated_at = NOW()
+WHERE status = 'rotating';",
+    )
+    .await;
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let old = keys.iter().find(|k| k.key_id == PRIMARY).unwrap();
+    assert_eq!(old.status, keyward::api::proto::KeyStatus::Retired as i32);
+    let plain = decrypt_all(&app).await;
+    assert_eq!(
+        (plain["conn-a"].as_str(), plain["conn-b"].as_str()),
+        ("alpha", "beta")
+    );
+}

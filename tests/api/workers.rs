@@ -1,0 +1,256 @@
+//! Rotation across `keyward worker` processes on one PostgreSQL: several
+//! workers share a job; a worker killed with SIGKILL mid-job is taken over
+//! once its lease expires. PostgreSQL only (the scale-out backend).
+
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use keyward::api::proto::{
+    decrypt_request::Ciphertext, CreateKeyRequest, DecryptRequest, GetRotationJobRequest,
+    RotationStatus, StartRotationRequest, WatchRotationRequest,
+};
+
+use crate::helpers::{ctx, spawn_with, Backend, Options, TestApp, MASTER};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+/// A PostgreSQL test app without an in-process worker, holding `rows`
+/// connections under the seeded key, with a new key activated.
+async fn prepared(rows: usize) -> Option<(TestApp, HashMap<String, String>, String)> {
+    let app = spawn_with(
+        Backend::Postgres,
+        Options {
+            worker: None,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let mut expected = HashMap::new();
+    let mut inserts = Vec::new();
+    for i in 0..rows {
+        let id = format!("conn-{i:05}");
+        let value = format!("credential {i}");
+        let sealed = app
+            .encrypt(value.as_bytes(), &[("connection_id", id.as_str())])
+            .await;
+        inserts.push((id.clone(), sealed.envelope.unwrap()));
+        expected.insert(id, value);
+    }
+    app.insert_connections(&inserts).await;
+    let target = app
+        .admin
+        .clone()
+        .create_key(CreateKeyRequest {
+            key_id: "next".into(),
+            activate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    Some((app, expected, target))
+}
+
+/// A `keyward worker` process; its stderr goes to a file we can read.
+struct WorkerProcess {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl WorkerProcess {
+    fn start(database_url: &str, lease_secs: u64) -> Self {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "worker",
+                "--lease-secs",
+                &lease_secs.to_string(),
+                "--poll-ms",
+                "50",
+            ])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", database_url)
+            .env("ENCRYPTION_MASTER_KEY", MASTER)
+            .env("RUST_LOG", "keyward=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let worker = Self { child, log };
+        worker.wait_for_log("rotation worker started");
+        worker
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "worker never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn batches(&self) -> usize {
+        self.log().matches("rotation batch written").count()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn final_job(app: &TestApp, job_id: &str) -> keyward::api::proto::RotationJob {
+    let mut stream = app
+        .admin
+        .clone()
+        .watch_rotation(WatchRotationRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while let Some(event) = tokio::time::timeout_at(deadline, stream.next())
+        .await
+        .expect("job did not finish")
+    {
+        last = event.unwrap().job;
+    }
+    last.unwrap()
+}
+
+async fn assert_all_rotated(app: &TestApp, target: &str, expected: &HashMap<String, String>) {
+    let rows = app.connections().await;
+    assert_eq!(rows.len(), expected.len());
+    let mut client = app.crypto.clone();
+    for row in rows {
+        assert_eq!(
+            row.encryption_key_id.as_deref(),
+            Some(target),
+            "row {} not rotated",
+            row.id
+        );
+        let opened = client
+            .decrypt(DecryptRequest {
+                context: ctx(&[("connection_id", row.id.as_str())]),
+                ciphertext: Some(Ciphertext::Envelope(row.envelope())),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            std::str::from_utf8(&opened.plaintext).unwrap(),
+            expected[&row.id]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_job() {
+    let Some((app, expected, target)) = prepared(300).await else {
+        return;
+    };
+    let workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start(&app.database_url, 10))
+        .collect();
+    // 100 rows/s per worker in batches of 10: no single worker can take it all.
+    let job_id = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let job = final_job(&app, &job_id).await;
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!(
+        (
+            job.total_rows,
+            job.processed_rows,
+            job.succeeded_rows,
+            job.failed_rows,
+            job.skipped_rows
+        ),
+        (300, 300, 300, 0, 0)
+    );
+    let batches: Vec<usize> = workers.iter().map(WorkerProcess::batches).collect();
+    assert_eq!(batches.iter().sum::<usize>(), 30, "{batches:?}");
+    assert!(
+        batches.iter().filter(|b| **b > 0).count() >= 2,
+        "the job was shared: {batches:?}"
+    );
+    assert_all_rotated(&app, &target, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_taken_over_after_its_lease() {
+    let Some((app, expected, target)) = prepared(200).await else {
+        return;
+    };
+    let mut first = WorkerProcess::start(&app.database_url, 2);
+    let job_id = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = app
+            .admin
+            .clone()
+            .get_rotation_job(GetRotationJobRequest {
+                job_id: job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.processed_rows >= 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first worker made no progress: {}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.child.kill().unwrap(); // SIGKILL: no chance to release anything
+    first.child.wait().unwrap();
+
+    let second = WorkerProcess::start(&app.database_url, 2);
+    let job = final_job(&app, &job_id).await;
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!((job.succeeded_rows, job.failed_rows), (200, 0), "{job:?}");
+    assert!(second.batches() > 0);
+    assert_all_rotated(&app, &target, &expected).await;
+}
