@@ -96,6 +96,9 @@ enum Command {
     PruneTokens,
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Bench(BenchArgs),
+    /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
+    /// p99 during a rotation against idle (use an empty PostgreSQL database).
+    BenchRotation(crate::bench_rotation::RotationBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +372,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args) => {
             crate::bench::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchRotation(args) => {
+            crate::bench_rotation::run(&global.database_url, args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -7,6 +7,7 @@
 //! is configured (`on_pool!`). Where the dialects differ, the code matches
 //! on the backend explicitly.
 
+mod bench;
 mod connections;
 mod keys;
 pub mod rotation;
