@@ -26,7 +26,10 @@ use crate::{
     },
     error::Error,
     keys::KeyCatalog,
-    rotation::worker::{Worker, WorkerOptions},
+    rotation::{
+        target::RotationTarget,
+        worker::{Worker, WorkerOptions},
+    },
     service::{
         admin::{CreateKey, KeyAdmin, Readiness},
         crypto::{CryptoService, Limits},
@@ -68,6 +71,8 @@ pub struct Services {
     pub crypto: Arc<CryptoService>,
     pub admin: Arc<KeyAdmin>,
     pub rotations: Arc<Rotations>,
+    /// The tables rotation walks: `connections`, then any configured ones.
+    pub targets: Arc<[RotationTarget]>,
 }
 
 impl Services {
@@ -75,6 +80,7 @@ impl Services {
     pub fn worker(&self, options: WorkerOptions) -> Worker {
         Worker::new(
             self.store.clone(),
+            Arc::clone(&self.targets),
             Arc::clone(&self.crypto),
             Arc::clone(&self.admin),
             options,
@@ -87,6 +93,19 @@ impl Services {
         master: Option<&MasterSecrets>,
         limits: Limits,
     ) -> Result<Self, StartupError> {
+        Self::open_with_targets(database_url, master, limits, Vec::new()).await
+    }
+
+    /// Like [`Self::open`], with rotation targets beyond `connections`.
+    pub async fn open_with_targets(
+        database_url: &str,
+        master: Option<&MasterSecrets>,
+        limits: Limits,
+        extra_targets: Vec<RotationTarget>,
+    ) -> Result<Self, StartupError> {
+        let targets: Arc<[RotationTarget]> = std::iter::once(RotationTarget::connections())
+            .chain(extra_targets)
+            .collect();
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
         let mut kms = KmsRegistry::default();
@@ -113,6 +132,7 @@ impl Services {
         admin.refresh().await?;
         let rotations = Arc::new(Rotations::new(
             store.clone(),
+            Arc::clone(&targets),
             Arc::clone(&catalog),
             Arc::clone(&admin),
         ));
@@ -122,6 +142,7 @@ impl Services {
             crypto,
             admin,
             rotations,
+            targets,
         })
     }
 }
@@ -157,10 +178,11 @@ impl Application {
         settings: Settings,
         listener: TcpListener,
     ) -> Result<Self, StartupError> {
-        let services = Services::open(
+        let services = Services::open_with_targets(
             &settings.database_url,
             settings.master.as_ref(),
             settings.limits,
+            settings.rotation_targets.clone(),
         )
         .await?;
         if settings.seed_dev_key && services.catalog.snapshot().active().is_none() {

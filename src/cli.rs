@@ -24,10 +24,10 @@ use tracing_subscriber::{fmt, EnvFilter};
 use crate::{
     app::{Application, Services},
     bench::BenchArgs,
-    config::{dev_master_key_path, MasterSecrets, Settings},
+    config::{dev_master_key_path, load_rotation_targets, MasterSecrets, Settings},
     crypto::{legacy::encrypt_legacy, secret::MasterSecret},
     keys::KeyRecord,
-    rotation::{worker::WorkerOptions, JobStatus, Mode, RotationJob},
+    rotation::{target::RotationTarget, worker::WorkerOptions, JobStatus, Mode, RotationJob},
     service::{
         admin::CreateKey,
         crypto::Limits,
@@ -60,6 +60,10 @@ struct GlobalArgs {
     /// File holding the local KMS master secret (instead of ENCRYPTION_MASTER_KEY).
     #[arg(long, env = "KEYWARD_MASTER_KEY_FILE", global = true)]
     master_key_file: Option<PathBuf>,
+    /// JSON file listing tables of secrets to rotate besides `connections`
+    /// (every server and worker must use the same list).
+    #[arg(long, env = "KEYWARD_ROTATION_TARGETS", global = true)]
+    rotation_targets: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -405,6 +409,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         seed_dev_key: args.dev,
         worker: (!args.no_worker).then(WorkerOptions::default),
+        rotation_targets: rotation_targets(global)?,
         ..Settings::for_database(global.database_url.clone(), Some(master))
     };
     let app = Application::build(settings).await?;
@@ -501,7 +506,21 @@ fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     let master = master_secrets(global)?;
-    Ok(Services::open(&global.database_url, master.as_ref(), Limits::default()).await?)
+    Ok(Services::open_with_targets(
+        &global.database_url,
+        master.as_ref(),
+        Limits::default(),
+        rotation_targets(global)?,
+    )
+    .await?)
+}
+
+/// The extra rotation targets of `--rotation-targets`, if given.
+fn rotation_targets(global: &GlobalArgs) -> anyhow::Result<Vec<RotationTarget>> {
+    match &global.rotation_targets {
+        None => Ok(Vec::new()),
+        Some(path) => load_rotation_targets(path).map_err(|e| ConfigError(e.to_string()).into()),
+    }
 }
 
 async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode> {

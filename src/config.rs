@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use crate::{
     crypto::secret::{MasterSecret, WeakMasterSecret},
-    rotation::worker::WorkerOptions,
+    rotation::{
+        target::{RotationTarget, TargetError},
+        worker::WorkerOptions,
+    },
     service::crypto::Limits,
 };
 
@@ -59,6 +62,8 @@ pub struct Settings {
     pub seed_dev_key: bool,
     /// Run a rotation worker in-process (`None`: `--no-worker`).
     pub worker: Option<WorkerOptions>,
+    /// Tables of secrets rotated after `connections`.
+    pub rotation_targets: Vec<RotationTarget>,
 }
 
 impl Settings {
@@ -75,8 +80,102 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             seed_dev_key: false,
             worker: Some(WorkerOptions::default()),
+            rotation_targets: Vec::new(),
         }
     }
+}
+
+/// One table of secrets in a `--rotation-targets` file (JSON: a list).
+///
+/// ```json
+/// [{"table": "api_tokens", "id_column": "id",
+///   "context": {"token_id": "id", "tenant": "tenant"},
+///   "columns": {"payload_ciphertext": "secret_ciphertext"}}]
+/// ```
+/// Unnamed envelope columns take the `connections` names
+/// (`encryption_key_id`, `data_key_ciphertext`, `data_key_iv`,
+/// `payload_ciphertext`, `payload_iv`, `last_error`, `last_error_job_id`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub table: String,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    /// Context key → column.
+    pub context: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub columns: std::collections::BTreeMap<String, String>,
+    /// Legacy `{"ciphertext": column, "iv": column}`, if the table has them.
+    #[serde(default)]
+    pub legacy: Option<LegacyColumnsConfig>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyColumnsConfig {
+    pub ciphertext: String,
+    pub iv: String,
+}
+
+fn default_id_column() -> String {
+    "id".into()
+}
+
+/// Why a `--rotation-targets` file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetsFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid rotation target list: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {source}")]
+    Invalid { path: String, source: TargetError },
+}
+
+/// Reads the extra rotation targets from a JSON file.
+pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, TargetsFileError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| TargetsFileError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    let configs: Vec<TargetConfig> =
+        serde_json::from_str(&text).map_err(|source| TargetsFileError::Parse {
+            path: name.clone(),
+            source,
+        })?;
+    let mut seen = std::collections::BTreeSet::from(["connections".to_owned()]);
+    configs
+        .into_iter()
+        .map(|cfg| {
+            if !seen.insert(cfg.table.clone()) {
+                return Err(TargetError::Duplicate(cfg.table));
+            }
+            let context: Vec<(String, String)> = cfg.context.into_iter().collect();
+            let columns: Vec<(&str, &str)> = cfg
+                .columns
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            RotationTarget::new(
+                &cfg.table,
+                &cfg.id_column,
+                &context,
+                &columns,
+                cfg.legacy
+                    .as_ref()
+                    .map(|l| (l.ciphertext.as_str(), l.iv.as_str())),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|source| TargetsFileError::Invalid { path: name, source })
 }
 
 /// Where `serve --dev` keeps its generated master secret: beside a SQLite

@@ -7,9 +7,8 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{JobStatus, Mode, RotationJob, CONNECTION_CONTEXT_KEY};
+use super::{target::RotationTarget, JobStatus, Mode, RotationJob};
 use crate::{
-    crypto::context::EncryptionContext,
     error::{Error, Result},
     keys::{KeyRecord, KeyStatus},
     service::{
@@ -56,6 +55,7 @@ impl Default for WorkerOptions {
 pub struct Worker {
     id: String,
     store: Store,
+    targets: Arc<[RotationTarget]>,
     crypto: Arc<CryptoService>,
     admin: Arc<KeyAdmin>,
     options: WorkerOptions,
@@ -64,6 +64,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         store: Store,
+        targets: Arc<[RotationTarget]>,
         crypto: Arc<CryptoService>,
         admin: Arc<KeyAdmin>,
         options: WorkerOptions,
@@ -76,6 +77,7 @@ impl Worker {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             store,
+            targets,
             crypto,
             admin,
             options,
@@ -123,11 +125,21 @@ impl Worker {
     pub async fn try_execute_task(&self) -> Result<Step> {
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
-        let claim = match self.store.claim_batch(&self.id, lease).await? {
+        let claim = match self
+            .store
+            .claim_batch(&self.id, lease, &self.targets)
+            .await?
+        {
             ClaimOutcome::Idle => return Ok(Step::Idle),
             ClaimOutcome::Waiting => return Ok(Step::Waiting),
             ClaimOutcome::Advanced(job) => return Ok(Step::Advanced(job)),
             ClaimOutcome::Batch(claim) => claim,
+        };
+        let Some(table) = self.targets.get(claim.target_index) else {
+            // Only possible when workers run with different target lists.
+            let message = "this worker's rotation targets differ from the job's; run every worker with the same --rotation-targets";
+            self.store.fail_job(&claim.job.id, message).await?;
+            return Ok(Step::Idle);
         };
         let target = match self.target_key(&claim.job).await {
             Ok(target) => target,
@@ -142,10 +154,10 @@ impl Worker {
             }
         };
         let started = tokio::time::Instant::now();
-        let outcomes = self.process(&claim, &target).await;
+        let outcomes = self.process(&claim, table, &target).await;
         let counts = self
             .store
-            .finish_batch(&claim, &target.id, &outcomes)
+            .finish_batch(&claim, table, &target.id, &outcomes)
             .await?;
         tracing::debug!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
             succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
@@ -160,10 +172,21 @@ impl Worker {
         })
     }
 
-    async fn process(&self, claim: &Claim, target: &Arc<KeyRecord>) -> Vec<RowOutcome> {
+    async fn process(
+        &self,
+        claim: &Claim,
+        table: &RotationTarget,
+        target: &Arc<KeyRecord>,
+    ) -> Vec<RowOutcome> {
         let mut outcomes = Vec::with_capacity(claim.rows.len());
-        for row in &claim.rows {
-            let outcome = match self.rotate_row(&claim.job, target, row).await {
+        for (n, row) in claim.rows.iter().enumerate() {
+            // A batch is thousands of AEAD operations with no I/O in
+            // between: yield now and then so RPCs sharing this runtime
+            // (the in-process worker) are not held up behind it.
+            if n % 16 == 15 {
+                tokio::task::yield_now().await;
+            }
+            let outcome = match self.rotate_row(&claim.job, table, target, row).await {
                 Ok(outcome) => outcome,
                 Err(err) => RowOutcome::Failed(err.to_string()),
             };
@@ -175,12 +198,24 @@ impl Worker {
     async fn rotate_row(
         &self,
         job: &RotationJob,
+        table: &RotationTarget,
         target: &Arc<KeyRecord>,
         row: &RotationRow,
     ) -> Result<RowOutcome> {
         let envelope = row.envelope();
         let legacy = envelope.encryption_key_id.is_empty();
-        let context = connection_context(&row.id)?;
+        if let Some(((_, column), _)) = table
+            .context
+            .iter()
+            .zip(&row.context)
+            .find(|(_, value)| value.is_none())
+        {
+            return Ok(RowOutcome::Failed(format!(
+                "context column {} is NULL, so the row's encryption context is unknown",
+                column.as_str()
+            )));
+        }
+        let context = table.context_of(&row.context)?;
         if job.mode == Mode::Rewrap && !legacy && !job.dry_run {
             return Ok(RowOutcome::Rewritten(
                 self.crypto.rewrap(envelope, &context, target).await?,
@@ -226,12 +261,4 @@ impl Worker {
         }
         Ok(key)
     }
-}
-
-/// `{"connection_id": "<connections.id>"}`.
-pub fn connection_context(id: &str) -> Result<EncryptionContext> {
-    Ok(EncryptionContext::from_pairs([(
-        CONNECTION_CONTEXT_KEY,
-        id,
-    )])?)
 }

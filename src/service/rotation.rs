@@ -13,7 +13,9 @@ use futures::Stream;
 use crate::{
     error::{Error, Result},
     keys::{KeyCatalog, KeyStatus},
-    rotation::{Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE},
+    rotation::{
+        target::RotationTarget, Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE,
+    },
     service::admin::KeyAdmin,
     store::Store,
 };
@@ -72,14 +74,21 @@ impl Progress {
 
 pub struct Rotations {
     store: Store,
+    targets: Arc<[RotationTarget]>,
     catalog: Arc<KeyCatalog>,
     admin: Arc<KeyAdmin>,
 }
 
 impl Rotations {
-    pub fn new(store: Store, catalog: Arc<KeyCatalog>, admin: Arc<KeyAdmin>) -> Self {
+    pub fn new(
+        store: Store,
+        targets: Arc<[RotationTarget]>,
+        catalog: Arc<KeyCatalog>,
+        admin: Arc<KeyAdmin>,
+    ) -> Self {
         Self {
             store,
+            targets,
             catalog,
             admin,
         }
@@ -163,7 +172,7 @@ impl Rotations {
 
     /// Requeues a failed or cancelled job.
     pub async fn requeue(&self, id: &str) -> Result<RotationJob> {
-        match self.store.requeue_job(id).await? {
+        match self.store.requeue_job(id, &self.targets).await? {
             Some(job) => {
                 tracing::info!(job = %job.id, "rotation job requeued");
                 Ok(job)

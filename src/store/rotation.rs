@@ -14,12 +14,12 @@ use chrono::{DateTime, Duration, Utc};
 use super::{Pool, Store, StoreError};
 use crate::{
     crypto::envelope::Envelope,
-    rotation::{Counts, JobStatus, Mode, NewJob, RotationJob},
+    rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob},
 };
 
 const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
-     cancel_requested, created_at, updated_at, started_at, completed_at";
+     target_index, cancel_requested, created_at, updated_at, started_at, completed_at";
 
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -38,6 +38,7 @@ struct JobRow {
     pass: i64,
     last_error: Option<String>,
     cursor: Option<String>,
+    target_index: i64,
     cancel_requested: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -79,8 +80,8 @@ impl TryFrom<JobRow> for RotationJob {
     }
 }
 
-/// A `connections` row as the rotation reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A row of a rotation target, as the rotation reads it.
+#[derive(Debug, Clone)]
 pub struct RotationRow {
     pub id: String,
     pub encryption_key_id: Option<String>,
@@ -88,8 +89,10 @@ pub struct RotationRow {
     pub data_key_iv: Option<Vec<u8>>,
     pub payload_ciphertext: Option<Vec<u8>>,
     pub payload_iv: Option<Vec<u8>>,
-    pub encrypted_credentials: Option<Vec<u8>>,
-    pub credentials_iv: Option<Vec<u8>>,
+    pub legacy_ciphertext: Option<Vec<u8>>,
+    pub legacy_iv: Option<Vec<u8>>,
+    /// The values of the target's context columns, in order.
+    pub context: Vec<Option<String>>,
 }
 
 impl RotationRow {
@@ -107,10 +110,31 @@ impl RotationRow {
             encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
             data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default(),
             data_key_iv: self.data_key_iv.clone().unwrap_or_default(),
-            payload_ciphertext: pick(&self.payload_ciphertext, &self.encrypted_credentials),
-            payload_iv: pick(&self.payload_iv, &self.credentials_iv),
+            payload_ciphertext: pick(&self.payload_ciphertext, &self.legacy_ciphertext),
+            payload_iv: pick(&self.payload_iv, &self.legacy_iv),
         }
     }
+}
+
+/// Reads a row selected by `RotationTarget::select_batch_sql`.
+macro_rules! rotation_row {
+    ($row:expr, $contexts:expr) => {{
+        use sqlx::Row as _;
+        let row = $row;
+        RotationRow {
+            id: row.try_get("id")?,
+            encryption_key_id: row.try_get("encryption_key_id")?,
+            data_key_ciphertext: row.try_get("data_key_ciphertext")?,
+            data_key_iv: row.try_get("data_key_iv")?,
+            payload_ciphertext: row.try_get("payload_ciphertext")?,
+            payload_iv: row.try_get("payload_iv")?,
+            legacy_ciphertext: row.try_get("legacy_ciphertext")?,
+            legacy_iv: row.try_get("legacy_iv")?,
+            context: (0..$contexts)
+                .map(|i| row.try_get::<Option<String>, _>(format!("ctx_{i}").as_str()))
+                .collect::<Result<_, _>>()?,
+        }
+    }};
 }
 
 /// A batch a worker holds under lease.
@@ -118,6 +142,8 @@ impl RotationRow {
 pub struct Claim {
     pub id: String,
     pub job: RotationJob,
+    /// Position of the rows' table in the configured targets.
+    pub target_index: usize,
     pub rows: Vec<RotationRow>,
 }
 
@@ -152,10 +178,6 @@ pub struct BatchCounts {
     pub failed: i64,
     pub skipped: i64,
 }
-
-/// Rows not on `$1` and not already failed by job `$2`.
-const OFF_TARGET: &str = "(encryption_key_id IS NULL OR encryption_key_id <> $1) \
-     AND (last_error_job_id IS NULL OR last_error_job_id <> $2)";
 
 impl Store {
     pub async fn insert_job(&self, new: &NewJob) -> Result<RotationJob, StoreError> {
@@ -229,11 +251,15 @@ impl Store {
     /// Puts a failed or cancelled job back in the queue from the start
     /// (rows already rotated are not off target any more, so nothing is
     /// redone). `None` if the job is in another state or does not exist.
-    pub async fn requeue_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
+    pub async fn requeue_job(
+        &self,
+        id: &str,
+        targets: &[RotationTarget],
+    ) -> Result<Option<RotationJob>, StoreError> {
         let now = Utc::now();
         let done = super::on_pool!(self, |pool| {
             sqlx::query(
-            "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, pass = 0, \
+            "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, target_index = 0, pass = 0, \
              cancel_requested = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
              processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, updated_at = $2 \
              WHERE id = $1 AND status IN ('failed', 'cancelled')"
@@ -255,13 +281,14 @@ impl Store {
         .await
         .map(|_| ()))?;
         // A requeued job may retry the rows it failed before.
-        super::on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET last_error_job_id = NULL WHERE last_error_job_id = $1"
-        )
-        .bind(id)
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
+        for target in targets {
+            let sql = target.clear_failures_sql();
+            super::on_pool!(self, |pool| sqlx::query(&sql)
+                .bind(id)
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
+        }
         self.get_job(id).await
     }
 
@@ -283,11 +310,13 @@ impl Store {
         Ok(())
     }
 
-    /// Claims the next batch of the oldest live job for `worker_id`.
+    /// Claims the next batch of the oldest live job for `worker_id`,
+    /// walking `targets` in order within each pass.
     pub async fn claim_batch(
         &self,
         worker_id: &str,
         lease: Duration,
+        targets: &[RotationTarget],
     ) -> Result<ClaimOutcome, StoreError> {
         macro_rules! claim {
             ($tx:ident, $pick_job:expr) => {{
@@ -297,7 +326,8 @@ impl Store {
                     $tx.commit().await?;
                     return Ok(ClaimOutcome::Idle);
                 };
-                let cursor = row.cursor.clone();
+                let mut cursor = row.cursor.clone().unwrap_or_default();
+                let mut index = usize::try_from(row.target_index).unwrap_or(0);
                 let mut job = RotationJob::try_from(row)?;
                 let live: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM encryption_rotation_claims WHERE job_id = $1 AND lease_expires_at > $2",
@@ -330,13 +360,15 @@ impl Store {
                 }
 
                 if job.status == JobStatus::Pending {
-                    let total: i64 = sqlx::query_scalar(&format!(
-                        "SELECT COUNT(*) FROM connections WHERE {OFF_TARGET}"
-                    ))
-                    .bind(&job.target_key_id)
-                    .bind(&job.id)
-                    .fetch_one(&mut *$tx)
-                    .await?;
+                    let mut total = 0i64;
+                    for target in targets {
+                        let n: i64 = sqlx::query_scalar(&target.count_sql())
+                            .bind(&job.target_key_id)
+                            .bind(&job.id)
+                            .fetch_one(&mut *$tx)
+                            .await?;
+                        total += n;
+                    }
                     sqlx::query(
                         "UPDATE encryption_rotation_jobs SET status = 'running', started_at = $2, pass = 1, \
                          total_rows = $3, updated_at = $2 WHERE id = $1",
@@ -352,27 +384,33 @@ impl Store {
                     job.started_at = Some(now);
                 }
 
-                let rows: Vec<RotationRow> = sqlx::query_as(&format!(
-                    "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
-                     payload_iv, encrypted_credentials, credentials_iv FROM connections \
-                     WHERE {OFF_TARGET} AND id > $3 ORDER BY id LIMIT $4"
-                ))
-                .bind(&job.target_key_id)
-                .bind(&job.id)
-                .bind(cursor.unwrap_or_default())
-                .bind(job.batch_size)
-                .fetch_all(&mut *$tx)
-                .await?;
-
-                if let Some(last) = rows.last() {
+                // The next batch: after the cursor in the current target,
+                // else from the start of the following targets.
+                while let Some(target) = targets.get(index) {
+                    let rows: Vec<RotationRow> = sqlx::query(&target.select_batch_sql())
+                        .bind(&job.target_key_id)
+                        .bind(&job.id)
+                        .bind(&cursor)
+                        .bind(job.batch_size)
+                        .fetch_all(&mut *$tx)
+                        .await?
+                        .into_iter()
+                        .map(|row| Ok::<_, sqlx::Error>(rotation_row!(row, target.context.len())))
+                        .collect::<Result<_, _>>()?;
+                    let Some(last) = rows.last() else {
+                        index += 1;
+                        cursor.clear();
+                        continue;
+                    };
                     let claim_id = uuid::Uuid::new_v4().to_string();
                     let expires = now + lease;
                     sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET cursor = $2, lease_owner = $3, \
-                         lease_expires_at = $4, updated_at = $5 WHERE id = $1",
+                        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, lease_owner = $4, \
+                         lease_expires_at = $5, updated_at = $6 WHERE id = $1",
                     )
                     .bind(&job.id)
                     .bind(&last.id)
+                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
                     .bind(worker_id)
                     .bind(expires)
                     .bind(now)
@@ -391,13 +429,26 @@ impl Store {
                     .execute(&mut *$tx)
                     .await?;
                     $tx.commit().await?;
-                    return Ok(ClaimOutcome::Batch(Claim { id: claim_id, job, rows }));
+                    return Ok(ClaimOutcome::Batch(Claim {
+                        id: claim_id,
+                        job,
+                        target_index: index,
+                        rows,
+                    }));
                 }
 
                 // End of a pass. Wait for batches other workers still hold;
                 // batches of workers whose lease expired are dropped and
                 // their rows are picked up by the next pass.
                 if live > 0 {
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3 WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(&cursor)
+                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
+                    .execute(&mut *$tx)
+                    .await?;
                     $tx.commit().await?;
                     return Ok(ClaimOutcome::Waiting);
                 }
@@ -405,13 +456,15 @@ impl Store {
                     .bind(&job.id)
                     .execute(&mut *$tx)
                     .await?;
-                let remaining: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT(*) FROM connections WHERE {OFF_TARGET}"
-                ))
-                .bind(&job.target_key_id)
-                .bind(&job.id)
-                .fetch_one(&mut *$tx)
-                .await?;
+                let mut remaining = 0i64;
+                for target in targets {
+                    let n: i64 = sqlx::query_scalar(&target.count_sql())
+                        .bind(&job.target_key_id)
+                        .bind(&job.id)
+                        .fetch_one(&mut *$tx)
+                        .await?;
+                    remaining += n;
+                }
                 if remaining == 0 || job.dry_run {
                     let status = if job.counts.failed > 0 {
                         JobStatus::CompletedWithErrors
@@ -433,7 +486,7 @@ impl Store {
                     // Late rows (written under an older key during the job,
                     // or dropped by a dead worker): another pass.
                     sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, \
+                        "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
                          total_rows = processed_rows + $2, updated_at = $3 WHERE id = $1",
                     )
                     .bind(&job.id)
@@ -476,6 +529,7 @@ impl Store {
     pub async fn finish_batch(
         &self,
         claim: &Claim,
+        target: &RotationTarget,
         target_key_id: &str,
         outcomes: &[RowOutcome],
     ) -> Result<BatchCounts, StoreError> {
@@ -506,8 +560,9 @@ impl Store {
             .count() as i64;
         counts.failed = failures.len() as i64;
         if let Some((row, msg)) = failures.last() {
-            last_error = Some(format!("connection {}: {msg}", row.id));
+            last_error = Some(format!("{} {}: {msg}", target.table.as_str(), row.id));
         }
+        let fail_sql = target.fail_row_sql();
 
         macro_rules! finish {
             ($tx:ident, $written:expr) => {{
@@ -515,14 +570,12 @@ impl Store {
                 counts.succeeded += written;
                 counts.skipped = rewritten.len() as i64 - written;
                 for (row, msg) in &failures {
-                    sqlx::query(
-                        "UPDATE connections SET last_error = $2, last_error_job_id = $3 WHERE id = $1",
-                    )
-                    .bind(&row.id)
-                    .bind(format!("rotation job {}: {msg}", claim.job.id))
-                    .bind(&claim.job.id)
-                    .execute(&mut *$tx)
-                    .await?;
+                    sqlx::query(&fail_sql)
+                        .bind(&row.id)
+                        .bind(format!("rotation job {}: {msg}", claim.job.id))
+                        .bind(&claim.job.id)
+                        .execute(&mut *$tx)
+                        .await?;
                 }
                 sqlx::query(
                     "UPDATE encryption_rotation_jobs SET processed_rows = processed_rows + $2, \
@@ -557,44 +610,32 @@ impl Store {
                     let col = |f: fn(&Envelope) -> Vec<u8>| {
                         rewritten.iter().map(|(_, e)| f(e)).collect::<Vec<_>>()
                     };
-                    let ids: Vec<String> = rewritten.iter().map(|(r, _)| r.id.clone()).collect();
-                    let old_keys: Vec<Option<String>> = rewritten
-                        .iter()
-                        .map(|(r, _)| r.encryption_key_id.clone())
-                        .collect();
-                    let old_payloads: Vec<Option<Vec<u8>>> = rewritten
-                        .iter()
-                        .map(|(r, _)| r.payload_ciphertext.clone())
-                        .collect();
-                    let old_legacy: Vec<Option<Vec<u8>>> = rewritten
-                        .iter()
-                        .map(|(r, _)| r.encrypted_credentials.clone())
-                        .collect();
-                    sqlx::query(
-                        "UPDATE connections AS c SET encryption_key_id = $1, data_key_ciphertext = u.dk, \
-                         data_key_iv = u.dk_iv, payload_ciphertext = u.ct, payload_iv = u.iv, \
-                         encrypted_credentials = NULL, credentials_iv = NULL, last_error = NULL, \
-                         last_error_job_id = NULL, updated_at = $2 \
-                         FROM UNNEST($3::text[], $4::bytea[], $5::bytea[], $6::bytea[], $7::bytea[], \
-                                     $8::text[], $9::bytea[], $10::bytea[]) \
-                              AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
-                         WHERE c.id = u.id AND c.encryption_key_id IS NOT DISTINCT FROM u.old_key \
-                           AND c.payload_ciphertext IS NOT DISTINCT FROM u.old_ct \
-                           AND c.encrypted_credentials IS NOT DISTINCT FROM u.old_legacy",
-                    )
-                    .bind(target_key_id)
-                    .bind(now)
-                    .bind(ids)
-                    .bind(col(|e| e.data_key_ciphertext.clone()))
-                    .bind(col(|e| e.data_key_iv.clone()))
-                    .bind(col(|e| e.payload_ciphertext.clone()))
-                    .bind(col(|e| e.payload_iv.clone()))
-                    .bind(old_keys)
-                    .bind(old_payloads)
-                    .bind(old_legacy)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected() as i64
+                    let old = |f: fn(&RotationRow) -> Option<Vec<u8>>| {
+                        rewritten.iter().map(|(r, _)| f(r)).collect::<Vec<_>>()
+                    };
+                    sqlx::query(&target.write_batch_sql_postgres())
+                        .bind(target_key_id)
+                        .bind(
+                            rewritten
+                                .iter()
+                                .map(|(r, _)| r.id.clone())
+                                .collect::<Vec<_>>(),
+                        )
+                        .bind(col(|e| e.data_key_ciphertext.clone()))
+                        .bind(col(|e| e.data_key_iv.clone()))
+                        .bind(col(|e| e.payload_ciphertext.clone()))
+                        .bind(col(|e| e.payload_iv.clone()))
+                        .bind(
+                            rewritten
+                                .iter()
+                                .map(|(r, _)| r.encryption_key_id.clone())
+                                .collect::<Vec<_>>(),
+                        )
+                        .bind(old(|r| r.payload_ciphertext.clone()))
+                        .bind(old(|r| r.legacy_ciphertext.clone()))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected() as i64
                 };
                 finish!(tx, written);
             }
@@ -602,29 +643,22 @@ impl Store {
                 // SQLite has no arrays; an embedded database pays no round
                 // trip per statement, so one statement per row is cheap.
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let sql = target.write_row_sql_sqlite();
                 let mut written = 0i64;
                 for (row, env) in &rewritten {
-                    written += sqlx::query(
-                        "UPDATE connections SET encryption_key_id = $1, data_key_ciphertext = $2, \
-                         data_key_iv = $3, payload_ciphertext = $4, payload_iv = $5, \
-                         encrypted_credentials = NULL, credentials_iv = NULL, last_error = NULL, \
-                         last_error_job_id = NULL, updated_at = $6 \
-                         WHERE id = $7 AND encryption_key_id IS $8 AND payload_ciphertext IS $9 \
-                           AND encrypted_credentials IS $10",
-                    )
-                    .bind(target_key_id)
-                    .bind(&env.data_key_ciphertext)
-                    .bind(&env.data_key_iv)
-                    .bind(&env.payload_ciphertext)
-                    .bind(&env.payload_iv)
-                    .bind(now)
-                    .bind(&row.id)
-                    .bind(&row.encryption_key_id)
-                    .bind(&row.payload_ciphertext)
-                    .bind(&row.encrypted_credentials)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected() as i64;
+                    written += sqlx::query(&sql)
+                        .bind(target_key_id)
+                        .bind(&env.data_key_ciphertext)
+                        .bind(&env.data_key_iv)
+                        .bind(&env.payload_ciphertext)
+                        .bind(&env.payload_iv)
+                        .bind(&row.id)
+                        .bind(&row.encryption_key_id)
+                        .bind(&row.payload_ciphertext)
+                        .bind(&row.legacy_ciphertext)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected() as i64;
                 }
                 finish!(tx, written);
             }

@@ -113,6 +113,8 @@ pub struct Options {
     pub limits: Limits,
     /// The in-process rotation worker (`None`: like `serve --no-worker`).
     pub worker: Option<WorkerOptions>,
+    /// Rotation targets beyond `connections`.
+    pub targets: Vec<keyward::rotation::target::RotationTarget>,
 }
 
 impl Default for Options {
@@ -125,6 +127,7 @@ impl Default for Options {
                 lease: std::time::Duration::from_secs(30),
                 idle_poll: std::time::Duration::from_millis(50),
             }),
+            targets: Vec::new(),
         }
     }
 }
@@ -161,6 +164,7 @@ async fn start(
     let mut settings = Settings::for_database(database_url.clone(), options.master);
     settings.limits = options.limits;
     settings.worker = options.worker;
+    settings.rotation_targets = options.targets;
     let app = Application::build(settings).await.unwrap();
     if options.seed {
         app.services()

@@ -597,6 +597,7 @@ crate::on_both_backends!(
     concurrent_application_writes_are_never_lost,
     jobs_wait_for_a_worker,
     bad_rotation_requests,
+    configured_tables_rotate_too,
 );
 
 /// Runbook §1.2 and §1.6 exactly as written (with a local KMS key name for
@@ -653,4 +654,135 @@ WHERE status = 'rotating';",
         (plain["conn-a"].as_str(), plain["conn-b"].as_str()),
         ("alpha", "beta")
     );
+}
+
+/// A deployment's own table of secrets, added by configuration, rotates in
+/// the same job as `connections`, each row under its own context.
+async fn configured_tables_rotate_too(backend: Backend) {
+    use keyward::rotation::target::RotationTarget;
+    let target = RotationTarget::new(
+        "api_tokens",
+        "id",
+        &[
+            ("token_id".into(), "id".into()),
+            ("tenant".into(), "tenant".into()),
+        ],
+        &[("payload_ciphertext", "secret_ciphertext")],
+        None,
+    )
+    .unwrap();
+    let options = Options {
+        targets: vec![target],
+        ..Options::default()
+    };
+    let Some(app) = spawn_with(backend, options).await else {
+        return;
+    };
+    let blob = if backend == Backend::Postgres {
+        "BYTEA"
+    } else {
+        "BLOB"
+    };
+    app.sql(&format!(
+        "CREATE TABLE api_tokens (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, encryption_key_id TEXT,
+           data_key_ciphertext {blob}, data_key_iv {blob}, secret_ciphertext {blob}, payload_iv {blob},
+           last_error TEXT, last_error_job_id TEXT)"
+    ))
+    .await;
+    let hex_literal = |bytes: &[u8]| match backend {
+        Backend::Postgres => format!("'\\x{}'::bytea", hex::encode(bytes)),
+        Backend::Sqlite => format!("X'{}'", hex::encode(bytes)),
+    };
+    let mut expected = HashMap::new();
+    for id in 1..=12 {
+        let tenant = if id % 2 == 0 { "acme" } else { "globex" };
+        let value = format!("token {id}");
+        let id_text = id.to_string();
+        let env = app
+            .encrypt(
+                value.as_bytes(),
+                &[("token_id", id_text.as_str()), ("tenant", tenant)],
+            )
+            .await
+            .envelope
+            .unwrap();
+        app.sql(&format!(
+            "INSERT INTO api_tokens (id, tenant, encryption_key_id, data_key_ciphertext, data_key_iv, secret_ciphertext, payload_iv)
+             VALUES ({id}, '{tenant}', '{}', {}, {}, {}, {})",
+            env.encryption_key_id,
+            hex_literal(&env.data_key_ciphertext),
+            hex_literal(&env.data_key_iv),
+            hex_literal(&env.payload_ciphertext),
+            hex_literal(&env.payload_iv),
+        ))
+        .await;
+        expected.insert(id, (tenant, value));
+    }
+    insert_row(&app, "conn-1", "connection secret").await;
+    let next = activate_new_key(&app, "next").await;
+
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 5,
+            ..Default::default()
+        },
+    )
+    .await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!((job.total_rows, job.succeeded_rows), (13, 13));
+    assert_eq!(decrypt_all(&app).await["conn-1"], "connection secret");
+
+    // Read the rotated tokens back and decrypt each with its own context.
+    type TokenRow = (
+        i64,
+        String,
+        Option<String>,
+        Vec<u8>,
+        Vec<u8>,
+        Vec<u8>,
+        Vec<u8>,
+    );
+    let rows: Vec<TokenRow> = match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+            sqlx::query_as("SELECT CAST(id AS BIGINT), tenant, encryption_key_id, data_key_ciphertext, data_key_iv, secret_ciphertext, payload_iv FROM api_tokens")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+            sqlx::query_as("SELECT CAST(id AS BIGINT), tenant, encryption_key_id, data_key_ciphertext, data_key_iv, secret_ciphertext, payload_iv FROM api_tokens")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(rows.len(), 12);
+    let mut client = app.crypto.clone();
+    for (id, tenant, key, dk, dk_iv, ct, iv) in rows {
+        assert_eq!(key.as_deref(), Some(next.as_str()));
+        let id_text = id.to_string();
+        let envelope = keyward::api::proto::Envelope {
+            encryption_key_id: key.unwrap(),
+            data_key_ciphertext: dk.into(),
+            data_key_iv: dk_iv.into(),
+            payload_ciphertext: ct.into(),
+            payload_iv: iv.into(),
+        };
+        let opened = client
+            .decrypt(DecryptRequest {
+                context: ctx(&[("token_id", id_text.as_str()), ("tenant", tenant.as_str())]),
+                ciphertext: Some(Ciphertext::Envelope(envelope)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            std::str::from_utf8(&opened.plaintext).unwrap(),
+            expected[&id].1
+        );
+    }
 }

@@ -1,0 +1,2 @@
+-- Which configured rotation target (by position) a job's cursor is in.
+ALTER TABLE encryption_rotation_jobs ADD COLUMN target_index INTEGER NOT NULL DEFAULT 0;

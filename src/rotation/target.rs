@@ -1,0 +1,334 @@
+//! Rotation targets: the tables of secrets a rotation walks, and the SQL
+//! for each. The default target is the runbook's `connections` table, with
+//! the context `{"connection_id": id}` and the legacy columns; deployments
+//! add their own tables by configuration (`--rotation-targets FILE`).
+//!
+//! Table and column names come from configuration, so each is checked to be
+//! a plain SQL identifier and always double-quoted: nothing a configuration
+//! file says can change the shape of a statement.
+
+use crate::crypto::context::{ContextError, EncryptionContext};
+
+use super::CONNECTION_CONTEXT_KEY;
+
+/// A checked SQL identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ident(String);
+
+impl Ident {
+    /// Accepts `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes (PostgreSQL's limit).
+    pub fn parse(name: &str) -> Result<Self, TargetError> {
+        let mut chars = name.chars();
+        let ok = name.len() <= 63
+            && chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if ok {
+            Ok(Self(name.to_owned()))
+        } else {
+            Err(TargetError::BadIdentifier(name.to_owned()))
+        }
+    }
+
+    fn q(&self) -> String {
+        format!("\"{}\"", self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A rotation target configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    #[error(
+        "{0:?} is not a plain SQL identifier (letters, digits and _, not starting with a digit)"
+    )]
+    BadIdentifier(String),
+    #[error(
+        "rotation target {0} has no context columns; name at least one so rows cannot be swapped"
+    )]
+    NoContext(String),
+    #[error("rotation target {0} is configured twice")]
+    Duplicate(String),
+}
+
+/// The envelope columns of a target (defaults: the `connections` names).
+#[derive(Debug, Clone)]
+pub struct EnvelopeColumns {
+    pub encryption_key_id: Ident,
+    pub data_key_ciphertext: Ident,
+    pub data_key_iv: Ident,
+    pub payload_ciphertext: Ident,
+    pub payload_iv: Ident,
+    pub last_error: Ident,
+    pub last_error_job_id: Ident,
+}
+
+impl EnvelopeColumns {
+    fn defaults() -> Self {
+        let id = |s: &str| Ident(s.to_owned());
+        Self {
+            encryption_key_id: id("encryption_key_id"),
+            data_key_ciphertext: id("data_key_ciphertext"),
+            data_key_iv: id("data_key_iv"),
+            payload_ciphertext: id("payload_ciphertext"),
+            payload_iv: id("payload_iv"),
+            last_error: id("last_error"),
+            last_error_job_id: id("last_error_job_id"),
+        }
+    }
+}
+
+/// One table of secrets.
+#[derive(Debug, Clone)]
+pub struct RotationTarget {
+    pub table: Ident,
+    pub id: Ident,
+    pub columns: EnvelopeColumns,
+    /// Legacy (ciphertext, iv) columns, read when the payload mirror is empty.
+    pub legacy: Option<(Ident, Ident)>,
+    /// Context key → the column whose value (as text) it takes.
+    pub context: Vec<(String, Ident)>,
+}
+
+impl RotationTarget {
+    /// The runbook's `connections` table.
+    pub fn connections() -> Self {
+        let id = |s: &str| Ident(s.to_owned());
+        Self {
+            table: id("connections"),
+            id: id("id"),
+            columns: EnvelopeColumns::defaults(),
+            legacy: Some((id("encrypted_credentials"), id("credentials_iv"))),
+            context: vec![(CONNECTION_CONTEXT_KEY.to_owned(), id("id"))],
+        }
+    }
+
+    /// A configured table. Columns not named take the `connections` names.
+    pub fn new(
+        table: &str,
+        id_column: &str,
+        context: &[(String, String)],
+        columns: &[(&str, &str)],
+        legacy: Option<(&str, &str)>,
+    ) -> Result<Self, TargetError> {
+        if context.is_empty() {
+            return Err(TargetError::NoContext(table.to_owned()));
+        }
+        let mut cols = EnvelopeColumns::defaults();
+        for (field, name) in columns {
+            let ident = Ident::parse(name)?;
+            match *field {
+                "encryption_key_id" => cols.encryption_key_id = ident,
+                "data_key_ciphertext" => cols.data_key_ciphertext = ident,
+                "data_key_iv" => cols.data_key_iv = ident,
+                "payload_ciphertext" => cols.payload_ciphertext = ident,
+                "payload_iv" => cols.payload_iv = ident,
+                "last_error" => cols.last_error = ident,
+                "last_error_job_id" => cols.last_error_job_id = ident,
+                other => return Err(TargetError::BadIdentifier(other.to_owned())),
+            }
+        }
+        Ok(Self {
+            table: Ident::parse(table)?,
+            id: Ident::parse(id_column)?,
+            columns: cols,
+            legacy: legacy
+                .map(|(ct, iv)| Ok::<_, TargetError>((Ident::parse(ct)?, Ident::parse(iv)?)))
+                .transpose()?,
+            context: context
+                .iter()
+                .map(|(key, column)| Ok((key.clone(), Ident::parse(column)?)))
+                .collect::<Result<_, TargetError>>()?,
+        })
+    }
+
+    /// The encryption context of a row, from its context column values.
+    pub fn context_of(&self, values: &[Option<String>]) -> Result<EncryptionContext, ContextError> {
+        EncryptionContext::from_pairs(
+            self.context
+                .iter()
+                .zip(values)
+                .map(|((key, _), value)| (key.clone(), value.clone().unwrap_or_default())),
+        )
+    }
+
+    /// Rows not on key `$1` and not already failed by job `$2`.
+    fn off_target(&self) -> String {
+        let c = &self.columns;
+        format!(
+            "({k} IS NULL OR {k} <> $1) AND ({e} IS NULL OR {e} <> $2)",
+            k = c.encryption_key_id.q(),
+            e = c.last_error_job_id.q()
+        )
+    }
+
+    /// `SELECT COUNT(*)` of rows still to rotate; binds $1 key, $2 job.
+    pub fn count_sql(&self) -> String {
+        format!(
+            "SELECT COUNT(*) FROM {} WHERE {}",
+            self.table.q(),
+            self.off_target()
+        )
+    }
+
+    /// The next batch after a cursor; binds $1 key, $2 job, $3 cursor, $4 limit.
+    /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the context).
+    pub fn select_batch_sql(&self) -> String {
+        let c = &self.columns;
+        let (legacy_ct, legacy_iv) = match &self.legacy {
+            Some((ct, iv)) => (ct.q(), iv.q()),
+            None => ("NULL".to_owned(), "NULL".to_owned()),
+        };
+        let context: String = self
+            .context
+            .iter()
+            .enumerate()
+            .map(|(i, (_, col))| format!(", CAST({} AS TEXT) AS ctx_{i}", col.q()))
+            .collect();
+        format!(
+            "SELECT CAST({id} AS TEXT) AS id, {k} AS encryption_key_id, {dk} AS data_key_ciphertext, \
+             {dkiv} AS data_key_iv, {ct} AS payload_ciphertext, {iv} AS payload_iv, \
+             {legacy_ct} AS legacy_ciphertext, {legacy_iv} AS legacy_iv{context} \
+             FROM {table} WHERE {pred} AND CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT) LIMIT $4",
+            id = self.id.q(),
+            k = c.encryption_key_id.q(),
+            dk = c.data_key_ciphertext.q(),
+            dkiv = c.data_key_iv.q(),
+            ct = c.payload_ciphertext.q(),
+            iv = c.payload_iv.q(),
+            table = self.table.q(),
+            pred = self.off_target(),
+        )
+    }
+
+    /// Columns cleared when a row moves to an envelope (the legacy ones).
+    fn clear_legacy(&self) -> String {
+        match &self.legacy {
+            Some((ct, iv)) => format!(", {} = NULL, {} = NULL", ct.q(), iv.q()),
+            None => String::new(),
+        }
+    }
+
+    fn legacy_cas(&self, old: &str) -> String {
+        match &self.legacy {
+            Some((ct, _)) => format!(
+                " AND {}.{} IS NOT DISTINCT FROM {old}",
+                self.table.q(),
+                ct.q()
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// PostgreSQL: the whole batch in one statement.
+    /// Binds $1 key, $2..$9 arrays (id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy).
+    pub fn write_batch_sql_postgres(&self) -> String {
+        let c = &self.columns;
+        let t = self.table.q();
+        format!(
+            "UPDATE {t} SET {k} = $1, {dk} = u.dk, {dkiv} = u.dk_iv, {ct} = u.ct, {iv} = u.iv, \
+             {le} = NULL, {lej} = NULL{clear} \
+             FROM UNNEST($2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
+                         $8::bytea[], $9::bytea[]) AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
+             WHERE CAST({t}.{id} AS TEXT) = u.id AND {t}.{k} IS NOT DISTINCT FROM u.old_key \
+               AND {t}.{ct} IS NOT DISTINCT FROM u.old_ct{legacy}",
+            k = c.encryption_key_id.q(),
+            dk = c.data_key_ciphertext.q(),
+            dkiv = c.data_key_iv.q(),
+            ct = c.payload_ciphertext.q(),
+            iv = c.payload_iv.q(),
+            le = c.last_error.q(),
+            lej = c.last_error_job_id.q(),
+            id = self.id.q(),
+            clear = self.clear_legacy(),
+            legacy = self.legacy_cas("u.old_legacy"),
+        )
+    }
+
+    /// SQLite: one row. Binds $1 key, $2 dk, $3 dk_iv, $4 ct, $5 iv, $6 id,
+    /// $7 old key, $8 old ct, $9 old legacy.
+    pub fn write_row_sql_sqlite(&self) -> String {
+        let c = &self.columns;
+        let t = self.table.q();
+        format!(
+            "UPDATE {t} SET {k} = $1, {dk} = $2, {dkiv} = $3, {ct} = $4, {iv} = $5, {le} = NULL, {lej} = NULL{clear} \
+             WHERE CAST({id} AS TEXT) = $6 AND {k} IS $7 AND {ct} IS $8{legacy}",
+            k = c.encryption_key_id.q(),
+            dk = c.data_key_ciphertext.q(),
+            dkiv = c.data_key_iv.q(),
+            ct = c.payload_ciphertext.q(),
+            iv = c.payload_iv.q(),
+            le = c.last_error.q(),
+            lej = c.last_error_job_id.q(),
+            id = self.id.q(),
+            clear = self.clear_legacy(),
+            legacy = self.legacy_cas("$9"),
+        )
+    }
+
+    /// Records a failed row. Binds $1 id, $2 message, $3 job.
+    pub fn fail_row_sql(&self) -> String {
+        format!(
+            "UPDATE {} SET {} = $2, {} = $3 WHERE CAST({} AS TEXT) = $1",
+            self.table.q(),
+            self.columns.last_error.q(),
+            self.columns.last_error_job_id.q(),
+            self.id.q()
+        )
+    }
+
+    /// Forgets a job's failures (requeue). Binds $1 job.
+    pub fn clear_failures_sql(&self) -> String {
+        let lej = self.columns.last_error_job_id.q();
+        format!(
+            "UPDATE {} SET {lej} = NULL WHERE {lej} = $1",
+            self.table.q()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_checked() {
+        for bad in ["", "1abc", "a-b", "a;drop table x", "a\"b", &"x".repeat(64)] {
+            assert!(Ident::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(Ident::parse("api_tokens_2").is_ok());
+    }
+
+    #[test]
+    fn configured_targets_need_a_context() {
+        assert_eq!(
+            RotationTarget::new("t", "id", &[], &[], None).unwrap_err(),
+            TargetError::NoContext("t".into())
+        );
+        let t = RotationTarget::new(
+            "api_tokens",
+            "id",
+            &[("token_id".into(), "id".into())],
+            &[],
+            None,
+        )
+        .unwrap();
+        assert!(t.select_batch_sql().contains("FROM \"api_tokens\""));
+        assert!(!t.write_row_sql_sqlite().contains("encrypted_credentials"));
+    }
+
+    #[test]
+    fn connections_context_is_the_row_id() {
+        let t = RotationTarget::connections();
+        let ctx = t.context_of(&[Some("42".into())]).unwrap();
+        assert_eq!(
+            ctx,
+            EncryptionContext::from_pairs([("connection_id", "42")]).unwrap()
+        );
+    }
+}
