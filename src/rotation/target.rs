@@ -225,27 +225,37 @@ impl RotationTarget {
         }
     }
 
+    /// The SET list of a write-back: the envelope columns take the given
+    /// values, the error columns are cleared, legacy columns emptied.
+    fn set_envelope(&self, key: &str, dk: &str, dk_iv: &str, ct: &str, iv: &str) -> String {
+        let c = &self.columns;
+        format!(
+            "{} = {key}, {} = {dk}, {} = {dk_iv}, {} = {ct}, {} = {iv}, {} = NULL, {} = NULL{}",
+            c.encryption_key_id.q(),
+            c.data_key_ciphertext.q(),
+            c.data_key_iv.q(),
+            c.payload_ciphertext.q(),
+            c.payload_iv.q(),
+            c.last_error.q(),
+            c.last_error_job_id.q(),
+            self.clear_legacy(),
+        )
+    }
+
     /// PostgreSQL: the whole batch in one statement.
     /// Binds $1 key, $2..$9 arrays (id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy).
     pub fn write_batch_sql_postgres(&self) -> String {
-        let c = &self.columns;
         let t = self.table.q();
         format!(
-            "UPDATE {t} SET {k} = $1, {dk} = u.dk, {dkiv} = u.dk_iv, {ct} = u.ct, {iv} = u.iv, \
-             {le} = NULL, {lej} = NULL{clear} \
+            "UPDATE {t} SET {set} \
              FROM UNNEST($2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
                          $8::bytea[], $9::bytea[]) AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
              WHERE CAST({t}.{id} AS TEXT) = u.id AND {t}.{k} IS NOT DISTINCT FROM u.old_key \
                AND {t}.{ct} IS NOT DISTINCT FROM u.old_ct{legacy}",
-            k = c.encryption_key_id.q(),
-            dk = c.data_key_ciphertext.q(),
-            dkiv = c.data_key_iv.q(),
-            ct = c.payload_ciphertext.q(),
-            iv = c.payload_iv.q(),
-            le = c.last_error.q(),
-            lej = c.last_error_job_id.q(),
+            set = self.set_envelope("$1", "u.dk", "u.dk_iv", "u.ct", "u.iv"),
+            k = self.columns.encryption_key_id.q(),
+            ct = self.columns.payload_ciphertext.q(),
             id = self.id.q(),
-            clear = self.clear_legacy(),
             legacy = self.legacy_cas("u.old_legacy"),
         )
     }
@@ -253,20 +263,13 @@ impl RotationTarget {
     /// SQLite: one row. Binds $1 key, $2 dk, $3 dk_iv, $4 ct, $5 iv, $6 id,
     /// $7 old key, $8 old ct, $9 old legacy.
     pub fn write_row_sql_sqlite(&self) -> String {
-        let c = &self.columns;
-        let t = self.table.q();
         format!(
-            "UPDATE {t} SET {k} = $1, {dk} = $2, {dkiv} = $3, {ct} = $4, {iv} = $5, {le} = NULL, {lej} = NULL{clear} \
-             WHERE CAST({id} AS TEXT) = $6 AND {k} IS $7 AND {ct} IS $8{legacy}",
-            k = c.encryption_key_id.q(),
-            dk = c.data_key_ciphertext.q(),
-            dkiv = c.data_key_iv.q(),
-            ct = c.payload_ciphertext.q(),
-            iv = c.payload_iv.q(),
-            le = c.last_error.q(),
-            lej = c.last_error_job_id.q(),
+            "UPDATE {t} SET {set} WHERE CAST({id} AS TEXT) = $6 AND {k} IS $7 AND {ct} IS $8{legacy}",
+            t = self.table.q(),
+            set = self.set_envelope("$1", "$2", "$3", "$4", "$5"),
+            k = self.columns.encryption_key_id.q(),
+            ct = self.columns.payload_ciphertext.q(),
             id = self.id.q(),
-            clear = self.clear_legacy(),
             legacy = self.legacy_cas("$9"),
         )
     }

@@ -536,24 +536,15 @@ impl Store {
         let now = Utc::now();
         let mut counts = BatchCounts::default();
         let mut last_error: Option<String> = None;
-        let rewritten: Vec<(&RotationRow, &Envelope)> = claim
-            .rows
-            .iter()
-            .zip(outcomes)
-            .filter_map(|(row, outcome)| match outcome {
-                RowOutcome::Rewritten(env) => Some((row, env)),
-                _ => None,
-            })
-            .collect();
-        let failures: Vec<(&RotationRow, &String)> = claim
-            .rows
-            .iter()
-            .zip(outcomes)
-            .filter_map(|(row, outcome)| match outcome {
-                RowOutcome::Failed(msg) => Some((row, msg)),
-                _ => None,
-            })
-            .collect();
+        let mut rewritten: Vec<(&RotationRow, &Envelope)> = Vec::new();
+        let mut failures: Vec<(&RotationRow, &String)> = Vec::new();
+        for (row, outcome) in claim.rows.iter().zip(outcomes) {
+            match outcome {
+                RowOutcome::Rewritten(env) => rewritten.push((row, env)),
+                RowOutcome::Failed(msg) => failures.push((row, msg)),
+                RowOutcome::Verified => {}
+            }
+        }
         counts.succeeded = outcomes
             .iter()
             .filter(|o| matches!(o, RowOutcome::Verified))
