@@ -48,6 +48,39 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Runs `$body` with a fresh pool on the app's database, whichever backend.
+macro_rules! on_db {
+    ($app:expr, |$pool:ident| $body:expr) => {
+        match $app.backend {
+            Backend::Sqlite => {
+                let $pool = SqlitePool::connect(&$app.database_url).await.unwrap();
+                let out = $body;
+                $pool.close().await;
+                out
+            }
+            Backend::Postgres => {
+                let $pool = PgPool::connect(&$app.database_url).await.unwrap();
+                let out = $body;
+                $pool.close().await;
+                out
+            }
+        }
+    };
+}
+
+/// Binds `$1` = id and `$2..$6` = the envelope's five fields.
+macro_rules! bind_envelope {
+    ($query:expr, $id:expr, $envelope:expr) => {
+        $query
+            .bind($id)
+            .bind(&$envelope.encryption_key_id)
+            .bind($envelope.data_key_ciphertext.to_vec())
+            .bind($envelope.data_key_iv.to_vec())
+            .bind($envelope.payload_ciphertext.to_vec())
+            .bind($envelope.payload_iv.to_vec())
+    };
+}
+
 pub const MASTER: &str = "test-master-secret-0123456789abcdef";
 pub const PRIMARY: &str = "primary";
 
@@ -265,18 +298,11 @@ impl TestApp {
 
     /// Runs one SQL statement on the app's database (test set-up only).
     pub async fn sql(&self, statement: &str) {
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
-                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
-                pool.close().await;
-            }
-            Backend::Postgres => {
-                let pool = PgPool::connect(&self.database_url).await.unwrap();
-                sqlx::raw_sql(statement).execute(&pool).await.unwrap();
-                pool.close().await;
-            }
-        }
+        on_db!(self, |pool| sqlx::raw_sql(statement)
+            .execute(&pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
     }
 
     /// Inserts a `connections` row holding an envelope, as an application would.
@@ -287,31 +313,16 @@ impl TestApp {
 
     /// Inserts many rows over one connection.
     pub async fn insert_connections(&self, rows: &[(String, keyward::api::proto::Envelope)]) {
-        const SQL: &str =
-            "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, \
-             data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)";
-        macro_rules! run {
-            ($pool:expr) => {{
-                let pool = $pool;
-                for (id, envelope) in rows {
-                    sqlx::query(SQL)
-                        .bind(id)
-                        .bind(&envelope.encryption_key_id)
-                        .bind(envelope.data_key_ciphertext.to_vec())
-                        .bind(envelope.data_key_iv.to_vec())
-                        .bind(envelope.payload_ciphertext.to_vec())
-                        .bind(envelope.payload_iv.to_vec())
-                        .execute(&pool)
-                        .await
-                        .unwrap();
-                }
-                pool.close().await;
-            }};
-        }
-        match self.backend {
-            Backend::Sqlite => run!(SqlitePool::connect(&self.database_url).await.unwrap()),
-            Backend::Postgres => run!(PgPool::connect(&self.database_url).await.unwrap()),
-        }
+        const SQL: &str = "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, \
+             data_key_iv, payload_ciphertext, payload_iv, name) VALUES ($1, $2, $3, $4, $5, $6, $1)";
+        on_db!(self, |pool| {
+            for (id, envelope) in rows {
+                bind_envelope!(sqlx::query(SQL), id, envelope)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        });
     }
 }
 
@@ -346,20 +357,7 @@ impl TestApp {
     pub async fn connections(&self) -> Vec<ConnectionRow> {
         const SQL: &str = "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
              payload_iv, encrypted_credentials, credentials_iv, last_error FROM connections ORDER BY id";
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
-                let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
-                pool.close().await;
-                rows
-            }
-            Backend::Postgres => {
-                let pool = PgPool::connect(&self.database_url).await.unwrap();
-                let rows = sqlx::query_as(SQL).fetch_all(&pool).await.unwrap();
-                pool.close().await;
-                rows
-            }
-        }
+        on_db!(self, |pool| sqlx::query_as(SQL).fetch_all(&pool).await).unwrap()
     }
 
     /// Inserts a legacy row (pre-keyward format); with `mirror`, also the
@@ -377,30 +375,14 @@ impl TestApp {
         } else {
             "INSERT INTO connections (id, encrypted_credentials, credentials_iv) VALUES ($1, $2, $3)"
         };
-        match self.backend {
-            Backend::Sqlite => {
-                let pool = SqlitePool::connect(&self.database_url).await.unwrap();
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(ciphertext)
-                    .bind(iv)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-            }
-            Backend::Postgres => {
-                let pool = PgPool::connect(&self.database_url).await.unwrap();
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(ciphertext)
-                    .bind(iv)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-            }
-        }
+        on_db!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(ciphertext)
+            .bind(iv)
+            .execute(&pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
     }
 
     /// Replaces a row's envelope columns, as an application rewriting a
@@ -409,26 +391,11 @@ impl TestApp {
         const SQL: &str =
             "UPDATE connections SET encryption_key_id = $2, data_key_ciphertext = $3, \
              data_key_iv = $4, payload_ciphertext = $5, payload_iv = $6 WHERE id = $1";
-        macro_rules! run {
-            ($pool:expr) => {{
-                let pool = $pool;
-                sqlx::query(SQL)
-                    .bind(id)
-                    .bind(&envelope.encryption_key_id)
-                    .bind(envelope.data_key_ciphertext.to_vec())
-                    .bind(envelope.data_key_iv.to_vec())
-                    .bind(envelope.payload_ciphertext.to_vec())
-                    .bind(envelope.payload_iv.to_vec())
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-            }};
-        }
-        match self.backend {
-            Backend::Sqlite => run!(SqlitePool::connect(&self.database_url).await.unwrap()),
-            Backend::Postgres => run!(PgPool::connect(&self.database_url).await.unwrap()),
-        }
+        on_db!(self, |pool| bind_envelope!(sqlx::query(SQL), id, envelope)
+            .execute(&pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
     }
 }
 
