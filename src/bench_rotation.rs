@@ -4,8 +4,9 @@
 //! On the database given by `--database-url` (an empty PostgreSQL database
 //! is the intended target) it:
 //! 1. writes `--rows` envelopes (`--payload-bytes` each) under a fresh key;
-//! 2. times one `UPDATE` rewriting the same envelope columns of every one of
-//!    those rows: the floor no row-by-row rotation can beat;
+//! 2. times one `UPDATE` setting every one of those rows to the new key record
+//!    and rewriting its envelope columns: the floor no row-by-row rotation
+//!    can beat (it changes the indexed key column, as a rotation does);
 //! 3. measures Encrypt p50/p99 on an idle server (closed loop,
 //!    `--load-concurrency` callers);
 //! 4. activates a second key and rotates every row (REENCRYPT, local KMS)
@@ -111,11 +112,28 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         started.elapsed().as_secs_f64()
     );
 
-    // 2. The floor.
+    // 2. The floor: one statement moving every row to the new key record and
+    // rewriting the envelope columns, as the rotation must (changing the
+    // indexed key column rules out HOT updates for both), then moving them
+    // back untimed.
+    let new_key = services
+        .admin
+        .create_key(CreateKey {
+            key_id: format!("bench-new-{run_id}"),
+            ..CreateKey::default()
+        })
+        .await?;
     let started = Instant::now();
-    let touched = services.store.rewrite_envelopes_in_place(&prefix).await?;
+    let touched = services
+        .store
+        .rewrite_envelopes_in_place(&prefix, &new_key.id)
+        .await?;
     let floor_secs = started.elapsed().as_secs_f64();
     let floor_rate = touched as f64 / floor_secs;
+    services
+        .store
+        .rewrite_envelopes_in_place(&prefix, &old_key.id)
+        .await?;
     services.store.vacuum_connections().await?;
 
     // 3. Idle Encrypt latency.
@@ -131,14 +149,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     .await?;
 
     // 4. Rotate under load.
-    let new_key = services
-        .admin
-        .create_key(CreateKey {
-            key_id: format!("bench-new-{run_id}"),
-            activate: true,
-            ..CreateKey::default()
-        })
-        .await?;
+    let new_key = services.admin.activate_key(&new_key.id).await?.activated;
     let job = services
         .rotations
         .start(StartRotation {
@@ -219,7 +230,10 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     server.await??;
 
     println!("\n{:<46} {:>12}", "measure", "value");
-    println!("{:<46} {:>12.0}", "floor: one UPDATE, rows/s", floor_rate);
+    println!(
+        "{:<46} {:>12.0}",
+        "floor: one UPDATE of the same columns, rows/s", floor_rate
+    );
     println!(
         "{:<46} {:>12.0}",
         "rotation (REENCRYPT, local KMS), rows/s", rotation_rate

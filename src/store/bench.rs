@@ -54,19 +54,24 @@ impl Store {
         Ok(())
     }
 
-    /// The floor: one statement rewriting the envelope columns of every
-    /// benchmark row (same values, so every tuple is really rewritten).
-    pub async fn rewrite_envelopes_in_place(&self, prefix: &str) -> Result<u64, StoreError> {
+    /// The floor: one statement setting every benchmark row's key column to
+    /// `key` and rewriting its other envelope columns in place.
+    pub async fn rewrite_envelopes_in_place(
+        &self,
+        prefix: &str,
+        key: &str,
+    ) -> Result<u64, StoreError> {
         let pattern = format!("{prefix}%");
         let now = Utc::now();
         let n = on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET encryption_key_id = encryption_key_id, \
+            "UPDATE connections SET encryption_key_id = $3, \
              data_key_ciphertext = data_key_ciphertext, data_key_iv = data_key_iv, \
              payload_ciphertext = payload_ciphertext, payload_iv = payload_iv, updated_at = $2 \
              WHERE id LIKE $1"
         )
         .bind(&pattern)
         .bind(now)
+        .bind(key)
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
