@@ -18,7 +18,7 @@ use crate::{
         envelope::{open_payload, seal_payload, Envelope},
         kms::{KmsError, KmsProvider, KmsRegistry},
         legacy::LegacyKeys,
-        secret::Plaintext,
+        secret::{Plaintext, SecretKey},
     },
     error::{Error, Result},
     keys::{KeyCatalog, KeyRecord},
@@ -164,36 +164,11 @@ impl CryptoService {
         if envelope.encryption_key_id.is_empty() {
             return self.decrypt_legacy(&envelope);
         }
-        if envelope.data_key_ciphertext.is_empty() {
-            return Err(Error::MalformedEnvelope("data_key_ciphertext is empty"));
-        }
-        let catalog = self.catalog.snapshot();
-        let key = catalog
-            .get(&envelope.encryption_key_id)
-            .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))?;
-        let data_key = self
-            .provider(key)?
-            .decrypt_data_key(
-                key.kek(),
-                &envelope.data_key_ciphertext,
-                &envelope.data_key_iv,
-                context,
-            )
-            .await
-            .map_err(|err| match err {
-                KmsError::UnwrapFailed => Error::DecryptionFailed,
-                other => Error::Kms(other),
-            })?;
-        let plaintext = open_payload(
-            &data_key,
-            context,
-            &envelope.payload_iv,
-            &envelope.payload_ciphertext,
-        )
-        .map_err(|_| Error::DecryptionFailed)?;
+        let key = self.key_of(&envelope)?;
+        let (_, plaintext) = self.open_with(&key, &envelope, context).await?;
         Ok(Opened {
             plaintext,
-            key: Some(Arc::clone(key)),
+            key: Some(key),
         })
     }
 
@@ -207,30 +182,8 @@ impl CryptoService {
         target: &Arc<KeyRecord>,
     ) -> Result<Envelope> {
         check_payload_shape(&envelope)?;
-        let catalog = self.catalog.snapshot();
-        let source = catalog
-            .get(&envelope.encryption_key_id)
-            .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))?;
-        let data_key = self
-            .provider(source)?
-            .decrypt_data_key(
-                source.kek(),
-                &envelope.data_key_ciphertext,
-                &envelope.data_key_iv,
-                context,
-            )
-            .await
-            .map_err(|err| match err {
-                KmsError::UnwrapFailed => Error::DecryptionFailed,
-                other => Error::Kms(other),
-            })?;
-        open_payload(
-            &data_key,
-            context,
-            &envelope.payload_iv,
-            &envelope.payload_ciphertext,
-        )
-        .map_err(|_| Error::DecryptionFailed)?;
+        let source = self.key_of(&envelope)?;
+        let (data_key, _) = self.open_with(&source, &envelope, context).await?;
         let wrapped = self
             .provider(target)?
             .wrap_data_key(target.kek(), &data_key, context)
@@ -270,6 +223,49 @@ impl CryptoService {
         } else {
             Err(Error::DecryptionFailed)
         }
+    }
+
+    /// The key record an (enveloped, non-legacy) ciphertext names.
+    fn key_of(&self, envelope: &Envelope) -> Result<Arc<KeyRecord>> {
+        if envelope.data_key_ciphertext.is_empty() {
+            return Err(Error::MalformedEnvelope("data_key_ciphertext is empty"));
+        }
+        self.catalog
+            .snapshot()
+            .get(&envelope.encryption_key_id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))
+    }
+
+    /// Unwraps the envelope's data key under `key` and opens the payload.
+    /// Any authentication failure is [`Error::DecryptionFailed`].
+    async fn open_with(
+        &self,
+        key: &KeyRecord,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+    ) -> Result<(SecretKey, Plaintext)> {
+        let data_key = self
+            .provider(key)?
+            .decrypt_data_key(
+                key.kek(),
+                &envelope.data_key_ciphertext,
+                &envelope.data_key_iv,
+                context,
+            )
+            .await
+            .map_err(|err| match err {
+                KmsError::UnwrapFailed => Error::DecryptionFailed,
+                other => Error::Kms(other),
+            })?;
+        let plaintext = open_payload(
+            &data_key,
+            context,
+            &envelope.payload_iv,
+            &envelope.payload_ciphertext,
+        )
+        .map_err(|_| Error::DecryptionFailed)?;
+        Ok((data_key, plaintext))
     }
 
     fn decrypt_legacy(&self, envelope: &Envelope) -> Result<Opened> {
