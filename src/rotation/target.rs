@@ -167,13 +167,24 @@ impl RotationTarget {
         )
     }
 
-    /// `SELECT COUNT(*)` of rows still to rotate; binds $1 key, $2 job.
-    pub fn count_sql(&self) -> String {
-        format!(
-            "SELECT COUNT(*) FROM {} WHERE {}",
-            self.table.q(),
-            self.off_target()
-        )
+    /// One statement counting the rows still to rotate in every target;
+    /// binds $1 key, $2 job.
+    pub fn count_all_sql(targets: &[RotationTarget]) -> String {
+        let counts: Vec<String> = targets
+            .iter()
+            .map(|t| {
+                format!(
+                    "(SELECT COUNT(*) FROM {} WHERE {})",
+                    t.table.q(),
+                    t.off_target()
+                )
+            })
+            .collect();
+        if counts.is_empty() {
+            "SELECT CAST(0 AS BIGINT)".to_owned()
+        } else {
+            format!("SELECT CAST({} AS BIGINT)", counts.join(" + "))
+        }
     }
 
     /// The next batch after a cursor; binds $1 key, $2 job, $3 cursor, $4 limit.

@@ -318,6 +318,7 @@ impl Store {
         lease: Duration,
         targets: &[RotationTarget],
     ) -> Result<ClaimOutcome, StoreError> {
+        let count_all = RotationTarget::count_all_sql(targets);
         macro_rules! claim {
             ($tx:ident, $pick_job:expr) => {{
                 let now = Utc::now();
@@ -360,15 +361,11 @@ impl Store {
                 }
 
                 if job.status == JobStatus::Pending {
-                    let mut total = 0i64;
-                    for target in targets {
-                        let n: i64 = sqlx::query_scalar(&target.count_sql())
-                            .bind(&job.target_key_id)
-                            .bind(&job.id)
-                            .fetch_one(&mut *$tx)
-                            .await?;
-                        total += n;
-                    }
+                    let total: i64 = sqlx::query_scalar(&count_all)
+                        .bind(&job.target_key_id)
+                        .bind(&job.id)
+                        .fetch_one(&mut *$tx)
+                        .await?;
                     sqlx::query(
                         "UPDATE encryption_rotation_jobs SET status = 'running', started_at = $2, pass = 1, \
                          total_rows = $3, updated_at = $2 WHERE id = $1",
@@ -456,15 +453,11 @@ impl Store {
                     .bind(&job.id)
                     .execute(&mut *$tx)
                     .await?;
-                let mut remaining = 0i64;
-                for target in targets {
-                    let n: i64 = sqlx::query_scalar(&target.count_sql())
-                        .bind(&job.target_key_id)
-                        .bind(&job.id)
-                        .fetch_one(&mut *$tx)
-                        .await?;
-                    remaining += n;
-                }
+                let remaining: i64 = sqlx::query_scalar(&count_all)
+                    .bind(&job.target_key_id)
+                    .bind(&job.id)
+                    .fetch_one(&mut *$tx)
+                    .await?;
                 if remaining == 0 || job.dry_run {
                     let status = if job.counts.failed > 0 {
                         JobStatus::CompletedWithErrors
