@@ -19,9 +19,10 @@ use crate::{
         proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
         AdminApi, CryptoApi,
     },
-    config::{MasterSecrets, Settings},
+    config::{KmsSettings, MasterSecrets, Settings},
     crypto::{
-        kms::{local::LocalKms, KmsRegistry},
+        cache::DataKeyCache,
+        kms::{aws::AwsKms, local::LocalKms, KmsRegistry},
         legacy::LegacyKeys,
     },
     error::Error,
@@ -93,13 +94,21 @@ impl Services {
         master: Option<&MasterSecrets>,
         limits: Limits,
     ) -> Result<Self, StartupError> {
-        Self::open_with_targets(database_url, master, limits, Vec::new()).await
+        Self::open_with_targets(
+            database_url,
+            master,
+            &KmsSettings::default(),
+            limits,
+            Vec::new(),
+        )
+        .await
     }
 
     /// Like [`Self::open`], with rotation targets beyond `connections`.
     pub async fn open_with_targets(
         database_url: &str,
         master: Option<&MasterSecrets>,
+        kms_settings: &KmsSettings,
         limits: Limits,
         extra_targets: Vec<RotationTarget>,
     ) -> Result<Self, StartupError> {
@@ -108,7 +117,10 @@ impl Services {
             .collect();
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
-        let mut kms = KmsRegistry::default();
+        // The AWS client is built on first use, so registering it costs a
+        // local-only deployment nothing.
+        let mut kms =
+            KmsRegistry::default().with(Arc::new(AwsKms::new(kms_settings.aws.clone())));
         let mut legacy = None;
         if let Some(master) = master {
             kms = kms.with(Arc::new(LocalKms::new(
@@ -123,6 +135,7 @@ impl Services {
             kms,
             legacy,
             limits,
+            DataKeyCache::new(kms_settings.cache.clone()),
         ));
         let admin = Arc::new(KeyAdmin::new(
             store.clone(),
@@ -181,6 +194,7 @@ impl Application {
         let services = Services::open_with_targets(
             &settings.database_url,
             settings.master.as_ref(),
+            &settings.kms,
             settings.limits,
             settings.rotation_targets.clone(),
         )

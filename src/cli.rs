@@ -24,8 +24,13 @@ use tracing_subscriber::{fmt, EnvFilter};
 use crate::{
     app::{Application, Services},
     bench::BenchArgs,
-    config::{dev_master_key_path, load_rotation_targets, MasterSecrets, Settings},
-    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
+    config::{dev_master_key_path, load_rotation_targets, KmsSettings, MasterSecrets, Settings},
+    crypto::{
+        cache::{CacheMode, CacheSettings},
+        kms::aws::AwsKmsSettings,
+        legacy::encrypt_legacy,
+        secret::MasterSecret,
+    },
     keys::KeyRecord,
     rotation::{target::RotationTarget, worker::WorkerOptions, JobStatus, Mode, RotationJob},
     service::{
@@ -67,6 +72,92 @@ struct GlobalArgs {
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    #[command(flatten)]
+    kms: KmsArgs,
+}
+
+/// AWS KMS and the data-key cache: used by every command that touches keys.
+#[derive(Debug, Args)]
+struct KmsArgs {
+    /// AWS region for aws-kms keys (default: the standard AWS chain).
+    #[arg(long, env = "AWS_REGION", global = true)]
+    aws_region: Option<String>,
+    /// Endpoint of a KMS-compatible server instead of AWS's (e.g. moto).
+    #[arg(long, env = "KEYWARD_AWS_KMS_ENDPOINT", global = true)]
+    aws_kms_endpoint: Option<String>,
+    /// Attempts per KMS call, the first included (exponential backoff between).
+    #[arg(long, env = "KEYWARD_AWS_KMS_MAX_ATTEMPTS", default_value_t = 3, global = true)]
+    aws_kms_max_attempts: u32,
+    /// Backoff before the first KMS retry, in ms (doubles per retry).
+    #[arg(long, env = "KEYWARD_AWS_KMS_INITIAL_BACKOFF_MS", default_value_t = 100, global = true)]
+    aws_kms_initial_backoff_ms: u64,
+    /// KMS connect timeout, in ms.
+    #[arg(long, env = "KEYWARD_AWS_KMS_CONNECT_TIMEOUT_MS", default_value_t = 3000, global = true)]
+    aws_kms_connect_timeout_ms: u64,
+    /// Timeout of one KMS attempt, in ms.
+    #[arg(long, env = "KEYWARD_AWS_KMS_ATTEMPT_TIMEOUT_MS", default_value_t = 5000, global = true)]
+    aws_kms_attempt_timeout_ms: u64,
+    /// Timeout of a whole KMS call with its retries, in ms.
+    #[arg(long, env = "KEYWARD_AWS_KMS_TIMEOUT_MS", default_value_t = 15000, global = true)]
+    aws_kms_timeout_ms: u64,
+    /// Data-key cache: auto (remote KMS providers only), on (all), off.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE", value_enum, default_value_t = CacheModeArg::Auto, global = true)]
+    data_key_cache: CacheModeArg,
+    /// Longest an Encrypt data key is reused, in seconds.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS", default_value_t = 300, global = true)]
+    data_key_cache_max_age_secs: u64,
+    /// Most messages encrypted under one cached data key.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES", default_value_t = 4096, global = true)]
+    data_key_cache_max_messages: u64,
+    /// Most plaintext bytes encrypted under one cached data key.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
+    data_key_cache_max_bytes: u64,
+    /// Most (key, encryption context) entries in the Encrypt cache.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_ENTRIES", default_value_t = 1000, global = true)]
+    data_key_cache_entries: u64,
+    /// Most unwrapped data keys in the Decrypt cache.
+    #[arg(long, env = "KEYWARD_DECRYPT_CACHE_ENTRIES", default_value_t = 10_000, global = true)]
+    decrypt_cache_entries: u64,
+    /// Longest an unwrapped data key stays in the Decrypt cache, in seconds.
+    #[arg(long, env = "KEYWARD_DECRYPT_CACHE_TTL_SECS", default_value_t = 300, global = true)]
+    decrypt_cache_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CacheModeArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl KmsArgs {
+    fn settings(&self) -> KmsSettings {
+        let ms = Duration::from_millis;
+        KmsSettings {
+            aws: AwsKmsSettings {
+                region: self.aws_region.clone().filter(|r| !r.is_empty()),
+                endpoint: self.aws_kms_endpoint.clone().filter(|e| !e.is_empty()),
+                max_attempts: self.aws_kms_max_attempts.max(1),
+                initial_backoff: ms(self.aws_kms_initial_backoff_ms),
+                connect_timeout: ms(self.aws_kms_connect_timeout_ms),
+                attempt_timeout: ms(self.aws_kms_attempt_timeout_ms),
+                operation_timeout: ms(self.aws_kms_timeout_ms),
+            },
+            cache: CacheSettings {
+                mode: match self.data_key_cache {
+                    CacheModeArg::Auto => CacheMode::Auto,
+                    CacheModeArg::On => CacheMode::On,
+                    CacheModeArg::Off => CacheMode::Off,
+                },
+                max_age: Duration::from_secs(self.data_key_cache_max_age_secs),
+                max_messages: self.data_key_cache_max_messages,
+                max_bytes: self.data_key_cache_max_bytes,
+                encrypt_capacity: self.data_key_cache_entries,
+                decrypt_capacity: self.decrypt_cache_entries,
+                decrypt_ttl: Duration::from_secs(self.decrypt_cache_ttl_secs),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -410,6 +501,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         seed_dev_key: args.dev,
         worker: (!args.no_worker).then(WorkerOptions::default),
         rotation_targets: rotation_targets(global)?,
+        kms: global.kms.settings(),
         ..Settings::for_database(global.database_url.clone(), Some(master))
     };
     let app = Application::build(settings).await?;
@@ -509,6 +601,7 @@ async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     Ok(Services::open_with_targets(
         &global.database_url,
         master.as_ref(),
+        &global.kms.settings(),
         Limits::default(),
         rotation_targets(global)?,
     )

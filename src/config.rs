@@ -5,7 +5,11 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use crate::{
-    crypto::secret::{MasterSecret, WeakMasterSecret},
+    crypto::{
+        cache::CacheSettings,
+        kms::aws::AwsKmsSettings,
+        secret::{MasterSecret, WeakMasterSecret},
+    },
     rotation::{
         target::{RotationTarget, TargetError},
         worker::WorkerOptions,
@@ -41,6 +45,13 @@ impl MasterSecrets {
     }
 }
 
+/// KMS providers other than the local one, and the data-key cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KmsSettings {
+    pub aws: AwsKmsSettings,
+    pub cache: CacheSettings,
+}
+
 /// Everything `Application::build` needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -51,6 +62,8 @@ pub struct Settings {
     /// The local KMS's secrets; `None` disables the local provider and the
     /// legacy format.
     pub master: Option<MasterSecrets>,
+    /// AWS KMS and the data-key cache.
+    pub kms: KmsSettings,
     pub limits: Limits,
     /// Largest gRPC request message accepted.
     pub max_request_bytes: usize,
@@ -74,6 +87,7 @@ impl Settings {
             database_url: database_url.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             master,
+            kms: KmsSettings::default(),
             limits: Limits::default(),
             max_request_bytes: 16 * 1024 * 1024,
             catalog_refresh_interval: Duration::from_secs(30),

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use crate::crypto::kms::{KekRef, ProviderKind};
 
 /// Lifecycle of a key record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KeyStatus {
     /// Registered; decrypts, but new writes do not use it yet.
     Pending,

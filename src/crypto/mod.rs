@@ -4,6 +4,7 @@
 
 pub mod aead;
 pub mod blob;
+pub mod cache;
 pub mod context;
 pub mod envelope;
 pub mod kms;

@@ -333,7 +333,9 @@ impl KeyAdmin {
 
     async fn refresh_catalog_only(&self) -> Result<Arc<Catalog>> {
         let records = self.store.list_keys().await?;
-        Ok(self.catalog.replace(records))
+        let catalog = self.catalog.replace(records);
+        self.crypto.catalog_changed(&catalog);
+        Ok(catalog)
     }
 
     /// Ready means: an active key that round-trips. Uses the self-test's

@@ -5,6 +5,11 @@
 //! trip. Decrypt parses either envelope form, finds the key record in the
 //! catalog, unwraps the data key and opens the payload; legacy ciphertexts
 //! go to the key derived from the master secret.
+//!
+//! Keys of remote providers go through the bounded data-key cache
+//! (`crypto::cache`) on the API path. Rotation and the self-test bypass it:
+//! rotation's contexts are one per row, so caching would only evict what the
+//! API path uses, and a self-test must reach the KMS.
 
 use std::sync::Arc;
 
@@ -14,14 +19,15 @@ use crate::{
     crypto::{
         aead::{NONCE_LEN, TAG_LEN},
         blob,
+        cache::DataKeyCache,
         context::EncryptionContext,
         envelope::{open_payload, seal_payload, Envelope},
-        kms::{KmsError, KmsProvider, KmsRegistry},
+        kms::{KmsError, KmsProvider, KmsRegistry, WrappedKey},
         legacy::LegacyKeys,
         secret::{Plaintext, SecretKey},
     },
     error::{Error, Result},
-    keys::{KeyCatalog, KeyRecord},
+    keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
 };
 
 /// Request-size limits of the crypto service.
@@ -74,11 +80,22 @@ pub struct Opened {
 /// Context bound to self-test probes, so a probe can never pass for data.
 const SELF_TEST_CONTEXT_KEY: &str = "keyward:self-test";
 
+/// Whether a call may use the data-key cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caching {
+    Use,
+    Bypass,
+}
+
 pub struct CryptoService {
     catalog: Arc<KeyCatalog>,
     kms: KmsRegistry,
     legacy: Option<LegacyKeys>,
     limits: Limits,
+    cache: DataKeyCache,
+    /// What the cache was last valid for: (id, kms_key_arn, status) of
+    /// every key record.
+    cache_epoch: std::sync::Mutex<Vec<(String, String, KeyStatus)>>,
 }
 
 impl CryptoService {
@@ -87,12 +104,45 @@ impl CryptoService {
         kms: KmsRegistry,
         legacy: Option<LegacyKeys>,
         limits: Limits,
+        cache: DataKeyCache,
     ) -> Self {
         Self {
             catalog,
             kms,
             legacy,
             limits,
+            cache,
+            cache_epoch: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The KMS providers, with their call counts.
+    pub fn kms(&self) -> &KmsRegistry {
+        &self.kms
+    }
+
+    /// The data-key cache, with its hit and miss counts.
+    pub fn cache(&self) -> &DataKeyCache {
+        &self.cache
+    }
+
+    /// Called after every catalog reload: when any key record's KMS key or
+    /// status changed, every cached data key is dropped, so a rotated,
+    /// retired or re-pointed key's data keys are never used again.
+    pub fn catalog_changed(&self, catalog: &Catalog) {
+        let mut epoch: Vec<_> = catalog
+            .keys()
+            .iter()
+            .map(|k| (k.id.clone(), k.kms_key_arn.clone(), k.status))
+            .collect();
+        epoch.sort();
+        let mut last = self
+            .cache_epoch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last != epoch {
+            self.cache.invalidate_all();
+            *last = epoch;
         }
     }
 
@@ -121,26 +171,49 @@ impl CryptoService {
         self.check_plaintext(plaintext)?;
         let catalog = self.catalog.snapshot();
         let key = catalog.active().ok_or(Error::NoActiveKey)?;
-        self.encrypt_with(key, plaintext, context).await
+        self.seal(key, plaintext, context, Caching::Use).await
     }
 
-    /// Encrypts under a given key record (rotation targets, self-test).
+    /// Encrypts under a given key record with a fresh data key, bypassing
+    /// the cache (rotation targets, self-test).
     pub async fn encrypt_with(
         &self,
         key: &Arc<KeyRecord>,
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Sealed> {
-        let data_key = self
-            .provider(key)?
-            .generate_data_key(key.kek(), context)
-            .await?;
-        let (payload_iv, payload_ciphertext) =
-            seal_payload(&data_key.plaintext, context, plaintext);
+        self.seal(key, plaintext, context, Caching::Bypass).await
+    }
+
+    async fn seal(
+        &self,
+        key: &Arc<KeyRecord>,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+        caching: Caching,
+    ) -> Result<Sealed> {
+        let provider = self.provider(key)?;
+        let generate = || provider.generate_data_key(key.kek(), context);
+        let cached = caching == Caching::Use
+            && key.status == KeyStatus::Active
+            && self.cache.settings().applies_to(key.provider)
+            && (plaintext.len() as u64) <= self.cache.settings().max_bytes;
+        let (payload_iv, payload_ciphertext, wrapped) = if cached {
+            let entry = self
+                .cache
+                .data_key_for_encrypt(key.kek(), context, plaintext.len(), generate)
+                .await?;
+            let (iv, ct) = seal_payload(&entry.plaintext, context, plaintext);
+            (iv, ct, entry.wrapped.clone())
+        } else {
+            let data_key = generate().await?;
+            let (iv, ct) = seal_payload(&data_key.plaintext, context, plaintext);
+            (iv, ct, data_key.wrapped)
+        };
         let envelope = Envelope {
             encryption_key_id: key.id.clone(),
-            data_key_ciphertext: data_key.wrapped.ciphertext,
-            data_key_iv: data_key.wrapped.iv,
+            data_key_ciphertext: wrapped.ciphertext,
+            data_key_iv: wrapped.iv,
             payload_ciphertext,
             payload_iv: payload_iv.to_vec(),
         };
@@ -160,12 +233,48 @@ impl CryptoService {
             Ciphertext::Blob(bytes) => blob::parse(&bytes)?,
             Ciphertext::Envelope(envelope) => envelope,
         };
-        check_payload_shape(&envelope)?;
+        self.open(&envelope, context, Caching::Use).await
+    }
+
+    /// Decrypts a stored row with a fresh KMS call (rotation's dry run).
+    pub async fn verify(&self, envelope: &Envelope, context: &EncryptionContext) -> Result<()> {
+        self.open(envelope, context, Caching::Bypass).await.map(drop)
+    }
+
+    /// Decrypts a stored row and encrypts it again under `target` with a
+    /// fresh data key (REENCRYPT rotation; legacy rows included).
+    pub async fn reencrypt(
+        &self,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+        target: &Arc<KeyRecord>,
+    ) -> Result<Envelope> {
+        let opened = self.open(envelope, context, Caching::Bypass).await?;
+        let sealed = self
+            .seal(target, opened.plaintext.as_bytes(), context, Caching::Bypass)
+            .await?;
+        Ok(sealed.envelope)
+    }
+
+    async fn open(
+        &self,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+        caching: Caching,
+    ) -> Result<Opened> {
+        check_payload_shape(envelope)?;
         if envelope.encryption_key_id.is_empty() {
-            return self.decrypt_legacy(&envelope);
+            return self.decrypt_legacy(envelope);
         }
-        let key = self.key_of(&envelope)?;
-        let (_, plaintext) = self.open_with(&key, &envelope, context).await?;
+        let key = self.key_of(envelope)?;
+        let data_key = self.unwrap_data_key(&key, envelope, context, caching).await?;
+        let plaintext = open_payload(
+            &data_key,
+            context,
+            &envelope.payload_iv,
+            &envelope.payload_ciphertext,
+        )
+        .map_err(|_| Error::DecryptionFailed)?;
         Ok(Opened {
             plaintext,
             key: Some(key),
@@ -173,8 +282,15 @@ impl CryptoService {
     }
 
     /// Moves an envelope's data key under `target` without touching the
-    /// payload (REWRAP rotation). The payload is opened first, so a corrupt
-    /// row fails here instead of being carried over.
+    /// payload (REWRAP rotation).
+    ///
+    /// Between two keys of a provider that can move a wrapped key itself
+    /// (AWS KMS `ReEncrypt`), the plaintext data key never reaches keyward,
+    /// and so the payload cannot be checked on the way: a row whose payload
+    /// was already corrupt stays corrupt (a dry run finds it). Otherwise the
+    /// data key is unwrapped, the payload opened (so a corrupt row fails
+    /// here instead of being carried over) and the key wrapped under
+    /// `target`.
     pub async fn rewrap(
         &self,
         envelope: Envelope,
@@ -183,11 +299,39 @@ impl CryptoService {
     ) -> Result<Envelope> {
         check_payload_shape(&envelope)?;
         let source = self.key_of(&envelope)?;
-        let (data_key, _) = self.open_with(&source, &envelope, context).await?;
-        let wrapped = self
-            .provider(target)?
-            .wrap_data_key(target.kek(), &data_key, context)
-            .await?;
+        let target_provider = self.provider(target)?;
+        let moved = if source.provider == target.provider {
+            target_provider
+                .reencrypt_data_key(
+                    source.kek(),
+                    &envelope.data_key_ciphertext,
+                    &envelope.data_key_iv,
+                    target.kek(),
+                    context,
+                )
+                .await
+                .map_err(unwrap_error)?
+        } else {
+            None
+        };
+        let wrapped: WrappedKey = match moved {
+            Some(wrapped) => wrapped,
+            None => {
+                let data_key = self
+                    .unwrap_data_key(&source, &envelope, context, Caching::Bypass)
+                    .await?;
+                open_payload(
+                    &data_key,
+                    context,
+                    &envelope.payload_iv,
+                    &envelope.payload_ciphertext,
+                )
+                .map_err(|_| Error::DecryptionFailed)?;
+                target_provider
+                    .wrap_data_key(target.kek(), &data_key, context)
+                    .await?
+            }
+        };
         Ok(Envelope {
             encryption_key_id: target.id.clone(),
             data_key_ciphertext: wrapped.ciphertext,
@@ -196,8 +340,10 @@ impl CryptoService {
         })
     }
 
-    /// Round-trips a random probe through `key`'s KMS provider.
+    /// Checks `key`'s KMS key is enabled, then round-trips a random probe
+    /// through its provider (never through the cache).
     pub async fn round_trip(&self, key: &Arc<KeyRecord>) -> Result<()> {
+        self.provider(key)?.check_key(key.kek()).await?;
         let context = EncryptionContext::from_pairs([(SELF_TEST_CONTEXT_KEY, key.id.as_str())])?;
         let mut probe = [0u8; 32];
         OsRng.fill_bytes(&mut probe);
@@ -237,35 +383,41 @@ impl CryptoService {
             .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))
     }
 
-    /// Unwraps the envelope's data key under `key` and opens the payload.
-    /// Any authentication failure is [`Error::DecryptionFailed`].
-    async fn open_with(
+    /// Unwraps the envelope's data key under `key`, through the cache when
+    /// `caching` allows and the provider is cached. Any authentication
+    /// failure is [`Error::DecryptionFailed`].
+    async fn unwrap_data_key(
         &self,
         key: &KeyRecord,
         envelope: &Envelope,
         context: &EncryptionContext,
-    ) -> Result<(SecretKey, Plaintext)> {
-        let data_key = self
-            .provider(key)?
-            .decrypt_data_key(
-                key.kek(),
-                &envelope.data_key_ciphertext,
-                &envelope.data_key_iv,
-                context,
-            )
-            .await
-            .map_err(|err| match err {
-                KmsError::UnwrapFailed => Error::DecryptionFailed,
-                other => Error::Kms(other),
-            })?;
-        let plaintext = open_payload(
-            &data_key,
-            context,
-            &envelope.payload_iv,
-            &envelope.payload_ciphertext,
-        )
-        .map_err(|_| Error::DecryptionFailed)?;
-        Ok((data_key, plaintext))
+        caching: Caching,
+    ) -> Result<Arc<SecretKey>> {
+        let provider = self.provider(key)?;
+        let unwrap = || async {
+            provider
+                .decrypt_data_key(
+                    key.kek(),
+                    &envelope.data_key_ciphertext,
+                    &envelope.data_key_iv,
+                    context,
+                )
+                .await
+        };
+        let result = if caching == Caching::Use && self.cache.settings().applies_to(key.provider) {
+            self.cache
+                .data_key_for_decrypt(
+                    key.kek(),
+                    &envelope.data_key_ciphertext,
+                    &envelope.data_key_iv,
+                    context,
+                    unwrap,
+                )
+                .await
+        } else {
+            unwrap().await.map(Arc::new)
+        };
+        result.map_err(unwrap_error)
     }
 
     fn decrypt_legacy(&self, envelope: &Envelope) -> Result<Opened> {
@@ -301,6 +453,14 @@ impl CryptoService {
         self.kms
             .get(key.provider)
             .ok_or(Error::ProviderUnavailable(key.provider))
+    }
+}
+
+/// A KMS failure to unwrap is a decryption failure; the rest stay KMS errors.
+fn unwrap_error(err: KmsError) -> Error {
+    match err {
+        KmsError::UnwrapFailed => Error::DecryptionFailed,
+        other => Error::Kms(other),
     }
 }
 

@@ -3,7 +3,11 @@
 //! [`KmsProvider`]; a key record names its provider and KEK
 //! (`encryption_keys.kms_key_arn`).
 
+pub mod aws;
 pub mod local;
+mod stats;
+
+pub use stats::{KmsCallStats, KmsOperation};
 
 use std::{fmt, sync::Arc};
 
@@ -143,19 +147,44 @@ pub trait KmsProvider: Send + Sync {
         wrapped_iv: &[u8],
         context: &EncryptionContext,
     ) -> Result<SecretKey, KmsError>;
+
+    /// Moves a wrapped data key from `source` to `target` inside the KMS, so
+    /// the plaintext data key never leaves it (AWS KMS `ReEncrypt`). `None`
+    /// when this provider cannot; the caller then unwraps and wraps.
+    async fn reencrypt_data_key(
+        &self,
+        _source: KekRef<'_>,
+        _wrapped_key: &[u8],
+        _wrapped_iv: &[u8],
+        _target: KekRef<'_>,
+        _context: &EncryptionContext,
+    ) -> Result<Option<WrappedKey>, KmsError> {
+        Ok(None)
+    }
+
+    /// Checks the KEK is usable without using it: exists, enabled. The
+    /// self-test runs this before its round trip.
+    async fn check_key(&self, _kek: KekRef<'_>) -> Result<(), KmsError> {
+        Ok(())
+    }
 }
 
-/// The providers this process has configured, by kind.
+/// The providers this process has configured, by kind, each counted in
+/// one shared [`KmsCallStats`].
 #[derive(Clone, Default)]
 pub struct KmsRegistry {
     providers: Vec<Arc<dyn KmsProvider>>,
+    stats: Arc<KmsCallStats>,
 }
 
 impl KmsRegistry {
     /// Adds (or replaces) the provider of its kind.
     pub fn with(mut self, provider: Arc<dyn KmsProvider>) -> Self {
         self.providers.retain(|p| p.kind() != provider.kind());
-        self.providers.push(provider);
+        self.providers.push(Arc::new(stats::Counted {
+            inner: provider,
+            stats: Arc::clone(&self.stats),
+        }));
         self
     }
 
@@ -165,6 +194,11 @@ impl KmsRegistry {
             .iter()
             .find(|p| p.kind() == kind)
             .map(|p| p.as_ref())
+    }
+
+    /// How many calls each provider has had.
+    pub fn stats(&self) -> &Arc<KmsCallStats> {
+        &self.stats
     }
 }
 
