@@ -119,8 +119,7 @@ impl Services {
         store.migrate().await?;
         // The AWS client is built on first use, so registering it costs a
         // local-only deployment nothing.
-        let mut kms =
-            KmsRegistry::default().with(Arc::new(AwsKms::new(kms_settings.aws.clone())));
+        let mut kms = KmsRegistry::default().with(Arc::new(AwsKms::new(kms_settings.aws.clone())));
         let mut legacy = None;
         if let Some(master) = master {
             kms = kms.with(Arc::new(LocalKms::new(

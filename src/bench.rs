@@ -23,8 +23,8 @@ use crate::{
         crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest, DecryptRequest,
         EncryptRequest, EnvelopeForm,
     },
-    app::{Application, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
-    config::{MasterSecrets, Settings},
+    app::{Application, Services, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
+    config::{KmsSettings, MasterSecrets, Settings},
     crypto::secret::MasterSecret,
 };
 
@@ -90,7 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let target = match &args.target {
         Some(target) => target.clone(),
         None => {
-            let server = InProcessServer::start().await?;
+            let server = InProcessServer::start(KmsSettings::default()).await?;
             let url = server.url.clone();
             _server = Some(server);
             url
@@ -236,7 +236,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Calls, time and latencies of one operation, summed over slices.
-struct Totals {
+pub(crate) struct Totals {
     calls: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
@@ -271,7 +271,7 @@ impl Totals {
 
 /// Runs `concurrency` loops of `call` for `duration`; every call must
 /// succeed (a benchmark that counted failures as throughput would lie).
-async fn run_slice<F, Fut>(
+pub(crate) async fn run_slice<F, Fut>(
     concurrency: usize,
     duration: Duration,
     call: F,
@@ -308,15 +308,17 @@ where
     Ok(sum)
 }
 
-/// A server on a temporary SQLite database, stopped on drop.
-struct InProcessServer {
-    url: String,
+/// A server on a temporary SQLite database with an active local key,
+/// stopped on drop.
+pub(crate) struct InProcessServer {
+    pub url: String,
+    pub services: Services,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl InProcessServer {
-    async fn start() -> anyhow::Result<Self> {
+    pub async fn start(kms: KmsSettings) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let db = dir.path().join("bench.db");
         let master = MasterSecrets {
@@ -326,14 +328,17 @@ impl InProcessServer {
         let mut settings =
             Settings::for_database(format!("sqlite://{}", db.display()), Some(master));
         settings.seed_dev_key = true;
+        settings.kms = kms;
         let app = Application::build(settings).await?;
         let url = format!("http://{}", app.local_addr()?);
+        let services = app.services().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
         Ok(Self {
             url,
+            services,
             _dir: dir,
             stop: Some(stop),
         })

@@ -86,40 +86,90 @@ struct KmsArgs {
     #[arg(long, env = "KEYWARD_AWS_KMS_ENDPOINT", global = true)]
     aws_kms_endpoint: Option<String>,
     /// Attempts per KMS call, the first included (exponential backoff between).
-    #[arg(long, env = "KEYWARD_AWS_KMS_MAX_ATTEMPTS", default_value_t = 3, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_AWS_KMS_MAX_ATTEMPTS",
+        default_value_t = 3,
+        global = true
+    )]
     aws_kms_max_attempts: u32,
     /// Backoff before the first KMS retry, in ms (doubles per retry).
-    #[arg(long, env = "KEYWARD_AWS_KMS_INITIAL_BACKOFF_MS", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_AWS_KMS_INITIAL_BACKOFF_MS",
+        default_value_t = 100,
+        global = true
+    )]
     aws_kms_initial_backoff_ms: u64,
     /// KMS connect timeout, in ms.
-    #[arg(long, env = "KEYWARD_AWS_KMS_CONNECT_TIMEOUT_MS", default_value_t = 3000, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_AWS_KMS_CONNECT_TIMEOUT_MS",
+        default_value_t = 3000,
+        global = true
+    )]
     aws_kms_connect_timeout_ms: u64,
     /// Timeout of one KMS attempt, in ms.
-    #[arg(long, env = "KEYWARD_AWS_KMS_ATTEMPT_TIMEOUT_MS", default_value_t = 5000, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_AWS_KMS_ATTEMPT_TIMEOUT_MS",
+        default_value_t = 5000,
+        global = true
+    )]
     aws_kms_attempt_timeout_ms: u64,
     /// Timeout of a whole KMS call with its retries, in ms.
-    #[arg(long, env = "KEYWARD_AWS_KMS_TIMEOUT_MS", default_value_t = 15000, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_AWS_KMS_TIMEOUT_MS",
+        default_value_t = 15000,
+        global = true
+    )]
     aws_kms_timeout_ms: u64,
     /// Data-key cache: auto (remote KMS providers only), on (all), off.
     #[arg(long, env = "KEYWARD_DATA_KEY_CACHE", value_enum, default_value_t = CacheModeArg::Auto, global = true)]
     data_key_cache: CacheModeArg,
     /// Longest an Encrypt data key is reused, in seconds.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS", default_value_t = 300, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS",
+        default_value_t = 300,
+        global = true
+    )]
     data_key_cache_max_age_secs: u64,
     /// Most messages encrypted under one cached data key.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES", default_value_t = 4096, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES",
+        default_value_t = 4096,
+        global = true
+    )]
     data_key_cache_max_messages: u64,
     /// Most plaintext bytes encrypted under one cached data key.
     #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
     data_key_cache_max_bytes: u64,
     /// Most (key, encryption context) entries in the Encrypt cache.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_ENTRIES", default_value_t = 1000, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_ENTRIES",
+        default_value_t = 1000,
+        global = true
+    )]
     data_key_cache_entries: u64,
     /// Most unwrapped data keys in the Decrypt cache.
-    #[arg(long, env = "KEYWARD_DECRYPT_CACHE_ENTRIES", default_value_t = 10_000, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_DECRYPT_CACHE_ENTRIES",
+        default_value_t = 10_000,
+        global = true
+    )]
     decrypt_cache_entries: u64,
     /// Longest an unwrapped data key stays in the Decrypt cache, in seconds.
-    #[arg(long, env = "KEYWARD_DECRYPT_CACHE_TTL_SECS", default_value_t = 300, global = true)]
+    #[arg(
+        long,
+        env = "KEYWARD_DECRYPT_CACHE_TTL_SECS",
+        default_value_t = 300,
+        global = true
+    )]
     decrypt_cache_ttl_secs: u64,
 }
 
@@ -194,6 +244,10 @@ enum Command {
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
     /// p99 during a rotation against idle (use an empty PostgreSQL database).
     BenchRotation(crate::bench_rotation::RotationBenchArgs),
+    /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
+    /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
+    /// KMS-compatible server, or use AWS).
+    BenchKmsCache(crate::bench_kms_cache::KmsCacheBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +521,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args) => {
             crate::bench::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchKmsCache(args) => {
+            crate::bench_kms_cache::run(global.kms.settings(), args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchRotation(args) => {

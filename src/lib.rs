@@ -12,8 +12,8 @@
 //! - [`store`]: the database (SQLite or PostgreSQL), the only place with SQL;
 //! - [`app`]: wiring and the server's lifecycle;
 //! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
-//! - [`bench`], [`bench_rotation`]: the `keyward bench` and
-//!   `keyward bench-rotation` measurements.
+//! - [`bench`], [`bench_rotation`], [`bench_kms_cache`]: the
+//!   `keyward bench`, `bench-rotation` and `bench-kms-cache` measurements.
 //!
 //! See `ARCHITECTURE.md` for the map and the invariants.
 
@@ -22,6 +22,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod bench_kms_cache;
 pub mod bench_rotation;
 pub mod cli;
 pub mod config;

@@ -28,12 +28,18 @@ pub fn code_of(err: &Error) -> Code {
         | Error::KeyStatusConflict { .. }
         | Error::KeyInUse { .. }
         | Error::JobStatusConflict { .. }
-        | Error::ProviderUnavailable(_)
-        | Error::KeyUnusable { .. } => Code::FailedPrecondition,
+        | Error::ProviderUnavailable(_) => Code::FailedPrecondition,
+        // A KMS that is down or refuses us says so; anything else about the
+        // key is a precondition the operator must fix.
+        Error::KeyUnusable { source, .. } => match code_of(source) {
+            code @ (Code::Unavailable | Code::PermissionDenied) => code,
+            _ => Code::FailedPrecondition,
+        },
         Error::Kms(kms) => match kms {
             KmsError::UnwrapFailed => Code::InvalidArgument,
             KmsError::KeyDisabled { .. }
             | KmsError::KeyNotFound { .. }
+            | KmsError::NotConfigured { .. }
             | KmsError::InvalidKeyRef { .. } => Code::FailedPrecondition,
             KmsError::AccessDenied { .. } => Code::PermissionDenied,
             KmsError::Unavailable { .. } => Code::Unavailable,

@@ -344,7 +344,12 @@ mod tests {
         }
     }
 
-    async fn encrypt_n(cache: &DataKeyCache, ctx: &EncryptionContext, n: usize, len: usize) -> usize {
+    async fn encrypt_n(
+        cache: &DataKeyCache,
+        ctx: &EncryptionContext,
+        n: usize,
+        len: usize,
+    ) -> usize {
         let calls = AtomicUsize::new(0);
         for _ in 0..n {
             cache

@@ -12,10 +12,7 @@ use super::{target::RotationTarget, JobStatus, Mode, RotationJob};
 use crate::{
     error::{Error, Result},
     keys::{KeyRecord, KeyStatus},
-    service::{
-        admin::KeyAdmin,
-        crypto::CryptoService,
-    },
+    service::{admin::KeyAdmin, crypto::CryptoService},
     store::{
         rotation::{Claim, ClaimOutcome, RotationRow, RowOutcome},
         Store,

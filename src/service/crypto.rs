@@ -238,7 +238,9 @@ impl CryptoService {
 
     /// Decrypts a stored row with a fresh KMS call (rotation's dry run).
     pub async fn verify(&self, envelope: &Envelope, context: &EncryptionContext) -> Result<()> {
-        self.open(envelope, context, Caching::Bypass).await.map(drop)
+        self.open(envelope, context, Caching::Bypass)
+            .await
+            .map(drop)
     }
 
     /// Decrypts a stored row and encrypts it again under `target` with a
@@ -251,7 +253,12 @@ impl CryptoService {
     ) -> Result<Envelope> {
         let opened = self.open(envelope, context, Caching::Bypass).await?;
         let sealed = self
-            .seal(target, opened.plaintext.as_bytes(), context, Caching::Bypass)
+            .seal(
+                target,
+                opened.plaintext.as_bytes(),
+                context,
+                Caching::Bypass,
+            )
             .await?;
         Ok(sealed.envelope)
     }
@@ -267,7 +274,9 @@ impl CryptoService {
             return self.decrypt_legacy(envelope);
         }
         let key = self.key_of(envelope)?;
-        let data_key = self.unwrap_data_key(&key, envelope, context, caching).await?;
+        let data_key = self
+            .unwrap_data_key(&key, envelope, context, caching)
+            .await?;
         let plaintext = open_payload(
             &data_key,
             context,

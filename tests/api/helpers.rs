@@ -7,8 +7,8 @@ use keyward::{
     api::proto::{
         admin_client::AdminClient, crypto_client::CryptoClient, EncryptRequest, EncryptResponse,
     },
-    app::Application,
-    config::{MasterSecrets, Settings},
+    app::{Application, Services},
+    config::{KmsSettings, MasterSecrets, Settings},
     rotation::worker::WorkerOptions,
     service::{admin::CreateKey, crypto::Limits},
 };
@@ -148,6 +148,8 @@ pub struct Options {
     pub worker: Option<WorkerOptions>,
     /// Rotation targets beyond `connections`.
     pub targets: Vec<keyward::rotation::target::RotationTarget>,
+    /// AWS KMS endpoint and the data-key cache.
+    pub kms: KmsSettings,
 }
 
 impl Default for Options {
@@ -161,6 +163,7 @@ impl Default for Options {
                 idle_poll: std::time::Duration::from_millis(50),
             }),
             targets: Vec::new(),
+            kms: KmsSettings::default(),
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct TestApp {
     pub crypto: CryptoClient<Channel>,
     pub admin: AdminClient<Channel>,
     pub health: HealthClient<Channel>,
+    /// The server's domain services (KMS call and cache counts).
+    pub services: Services,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
@@ -198,7 +203,9 @@ async fn start(
     settings.limits = options.limits;
     settings.worker = options.worker;
     settings.rotation_targets = options.targets;
+    settings.kms = options.kms;
     let app = Application::build(settings).await.unwrap();
+    let services = app.services().clone();
     if options.seed {
         app.services()
             .admin
@@ -229,6 +236,7 @@ async fn start(
         crypto: CryptoClient::new(channel.clone()),
         admin: AdminClient::new(channel.clone()),
         health: HealthClient::new(channel),
+        services,
         stop: Some(stop),
         server: Some(server),
         dir,

@@ -6,9 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod admin;
+mod aws_kms;
 mod cli;
 mod crypto;
 mod helpers;
+mod moto;
 mod postgres;
 mod rotation;
 mod workers;

@@ -19,18 +19,18 @@ use crate::helpers::{
     assert_code, ctx, spawn, spawn_with, Backend, Options, TestApp, MASTER, PRIMARY,
 };
 
-fn conn_ctx(id: &str) -> Vec<(&str, &str)> {
+pub(crate) fn conn_ctx(id: &str) -> Vec<(&str, &str)> {
     vec![("connection_id", id)]
 }
 
 /// Encrypts `plaintext` for row `id` with the row's context and stores it.
-async fn insert_row(app: &TestApp, id: &str, plaintext: &str) {
+pub(crate) async fn insert_row(app: &TestApp, id: &str, plaintext: &str) {
     let sealed = app.encrypt(plaintext.as_bytes(), &conn_ctx(id)).await;
     app.insert_connection(id, sealed.envelope.as_ref().unwrap())
         .await;
 }
 
-async fn insert_legacy_row(app: &TestApp, id: &str, plaintext: &str, mirror: bool) {
+pub(crate) async fn insert_legacy_row(app: &TestApp, id: &str, plaintext: &str, mirror: bool) {
     let (iv, ct) = encrypt_legacy(&MasterSecret::new(MASTER).unwrap(), plaintext.as_bytes());
     app.insert_legacy_connection(id, &ct, &iv, mirror).await;
 }
@@ -49,7 +49,7 @@ async fn activate_new_key(app: &TestApp, key_id: &str) -> String {
         .id
 }
 
-async fn start(app: &TestApp, request: StartRotationRequest) -> String {
+pub(crate) async fn start(app: &TestApp, request: StartRotationRequest) -> String {
     app.admin
         .clone()
         .start_rotation(request)
@@ -60,7 +60,7 @@ async fn start(app: &TestApp, request: StartRotationRequest) -> String {
 }
 
 /// Every event of a watch, to its end.
-async fn watch_all(app: &TestApp, job_id: &str) -> Vec<RotationProgress> {
+pub(crate) async fn watch_all(app: &TestApp, job_id: &str) -> Vec<RotationProgress> {
     let mut stream = app
         .admin
         .clone()
@@ -82,7 +82,7 @@ async fn watch_all(app: &TestApp, job_id: &str) -> Vec<RotationProgress> {
 }
 
 /// Decrypts every row through the API with its own context.
-async fn decrypt_all(app: &TestApp) -> HashMap<String, String> {
+pub(crate) async fn decrypt_all(app: &TestApp) -> HashMap<String, String> {
     let mut client = app.crypto.clone();
     let mut out = HashMap::new();
     for row in app.connections().await {

@@ -20,8 +20,9 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
+use aws_credential_types::provider::ProvideCredentials;
 use aws_sdk_kms::{
-    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+    error::{ProvideErrorMetadata, SdkError},
     primitives::Blob,
     types::{DataKeySpec, KeyState},
     Client,
@@ -81,10 +82,13 @@ impl AwsKms {
         }
     }
 
-    /// The SDK client, built on first use.
-    async fn client(&self) -> &Client {
+    /// The SDK client, built on first use. A region and credentials must
+    /// resolve; until they do, every call fails with
+    /// [`KmsError::NotConfigured`] and the next call tries again (a role's
+    /// credentials may appear after start-up).
+    async fn client(&self) -> Result<&Client, KmsError> {
         self.client
-            .get_or_init(|| async {
+            .get_or_try_init(|| async {
                 let s = &self.settings;
                 let mut loader = aws_config::defaults(BehaviorVersion::latest())
                     .retry_config(
@@ -106,10 +110,49 @@ impl AwsKms {
                 if let Some(endpoint) = &s.endpoint {
                     loader = loader.endpoint_url(endpoint.clone());
                 }
-                Client::new(&loader.load().await)
+                let config = loader.load().await;
+                if config.region().is_none() {
+                    return Err(KmsError::NotConfigured {
+                        provider: ProviderKind::AwsKms,
+                        reason: "no AWS region: set AWS_REGION or --aws-region".into(),
+                    });
+                }
+                let credentials = config.credentials_provider().ok_or_else(|| {
+                    KmsError::NotConfigured {
+                        provider: ProviderKind::AwsKms,
+                        reason: "no AWS credentials provider".into(),
+                    }
+                })?;
+                credentials
+                    .provide_credentials()
+                    .await
+                    .map_err(|err| KmsError::NotConfigured {
+                        provider: ProviderKind::AwsKms,
+                        reason: format!(
+                            "no AWS credentials could be loaded (environment, profile, web identity, \
+                             instance role): {}",
+                            error_chain(&err)
+                        ),
+                    })?;
+                Ok(Client::new(&config))
             })
             .await
     }
+}
+
+/// An error and its sources, each by its `Display`, joined by ": ".
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// The KMS encryption context for a keyward encryption context.
@@ -136,7 +179,7 @@ fn take_data_key(blob: Option<Blob>, key: &str) -> Result<SecretKey, KmsError> {
 fn map_error<E, R>(err: SdkError<E, R>, key: &str) -> KmsError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let key = key.to_owned();
     if let SdkError::ServiceError(service) = &err {
@@ -147,7 +190,7 @@ where
     KmsError::Unavailable {
         reason: format!(
             "calling kms for key {key} failed after retries: {}",
-            DisplayErrorContext(&err)
+            error_chain(&err)
         ),
     }
 }
@@ -189,7 +232,7 @@ impl KmsProvider for AwsKms {
     ) -> Result<GeneratedKey, KmsError> {
         let out = self
             .client()
-            .await
+            .await?
             .generate_data_key()
             .key_id(kek.kms_key_arn)
             .key_spec(DataKeySpec::Aes256)
@@ -220,7 +263,7 @@ impl KmsProvider for AwsKms {
     ) -> Result<WrappedKey, KmsError> {
         let out = self
             .client()
-            .await
+            .await?
             .encrypt()
             .key_id(kek.kms_key_arn)
             .plaintext(Blob::new(data_key.expose().to_vec()))
@@ -229,7 +272,10 @@ impl KmsProvider for AwsKms {
             .await
             .map_err(|e| map_error(e, kek.kms_key_arn))?;
         Ok(WrappedKey {
-            ciphertext: out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default(),
+            ciphertext: out
+                .ciphertext_blob
+                .map(Blob::into_inner)
+                .unwrap_or_default(),
             iv: Vec::new(),
         })
     }
@@ -247,7 +293,7 @@ impl KmsProvider for AwsKms {
         }
         let out = self
             .client()
-            .await
+            .await?
             .decrypt()
             .key_id(kek.kms_key_arn)
             .ciphertext_blob(Blob::new(wrapped_key.to_vec()))
@@ -271,7 +317,7 @@ impl KmsProvider for AwsKms {
         }
         let out = self
             .client()
-            .await
+            .await?
             .re_encrypt()
             .ciphertext_blob(Blob::new(wrapped_key.to_vec()))
             .source_key_id(source.kms_key_arn)
@@ -282,7 +328,10 @@ impl KmsProvider for AwsKms {
             .await
             .map_err(|e| map_error(e, target.kms_key_arn))?;
         Ok(Some(WrappedKey {
-            ciphertext: out.ciphertext_blob.map(Blob::into_inner).unwrap_or_default(),
+            ciphertext: out
+                .ciphertext_blob
+                .map(Blob::into_inner)
+                .unwrap_or_default(),
             iv: Vec::new(),
         }))
     }
@@ -290,7 +339,7 @@ impl KmsProvider for AwsKms {
     async fn check_key(&self, kek: KekRef<'_>) -> Result<(), KmsError> {
         let out = self
             .client()
-            .await
+            .await?
             .describe_key()
             .key_id(kek.kms_key_arn)
             .send()

@@ -110,6 +110,12 @@ pub enum KmsError {
     /// The KMS could not be reached or is throttling.
     #[error("kms is unavailable: {reason}")]
     Unavailable { reason: String },
+    /// The provider lacks configuration it needs (region, credentials).
+    #[error("kms provider {provider} is not configured: {reason}")]
+    NotConfigured {
+        provider: ProviderKind,
+        reason: String,
+    },
     /// The key reference is not one this provider understands.
     #[error("invalid kms key reference {key:?}: {reason}")]
     InvalidKeyRef { key: String, reason: &'static str },

@@ -125,7 +125,8 @@ impl KmsProvider for Counted {
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
         let result = self.inner.wrap_data_key(kek, data_key, context).await;
-        self.stats.record(self.kind(), KmsOperation::Encrypt, &result);
+        self.stats
+            .record(self.kind(), KmsOperation::Encrypt, &result);
         result
     }
 
@@ -140,7 +141,8 @@ impl KmsProvider for Counted {
             .inner
             .decrypt_data_key(kek, wrapped_key, wrapped_iv, context)
             .await;
-        self.stats.record(self.kind(), KmsOperation::Decrypt, &result);
+        self.stats
+            .record(self.kind(), KmsOperation::Decrypt, &result);
         result
     }
 

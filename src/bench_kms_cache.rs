@@ -1,0 +1,245 @@
+//! `keyward bench-kms-cache`: what the data-key cache saves on a remote KMS.
+//!
+//! Against an AWS KMS endpoint (moto's server stands in for AWS), it starts
+//! an in-process server twice, once with the cache on and once off, each
+//! with an active `aws-kms` key; drives a fixed number of Encrypts (one
+//! encryption context, as one tenant's writes) and then Decrypts of what was
+//! just written; and reports requests/s and the KMS calls keyward made for
+//! each, counted by keyward itself ([`crate::crypto::kms::KmsCallStats`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use tonic::transport::Endpoint;
+
+use crate::{
+    api::proto::{
+        crypto_client::CryptoClient, decrypt_request, DecryptRequest, EncryptRequest, EnvelopeForm,
+    },
+    bench::InProcessServer,
+    config::KmsSettings,
+    crypto::{
+        blob,
+        cache::CacheMode,
+        kms::{KmsOperation, ProviderKind},
+    },
+    service::admin::CreateKey,
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct KmsCacheBenchArgs {
+    /// Encrypts (then as many Decrypts) per run.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Plaintext size.
+    #[arg(long, default_value_t = 1024)]
+    pub payload_bytes: usize,
+    /// KMS key to use; default: create one on the endpoint.
+    #[arg(long)]
+    pub kms_key_arn: Option<String>,
+}
+
+/// What one run measured.
+struct RunResult {
+    mode: &'static str,
+    encrypt_per_sec: f64,
+    generate_calls: u64,
+    decrypt_per_sec: f64,
+    decrypt_calls: u64,
+    distinct_data_keys: usize,
+}
+
+pub async fn run(kms: KmsSettings, args: KmsCacheBenchArgs) -> anyhow::Result<()> {
+    let endpoint = kms.aws.endpoint.clone();
+    let arn = match &args.kms_key_arn {
+        Some(arn) => arn.clone(),
+        None => create_kms_key(&kms).await?,
+    };
+    println!(
+        "keyward bench-kms-cache: KMS {}, key {arn}, {} Encrypts then {} Decrypts of {} bytes, concurrency {}",
+        endpoint.as_deref().unwrap_or("(AWS)"),
+        args.requests,
+        args.requests,
+        args.payload_bytes,
+        args.concurrency
+    );
+    let mut results = Vec::new();
+    for (mode, label) in [(CacheMode::Auto, "cache on"), (CacheMode::Off, "cache off")] {
+        let mut settings = kms.clone();
+        settings.cache.mode = mode;
+        results.push(run_once(settings, &arn, label, &args).await?);
+    }
+    println!(
+        "\n{:<10} {:>12} {:>18} {:>12} {:>18} {:>14}",
+        "run", "Encrypt/s", "GenerateDataKey", "Decrypt/s", "KMS Decrypt", "data keys"
+    );
+    for r in &results {
+        println!(
+            "{:<10} {:>12.0} {:>18} {:>12.0} {:>18} {:>14}",
+            r.mode,
+            r.encrypt_per_sec,
+            r.generate_calls,
+            r.decrypt_per_sec,
+            r.decrypt_calls,
+            r.distinct_data_keys
+        );
+    }
+    if let [on, off] = &results[..] {
+        println!(
+            "\ncache on: {:.2} KMS calls per 1,000 Encrypts, {:.2} KMS Decrypts per distinct data key; \
+             Encrypt {:.1}x and Decrypt {:.1}x the cache-off rate",
+            on.generate_calls as f64 * 1000.0 / args.requests.max(1) as f64,
+            on.decrypt_calls as f64 / on.distinct_data_keys.max(1) as f64,
+            on.encrypt_per_sec / off.encrypt_per_sec.max(f64::EPSILON),
+            on.decrypt_per_sec / off.decrypt_per_sec.max(f64::EPSILON),
+        );
+    }
+    Ok(())
+}
+
+async fn create_kms_key(kms: &KmsSettings) -> anyhow::Result<String> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &kms.aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &kms.aws.endpoint {
+        loader = loader.endpoint_url(endpoint.clone());
+    }
+    let client = aws_sdk_kms::Client::new(&loader.load().await);
+    let out = client
+        .create_key()
+        .description("keyward bench-kms-cache")
+        .send()
+        .await
+        .context("creating a KMS key (give --kms-key-arn to use an existing one)")?;
+    out.key_metadata
+        .and_then(|m| m.arn)
+        .context("CreateKey returned no ARN")
+}
+
+async fn run_once(
+    kms: KmsSettings,
+    arn: &str,
+    label: &'static str,
+    args: &KmsCacheBenchArgs,
+) -> anyhow::Result<RunResult> {
+    let server = InProcessServer::start(kms).await?;
+    server
+        .services
+        .admin
+        .create_key(CreateKey {
+            key_id: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+            kms_key_arn: arn.to_owned(),
+            activate: true,
+            ..CreateKey::default()
+        })
+        .await
+        .context("registering the aws-kms key")?;
+    let channel = Endpoint::from_shared(server.url.clone())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let client = CryptoClient::new(channel);
+    let stats = Arc::clone(server.services.crypto.kms().stats());
+    let calls = |op| stats.ok(ProviderKind::AwsKms, op) + stats.failed(ProviderKind::AwsKms, op);
+    let context: HashMap<String, String> = [("tenant".to_owned(), "bench".to_owned())].into();
+
+    let request = EncryptRequest {
+        plaintext: vec![0x5a_u8; args.payload_bytes.max(1)].into(),
+        context: context.clone(),
+        form: EnvelopeForm::Blob as i32,
+    };
+    let before = calls(KmsOperation::GenerateDataKey);
+    let blobs = Arc::new(Mutex::new(Vec::with_capacity(args.requests)));
+    let encrypt_time = drive(args.requests, args.concurrency, {
+        let (client, blobs) = (client.clone(), Arc::clone(&blobs));
+        move |_| {
+            let (mut client, blobs, request) =
+                (client.clone(), Arc::clone(&blobs), request.clone());
+            async move {
+                let blob = client.encrypt(request).await?.into_inner().blob;
+                blobs
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(blob);
+                Ok(())
+            }
+        }
+    })
+    .await?;
+    let generate_calls = calls(KmsOperation::GenerateDataKey) - before;
+
+    let blobs: Arc<Vec<bytes::Bytes>> = Arc::new(std::mem::take(
+        &mut *blobs.lock().unwrap_or_else(PoisonError::into_inner),
+    ));
+    let distinct_data_keys = blobs
+        .iter()
+        .filter_map(|b| blob::parse(b).ok())
+        .map(|e| e.data_key_ciphertext)
+        .collect::<HashSet<_>>()
+        .len();
+    let before = calls(KmsOperation::Decrypt);
+    let decrypt_time = drive(blobs.len(), args.concurrency, {
+        let (client, blobs) = (client.clone(), Arc::clone(&blobs));
+        move |i| {
+            let mut client = client.clone();
+            let request = DecryptRequest {
+                context: context.clone(),
+                ciphertext: Some(decrypt_request::Ciphertext::Blob(blobs[i].clone())),
+            };
+            async move { client.decrypt(request).await.map(drop) }
+        }
+    })
+    .await?;
+    let decrypt_calls = calls(KmsOperation::Decrypt) - before;
+
+    Ok(RunResult {
+        mode: label,
+        encrypt_per_sec: args.requests as f64 / encrypt_time.as_secs_f64().max(f64::EPSILON),
+        generate_calls,
+        decrypt_per_sec: blobs.len() as f64 / decrypt_time.as_secs_f64().max(f64::EPSILON),
+        decrypt_calls,
+        distinct_data_keys,
+    })
+}
+
+/// Makes `total` calls, `concurrency` at a time; every call must succeed.
+async fn drive<F, Fut>(total: usize, concurrency: usize, call: F) -> anyhow::Result<Duration>
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (call, next) = (call.clone(), Arc::clone(&next));
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return anyhow::Ok(());
+                    }
+                    call(i)
+                        .await
+                        .map_err(|s| anyhow::anyhow!("benchmark call failed: {s}"))?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(start.elapsed())
+}

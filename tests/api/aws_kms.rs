@@ -1,0 +1,500 @@
+//! The `aws-kms` provider end to end, against moto's KMS server: round
+//! trips with context, KMS failures as gRPC codes, rotation into and
+//! between AWS keys in both modes, a KMS outage mid-rotation, and the
+//! data-key cache's bounds on KMS calls.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use keyward::{
+    api::proto::{
+        decrypt_request::Ciphertext, ActivateKeyRequest, CreateKeyRequest, DecryptRequest,
+        EncryptRequest, RefreshKeyMetadataRequest, RotationMode, RotationStatus, SelfTestRequest,
+        StartRotationRequest,
+    },
+    config::KmsSettings,
+    crypto::{
+        cache::{CacheMode, CacheSettings},
+        kms::{KmsOperation, ProviderKind},
+    },
+};
+use tonic::Code;
+
+use crate::{
+    helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp},
+    moto,
+    rotation::{conn_ctx, decrypt_all, insert_legacy_row, insert_row, start, watch_all},
+};
+
+/// A server whose AWS KMS is the moto server (or the given endpoint).
+async fn spawn_aws(backend: Backend, kms: KmsSettings) -> Option<TestApp> {
+    spawn_with(
+        backend,
+        Options {
+            kms,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// Registers (and optionally activates) a key record on `kms_key_arn`.
+async fn register(app: &TestApp, key_id: &str, kms_key_arn: &str, activate: bool) -> String {
+    app.admin
+        .clone()
+        .create_key(CreateKeyRequest {
+            key_id: key_id.into(),
+            kms_key_arn: kms_key_arn.into(),
+            activate,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+fn kms_calls(app: &TestApp, op: KmsOperation) -> u64 {
+    let stats = app.services.crypto.kms().stats();
+    stats.ok(ProviderKind::AwsKms, op) + stats.failed(ProviderKind::AwsKms, op)
+}
+
+async fn decrypt(
+    app: &TestApp,
+    envelope: keyward::api::proto::Envelope,
+    context: &[(&str, &str)],
+) -> Result<Vec<u8>, tonic::Status> {
+    app.crypto
+        .clone()
+        .decrypt(DecryptRequest {
+            context: ctx(context),
+            ciphertext: Some(Ciphertext::Envelope(envelope)),
+        })
+        .await
+        .map(|r| r.into_inner().plaintext.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_bind_the_encryption_context() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let arn = moto::create_key(&kms).await;
+    let app = spawn_aws(Backend::Sqlite, moto::kms_settings(endpoint))
+        .await
+        .unwrap();
+    let record = register(&app, "aws-primary", &arn, true).await;
+
+    let tenant = [("tenant", "acme")];
+    let sealed = app.encrypt(b"postgres://db-password", &tenant).await;
+    let envelope = sealed.envelope.unwrap();
+    assert_eq!(envelope.encryption_key_id, record);
+    assert!(
+        envelope.data_key_iv.is_empty(),
+        "KMS ciphertexts carry their own nonce"
+    );
+    assert_eq!(
+        decrypt(&app, envelope.clone(), &tenant).await.unwrap(),
+        b"postgres://db-password"
+    );
+    let blob = app
+        .crypto
+        .clone()
+        .decrypt(DecryptRequest {
+            context: ctx(&tenant),
+            ciphertext: Some(Ciphertext::Blob(sealed.blob)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&blob.plaintext[..], b"postgres://db-password");
+
+    // KMS itself refuses the data key under another context.
+    let status = assert_code(
+        decrypt(&app, envelope.clone(), &[("tenant", "other")]).await,
+        Code::InvalidArgument,
+    );
+    assert!(status.message().contains("context"), "{status:?}");
+    let mut tampered = envelope.clone();
+    let mut wrapped = tampered.data_key_ciphertext.to_vec();
+    let last = wrapped.len() - 1;
+    wrapped[last] ^= 1;
+    tampered.data_key_ciphertext = wrapped.into();
+    assert_code(
+        decrypt(&app, tampered, &tenant).await,
+        Code::InvalidArgument,
+    );
+
+    // An alias names the KMS key as well as its ARN does.
+    let alias = format!("alias/keyward-{}", uuid::Uuid::new_v4().simple());
+    kms.create_alias()
+        .alias_name(&alias)
+        .target_key_id(&arn)
+        .send()
+        .await
+        .unwrap();
+    register(&app, "aws-by-alias", &alias, true).await;
+    let sealed = app.encrypt(b"via alias", &tenant).await;
+    assert_eq!(
+        decrypt(&app, sealed.envelope.unwrap(), &tenant)
+            .await
+            .unwrap(),
+        b"via alias"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_key_failures_are_failed_precondition_and_fail_health() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let options = || Options {
+        kms: moto::kms_settings(endpoint),
+        ..Options::default()
+    };
+    let app = spawn_with(Backend::Sqlite, options()).await.unwrap();
+    let mut admin = app.admin.clone();
+
+    // A KMS key that does not exist cannot become active.
+    let missing = "arn:aws:kms:us-east-1:123456789012:key/6f1c0b2e-3d4a-4b5c-8d9e-0a1b2c3d4e5f";
+    let status = assert_code(
+        admin
+            .create_key(CreateKeyRequest {
+                key_id: "missing".into(),
+                kms_key_arn: missing.into(),
+                activate: true,
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(status.message().contains("not found"), "{status:?}");
+
+    // Neither can a disabled one.
+    let disabled = moto::create_key(&kms).await;
+    kms.disable_key()
+        .key_id(moto::key_id(&disabled))
+        .send()
+        .await
+        .unwrap();
+    let status = assert_code(
+        admin
+            .create_key(CreateKeyRequest {
+                key_id: "disabled".into(),
+                kms_key_arn: disabled.clone(),
+                activate: true,
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(status.message().contains("disabled"), "{status:?}");
+
+    // The active key's KMS key is disabled while in use: the self-test
+    // names it, and a restarted server stays NOT_SERVING.
+    let arn = moto::create_key(&kms).await;
+    register(&app, "aws-live", &arn, true).await;
+    kms.disable_key()
+        .key_id(moto::key_id(&arn))
+        .send()
+        .await
+        .unwrap();
+    let report = admin
+        .self_test(SelfTestRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!report.passed);
+    let check = report.keys.iter().find(|k| k.key_id == "aws-live").unwrap();
+    assert_eq!(check.provider, "aws-kms");
+    assert!(!check.ok && check.error.contains("disabled"), "{check:?}");
+    let local = report.keys.iter().find(|k| k.key_id == "primary").unwrap();
+    assert!(local.ok, "{local:?}");
+
+    let app = app
+        .restart(Options {
+            seed: false,
+            ..options()
+        })
+        .await;
+    app.wait_for_health(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.health_status().await, 2, "stays NOT_SERVING");
+    kms.enable_key()
+        .key_id(moto::key_id(&arn))
+        .send()
+        .await
+        .unwrap();
+    app.admin
+        .clone()
+        .refresh_key_metadata(RefreshKeyMetadataRequest {})
+        .await
+        .unwrap();
+    app.wait_for_health(1).await;
+}
+
+/// Rows on a local key and legacy rows rotate onto an AWS key, then between
+/// two AWS keys, in both modes; every row decrypts to its plaintext after
+/// each step.
+async fn rotation_into_and_between_aws_keys(backend: Backend) {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let Some(app) = spawn_aws(backend, moto::kms_settings(endpoint)).await else {
+        return;
+    };
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..30 {
+        let id = format!("conn-{i:02}");
+        let plaintext = format!("secret number {i}");
+        if i % 5 == 0 {
+            insert_legacy_row(&app, &id, &plaintext, true).await;
+        } else {
+            insert_row(&app, &id, &plaintext).await;
+        }
+        expected.insert(id, plaintext);
+    }
+
+    let steps = [
+        ("aws-a", RotationMode::Rewrap), // local → AWS: KMS Encrypt of the data key
+        ("aws-b", RotationMode::Rewrap), // AWS → AWS: KMS ReEncrypt
+        ("aws-c", RotationMode::Reencrypt), // AWS → AWS: fresh data keys
+        ("aws-d", RotationMode::Reencrypt),
+    ];
+    for (key_id, mode) in steps {
+        let record = register(&app, key_id, &moto::create_key(&kms).await, true).await;
+        let reencrypts_before = kms_calls(&app, KmsOperation::ReEncrypt);
+        let job = start(
+            &app,
+            StartRotationRequest {
+                mode: mode.into(),
+                batch_size: 7,
+                ..Default::default()
+            },
+        )
+        .await;
+        let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
+        assert_eq!(
+            last.status(),
+            RotationStatus::Completed,
+            "{key_id}: {last:?}"
+        );
+        assert_eq!(last.failed_rows, 0);
+        for row in app.connections().await {
+            assert_eq!(row.encryption_key_id.as_deref(), Some(record.as_str()));
+            assert_eq!(row.last_error, None);
+        }
+        assert_eq!(decrypt_all(&app).await, expected, "after {key_id}");
+        if key_id == "aws-b" {
+            // Every row moved inside KMS: one ReEncrypt each.
+            assert_eq!(
+                kms_calls(&app, KmsOperation::ReEncrypt) - reencrypts_before,
+                30
+            );
+        }
+    }
+}
+
+/// The KMS goes away mid-rotation: the rows it could not reach carry
+/// `last_error`, the job ends `completed_with_errors`, and once the KMS is
+/// back a new job finishes; no row is lost.
+async fn kms_outage_mid_rotation_loses_nothing(backend: Backend) {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let proxy = moto::Proxy::start(endpoint).await;
+    let Some(app) = spawn_aws(backend, moto::kms_settings(&proxy.url())).await else {
+        return;
+    };
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..60 {
+        let id = format!("conn-{i:02}");
+        let plaintext = format!("credential {i}");
+        insert_row(&app, &id, &plaintext).await;
+        expected.insert(id, plaintext);
+    }
+    let target = register(&app, "aws-target", &moto::create_key(&kms).await, true).await;
+    let job = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: 40,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Cut the KMS once the first batch is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = app.connections().await;
+        if rows
+            .iter()
+            .any(|r| r.encryption_key_id.as_deref() == Some(&target))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rotation never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.cut();
+    let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
+    assert_eq!(
+        last.status(),
+        RotationStatus::CompletedWithErrors,
+        "{last:?}"
+    );
+    assert!(last.failed_rows > 0 && last.succeeded_rows > 0, "{last:?}");
+    let failed: Vec<_> = app
+        .connections()
+        .await
+        .into_iter()
+        .filter(|r| r.last_error.is_some())
+        .collect();
+    assert_eq!(failed.len() as i64, last.failed_rows);
+    for row in &failed {
+        assert!(
+            row.last_error.as_deref().unwrap().contains("kms"),
+            "{:?}",
+            row.last_error
+        );
+        assert_ne!(row.encryption_key_id.as_deref(), Some(target.as_str()));
+    }
+
+    proxy.restore();
+    let job = start(&app, StartRotationRequest::default()).await;
+    let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
+    assert_eq!(last.status(), RotationStatus::Completed, "{last:?}");
+    for row in app.connections().await {
+        assert_eq!(row.encryption_key_id.as_deref(), Some(target.as_str()));
+        assert_eq!(row.last_error, None, "a finished row clears its error");
+    }
+    assert_eq!(decrypt_all(&app).await, expected);
+}
+
+crate::on_both_backends!(
+    rotation_into_and_between_aws_keys,
+    kms_outage_mid_rotation_loses_nothing
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_bounds_kms_calls_and_forgets_rotated_keys() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let mut settings = moto::kms_settings(endpoint);
+    settings.cache = CacheSettings {
+        max_messages: 100,
+        ..CacheSettings::default()
+    };
+    let app = spawn_aws(Backend::Sqlite, settings).await.unwrap();
+    register(&app, "aws-a", &moto::create_key(&kms).await, true).await;
+    // Cache misses are exactly the KMS calls made for API traffic (the
+    // self-test probes behind a refresh bypass the cache and are not
+    // counted here).
+    let stats = std::sync::Arc::clone(app.services.crypto.cache().stats());
+    let generate = |_: &TestApp| stats.encrypt_misses.load(Ordering::Relaxed);
+    let decrypts = |_: &TestApp| stats.decrypt_misses.load(Ordering::Relaxed);
+    let base_generate = generate(&app);
+    let base_decrypt = decrypts(&app);
+
+    // 950 Encrypts in one context, 32 at a time: one data key per 100
+    // messages, the tenth half used.
+    let tenant = [("tenant", "acme")];
+    let envelopes: Vec<_> = futures::future::join_all((0..32).map(|worker| {
+        let mut client = app.crypto.clone();
+        async move {
+            let mut out = Vec::new();
+            for i in (worker..950).step_by(32) {
+                let response = client
+                    .encrypt(EncryptRequest {
+                        plaintext: format!("message {i}").into_bytes().into(),
+                        context: ctx(&tenant),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                out.push((i, response.envelope.unwrap()));
+            }
+            out
+        }
+    }))
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    assert_eq!(generate(&app) - base_generate, 10);
+
+    // Reading them back needs no KMS call: the data keys were cached as
+    // they were generated.
+    for (i, envelope) in &envelopes {
+        let plaintext = decrypt(&app, envelope.clone(), &tenant).await.unwrap();
+        assert_eq!(plaintext, format!("message {i}").into_bytes());
+    }
+    assert_eq!(decrypts(&app), base_decrypt);
+
+    // Another context gets its own data key.
+    app.encrypt(b"x", &[("tenant", "globex")]).await;
+    assert_eq!(generate(&app) - base_generate, 11);
+
+    // A refresh that changes nothing keeps the cache...
+    let mut admin = app.admin.clone();
+    admin
+        .refresh_key_metadata(RefreshKeyMetadataRequest {})
+        .await
+        .unwrap();
+    app.encrypt(b"x", &tenant).await;
+    assert_eq!(generate(&app) - base_generate, 11);
+    // ...a status change drops it: after aws-a was rotating and is active
+    // again, its old data keys are not reused.
+    register(&app, "aws-b", &moto::create_key(&kms).await, true).await;
+    admin
+        .activate_key(ActivateKeyRequest {
+            key_id: "aws-a".into(),
+        })
+        .await
+        .unwrap();
+    let before = generate(&app);
+    app.encrypt(b"x", &tenant).await;
+    assert_eq!(generate(&app) - before, 1);
+    // And decrypting old data now costs one KMS call per data key.
+    let before = decrypts(&app);
+    for (_, envelope) in envelopes.iter().take(5) {
+        decrypt(&app, envelope.clone(), &tenant).await.unwrap();
+    }
+    let distinct: std::collections::HashSet<_> = envelopes
+        .iter()
+        .take(5)
+        .map(|(_, e)| e.data_key_ciphertext.clone())
+        .collect();
+    assert_eq!(decrypts(&app) - before, distinct.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_every_encrypt_calls_kms() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let mut settings = moto::kms_settings(endpoint);
+    settings.cache.mode = CacheMode::Off;
+    let app = spawn_aws(Backend::Sqlite, settings).await.unwrap();
+    register(&app, "aws-a", &moto::create_key(&kms).await, true).await;
+    let before = kms_calls(&app, KmsOperation::GenerateDataKey);
+    for i in 0..20 {
+        let id = format!("c{i}");
+        let sealed = app.encrypt(b"x", &conn_ctx(&id)).await;
+        decrypt(&app, sealed.envelope.unwrap(), &conn_ctx(&id))
+            .await
+            .unwrap();
+    }
+    assert_eq!(kms_calls(&app, KmsOperation::GenerateDataKey) - before, 20);
+    assert!(kms_calls(&app, KmsOperation::Decrypt) >= 20);
+}
