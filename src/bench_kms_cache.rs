@@ -4,8 +4,10 @@
 //! an in-process server twice, once with the cache on and once off, each
 //! with an active `aws-kms` key; drives a fixed number of Encrypts (one
 //! encryption context, as one tenant's writes) and then Decrypts of what was
-//! just written; and reports requests/s and the KMS calls keyward made for
-//! each, counted by keyward itself ([`crate::crypto::kms::KmsCallStats`]).
+//! just written (warm: as the writer reads back; cold: after the cache is
+//! emptied, as another replica would); and reports requests/s and the KMS
+//! calls keyward made for each, counted by keyward itself
+//! ([`crate::crypto::kms::KmsCallStats`]).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +59,10 @@ struct RunResult {
     generate_calls: u64,
     decrypt_per_sec: f64,
     decrypt_calls: u64,
+    /// Decrypts again after emptying the cache (data written by another
+    /// replica, or before a restart): KMS calls and rate.
+    cold_decrypt_per_sec: f64,
+    cold_decrypt_calls: u64,
     distinct_data_keys: usize,
 }
 
@@ -81,26 +87,36 @@ pub async fn run(kms: KmsSettings, args: KmsCacheBenchArgs) -> anyhow::Result<()
         results.push(run_once(settings, &arn, label, &args).await?);
     }
     println!(
-        "\n{:<10} {:>12} {:>18} {:>12} {:>18} {:>14}",
-        "run", "Encrypt/s", "GenerateDataKey", "Decrypt/s", "KMS Decrypt", "data keys"
+        "\n{:<10} {:>10} {:>16} {:>10} {:>12} {:>15} {:>17} {:>10}",
+        "run",
+        "Encrypt/s",
+        "GenerateDataKey",
+        "Decrypt/s",
+        "KMS Decrypt",
+        "cold Decrypt/s",
+        "cold KMS Decrypt",
+        "data keys"
     );
     for r in &results {
         println!(
-            "{:<10} {:>12.0} {:>18} {:>12.0} {:>18} {:>14}",
+            "{:<10} {:>10.0} {:>16} {:>10.0} {:>12} {:>15.0} {:>17} {:>10}",
             r.mode,
             r.encrypt_per_sec,
             r.generate_calls,
             r.decrypt_per_sec,
             r.decrypt_calls,
+            r.cold_decrypt_per_sec,
+            r.cold_decrypt_calls,
             r.distinct_data_keys
         );
     }
     if let [on, off] = &results[..] {
         println!(
-            "\ncache on: {:.2} KMS calls per 1,000 Encrypts, {:.2} KMS Decrypts per distinct data key; \
-             Encrypt {:.1}x and Decrypt {:.1}x the cache-off rate",
+            "\ncache on: {:.2} KMS calls per 1,000 Encrypts; KMS Decrypts per distinct data key: \
+             {:.2} warm, {:.2} cold; Encrypt {:.1}x and Decrypt {:.1}x the cache-off rate",
             on.generate_calls as f64 * 1000.0 / args.requests.max(1) as f64,
             on.decrypt_calls as f64 / on.distinct_data_keys.max(1) as f64,
+            on.cold_decrypt_calls as f64 / on.distinct_data_keys.max(1) as f64,
             on.encrypt_per_sec / off.encrypt_per_sec.max(f64::EPSILON),
             on.decrypt_per_sec / off.decrypt_per_sec.max(f64::EPSILON),
         );
@@ -189,20 +205,26 @@ async fn run_once(
         .map(|e| e.data_key_ciphertext)
         .collect::<HashSet<_>>()
         .len();
+    let decrypt_all = || {
+        drive(blobs.len(), args.concurrency, {
+            let (client, blobs, context) = (client.clone(), Arc::clone(&blobs), context.clone());
+            move |i| {
+                let mut client = client.clone();
+                let request = DecryptRequest {
+                    context: context.clone(),
+                    ciphertext: Some(decrypt_request::Ciphertext::Blob(blobs[i].clone())),
+                };
+                async move { client.decrypt(request).await.map(drop) }
+            }
+        })
+    };
     let before = calls(KmsOperation::Decrypt);
-    let decrypt_time = drive(blobs.len(), args.concurrency, {
-        let (client, blobs) = (client.clone(), Arc::clone(&blobs));
-        move |i| {
-            let mut client = client.clone();
-            let request = DecryptRequest {
-                context: context.clone(),
-                ciphertext: Some(decrypt_request::Ciphertext::Blob(blobs[i].clone())),
-            };
-            async move { client.decrypt(request).await.map(drop) }
-        }
-    })
-    .await?;
+    let decrypt_time = decrypt_all().await?;
     let decrypt_calls = calls(KmsOperation::Decrypt) - before;
+    server.services.crypto.cache().invalidate_all();
+    let before = calls(KmsOperation::Decrypt);
+    let cold_decrypt_time = decrypt_all().await?;
+    let cold_decrypt_calls = calls(KmsOperation::Decrypt) - before;
 
     Ok(RunResult {
         mode: label,
@@ -210,6 +232,9 @@ async fn run_once(
         generate_calls,
         decrypt_per_sec: blobs.len() as f64 / decrypt_time.as_secs_f64().max(f64::EPSILON),
         decrypt_calls,
+        cold_decrypt_per_sec: blobs.len() as f64
+            / cold_decrypt_time.as_secs_f64().max(f64::EPSILON),
+        cold_decrypt_calls,
         distinct_data_keys,
     })
 }
