@@ -11,14 +11,16 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{server::TcpIncoming, Server};
+use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
     api::{
+        auth::AuthLayer,
         proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
         AdminApi, CryptoApi,
     },
+    auth::{audit::AuditLog, Authenticator},
     config::{KmsSettings, MasterSecrets, Settings},
     crypto::{
         cache::DataKeyCache,
@@ -55,6 +57,18 @@ pub enum StartupError {
     /// A key operation during start-up failed.
     #[error("keys: {0}")]
     Keys(#[from] Error),
+    /// The audit log could not be opened.
+    #[error("audit log: {0}")]
+    Audit(#[source] std::io::Error),
+    /// The authentication settings are invalid.
+    #[error("authentication: {0}")]
+    Auth(String),
+    /// The TLS certificate, key or client CA could not be read.
+    #[error("tls: cannot read {path}: {source}")]
+    Tls {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// Server reflection could not be built from the descriptors.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -170,6 +184,9 @@ pub struct Application {
     listener: TcpListener,
     services: Services,
     settings: Settings,
+    auth: Arc<Authenticator>,
+    audit: Arc<AuditLog>,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -209,10 +226,25 @@ impl Application {
                 .await?;
             tracing::warn!(key_id = %key.key_id, "--dev: no active key was found, so a local key was seeded and activated");
         }
+        let audit = Arc::new(AuditLog::open(&settings.audit).map_err(StartupError::Audit)?);
+        let auth = Arc::new(
+            Authenticator::new(services.store.clone(), &settings.auth)
+                .map_err(StartupError::Auth)?,
+        );
+        auth.reload().await?;
+        if !auth.required() {
+            tracing::warn!(
+                "authentication is off: every caller may encrypt, decrypt and administer keys"
+            );
+        }
+        let tls = settings.tls.as_ref().map(tls_config).transpose()?;
         Ok(Self {
             listener,
             services,
             settings,
+            auth,
+            audit,
+            tls,
         })
     }
 
@@ -233,6 +265,9 @@ impl Application {
             listener,
             services,
             settings,
+            auth,
+            audit,
+            tls,
         } = self;
         let stop = CancellationToken::new();
 
@@ -250,6 +285,7 @@ impl Application {
         });
         tokio::spawn(refresh_catalog_periodically(
             Arc::clone(&services.admin),
+            Arc::clone(&auth),
             settings.catalog_refresh_interval,
             stop.clone(),
         ));
@@ -259,21 +295,32 @@ impl Application {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let max = settings.max_request_bytes;
-        let crypto = CryptoServer::new(CryptoApi::new(Arc::clone(&services.crypto)))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(usize::MAX);
+        let crypto = CryptoServer::new(CryptoApi::new(
+            Arc::clone(&services.crypto),
+            Arc::clone(&audit),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(usize::MAX);
         let admin = AdminServer::new(AdminApi::new(
             Arc::clone(&services.admin),
             Arc::clone(&services.rotations),
+            Arc::clone(&audit),
         ))
         .max_decoding_message_size(max);
 
         let drain = stop.clone();
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             // HTTP/2's default 64 KiB windows stall many concurrent or large
             // messages (batches) behind WINDOW_UPDATE round trips.
             .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
             .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            // Every RPC passes authentication and its role check here.
+            .layer(AuthLayer::new(auth, audit))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -316,6 +363,25 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// The rustls server configuration: certificate and key, and with a client
+/// CA, optional client certificates (callers may also use bearer tokens).
+fn tls_config(tls: &crate::config::TlsSettings) -> Result<ServerTlsConfig, StartupError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| StartupError::Tls {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config
+            .client_ca_root(Certificate::from_pem(read(ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(config)
 }
 
 /// A reflection builder that knows every service this server runs.
@@ -369,6 +435,7 @@ async fn follow_readiness(
 /// CLI, another replica, hand-written SQL) reach this process.
 async fn refresh_catalog_periodically(
     admin: Arc<KeyAdmin>,
+    auth: Arc<Authenticator>,
     every: std::time::Duration,
     stop: CancellationToken,
 ) {
@@ -380,6 +447,10 @@ async fn refresh_catalog_periodically(
             _ = ticker.tick() => {
                 if let Err(err) = admin.refresh().await {
                     tracing::warn!(error = %err, "periodic key catalog refresh failed; keeping the previous catalog");
+                }
+                // Revoked tokens stop working here at the latest.
+                if let Err(err) = auth.reload().await {
+                    tracing::warn!(error = %err, "periodic api token reload failed; keeping the previous tokens");
                 }
             }
             () = stop.cancelled() => return,

@@ -23,8 +23,15 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::{
     app::{Application, Services},
+    auth::{
+        audit::{AuditSettings, AuditSink},
+        AuthSettings, Role, Scope,
+    },
     bench::BenchArgs,
-    config::{dev_master_key_path, load_rotation_targets, KmsSettings, MasterSecrets, Settings},
+    config::{
+        dev_master_key_path, load_rotation_targets, KmsSettings, MasterSecrets, Settings,
+        TlsSettings,
+    },
     crypto::{
         cache::{CacheMode, CacheSettings},
         kms::aws::AwsKmsSettings,
@@ -239,6 +246,9 @@ enum Command {
     Rotate(RotateCommand),
     /// Remove expired or used connection_scoped_tokens.
     PruneTokens,
+    /// Create, list or revoke the bearer tokens callers authenticate with.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Bench(BenchArgs),
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
@@ -341,6 +351,108 @@ struct ServeArgs {
     /// Do not run a rotation worker in this process (run `keyward worker`).
     #[arg(long, env = "KEYWARD_NO_WORKER", value_parser = clap::builder::BoolishValueParser::new())]
     no_worker: bool,
+    /// Most encryption-context entries per request (at most 64).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = 64)]
+    max_context_entries: usize,
+    /// Most encryption-context bytes per request, keys and values (at most 8192).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = 8192)]
+    max_context_bytes: usize,
+    /// Most concurrent RPCs (HTTP/2 streams) per connection.
+    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
+    /// Serve without authentication on any address (every caller may do
+    /// everything). `--dev` on a loopback address needs no such flag.
+    #[arg(long, env = "KEYWARD_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_no_auth: bool,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "KEYWARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "KEYWARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are accepted (mutual TLS).
+    #[arg(long, env = "KEYWARD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// JSON file mapping client-certificate common names to principals:
+    /// [{"common_name": "payments", "roles": ["encrypt","decrypt"], "keys": [], "context": {}}].
+    #[arg(long, env = "KEYWARD_MTLS_PRINCIPALS")]
+    mtls_principals: Option<PathBuf>,
+    /// Requests per second each principal may make; 0 = unlimited.
+    #[arg(long, env = "KEYWARD_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    rate_limit_per_second: u32,
+    /// Requests a principal may make in a burst above its rate (default: one second's worth).
+    #[arg(long, env = "KEYWARD_RATE_LIMIT_BURST")]
+    rate_limit_burst: Option<u32>,
+    /// Audit log: `-` for standard output, a file path (appended), or `off`.
+    #[arg(long, env = "KEYWARD_AUDIT_LOG", default_value = "-")]
+    audit_log: String,
+    /// Let requests through when their audit event cannot be written
+    /// (default: fail closed, refusing them).
+    #[arg(long, env = "KEYWARD_AUDIT_FAIL_OPEN", value_parser = clap::builder::BoolishValueParser::new())]
+    audit_fail_open: bool,
+}
+
+impl ServeArgs {
+    /// Authentication, audit and TLS settings; refuses `--dev` (which
+    /// serves without authentication) on a non-loopback address unless
+    /// `--insecure-no-auth` says so.
+    fn security(&self) -> anyhow::Result<(AuthSettings, AuditSettings, Option<TlsSettings>)> {
+        let loopback = self.listen.ip().is_loopback();
+        if self.dev && !loopback && !self.insecure_no_auth {
+            return Err(ConfigError(format!(
+                "--dev serves without authentication, which is allowed on loopback only, not on {}; \
+                 listen on 127.0.0.1, or pass --insecure-no-auth to accept anyone on the network",
+                self.listen
+            ))
+            .into());
+        }
+        let cert_principals = match &self.mtls_principals {
+            None => Vec::new(),
+            Some(path) => {
+                if self.tls_client_ca.is_none() {
+                    return Err(ConfigError(
+                        "--mtls-principals needs --tls-client-ca (and --tls-cert, --tls-key)"
+                            .into(),
+                    )
+                    .into());
+                }
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --mtls-principals {}", path.display()))?;
+                serde_json::from_str(&text).map_err(|e| {
+                    ConfigError(format!("--mtls-principals {}: {e}", path.display()))
+                })?
+            }
+        };
+        let rate_limit = std::num::NonZeroU32::new(self.rate_limit_per_second).map(|rate| {
+            let burst = self
+                .rate_limit_burst
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(rate);
+            (rate, burst)
+        });
+        let auth = AuthSettings {
+            required: !(self.insecure_no_auth || (self.dev && loopback)),
+            cert_principals,
+            rate_limit,
+        };
+        let audit = AuditSettings {
+            sink: match self.audit_log.as_str() {
+                "-" => AuditSink::Stdout,
+                "off" | "" => AuditSink::Off,
+                path => AuditSink::File(PathBuf::from(path)),
+            },
+            fail_closed: !self.audit_fail_open,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok((auth, audit, tls))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -384,6 +496,31 @@ enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints it once (only its SHA-256 is stored).
+    Create {
+        /// Unique name; audit events record it as the principal.
+        #[arg(long)]
+        name: String,
+        /// encrypt, decrypt or admin; repeat for several.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// Limit to these keys (key_id or id); repeat for several; default any.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Require this encryption-context pair (KEY=VALUE) on every request;
+        /// repeat for several.
+        #[arg(long = "context")]
+        context: Vec<String>,
+    },
+    /// List tokens (names, roles, scopes; never the tokens).
+    List,
+    /// Revoke a token by name (servers stop accepting it on their next
+    /// reload, at most --catalog-refresh-secs later).
+    Revoke { name: String },
 }
 
 #[derive(Debug, Args)]
@@ -513,6 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rotate(cmd) => rotate(&global, cmd).await,
+        Command::Token(cmd) => token(&global, cmd).await,
         Command::PruneTokens => {
             let services = open(&global).await?;
             let removed = services.rotations.prune_scoped_tokens().await?;
@@ -535,6 +673,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (auth, audit, tls) = args.security()?;
     let master = match master_secrets(global)? {
         Some(master) => master,
         None if args.dev => dev_master_secret(&global.database_url)?,
@@ -552,8 +691,14 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         limits: Limits {
             max_plaintext_bytes: args.max_plaintext_bytes,
             max_batch_items: args.max_batch_items,
+            max_context_entries: args.max_context_entries,
+            max_context_bytes: args.max_context_bytes,
         },
         max_request_bytes: args.max_request_bytes,
+        max_concurrent_streams: args.max_concurrent_streams.max(1),
+        auth,
+        audit,
+        tls,
         catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         seed_dev_key: args.dev,
@@ -566,6 +711,99 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
     tracing::info!(addr = %app.local_addr()?, database = %redact_url(&global.database_url), "keyward listening");
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let store = crate::store::Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    match cmd {
+        TokenCommand::Create {
+            name,
+            roles,
+            keys,
+            context,
+        } => {
+            if name.trim().is_empty() || name.len() > 128 {
+                return Err(ConfigError("--name must be 1 to 128 characters".into()).into());
+            }
+            let roles = roles
+                .iter()
+                .map(|r| {
+                    Role::parse(r).ok_or_else(|| {
+                        ConfigError(format!("unknown role {r:?}: use encrypt, decrypt or admin"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let context = context
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .filter(|(k, _)| !k.is_empty())
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| ConfigError(format!("--context {pair:?}: use KEY=VALUE")))
+                })
+                .collect::<Result<_, _>>()?;
+            let scope = Scope { keys, context };
+            let secret = crate::auth::token::generate();
+            let record = store
+                .insert_token(&name, &crate::auth::token::hash(&secret), &roles, &scope)
+                .await?;
+            eprintln!(
+                "token {} created with roles {}; it is shown once, store it now:",
+                record.name,
+                role_list(&record.roles)
+            );
+            println!("{}", secret.as_str());
+        }
+        TokenCommand::List => {
+            for t in store.list_tokens().await? {
+                let state = match t.revoked_at {
+                    Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M")),
+                    None => "live".to_owned(),
+                };
+                let keys = if t.scope.keys.is_empty() {
+                    "any key".to_owned()
+                } else {
+                    t.scope.keys.join(",")
+                };
+                let context = t
+                    .scope
+                    .context
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!(
+                    "{:<24} {:<22} {:<20} {:<24} {state}",
+                    t.name,
+                    role_list(&t.roles),
+                    keys,
+                    if context.is_empty() {
+                        "any context"
+                    } else {
+                        &context
+                    }
+                );
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            if !store.revoke_token(&name).await? {
+                eprintln!("no live token named {name:?}");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("token {name} revoked");
+        }
+    }
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn role_list(roles: &[Role]) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use crate::{
+    auth::{audit::AuditSettings, AuthSettings},
     crypto::{
         cache::CacheSettings,
         kms::aws::AwsKmsSettings,
@@ -52,6 +53,16 @@ pub struct KmsSettings {
     pub cache: CacheSettings,
 }
 
+/// TLS for the gRPC server (rustls). With `client_ca`, clients may present
+/// certificates signed by it (mutual TLS); their subject CN maps to a
+/// principal through `AuthSettings::cert_principals`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 /// Everything `Application::build` needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -67,6 +78,14 @@ pub struct Settings {
     pub limits: Limits,
     /// Largest gRPC request message accepted.
     pub max_request_bytes: usize,
+    /// Most concurrent HTTP/2 streams (RPCs) per connection.
+    pub max_concurrent_streams: u32,
+    /// Who may call, and the per-principal rate limit.
+    pub auth: AuthSettings,
+    /// Where audit events go.
+    pub audit: AuditSettings,
+    /// TLS, or plaintext when `None`.
+    pub tls: Option<TlsSettings>,
     /// How often the key catalog is reloaded from the database.
     pub catalog_refresh_interval: Duration,
     /// How long in-flight RPCs may take to finish after a shutdown signal.
@@ -90,6 +109,10 @@ impl Settings {
             kms: KmsSettings::default(),
             limits: Limits::default(),
             max_request_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 256,
+            auth: AuthSettings::default(),
+            audit: AuditSettings::default(),
+            tls: None,
             catalog_refresh_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             seed_dev_key: false,

@@ -89,6 +89,12 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The caller is not authenticated, not allowed, or over its rate limit.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// The audit event of the request could not be written (fail-closed).
+    #[error(transparent)]
+    Audit(#[from] crate::auth::audit::AuditError),
     /// The KMS provider failed.
     #[error(transparent)]
     Kms(#[from] KmsError),

@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bench;
 pub mod bench_kms_cache;
 pub mod bench_rotation;

@@ -6,22 +6,72 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{
+    auth::{code_name, Caller},
     convert,
     proto::{self, admin_server::Admin},
+    status::code_of,
 };
-use crate::service::{
-    admin::{CreateKey, KeyAdmin},
-    rotation::{Rotations, StartRotation},
+use crate::{
+    auth::audit::{AuditEvent, AuditLog},
+    error::Error,
+    service::{
+        admin::{CreateKey, KeyAdmin},
+        rotation::{Rotations, StartRotation},
+    },
 };
 
 pub struct AdminApi {
     admin: Arc<KeyAdmin>,
     rotations: Arc<Rotations>,
+    audit: Arc<AuditLog>,
+}
+
+/// What an audited admin change is about.
+struct Change<'a> {
+    rpc: &'static str,
+    key_id: Option<&'a str>,
+    detail: Option<String>,
 }
 
 impl AdminApi {
-    pub fn new(admin: Arc<KeyAdmin>, rotations: Arc<Rotations>) -> Self {
-        Self { admin, rotations }
+    pub fn new(admin: Arc<KeyAdmin>, rotations: Arc<Rotations>, audit: Arc<AuditLog>) -> Self {
+        Self {
+            admin,
+            rotations,
+            audit,
+        }
+    }
+
+    /// Runs an audited change: a `requested` event first (fail-closed: no
+    /// event, no change), then the outcome (best effort: the change is
+    /// done by then).
+    async fn audited<T>(
+        &self,
+        caller: &Caller,
+        change: Change<'_>,
+        run: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Status> {
+        let event = |result| AuditEvent {
+            principal: &caller.principal.name,
+            rpc: change.rpc,
+            key_id: change.key_id,
+            context: None,
+            result,
+            peer: caller.peer_string(),
+            detail: change.detail.clone(),
+        };
+        self.audit
+            .record(&event("requested"))
+            .map_err(Error::from)?;
+        let result = run.await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(err) => code_name(code_of(err)),
+        };
+        if let Err(err) = self.audit.record(&event(outcome)) {
+            tracing::warn!(error = %err, rpc = change.rpc, "audit outcome event lost");
+        }
+        Ok(result?)
     }
 
     fn job(&self, job: &crate::rotation::RotationJob) -> proto::RotationJob {
@@ -47,17 +97,24 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let record = self
-            .admin
-            .create_key(CreateKey {
-                key_id: req.key_id,
-                kms_key_arn: req.kms_key_arn,
-                alias: Some(req.alias),
-                provider: req.provider,
-                activate: req.activate,
-            })
-            .await?;
+        let change = Change {
+            rpc: "keyward.v1.Admin/CreateKey",
+            key_id: Some(&req.key_id),
+            detail: Some(format!(
+                "kms_key_arn={} activate={}",
+                req.kms_key_arn, req.activate
+            )),
+        };
+        let create = self.admin.create_key(CreateKey {
+            key_id: req.key_id.clone(),
+            kms_key_arn: req.kms_key_arn.clone(),
+            alias: Some(req.alias.clone()),
+            provider: req.provider.clone(),
+            activate: req.activate,
+        });
+        let record = self.audited(&caller, change, create).await?;
         Ok(Response::new(convert::key(&record)))
     }
 
@@ -65,9 +122,15 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::ActivateKeyRequest>,
     ) -> Result<Response<proto::ActivateKeyResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let key_id = request.into_inner().key_id;
+        let change = Change {
+            rpc: "keyward.v1.Admin/ActivateKey",
+            key_id: Some(&key_id),
+            detail: None,
+        };
         let activation = self
-            .admin
-            .activate_key(&request.into_inner().key_id)
+            .audited(&caller, change, self.admin.activate_key(&key_id))
             .await?;
         Ok(Response::new(proto::ActivateKeyResponse {
             activated: Some(convert::key(&activation.activated)),
@@ -79,8 +142,20 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::RetireKeyRequest>,
     ) -> Result<Response<proto::RetireKeyResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let retirement = self.admin.retire_key(&req.key_id, req.force).await?;
+        let change = Change {
+            rpc: "keyward.v1.Admin/RetireKey",
+            key_id: Some(&req.key_id),
+            detail: Some(format!("force={}", req.force)),
+        };
+        let retirement = self
+            .audited(
+                &caller,
+                change,
+                self.admin.retire_key(&req.key_id, req.force),
+            )
+            .await?;
         Ok(Response::new(proto::RetireKeyResponse {
             key: Some(convert::key(&retirement.key)),
             referencing_rows: retirement.referencing_rows,
@@ -123,17 +198,23 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::StartRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
+        let caller = Caller::of(&request)?;
         let req = request.into_inner();
-        let job = self
-            .rotations
-            .start(StartRotation {
-                target: req.target_key_id,
-                mode: convert::rotation_mode(req.mode),
-                dry_run: req.dry_run,
-                batch_size: req.batch_size,
-                max_rows_per_second: req.max_rows_per_second,
-            })
-            .await?;
+        let change = Change {
+            rpc: "keyward.v1.Admin/StartRotation",
+            key_id: Some(&req.target_key_id)
+                .filter(|k| !k.is_empty())
+                .map(|k| k.as_str()),
+            detail: Some(format!("mode={} dry_run={}", req.mode, req.dry_run)),
+        };
+        let start = self.rotations.start(StartRotation {
+            target: req.target_key_id.clone(),
+            mode: convert::rotation_mode(req.mode),
+            dry_run: req.dry_run,
+            batch_size: req.batch_size,
+            max_rows_per_second: req.max_rows_per_second,
+        });
+        let job = self.audited(&caller, change, start).await?;
         Ok(Response::new(self.job(&job)))
     }
 
@@ -178,7 +259,16 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::CancelRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
-        let job = self.rotations.cancel(&request.into_inner().job_id).await?;
+        let caller = Caller::of(&request)?;
+        let job_id = request.into_inner().job_id;
+        let change = Change {
+            rpc: "keyward.v1.Admin/CancelRotation",
+            key_id: None,
+            detail: Some(format!("job_id={job_id}")),
+        };
+        let job = self
+            .audited(&caller, change, self.rotations.cancel(&job_id))
+            .await?;
         Ok(Response::new(self.job(&job)))
     }
 
@@ -186,7 +276,16 @@ impl Admin for AdminApi {
         &self,
         request: Request<proto::RequeueRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
-        let job = self.rotations.requeue(&request.into_inner().job_id).await?;
+        let caller = Caller::of(&request)?;
+        let job_id = request.into_inner().job_id;
+        let change = Change {
+            rpc: "keyward.v1.Admin/RequeueRotation",
+            key_id: None,
+            detail: Some(format!("job_id={job_id}")),
+        };
+        let job = self
+            .audited(&caller, change, self.rotations.requeue(&job_id))
+            .await?;
         Ok(Response::new(self.job(&job)))
     }
 

@@ -12,13 +12,17 @@ use crate::{
     keys::{Catalog, KeyRecord, KeyStatus},
     rotation::{JobStatus, Mode, RotationJob},
     service::{
-        crypto::{Ciphertext, Sealed},
+        crypto::{Ciphertext, Limits, Sealed},
         rotation::Progress,
     },
 };
 
-pub fn context(map: HashMap<String, String>) -> Result<EncryptionContext, Error> {
-    Ok(EncryptionContext::parse(map)?)
+pub fn context(map: HashMap<String, String>, limits: Limits) -> Result<EncryptionContext, Error> {
+    Ok(EncryptionContext::parse_limited(
+        map,
+        limits.max_context_entries,
+        limits.max_context_bytes,
+    )?)
 }
 
 pub fn envelope_to_proto(env: Envelope) -> proto::Envelope {

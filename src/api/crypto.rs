@@ -1,43 +1,98 @@
-//! `keyward.v1.Crypto` over the crypto service.
+//! `keyward.v1.Crypto` over the crypto service, with the caller's scope
+//! checks (keys, encryption-context values) and the Decrypt audit events.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::{
+    auth::{code_name, Caller},
     convert,
     proto::{self, crypto_server::Crypto},
-    status::to_status,
+    status::{code_of, to_status},
 };
-use crate::{error::Error, service::crypto::CryptoService};
+use crate::{
+    auth::{
+        audit::{AuditEvent, AuditLog},
+        AuthError, Principal,
+    },
+    crypto::context::EncryptionContext,
+    error::Error,
+    service::crypto::{Ciphertext, CryptoService},
+};
+
+const DECRYPT: &str = "keyward.v1.Crypto/Decrypt";
+const BATCH_DECRYPT: &str = "keyward.v1.Crypto/BatchDecrypt";
 
 pub struct CryptoApi {
     service: Arc<CryptoService>,
+    audit: Arc<AuditLog>,
 }
 
 impl CryptoApi {
-    pub fn new(service: Arc<CryptoService>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<CryptoService>, audit: Arc<AuditLog>) -> Self {
+        Self { service, audit }
     }
 
     async fn encrypt_one(
         &self,
+        caller: &Caller,
         req: proto::EncryptRequest,
     ) -> Result<proto::EncryptResponse, Error> {
         // An unknown form number (a newer client) gets both forms.
         let form = proto::EnvelopeForm::try_from(req.form).unwrap_or(proto::EnvelopeForm::Both);
-        let context = convert::context(req.context)?;
-        let sealed = self.service.encrypt(&req.plaintext, &context).await?;
+        let context = convert::context(req.context, self.service.limits())?;
+        let principal = &caller.principal;
+        check_context(principal, &context)?;
+        let sealed = self
+            .service
+            .encrypt_if(&req.plaintext, &context, |key| {
+                principal.scope.allows_key(key)
+            })
+            .await?;
         convert::sealed_to_proto(sealed, form)
     }
 
+    /// Decrypts one item and writes its audit event before the plaintext
+    /// can leave; if the event cannot be written (fail-closed), the
+    /// plaintext is dropped and the call fails.
     async fn decrypt_one(
         &self,
+        caller: &Caller,
+        rpc: &str,
         req: proto::DecryptRequest,
     ) -> Result<proto::DecryptResponse, Error> {
-        let context = convert::context(req.context)?;
-        let ciphertext = convert::ciphertext(req.ciphertext)?;
-        let opened = self.service.decrypt(ciphertext, &context).await?;
+        let mut context = None;
+        let mut key_id = None;
+        let result = async {
+            let ctx = context.insert(convert::context(req.context, self.service.limits())?);
+            let ciphertext = convert::ciphertext(req.ciphertext)?;
+            let envelope = self.service.parse(ciphertext)?;
+            key_id = Some(envelope.encryption_key_id.clone()).filter(|id| !id.is_empty());
+            self.check_decrypt_scope(&caller.principal, &envelope.encryption_key_id, ctx)?;
+            self.service
+                .decrypt(Ciphertext::Envelope(envelope), ctx)
+                .await
+        }
+        .await;
+        let key_name = result
+            .as_ref()
+            .ok()
+            .and_then(|o| o.key.as_ref().map(|k| k.key_id.clone()))
+            .or(key_id);
+        self.audit.record(&AuditEvent {
+            principal: &caller.principal.name,
+            rpc,
+            key_id: key_name.as_deref(),
+            context: context.as_ref(),
+            result: match &result {
+                Ok(_) => "ok",
+                Err(err) => code_name(code_of(err)),
+            },
+            peer: caller.peer_string(),
+            detail: None,
+        })?;
+        let opened = result?;
         Ok(proto::DecryptResponse {
             encryption_key_id: opened
                 .key
@@ -48,6 +103,55 @@ impl CryptoApi {
             plaintext: opened.plaintext.into_vec().into(),
         })
     }
+
+    /// A scoped principal may decrypt only under its keys and contexts. The
+    /// refusal is the same whether or not the named key exists.
+    fn check_decrypt_scope(
+        &self,
+        principal: &Principal,
+        encryption_key_id: &str,
+        context: &EncryptionContext,
+    ) -> Result<(), Error> {
+        check_context(principal, context)?;
+        if principal.scope.keys.is_empty() {
+            return Ok(());
+        }
+        let allowed = !encryption_key_id.is_empty()
+            && self
+                .service
+                .catalog()
+                .snapshot()
+                .get(encryption_key_id)
+                .is_some_and(|key| principal.scope.allows_key(key));
+        if allowed {
+            Ok(())
+        } else {
+            Err(AuthError::Denied(format!(
+                "principal {} may not decrypt under key {:?}",
+                principal.name, encryption_key_id
+            ))
+            .into())
+        }
+    }
+}
+
+fn check_context(principal: &Principal, context: &EncryptionContext) -> Result<(), Error> {
+    if principal.scope.allows_context(context) {
+        Ok(())
+    } else {
+        Err(AuthError::Denied(format!(
+            "principal {} may only use encryption contexts with {}",
+            principal.name,
+            principal
+                .scope
+                .context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .into())
+    }
 }
 
 #[tonic::async_trait]
@@ -56,25 +160,33 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<proto::EncryptRequest>,
     ) -> Result<Response<proto::EncryptResponse>, Status> {
-        Ok(Response::new(self.encrypt_one(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.encrypt_one(&caller, request.into_inner()).await?,
+        ))
     }
 
     async fn decrypt(
         &self,
         request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::DecryptResponse>, Status> {
-        Ok(Response::new(self.decrypt_one(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.decrypt_one(&caller, DECRYPT, request.into_inner())
+                .await?,
+        ))
     }
 
     async fn batch_encrypt(
         &self,
         request: Request<proto::BatchEncryptRequest>,
     ) -> Result<Response<proto::BatchEncryptResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let result = match self.encrypt_one(item).await {
+            let result = match self.encrypt_one(&caller, item).await {
                 Ok(ok) => proto::batch_encrypt_result::Result::Ok(ok),
                 Err(err) => proto::batch_encrypt_result::Result::Error(convert::item_error(
                     &to_status(&err),
@@ -91,12 +203,16 @@ impl Crypto for CryptoApi {
         &self,
         request: Request<proto::BatchDecryptRequest>,
     ) -> Result<Response<proto::BatchDecryptResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let result = match self.decrypt_one(item).await {
+            let result = match self.decrypt_one(&caller, BATCH_DECRYPT, item).await {
                 Ok(ok) => proto::batch_decrypt_result::Result::Ok(ok),
+                // A fail-closed audit failure fails the whole batch: no
+                // plaintext leaves unaudited.
+                Err(err @ Error::Audit(_)) => return Err(to_status(&err)),
                 Err(err) => proto::batch_decrypt_result::Result::Error(convert::item_error(
                     &to_status(&err),
                 )),

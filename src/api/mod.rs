@@ -4,6 +4,7 @@
 //! in `status`, in one place.
 
 mod admin;
+pub mod auth;
 mod convert;
 mod crypto;
 pub mod status;

@@ -7,7 +7,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{crypto::kms::KmsError, error::Error, store::StoreError};
+use crate::{auth::AuthError, crypto::kms::KmsError, error::Error, store::StoreError};
 
 /// The gRPC code for a domain error.
 pub fn code_of(err: &Error) -> Code {
@@ -35,6 +35,12 @@ pub fn code_of(err: &Error) -> Code {
             code @ (Code::Unavailable | Code::PermissionDenied) => code,
             _ => Code::FailedPrecondition,
         },
+        Error::Auth(auth) => match auth {
+            AuthError::Unauthenticated(_) => Code::Unauthenticated,
+            AuthError::Denied(_) => Code::PermissionDenied,
+            AuthError::RateLimited { .. } => Code::ResourceExhausted,
+        },
+        Error::Audit(_) => Code::Unavailable,
         Error::Kms(kms) => match kms {
             KmsError::UnwrapFailed => Code::InvalidArgument,
             KmsError::KeyDisabled { .. }

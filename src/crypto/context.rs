@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Most entries a context may have.
+/// Most entries a context may have, unless configured otherwise.
 pub const MAX_ENTRIES: usize = 64;
-/// Most bytes a context may hold, keys and values together.
+/// Most bytes a context may hold, keys and values together, unless
+/// configured otherwise.
 pub const MAX_BYTES: usize = 8 * 1024;
 
 /// Why a context was refused.
@@ -15,12 +16,12 @@ pub enum ContextError {
     /// A key was the empty string.
     #[error("encryption context keys must not be empty")]
     EmptyKey,
-    /// More than [`MAX_ENTRIES`] pairs.
-    #[error("encryption context has {0} entries; the limit is {MAX_ENTRIES}")]
-    TooManyEntries(usize),
-    /// More than [`MAX_BYTES`] bytes of keys and values.
-    #[error("encryption context is {0} bytes; the limit is {MAX_BYTES}")]
-    TooLarge(usize),
+    /// More pairs than the limit.
+    #[error("encryption context has {len} entries; the limit is {max}")]
+    TooManyEntries { len: usize, max: usize },
+    /// More bytes of keys and values than the limit.
+    #[error("encryption context is {size} bytes; the limit is {max}")]
+    TooLarge { size: usize, max: usize },
 }
 
 /// A validated encryption context, ordered by key so that its encoding is
@@ -40,6 +41,30 @@ impl EncryptionContext {
         Self::from_pairs(map)
     }
 
+    /// Like [`Self::parse`], with configured limits (at most the built-in
+    /// ones, which every context in the process stays within).
+    pub fn parse_limited(
+        map: HashMap<String, String>,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Self, ContextError> {
+        let (max_entries, max_bytes) = (max_entries.min(MAX_ENTRIES), max_bytes.min(MAX_BYTES));
+        if map.len() > max_entries {
+            return Err(ContextError::TooManyEntries {
+                len: map.len(),
+                max: max_entries,
+            });
+        }
+        let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > max_bytes {
+            return Err(ContextError::TooLarge {
+                size,
+                max: max_bytes,
+            });
+        }
+        Self::from_pairs(map)
+    }
+
     /// Builds a context from pairs, with the same checks as [`Self::parse`].
     pub fn from_pairs<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, ContextError>
     where
@@ -51,14 +76,20 @@ impl EncryptionContext {
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
         if map.len() > MAX_ENTRIES {
-            return Err(ContextError::TooManyEntries(map.len()));
+            return Err(ContextError::TooManyEntries {
+                len: map.len(),
+                max: MAX_ENTRIES,
+            });
         }
         if map.keys().any(String::is_empty) {
             return Err(ContextError::EmptyKey);
         }
         let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
         if size > MAX_BYTES {
-            return Err(ContextError::TooLarge(size));
+            return Err(ContextError::TooLarge {
+                size,
+                max: MAX_BYTES,
+            });
         }
         Ok(Self(map))
     }
@@ -129,12 +160,15 @@ mod tests {
         let many = (0..=MAX_ENTRIES).map(|i| (i.to_string(), String::new()));
         assert_eq!(
             EncryptionContext::from_pairs(many),
-            Err(ContextError::TooManyEntries(MAX_ENTRIES + 1))
+            Err(ContextError::TooManyEntries {
+                len: MAX_ENTRIES + 1,
+                max: MAX_ENTRIES
+            })
         );
         let big = "x".repeat(MAX_BYTES);
         assert!(matches!(
             EncryptionContext::from_pairs([("k", big)]),
-            Err(ContextError::TooLarge(_))
+            Err(ContextError::TooLarge { .. })
         ));
     }
 }

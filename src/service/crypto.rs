@@ -37,6 +37,10 @@ pub struct Limits {
     pub max_plaintext_bytes: usize,
     /// Most items a batch request may carry.
     pub max_batch_items: usize,
+    /// Most encryption-context entries (at most 64).
+    pub max_context_entries: usize,
+    /// Most encryption-context bytes, keys and values (at most 8 KiB).
+    pub max_context_bytes: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +48,8 @@ impl Default for Limits {
         Self {
             max_plaintext_bytes: 64 * 1024,
             max_batch_items: 1000,
+            max_context_entries: crate::crypto::context::MAX_ENTRIES,
+            max_context_bytes: crate::crypto::context::MAX_BYTES,
         }
     }
 }
@@ -168,10 +174,35 @@ impl CryptoService {
 
     /// Encrypts under the active key.
     pub async fn encrypt(&self, plaintext: &[u8], context: &EncryptionContext) -> Result<Sealed> {
+        self.encrypt_if(plaintext, context, |_| true).await
+    }
+
+    /// Encrypts under the active key if `allowed` accepts it (a caller's
+    /// key scope), judged on the same catalog snapshot that is used.
+    pub async fn encrypt_if(
+        &self,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+        allowed: impl Fn(&KeyRecord) -> bool,
+    ) -> Result<Sealed> {
         self.check_plaintext(plaintext)?;
         let catalog = self.catalog.snapshot();
         let key = catalog.active().ok_or(Error::NoActiveKey)?;
+        if !allowed(key) {
+            return Err(crate::auth::AuthError::Denied(
+                "the caller may not encrypt under the active key".into(),
+            )
+            .into());
+        }
         self.seal(key, plaintext, context, Caching::Use).await
+    }
+
+    /// The structured envelope of either ciphertext form.
+    pub fn parse(&self, ciphertext: Ciphertext) -> Result<Envelope> {
+        Ok(match ciphertext {
+            Ciphertext::Blob(bytes) => blob::parse(&bytes)?,
+            Ciphertext::Envelope(envelope) => envelope,
+        })
     }
 
     /// Encrypts under a given key record with a fresh data key, bypassing
@@ -229,10 +260,7 @@ impl CryptoService {
         ciphertext: Ciphertext,
         context: &EncryptionContext,
     ) -> Result<Opened> {
-        let envelope = match ciphertext {
-            Ciphertext::Blob(bytes) => blob::parse(&bytes)?,
-            Ciphertext::Envelope(envelope) => envelope,
-        };
+        let envelope = self.parse(ciphertext)?;
         self.open(&envelope, context, Caching::Use).await
     }
 

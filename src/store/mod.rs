@@ -11,6 +11,7 @@ mod bench;
 mod connections;
 mod keys;
 pub mod rotation;
+pub mod tokens;
 
 use std::{str::FromStr, time::Duration};
 
@@ -81,6 +82,8 @@ fn unique_field(message: &str) -> &'static str {
         "status 'active' (only one key may be active)"
     } else if message.contains("key_id") {
         "key_id"
+    } else if message.contains("keyward_api_tokens") && message.contains("name") {
+        "token name"
     } else {
         "identity"
     }

@@ -239,6 +239,8 @@ async fn plaintext_and_context_limits(backend: Backend) {
     let limits = Limits {
         max_plaintext_bytes: 1024,
         max_batch_items: 3,
+        max_context_entries: 4,
+        max_context_bytes: 100,
     };
     let Some(app) = spawn_with(
         backend,
@@ -285,6 +287,27 @@ async fn plaintext_and_context_limits(backend: Backend) {
         ..Default::default()
     };
     assert_code(client.encrypt(empty_key).await, Code::InvalidArgument);
+
+    // Configured context limits: 4 entries, 100 bytes.
+    let five: Vec<(String, String)> = (0..5).map(|i| (format!("k{i}"), "v".into())).collect();
+    let many = EncryptRequest {
+        plaintext: vec![1].into(),
+        context: five.into_iter().collect(),
+        ..Default::default()
+    };
+    let status = assert_code(client.encrypt(many).await, Code::InvalidArgument);
+    assert!(
+        status.message().contains("5 entries; the limit is 4"),
+        "{status:?}"
+    );
+    let long = "x".repeat(101);
+    let large = EncryptRequest {
+        plaintext: vec![1].into(),
+        context: ctx(&[("k", long.as_str())]),
+        ..Default::default()
+    };
+    let status = assert_code(client.encrypt(large).await, Code::InvalidArgument);
+    assert!(status.message().contains("the limit is 100"), "{status:?}");
 
     let items = (0..4)
         .map(|_| EncryptRequest {

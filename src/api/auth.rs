@@ -1,0 +1,189 @@
+//! Authentication and the per-RPC role check, as one tower layer in front of
+//! every service, so no keyward RPC — present or future — is reachable
+//! without it. Health and reflection pass through. A refused call gets
+//! UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED and one audit
+//! event; an admitted call carries its [`Caller`] in the request extensions
+//! for the handlers' finer scope checks and audit events.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::BoxFuture;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower::{Layer, Service};
+
+use super::status::to_status;
+use crate::{
+    auth::{
+        audit::{AuditEvent, AuditLog},
+        Authenticator, Principal, Role,
+    },
+    error::Error,
+};
+
+/// Who is calling, put in the request extensions by [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Arc<Principal>,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Caller {
+    /// The caller of an admitted request; UNAUTHENTICATED if the request
+    /// did not pass the layer (never the case on keyward's server).
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no authenticated caller"))
+    }
+
+    pub fn peer_string(&self) -> Option<String> {
+        self.peer.map(|p| p.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+    audit: Arc<AuditLog>,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>, audit: Arc<AuditLog>) -> Self {
+        Self { auth, audit }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: Arc::clone(&self.auth),
+            audit: Arc::clone(&self.audit),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+    audit: Arc<AuditLog>,
+}
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (auth, audit) = (Arc::clone(&self.auth), Arc::clone(&self.audit));
+        Box::pin(async move {
+            let Some(role) = Role::required_for(request.uri().path()) else {
+                return inner.call(request).await;
+            };
+            let (peer, common_names) = connection_identity(&request);
+            let authorization = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let principal = auth.authenticate(authorization, &common_names).await;
+            let admitted = principal
+                .clone()
+                .and_then(|p| auth.authorize(&p, role).map(|()| p));
+            match admitted {
+                Ok(principal) => {
+                    request.extensions_mut().insert(Caller { principal, peer });
+                    inner.call(request).await
+                }
+                Err(err) => {
+                    let status = to_status(&Error::Auth(err));
+                    let name = principal.as_ref().map(|p| p.name.as_str());
+                    let _ = audit.record(&AuditEvent {
+                        principal: name.unwrap_or("unauthenticated"),
+                        rpc: request.uri().path().trim_start_matches('/'),
+                        result: code_name(status.code()),
+                        peer: peer.map(|p| p.to_string()),
+                        ..AuditEvent::default()
+                    });
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+/// The peer address and the common names of a client certificate, if the
+/// connection presented one.
+fn connection_identity<B>(request: &http::Request<B>) -> (Option<SocketAddr>, Vec<String>) {
+    let ext = request.extensions();
+    if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        let names = tls
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|leaf| common_names(leaf.as_ref())))
+            .unwrap_or_default();
+        return (tls.get_ref().remote_addr(), names);
+    }
+    (
+        ext.get::<TcpConnectInfo>().and_then(|c| c.remote_addr()),
+        Vec::new(),
+    )
+}
+
+/// The subject common names of a DER certificate (rustls has already
+/// verified it against the client CA).
+fn common_names(der: &[u8]) -> Vec<String> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The canonical name of a gRPC code, as audit events record results.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "ok",
+        tonic::Code::Cancelled => "CANCELLED",
+        tonic::Code::Unknown => "UNKNOWN",
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
+        tonic::Code::Aborted => "ABORTED",
+        tonic::Code::OutOfRange => "OUT_OF_RANGE",
+        tonic::Code::Unimplemented => "UNIMPLEMENTED",
+        tonic::Code::Internal => "INTERNAL",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::DataLoss => "DATA_LOSS",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
