@@ -2,15 +2,10 @@
 //! hash in an in-memory copy of `keyward_api_tokens`) and client certificates
 //! (mapped by subject common name). Also the per-principal rate limit.
 
-use std::{
-    collections::HashMap,
-    num::NonZeroU32,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, num::NonZeroU32, sync::Arc};
 
 use arc_swap::ArcSwap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::Mutex;
 
 use super::{token, AuthError, Principal, PrincipalKind, Role, Scope};
@@ -46,16 +41,17 @@ pub struct AuthSettings {
     pub rate_limit: Option<(NonZeroU32, NonZeroU32)>,
 }
 
-/// Least time between two token reloads triggered by unknown tokens, so a
-/// flood of bad tokens cannot turn into a flood of queries.
-const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Most database lookups of unknown tokens per second, so a flood of bad
+/// tokens cannot turn into a flood of queries.
+const MISS_LOOKUPS_PER_SECOND: u32 = 50;
 
 pub struct Authenticator {
     store: Store,
     required: bool,
     tokens: ArcSwap<HashMap<String, Arc<Principal>>>,
     certs: HashMap<String, Arc<Principal>>,
-    last_reload: Mutex<Option<Instant>>,
+    reload_lock: Mutex<()>,
+    miss_lookups: DefaultDirectRateLimiter,
     limiter: Option<(DefaultKeyedRateLimiter<String>, u32)>,
 }
 
@@ -96,7 +92,10 @@ impl Authenticator {
             required: settings.required,
             tokens: ArcSwap::default(),
             certs,
-            last_reload: Mutex::new(None),
+            reload_lock: Mutex::new(()),
+            miss_lookups: RateLimiter::direct(Quota::per_second(
+                NonZeroU32::new(MISS_LOOKUPS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
+            )),
             limiter,
         })
     }
@@ -106,13 +105,10 @@ impl Authenticator {
         self.required
     }
 
-    /// Reloads the live tokens from `keyward_api_tokens`.
+    /// Reloads the live tokens from `keyward_api_tokens` (revocations take
+    /// effect here).
     pub async fn reload(&self) -> Result<(), StoreError> {
-        let mut last = self.last_reload.lock().await;
-        self.reload_locked(&mut last).await
-    }
-
-    async fn reload_locked(&self, last: &mut Option<Instant>) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
         let map = self
             .store
             .list_tokens()
@@ -130,7 +126,6 @@ impl Authenticator {
             })
             .collect();
         self.tokens.store(Arc::new(map));
-        *last = Some(Instant::now());
         Ok(())
     }
 
@@ -168,21 +163,32 @@ impl Authenticator {
             return Ok(Arc::clone(principal));
         }
         // Perhaps created since the last reload (keyward token create):
-        // reload, at most once per interval.
-        {
-            let mut last = self.last_reload.lock().await;
-            let stale = last.is_none_or(|at| at.elapsed() >= MISS_RELOAD_INTERVAL);
-            if stale {
-                if let Err(err) = self.reload_locked(&mut last).await {
-                    tracing::warn!(error = %err, "reloading api tokens failed");
-                }
+        // look it up, within a global budget of lookups.
+        const INVALID: AuthError = AuthError::Unauthenticated("invalid or revoked token");
+        if self.miss_lookups.check().is_err() {
+            return Err(INVALID);
+        }
+        match self.store.find_live_token(&hash).await {
+            Ok(Some(record)) => {
+                let principal = Arc::new(Principal {
+                    name: record.name,
+                    kind: PrincipalKind::Token,
+                    roles: record.roles,
+                    scope: record.scope,
+                });
+                self.tokens.rcu(|current| {
+                    let mut next = HashMap::clone(current);
+                    next.insert(hash.clone(), Arc::clone(&principal));
+                    next
+                });
+                Ok(principal)
+            }
+            Ok(None) => Err(INVALID),
+            Err(err) => {
+                tracing::warn!(error = %err, "looking up an api token failed");
+                Err(INVALID)
             }
         }
-        self.tokens
-            .load()
-            .get(&hash)
-            .cloned()
-            .ok_or(AuthError::Unauthenticated("invalid or revoked token"))
     }
 
     /// Checks that `principal` may make a call needing `role`, and spends

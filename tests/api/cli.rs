@@ -363,3 +363,84 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
     assert_eq!(&opened.plaintext[..], b"legacy-password");
     assert!(opened.legacy);
 }
+
+#[test]
+fn dev_without_authentication_is_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(keyward(dir.path()).args(["serve", "--dev", "--listen", "0.0.0.0:0"]));
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--insecure-no-auth"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !dir.path().join("keyward.master.key").exists(),
+        "refused before creating anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_the_cli_authenticate_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = || {
+        let mut cmd = keyward(dir.path());
+        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
+        cmd
+    };
+    assert!(run(with_secret().arg("seed-key")).status.success());
+    let created = run(with_secret().args([
+        "token", "create", "--name", "billing", "--role", "encrypt", "--role", "decrypt",
+    ]));
+    assert!(created.status.success(), "{}", stderr(&created));
+    let token = stdout(&created).trim().to_owned();
+    assert!(token.starts_with("kw_"), "{token}");
+    assert!(stderr(&created).contains("shown once"));
+    let listed = stdout(&run(with_secret().args(["token", "list"])));
+    assert!(
+        listed.contains("billing") && listed.contains("encrypt,decrypt"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&token), "list never shows a token");
+    let bad_role = run(with_secret().args(["token", "create", "--name", "x", "--role", "root"]));
+    assert_eq!(bad_role.status.code(), Some(64), "{}", stderr(&bad_role));
+
+    // A server without --dev requires the token.
+    let server = Server::start_with(
+        with_secret(),
+        &["--catalog-refresh-secs", "1", "--audit-log", "off"],
+    );
+    server.wait_for_log("Encryption service initialized successfully");
+    let mut client = keyward::api::proto::crypto_client::CryptoClient::new(server.channel().await);
+    let request = |token: Option<&str>| {
+        let mut req = tonic::Request::new(EncryptRequest {
+            plaintext: b"card".to_vec().into(),
+            context: ctx(&[("connection_id", "1")]),
+            ..Default::default()
+        });
+        if let Some(token) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        req
+    };
+    let status = client.encrypt(request(None)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    client.encrypt(request(Some(&token))).await.unwrap();
+
+    let revoked = run(with_secret().args(["token", "revoke", "billing"]));
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.encrypt(request(Some(&token))).await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            _ => {
+                assert!(Instant::now() < deadline, "the revoked token kept working");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let log = server.log.lock().unwrap().clone();
+    assert!(!log.contains(&token), "a token reached the server log");
+}

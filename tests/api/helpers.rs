@@ -150,6 +150,12 @@ pub struct Options {
     pub targets: Vec<keyward::rotation::target::RotationTarget>,
     /// AWS KMS endpoint and the data-key cache.
     pub kms: KmsSettings,
+    /// Authentication (off by default in tests, as on `serve --dev`).
+    pub auth: keyward::auth::AuthSettings,
+    pub audit: keyward::auth::audit::AuditSettings,
+    /// TLS; the test's default clients are then not connected (build your
+    /// own channel to `TestApp::addr`).
+    pub tls: Option<keyward::config::TlsSettings>,
 }
 
 impl Default for Options {
@@ -164,6 +170,9 @@ impl Default for Options {
             }),
             targets: Vec::new(),
             kms: KmsSettings::default(),
+            auth: Default::default(),
+            audit: Default::default(),
+            tls: None,
         }
     }
 }
@@ -177,6 +186,7 @@ pub struct TestApp {
     pub health: HealthClient<Channel>,
     /// The server's domain services (KMS call and cache counts).
     pub services: Services,
+    pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
@@ -204,6 +214,10 @@ async fn start(
     settings.worker = options.worker;
     settings.rotation_targets = options.targets;
     settings.kms = options.kms;
+    settings.auth = options.auth;
+    settings.audit = options.audit;
+    let tls = options.tls.is_some();
+    settings.tls = options.tls;
     let app = Application::build(settings).await.unwrap();
     let services = app.services().clone();
     if options.seed {
@@ -225,11 +239,12 @@ async fn start(
         .await
         .unwrap();
     });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    let channel = if tls {
+        endpoint.connect_lazy()
+    } else {
+        endpoint.connect().await.unwrap()
+    };
     TestApp {
         backend,
         database_url,
@@ -237,6 +252,7 @@ async fn start(
         admin: AdminClient::new(channel.clone()),
         health: HealthClient::new(channel),
         services,
+        addr,
         stop: Some(stop),
         server: Some(server),
         dir,

@@ -13,4 +13,5 @@ mod helpers;
 mod moto;
 mod postgres;
 mod rotation;
+mod security;
 mod workers;

@@ -1,0 +1,618 @@
+//! Authentication, authorization, audit and limits end to end: the
+//! authorization matrix over every RPC the server's descriptors declare
+//! (so a new RPC cannot slip past it), scoped tokens in and out of scope,
+//! mutual TLS principals, the fail-closed audit log and the rate limit.
+
+use std::{path::PathBuf, str::FromStr};
+
+use keyward::{
+    api::proto::{
+        crypto_client::CryptoClient, decrypt_request::Ciphertext, BatchDecryptRequest,
+        DecryptRequest, EncryptRequest, Envelope,
+    },
+    auth::{
+        audit::{AuditSettings, AuditSink},
+        token, AuthSettings, CertPrincipal, Role, Scope,
+    },
+    config::TlsSettings,
+    service::admin::CreateKey,
+};
+use prost::Message;
+use tonic::{
+    codegen::http::uri::PathAndQuery,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    Code, Request,
+};
+
+use crate::helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp};
+
+/// A throwaway PKI: a CA, a server certificate for `localhost`, client
+/// certificates, and one client certificate from a CA the server does not
+/// trust.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keyward test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let ca_pem = ca.pem();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+        let pki = Pki { dir, ca_pem };
+        let (cert, key) = Self::leaf(&ca, "localhost", vec!["localhost".into()]);
+        std::fs::write(pki.path("server.pem"), cert).unwrap();
+        std::fs::write(pki.path("server.key"), key).unwrap();
+        for cn in ["ops-admin", "stranger"] {
+            let (cert, key) = Self::leaf(&ca, cn, vec![]);
+            std::fs::write(pki.path(&format!("{cn}.pem")), cert).unwrap();
+            std::fs::write(pki.path(&format!("{cn}.key")), key).unwrap();
+        }
+        // The same common name, from a CA the server does not trust.
+        let rogue_key = rcgen::KeyPair::generate().unwrap();
+        let mut rogue_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        rogue_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let rogue = rcgen::CertifiedIssuer::self_signed(rogue_params, rogue_key).unwrap();
+        let (cert, key) = Self::leaf(&rogue, "ops-admin", vec![]);
+        std::fs::write(pki.path("rogue.pem"), cert).unwrap();
+        std::fs::write(pki.path("rogue.key"), key).unwrap();
+        pki
+    }
+
+    fn leaf(
+        issuer: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+        cn: &str,
+        names: Vec<String>,
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn server(&self) -> TlsSettings {
+        TlsSettings {
+            cert: self.path("server.pem"),
+            key: self.path("server.key"),
+            client_ca: Some(self.path("ca.pem")),
+        }
+    }
+
+    /// A TLS channel to `app`, presenting client certificate `identity`
+    /// (`ops-admin`, `stranger`, `rogue`) if given.
+    async fn channel(&self, app: &TestApp, identity: Option<&str>) -> Channel {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("localhost");
+        if let Some(name) = identity {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(self.path(&format!("{name}.pem"))).unwrap(),
+                std::fs::read(self.path(&format!("{name}.key"))).unwrap(),
+            ));
+        }
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", app.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+/// Creates a token the way `keyward token create` does; returns it.
+async fn issue(app: &TestApp, name: &str, roles: &[Role], scope: Scope) -> String {
+    let secret = token::generate();
+    app.services
+        .store
+        .insert_token(name, &token::hash(&secret), roles, &scope)
+        .await
+        .unwrap();
+    secret.to_string()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Calls `path` with an empty request message (valid for every method) and
+/// returns the status code of the reply or of the first streamed message.
+async fn call(channel: &Channel, path: &str, authorization: Option<&str>) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(());
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", MetadataValue::from_str(value).unwrap());
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = PathAndQuery::from_str(path).unwrap();
+    match grpc.server_streaming(request, path, codec).await {
+        Err(status) => status.code(),
+        Ok(response) => match response.into_inner().message().await {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        },
+    }
+}
+
+/// Every method of the keyward services, from the served descriptors.
+fn keyward_methods() -> Vec<String> {
+    let set =
+        prost_types::FileDescriptorSet::decode(keyward::api::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut methods = Vec::new();
+    for file in set.file {
+        let package = file.package().to_owned();
+        for service in file.service {
+            for method in &service.method {
+                methods.push(format!("/{package}.{}/{}", service.name(), method.name()));
+            }
+        }
+    }
+    methods.retain(|m| m.starts_with("/keyward.v1."));
+    methods.sort();
+    methods
+}
+
+fn secured(pki: &Pki, audit: AuditSink) -> Options {
+    Options {
+        auth: AuthSettings {
+            required: true,
+            cert_principals: vec![CertPrincipal {
+                common_name: "ops-admin".into(),
+                name: Some("ops-team".into()),
+                roles: vec!["admin".into()],
+                keys: vec![],
+                context: Default::default(),
+            }],
+            rate_limit: None,
+        },
+        audit: AuditSettings {
+            sink: audit,
+            fail_closed: true,
+        },
+        tls: Some(pki.server()),
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_covers_every_rpc() {
+    let pki = Pki::new();
+    let audit = pki.path("audit.log");
+    let app = spawn_with(
+        Backend::Sqlite,
+        secured(&pki, AuditSink::File(audit.clone())),
+    )
+    .await
+    .unwrap();
+    let enc = issue(&app, "app-encrypt", &[Role::Encrypt], Scope::default()).await;
+    let dec = issue(&app, "app-decrypt", &[Role::Decrypt], Scope::default()).await;
+    let adm = issue(&app, "operator", &[Role::Admin], Scope::default()).await;
+    let revoked = issue(&app, "revoked", Role::ALL.as_ref(), Scope::default()).await;
+    assert!(app.services.store.revoke_token("revoked").await.unwrap());
+    let unknown = token::generate().to_string();
+
+    let plain = pki.channel(&app, None).await;
+    let mtls_admin = pki.channel(&app, Some("ops-admin")).await;
+    let unmapped = pki.channel(&app, Some("stranger")).await;
+    let expect_role = |held: &'static [Role]| {
+        move |needed: Role| {
+            if held.contains(&needed) {
+                None // admitted: any code but UNAUTHENTICATED / PERMISSION_DENIED
+            } else {
+                Some(Code::PermissionDenied)
+            }
+        }
+    };
+    type Expect = Box<dyn Fn(Role) -> Option<Code>>;
+    let unauthenticated = || -> Expect { Box::new(|_| Some(Code::Unauthenticated)) };
+    let callers: Vec<(&str, &Channel, Option<String>, Expect)> = vec![
+        ("no credential", &plain, None, unauthenticated()),
+        (
+            "malformed token",
+            &plain,
+            Some("Bearer nope".into()),
+            unauthenticated(),
+        ),
+        (
+            "unknown token",
+            &plain,
+            Some(bearer(&unknown)),
+            unauthenticated(),
+        ),
+        (
+            "revoked token",
+            &plain,
+            Some(bearer(&revoked)),
+            unauthenticated(),
+        ),
+        (
+            "basic auth",
+            &plain,
+            Some("Basic dXNlcjpwYXNz".into()),
+            unauthenticated(),
+        ),
+        (
+            "encrypt token",
+            &plain,
+            Some(bearer(&enc)),
+            Box::new(expect_role(&[Role::Encrypt])),
+        ),
+        (
+            "decrypt token",
+            &plain,
+            Some(bearer(&dec)),
+            Box::new(expect_role(&[Role::Decrypt])),
+        ),
+        (
+            "admin token",
+            &plain,
+            Some(bearer(&adm)),
+            Box::new(expect_role(&[Role::Admin])),
+        ),
+        (
+            "mTLS ops-admin",
+            &mtls_admin,
+            None,
+            Box::new(expect_role(&[Role::Admin])),
+        ),
+        ("mTLS unmapped CN", &unmapped, None, unauthenticated()),
+    ];
+
+    let methods = keyward_methods();
+    assert_eq!(methods.len(), 17, "{methods:?}");
+    let mut table = String::new();
+    for method in &methods {
+        let needed = Role::required_for(method).unwrap();
+        for (caller, channel, auth, expect) in &callers {
+            let code = call(channel, method, auth.as_deref()).await;
+            match expect(needed) {
+                Some(expected) => assert_eq!(code, expected, "{caller} → {method}"),
+                None => assert!(
+                    !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+                    "{caller} → {method}: {code:?}"
+                ),
+            }
+            table.push_str(&format!("{method} | {caller} | {code:?}\n"));
+        }
+    }
+    // Health and reflection stay open.
+    assert_eq!(
+        call(&plain, "/grpc.health.v1.Health/Check", None).await,
+        Code::Ok
+    );
+    // A certificate from an untrusted CA never gets a connection.
+    let rogue = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            std::fs::read(pki.path("rogue.pem")).unwrap(),
+            std::fs::read(pki.path("rogue.key")).unwrap(),
+        ));
+    let rogue_channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", app.addr.port()))
+        .unwrap()
+        .tls_config(rogue)
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = rogue_channel {
+        let code = call(&channel, "/keyward.v1.Admin/ListKeys", None).await;
+        // The TLS handshake fails; the transport error surfaces as one of these.
+        assert!(
+            matches!(code, Code::Unavailable | Code::Unknown),
+            "an untrusted client certificate must be refused: {code:?}"
+        );
+    }
+
+    // Every refusal left an audit event naming the RPC; none holds a token.
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let denied = log
+        .lines()
+        .filter(|l| l.contains("UNAUTHENTICATED") || l.contains("PERMISSION_DENIED"))
+        .count();
+    assert!(denied >= methods.len() * 6, "{denied} refusals audited");
+    for secret in [&enc, &dec, &adm, &revoked, &unknown] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a token reached the audit log"
+        );
+    }
+    eprintln!("{table}");
+}
+
+fn encrypt_request(plaintext: &[u8], pairs: &[(&str, &str)]) -> EncryptRequest {
+    EncryptRequest {
+        plaintext: plaintext.to_vec().into(),
+        context: ctx(pairs),
+        ..Default::default()
+    }
+}
+
+fn decrypt_request(envelope: Envelope, pairs: &[(&str, &str)]) -> DecryptRequest {
+    DecryptRequest {
+        context: ctx(pairs),
+        ciphertext: Some(Ciphertext::Envelope(envelope)),
+    }
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer(token).parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_stay_within_their_keys_and_contexts() {
+    let pki = Pki::new();
+    let audit = pki.path("audit.log");
+    let app = spawn_with(
+        Backend::Sqlite,
+        secured(&pki, AuditSink::File(audit.clone())),
+    )
+    .await
+    .unwrap();
+    let acme_scope = Scope {
+        keys: vec!["primary".into()],
+        context: [("tenant".to_owned(), "acme".to_owned())].into(),
+    };
+    let acme = issue(
+        &app,
+        "acme-app",
+        &[Role::Encrypt, Role::Decrypt],
+        acme_scope,
+    )
+    .await;
+    let any = issue(
+        &app,
+        "platform",
+        &[Role::Encrypt, Role::Decrypt],
+        Scope::default(),
+    )
+    .await;
+    let mut client = CryptoClient::new(pki.channel(&app, None).await);
+    let tenant = [("tenant", "acme"), ("connection_id", "7")];
+
+    let sealed = client
+        .encrypt(with_token(encrypt_request(b"acme secret", &tenant), &acme))
+        .await
+        .unwrap()
+        .into_inner();
+    let envelope = sealed.envelope.unwrap();
+    let opened = client
+        .decrypt(with_token(
+            decrypt_request(envelope.clone(), &tenant),
+            &acme,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&opened.plaintext[..], b"acme secret");
+
+    // Out of the context scope: another tenant, or none.
+    for pairs in [&[("tenant", "globex")][..], &[]] {
+        let status = assert_code(
+            client
+                .encrypt(with_token(encrypt_request(b"x", pairs), &acme))
+                .await,
+            Code::PermissionDenied,
+        );
+        assert!(status.message().contains("tenant=acme"), "{status:?}");
+    }
+
+    // Out of the key scope: a ciphertext under another key, and one naming a
+    // key that does not exist, are refused alike.
+    let platform = client
+        .encrypt(with_token(
+            encrypt_request(b"platform secret", &tenant),
+            &any,
+        ))
+        .await
+        .unwrap();
+    app.services
+        .admin
+        .create_key(CreateKey {
+            key_id: "second".into(),
+            activate: true,
+            ..CreateKey::default()
+        })
+        .await
+        .unwrap();
+    let under_second = client
+        .encrypt(with_token(encrypt_request(b"second", &tenant), &any))
+        .await
+        .unwrap()
+        .into_inner()
+        .envelope
+        .unwrap();
+    let mut made_up = under_second.clone();
+    made_up.encryption_key_id = "00000000-0000-4000-8000-000000000000".into();
+    let denied_second = assert_code(
+        client
+            .decrypt(with_token(decrypt_request(under_second, &tenant), &acme))
+            .await,
+        Code::PermissionDenied,
+    );
+    let denied_made_up = assert_code(
+        client
+            .decrypt(with_token(decrypt_request(made_up, &tenant), &acme))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert!(!denied_second.message().contains("not found"));
+    assert!(!denied_made_up.message().contains("not found"));
+    // The active key is now out of the token's scope: no Encrypt either,
+    // but what it wrote under `primary` still decrypts.
+    assert_code(
+        client
+            .encrypt(with_token(encrypt_request(b"x", &tenant), &acme))
+            .await,
+        Code::PermissionDenied,
+    );
+    let old = platform.into_inner().envelope.unwrap();
+    client
+        .decrypt(with_token(decrypt_request(old.clone(), &tenant), &acme))
+        .await
+        .unwrap();
+
+    // Batches judge each item.
+    let results = client
+        .batch_decrypt(with_token(
+            BatchDecryptRequest {
+                items: vec![
+                    decrypt_request(old, &tenant),
+                    decrypt_request(envelope, &[("tenant", "globex")]),
+                ],
+            },
+            &acme,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    use keyward::api::proto::batch_decrypt_result::Result as Item;
+    assert!(matches!(results[0].result, Some(Item::Ok(_))));
+    match &results[1].result {
+        Some(Item::Error(e)) => assert_eq!(e.code, Code::PermissionDenied as i32),
+        other => panic!("{other:?}"),
+    }
+
+    // The audit log has each Decrypt with principal, key and context, and
+    // never a plaintext or a token.
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let decrypts: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["rpc"].as_str().unwrap_or_default().ends_with("Decrypt"))
+        .collect();
+    assert_eq!(decrypts.len(), 6, "{decrypts:#?}");
+    let first = &decrypts[0];
+    assert_eq!(first["principal"], "acme-app");
+    assert_eq!(first["key_id"], "primary");
+    assert_eq!(first["context"]["tenant"], "acme");
+    assert_eq!(first["result"], "ok");
+    assert!(first["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(decrypts.iter().any(|e| e["result"] == "PERMISSION_DENIED"));
+    for secret in [
+        "acme secret",
+        "platform secret",
+        acme.as_str(),
+        any.as_str(),
+    ] {
+        assert!(!log.contains(secret), "{secret:?} reached the audit log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_audit_log_refuses_decrypts_and_key_changes() {
+    let pki = Pki::new();
+    let app = spawn_with(
+        Backend::Sqlite,
+        secured(&pki, AuditSink::File("/dev/full".into())),
+    )
+    .await
+    .unwrap();
+    let all = issue(&app, "all", Role::ALL.as_ref(), Scope::default()).await;
+    let channel = pki.channel(&app, None).await;
+    let mut client = CryptoClient::new(channel.clone());
+    let pairs = [("connection_id", "1")];
+    // Encrypt is not audited, so it works...
+    let envelope = client
+        .encrypt(with_token(encrypt_request(b"secret", &pairs), &all))
+        .await
+        .unwrap()
+        .into_inner()
+        .envelope
+        .unwrap();
+    // ...but no plaintext leaves unaudited.
+    let status = assert_code(
+        client
+            .decrypt(with_token(decrypt_request(envelope, &pairs), &all))
+            .await,
+        Code::Unavailable,
+    );
+    assert!(status.message().contains("audit"), "{status:?}");
+    // A key change is refused before it happens.
+    let mut admin = keyward::api::proto::admin_client::AdminClient::new(channel);
+    assert_code(
+        admin
+            .create_key(with_token(
+                keyward::api::proto::CreateKeyRequest {
+                    key_id: "unaudited".into(),
+                    activate: true,
+                    ..Default::default()
+                },
+                &all,
+            ))
+            .await,
+        Code::Unavailable,
+    );
+    let keys = app.services.store.list_keys().await.unwrap();
+    assert!(keys.iter().all(|k| k.key_id != "unaudited"));
+
+    // Fail-open lets the Decrypt through.
+    let mut options = secured(&pki, AuditSink::File("/dev/full".into()));
+    options.audit.fail_closed = false;
+    let app = app.restart(options).await;
+    let mut client = CryptoClient::new(pki.channel(&app, None).await);
+    let envelope = client
+        .encrypt(with_token(encrypt_request(b"secret", &pairs), &all))
+        .await
+        .unwrap()
+        .into_inner()
+        .envelope
+        .unwrap();
+    client
+        .decrypt(with_token(decrypt_request(envelope, &pairs), &all))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_principal_has_its_own_rate_limit() {
+    let pki = Pki::new();
+    let mut options = secured(&pki, AuditSink::Off);
+    let five = std::num::NonZeroU32::new(5).unwrap();
+    options.auth.rate_limit = Some((five, five));
+    let app = spawn_with(Backend::Sqlite, options).await.unwrap();
+    let first = issue(&app, "first", &[Role::Encrypt], Scope::default()).await;
+    let second = issue(&app, "second", &[Role::Encrypt], Scope::default()).await;
+    let mut client = CryptoClient::new(pki.channel(&app, None).await);
+    let pairs = [("connection_id", "1")];
+    for _ in 0..5 {
+        client
+            .encrypt(with_token(encrypt_request(b"x", &pairs), &first))
+            .await
+            .unwrap();
+    }
+    let status = assert_code(
+        client
+            .encrypt(with_token(encrypt_request(b"x", &pairs), &first))
+            .await,
+        Code::ResourceExhausted,
+    );
+    assert!(status.message().contains("first"), "{status:?}");
+    // Another principal is not held back by the first one's burst.
+    client
+        .encrypt(with_token(encrypt_request(b"x", &pairs), &second))
+        .await
+        .unwrap();
+}
