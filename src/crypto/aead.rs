@@ -86,6 +86,58 @@ impl Cipher {
 mod tests {
     use super::*;
 
+    /// Project Wycheproof's AES-GCM vectors: every AES-256 vector with a
+    /// 96-bit nonce and 128-bit tag must behave as the vector says (valid:
+    /// seals to the same bytes and opens; invalid: refused); every AES-256
+    /// vector with another nonce or tag size must be refused, since keyward
+    /// accepts only the standard sizes. AES-128/192 vectors do not apply.
+    #[test]
+    fn wycheproof_aes_gcm_vectors() {
+        let set = wycheproof::aead::TestSet::load(wycheproof::aead::TestName::AesGcm).unwrap();
+        let (mut standard, mut refused) = (0, 0);
+        for group in set.test_groups {
+            if group.key_size != 256 {
+                continue;
+            }
+            for test in group.tests {
+                let key = SecretKey::from_slice(&test.key).unwrap();
+                let cipher = Cipher::new(&key);
+                let sealed: Vec<u8> = test.ct.iter().chain(test.tag.iter()).copied().collect();
+                let opened = cipher.open(&test.nonce, &sealed, &test.aad);
+                let standard_sizes = group.nonce_size == 96 && group.tag_size == 128;
+                if standard_sizes && test.result == wycheproof::TestResult::Valid {
+                    assert_eq!(
+                        opened.map(|p| p.as_bytes().to_vec()).ok(),
+                        Some(test.pt.to_vec()),
+                        "tc {} ({})",
+                        test.tc_id,
+                        test.comment
+                    );
+                    let nonce: [u8; NONCE_LEN] = test.nonce[..].try_into().unwrap();
+                    assert_eq!(
+                        cipher.seal_with_nonce(&nonce, &test.pt, &test.aad),
+                        sealed,
+                        "tc {}",
+                        test.tc_id
+                    );
+                    standard += 1;
+                } else {
+                    assert!(
+                        opened.is_err(),
+                        "tc {} ({}) must be refused",
+                        test.tc_id,
+                        test.comment
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert!(
+            standard > 20 && refused > 20,
+            "{standard} valid, {refused} refused"
+        );
+    }
+
     fn cipher() -> Cipher {
         Cipher::new(&SecretKey::generate())
     }

@@ -45,6 +45,12 @@ impl SecretKey {
     pub(crate) fn expose(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
+
+    /// The raw bytes, for code outside keyward that must have them (the
+    /// no-leak test searches logs for them). Never print or log them.
+    pub fn dangerous_bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
 }
 
 impl fmt::Debug for SecretKey {

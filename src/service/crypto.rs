@@ -24,7 +24,7 @@ use crate::{
         envelope::{open_payload, seal_payload, Envelope},
         kms::{KmsError, KmsProvider, KmsRegistry, WrappedKey},
         legacy::LegacyKeys,
-        secret::{Plaintext, SecretKey},
+        secret::{MasterSecret, Plaintext, SecretKey},
     },
     error::{Error, Result},
     keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
@@ -120,6 +120,38 @@ impl CryptoService {
             cache,
             cache_epoch: std::sync::Mutex::default(),
         }
+    }
+
+    /// A service with only the local KMS under `master`, one active key
+    /// record `id` (KMS key `local:<key_id>`) and no database: for property
+    /// tests and fuzzing of the decrypt path. Deterministic, so ciphertexts
+    /// made by one such service open in another with the same arguments.
+    pub fn standalone_local(master: MasterSecret, id: &str, key_id: &str) -> Self {
+        let catalog = Arc::new(KeyCatalog::default());
+        let now = chrono::Utc::now();
+        catalog.replace(vec![KeyRecord {
+            id: id.to_owned(),
+            key_id: key_id.to_owned(),
+            kms_key_arn: format!("local:{key_id}"),
+            alias: None,
+            provider: crate::crypto::kms::ProviderKind::Local,
+            status: KeyStatus::Active,
+            created_at: now,
+            updated_at: now,
+            rotated_at: None,
+        }]);
+        let legacy = LegacyKeys::new([&master]);
+        let kms = KmsRegistry::default().with(Arc::new(crate::crypto::kms::local::LocalKms::new(
+            master,
+            Vec::new(),
+        )));
+        Self::new(
+            catalog,
+            kms,
+            Some(legacy),
+            Limits::default(),
+            DataKeyCache::new(crate::crypto::cache::CacheSettings::default()),
+        )
     }
 
     /// The KMS providers, with their call counts.

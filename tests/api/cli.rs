@@ -444,3 +444,226 @@ async fn tokens_from_the_cli_authenticate_and_revoke() {
     let log = server.log.lock().unwrap().clone();
     assert!(!log.contains(&token), "a token reached the server log");
 }
+
+/// A full session against a real server logging at TRACE: encrypt, decrypt,
+/// failures (wrong context, tampered ciphertext, bad token), key
+/// activation and a rotation with a corrupt row. No plaintext, data key,
+/// master secret or token may appear in the log, the audit log, any error
+/// message, `last_error` column or job error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_logs_audit_or_errors() {
+    use base64::Engine as _;
+    use keyward::{
+        api::proto::{
+            admin_client::AdminClient, crypto_client::CryptoClient, BatchDecryptRequest,
+            CreateKeyRequest, GetRotationJobRequest, ListKeysRequest, RotationStatus,
+            StartRotationRequest,
+        },
+        crypto::{
+            context::EncryptionContext,
+            kms::{local::LocalKms, KekRef, KmsProvider},
+            secret::MasterSecret,
+        },
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.log");
+    let with_secret = || {
+        let mut cmd = keyward(dir.path());
+        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
+        cmd
+    };
+    assert!(run(with_secret().arg("seed-key")).status.success());
+    let created = run(with_secret().args([
+        "token",
+        "create",
+        "--name",
+        "leak-test",
+        "--role",
+        "admin",
+        "--role",
+        "encrypt",
+        "--role",
+        "decrypt",
+    ]));
+    let token = stdout(&created).trim().to_owned();
+    let mut cmd = with_secret();
+    cmd.env("RUST_LOG", "trace");
+    let audit_arg = audit_path.display().to_string();
+    let server = Server::start_with(
+        cmd,
+        &["--audit-log", &audit_arg, "--catalog-refresh-secs", "1"],
+    );
+    server.wait_for_log("Encryption service initialized successfully");
+    let channel = server.channel().await;
+    let auth = {
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", value.clone());
+            Ok(req)
+        }
+    };
+    let mut crypto = CryptoClient::with_interceptor(channel.clone(), auth.clone());
+    let mut admin = AdminClient::with_interceptor(channel, auth);
+
+    let plaintexts = [
+        "PLAINTEXT-alpha-93af1",
+        "PLAINTEXT-beta-5c2d7",
+        "PLAINTEXT-gamma-e81b0",
+    ];
+    let mut errors = Vec::new();
+    let mut envelopes = Vec::new();
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("keyward.db").display()
+    ))
+    .await
+    .unwrap();
+    for (i, plaintext) in plaintexts.iter().enumerate() {
+        let id = format!("row-{i}");
+        let env = crypto
+            .encrypt(EncryptRequest {
+                plaintext: plaintext.as_bytes().to_vec().into(),
+                context: ctx(&[("connection_id", &id)]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .envelope
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, data_key_iv, \
+             payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(&env.encryption_key_id)
+        .bind(env.data_key_ciphertext.to_vec())
+        .bind(env.data_key_iv.to_vec())
+        .bind(env.payload_ciphertext.to_vec())
+        .bind(env.payload_iv.to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+        envelopes.push((id, env));
+    }
+    let decrypt = |env: &keyward::api::proto::Envelope, id: &str| DecryptRequest {
+        context: ctx(&[("connection_id", id)]),
+        ciphertext: Some(Ciphertext::Envelope(env.clone())),
+    };
+    let (id0, env0) = &envelopes[0];
+    crypto.decrypt(decrypt(env0, id0)).await.unwrap();
+    errors.push(crypto.decrypt(decrypt(env0, "row-9")).await.unwrap_err());
+    let mut tampered = env0.clone();
+    let mut ct = tampered.payload_ciphertext.to_vec();
+    ct[0] ^= 0x40;
+    tampered.payload_ciphertext = ct.into();
+    errors.push(crypto.decrypt(decrypt(&tampered, id0)).await.unwrap_err());
+    crypto
+        .batch_decrypt(BatchDecryptRequest {
+            items: vec![decrypt(env0, id0), decrypt(&tampered, id0)],
+        })
+        .await
+        .unwrap();
+    let mut stranger = CryptoClient::new(server.channel().await);
+    errors.push(stranger.decrypt(decrypt(env0, id0)).await.unwrap_err());
+
+    // Corrupt row 2, then rotate everything to a new key.
+    sqlx::query("UPDATE connections SET payload_ciphertext = X'00112233445566778899AABBCCDDEEFF0011' WHERE id = 'row-2'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    admin
+        .create_key(CreateKeyRequest {
+            key_id: "next".into(),
+            activate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let job = admin
+        .start_rotation(StartRotationRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let current = admin
+            .get_rotation_job(GetRotationJobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if current.status() == RotationStatus::CompletedWithErrors {
+            break current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotation did not finish: {current:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last_errors: Vec<(Option<String>,)> = sqlx::query_as("SELECT last_error FROM connections")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+
+    // The data keys of the original envelopes, unwrapped the way keyward does.
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let primary = keys.iter().find(|k| k.key_id == "primary").unwrap();
+    let kms = LocalKms::new(MasterSecret::new(SECRET).unwrap(), vec![]);
+    let mut forbidden: Vec<String> = plaintexts.iter().map(|p| p.to_string()).collect();
+    forbidden.push(SECRET.into());
+    forbidden.push(token.clone());
+    for (id, env) in &envelopes {
+        let context = EncryptionContext::from_pairs([("connection_id", id.as_str())]).unwrap();
+        let kek = KekRef {
+            record_id: &primary.id,
+            kms_key_arn: &primary.kms_key_arn,
+        };
+        let data_key = kms
+            .decrypt_data_key(kek, &env.data_key_ciphertext, &env.data_key_iv, &context)
+            .await
+            .unwrap();
+        let bytes = data_key.dangerous_bytes();
+        forbidden.push(hex::encode(bytes));
+        forbidden.push(hex::encode_upper(bytes));
+        forbidden.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+        forbidden.push(format!("{:?}", &bytes[..]).replace(' ', ""));
+        forbidden.push(format!("{:?}", &bytes[..]));
+    }
+
+    let server_log = server.log.lock().unwrap().clone();
+    drop(server);
+    assert!(server_log.contains("TRACE"), "the server logged at TRACE");
+    let mut haystacks = vec![
+        ("server log", server_log),
+        ("audit log", std::fs::read_to_string(&audit_path).unwrap()),
+        ("job error", job.last_error.clone()),
+    ];
+    for status in &errors {
+        haystacks.push(("error message", status.message().to_owned()));
+    }
+    for (last_error,) in last_errors {
+        haystacks.push(("last_error", last_error.unwrap_or_default()));
+    }
+    assert!(
+        haystacks.iter().any(|(_, h)| h.contains("row-")),
+        "the audit log has the session"
+    );
+    for (what, haystack) in &haystacks {
+        for secret in &forbidden {
+            assert!(
+                !haystack.contains(secret.as_str()),
+                "{what} contains a secret: {secret}"
+            );
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod aws_kms;
 mod cli;
 mod crypto;
 mod helpers;
+mod hostile;
 mod moto;
 mod postgres;
 mod rotation;
