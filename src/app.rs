@@ -11,7 +11,9 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{server::TcpIncoming, Server};
+#[cfg(feature = "tls")]
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
@@ -24,7 +26,7 @@ use crate::{
     config::{KmsSettings, MasterSecrets, Settings},
     crypto::{
         cache::DataKeyCache,
-        kms::{aws::AwsKms, local::LocalKms, KmsRegistry},
+        kms::{local::LocalKms, KmsRegistry},
         legacy::LegacyKeys,
     },
     error::Error,
@@ -131,9 +133,18 @@ impl Services {
             .collect();
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
+        #[allow(unused_mut)] // only the aws-kms build adds a provider here
+        let mut kms = KmsRegistry::default();
         // The AWS client is built on first use, so registering it costs a
         // local-only deployment nothing.
-        let mut kms = KmsRegistry::default().with(Arc::new(AwsKms::new(kms_settings.aws.clone())));
+        #[cfg(feature = "aws-kms")]
+        {
+            kms = kms.with(Arc::new(crate::crypto::kms::aws::AwsKms::new(
+                kms_settings.aws.clone(),
+            )));
+        }
+        #[cfg(not(feature = "aws-kms"))]
+        let _ = kms_settings;
         let mut legacy = None;
         if let Some(master) = master {
             kms = kms.with(Arc::new(LocalKms::new(
@@ -186,6 +197,7 @@ pub struct Application {
     settings: Settings,
     auth: Arc<Authenticator>,
     audit: Arc<AuditLog>,
+    #[cfg(feature = "tls")]
     tls: Option<ServerTlsConfig>,
 }
 
@@ -237,13 +249,21 @@ impl Application {
                 "authentication is off: every caller may encrypt, decrypt and administer keys"
             );
         }
+        #[cfg(feature = "tls")]
         let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+        #[cfg(not(feature = "tls"))]
+        if settings.tls.is_some() {
+            return Err(StartupError::Auth(
+                "this build has no TLS support (cargo feature `tls`)".into(),
+            ));
+        }
         Ok(Self {
             listener,
             services,
             settings,
             auth,
             audit,
+            #[cfg(feature = "tls")]
             tls,
         })
     }
@@ -267,6 +287,7 @@ impl Application {
             settings,
             auth,
             audit,
+            #[cfg(feature = "tls")]
             tls,
         } = self;
         let stop = CancellationToken::new();
@@ -309,7 +330,9 @@ impl Application {
         .max_decoding_message_size(max);
 
         let drain = stop.clone();
+        #[allow(unused_mut)] // only the TLS build changes it
         let mut builder = Server::builder();
+        #[cfg(feature = "tls")]
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
@@ -365,6 +388,7 @@ impl Application {
     }
 }
 
+#[cfg(feature = "tls")]
 /// The rustls server configuration: certificate and key, and with a client
 /// CA, optional client certificates (callers may also use bearer tokens).
 fn tls_config(tls: &crate::config::TlsSettings) -> Result<ServerTlsConfig, StartupError> {

@@ -312,6 +312,7 @@ where
 /// stopped on drop.
 pub(crate) struct InProcessServer {
     pub url: String,
+    #[cfg_attr(not(feature = "aws-kms"), allow(dead_code))] // read by bench-kms-cache
     pub services: Services,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,

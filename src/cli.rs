@@ -34,7 +34,7 @@ use crate::{
     },
     crypto::{
         cache::{CacheMode, CacheSettings},
-        kms::aws::AwsKmsSettings,
+        kms::AwsKmsSettings,
         legacy::encrypt_legacy,
         secret::MasterSecret,
     },
@@ -254,6 +254,7 @@ enum Command {
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
     /// p99 during a rotation against idle (use an empty PostgreSQL database).
     BenchRotation(crate::bench_rotation::RotationBenchArgs),
+    #[cfg(feature = "aws-kms")]
     /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
     /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
     /// KMS-compatible server, or use AWS).
@@ -661,6 +662,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::bench::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "aws-kms")]
         Command::BenchKmsCache(args) => {
             crate::bench_kms_cache::run(global.kms.settings(), args).await?;
             Ok(ExitCode::SUCCESS)

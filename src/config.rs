@@ -8,7 +8,7 @@ use crate::{
     auth::{audit::AuditSettings, AuthSettings},
     crypto::{
         cache::CacheSettings,
-        kms::aws::AwsKmsSettings,
+        kms::AwsKmsSettings,
         secret::{MasterSecret, WeakMasterSecret},
     },
     rotation::{

@@ -23,6 +23,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bench;
+#[cfg(feature = "aws-kms")]
 pub mod bench_kms_cache;
 pub mod bench_rotation;
 pub mod cli;

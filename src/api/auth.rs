@@ -12,7 +12,9 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
+#[cfg(feature = "tls")]
+use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
 use super::status::to_status;
@@ -116,7 +118,9 @@ where
             match admitted {
                 Ok(principal) => {
                     request.extensions_mut().insert(Caller { principal, peer });
-                    inner.call(request).await
+                    let mut response = inner.call(request).await?;
+                    too_large_is_resource_exhausted(&mut response);
+                    Ok(response)
                 }
                 Err(err) => {
                     let status = to_status(&Error::Auth(err));
@@ -135,10 +139,28 @@ where
     }
 }
 
+/// tonic answers a request message over `--max-request-bytes` with
+/// OUT_OF_RANGE before any handler runs; gRPC's convention (and keyward's
+/// documented contract) is RESOURCE_EXHAUSTED. keyward itself never returns
+/// OUT_OF_RANGE, so the code alone identifies the case.
+fn too_large_is_resource_exhausted(response: &mut http::Response<tonic::body::Body>) {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11") {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "request message is larger than the server accepts (--max-request-bytes): send smaller requests or split the batch",
+            ),
+        );
+    }
+}
+
 /// The peer address and the common names of a client certificate, if the
 /// connection presented one.
 fn connection_identity<B>(request: &http::Request<B>) -> (Option<SocketAddr>, Vec<String>) {
     let ext = request.extensions();
+    #[cfg(feature = "tls")]
     if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
         let names = tls
             .peer_certs()
@@ -152,6 +174,7 @@ fn connection_identity<B>(request: &http::Request<B>) -> (Option<SocketAddr>, Ve
     )
 }
 
+#[cfg(feature = "tls")]
 /// The subject common names of a DER certificate (rustls has already
 /// verified it against the client CA).
 fn common_names(der: &[u8]) -> Vec<String> {

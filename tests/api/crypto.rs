@@ -552,3 +552,29 @@ crate::on_both_backends!(
     no_active_key_is_failed_precondition,
     retired_keys_decrypt_but_never_encrypt,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_resource_exhausted() {
+    let app = spawn(Backend::Sqlite).await.unwrap();
+    let mut client = app.crypto.clone();
+    // Over the default 16 MiB request limit.
+    let huge = EncryptRequest {
+        plaintext: vec![7; 17 * 1024 * 1024].into(),
+        context: ctx(CONN),
+        ..Default::default()
+    };
+    let status = assert_code(client.encrypt(huge).await, Code::ResourceExhausted);
+    assert!(
+        status.message().contains("--max-request-bytes"),
+        "{status:?}"
+    );
+    // The connection is still good for the next call.
+    client
+        .encrypt(EncryptRequest {
+            plaintext: b"small".to_vec().into(),
+            context: ctx(CONN),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}

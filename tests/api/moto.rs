@@ -17,7 +17,7 @@ use std::{
 };
 
 use aws_sdk_kms::Client;
-use keyward::{config::KmsSettings, crypto::kms::aws::AwsKmsSettings};
+use keyward::{config::KmsSettings, crypto::kms::AwsKmsSettings};
 use tokio::sync::watch;
 
 pub const REGION: &str = "us-east-1";

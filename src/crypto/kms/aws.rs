@@ -16,7 +16,7 @@
 //! decodes the response (base64 in JSON); keyward zeroizes the copies it
 //! owns, not the SDK's.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_config::{retry::RetryConfig, timeout::TimeoutConfig, BehaviorVersion, Region};
@@ -33,40 +33,7 @@ use zeroize::Zeroize;
 use super::{GeneratedKey, KekRef, KmsError, KmsProvider, ProviderKind, WrappedKey};
 use crate::crypto::{context::EncryptionContext, secret::SecretKey};
 
-/// How keyward talks to AWS KMS. Every field has a flag and an environment
-/// variable (see the README's configuration table).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AwsKmsSettings {
-    /// Region; `None` takes the standard chain (`AWS_REGION`, profile, IMDS).
-    pub region: Option<String>,
-    /// Endpoint override, for a KMS-compatible server (moto in the tests).
-    pub endpoint: Option<String>,
-    /// Attempts per KMS call, the first included (standard retry mode:
-    /// exponential backoff with jitter on throttling and transient faults).
-    pub max_attempts: u32,
-    /// Backoff before the first retry; doubles per retry.
-    pub initial_backoff: Duration,
-    /// TCP + TLS connect timeout.
-    pub connect_timeout: Duration,
-    /// Timeout of one attempt.
-    pub attempt_timeout: Duration,
-    /// Timeout of a whole call, retries included.
-    pub operation_timeout: Duration,
-}
-
-impl Default for AwsKmsSettings {
-    fn default() -> Self {
-        Self {
-            region: None,
-            endpoint: None,
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(3),
-            attempt_timeout: Duration::from_secs(5),
-            operation_timeout: Duration::from_secs(15),
-        }
-    }
-}
+pub use super::AwsKmsSettings;
 
 /// The `aws-kms` provider.
 pub struct AwsKms {

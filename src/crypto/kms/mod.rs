@@ -3,13 +3,14 @@
 //! [`KmsProvider`]; a key record names its provider and KEK
 //! (`encryption_keys.kms_key_arn`).
 
+#[cfg(feature = "aws-kms")]
 pub mod aws;
 pub mod local;
 mod stats;
 
 pub use stats::{KmsCallStats, KmsOperation};
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
@@ -65,6 +66,41 @@ fn looks_like_aws_key_id(s: &str) -> bool {
     let hex_dash = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
     (s.len() == 36 && hex_dash(s) && s.matches('-').count() == 4)
         || (s.len() == 36 && s.starts_with("mrk-") && s[4..].chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// How keyward talks to AWS KMS. Every field has a flag and an environment
+/// variable (see the README's configuration table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsKmsSettings {
+    /// Region; `None` takes the standard chain (`AWS_REGION`, profile, IMDS).
+    pub region: Option<String>,
+    /// Endpoint override, for a KMS-compatible server (moto in the tests).
+    pub endpoint: Option<String>,
+    /// Attempts per KMS call, the first included (standard retry mode:
+    /// exponential backoff with jitter on throttling and transient faults).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubles per retry.
+    pub initial_backoff: Duration,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout of one attempt.
+    pub attempt_timeout: Duration,
+    /// Timeout of a whole call, retries included.
+    pub operation_timeout: Duration,
+}
+
+impl Default for AwsKmsSettings {
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint: None,
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            connect_timeout: Duration::from_secs(3),
+            attempt_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(15),
+        }
+    }
 }
 
 /// The KEK a call is about: the key record and the KMS key it names.
