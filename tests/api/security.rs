@@ -192,16 +192,18 @@ fn secured(pki: &Pki, audit: AuditSink) -> Options {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authorization_matrix_covers_every_rpc() {
+/// A TLS server requiring authentication, auditing to a file.
+async fn secured_app() -> (Pki, TestApp, PathBuf) {
     let pki = Pki::new();
     let audit = pki.path("audit.log");
-    let app = spawn_with(
-        Backend::Sqlite,
-        secured(&pki, AuditSink::File(audit.clone())),
-    )
-    .await
-    .unwrap();
+    let options = secured(&pki, AuditSink::File(audit.clone()));
+    let app = spawn_with(Backend::Sqlite, options).await.unwrap();
+    (pki, app, audit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_covers_every_rpc() {
+    let (pki, app, audit) = secured_app().await;
     let enc = issue(&app, "app-encrypt", &[Role::Encrypt], Scope::default()).await;
     let dec = issue(&app, "app-decrypt", &[Role::Decrypt], Scope::default()).await;
     let adm = issue(&app, "operator", &[Role::Admin], Scope::default()).await;
@@ -362,14 +364,7 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoped_tokens_stay_within_their_keys_and_contexts() {
-    let pki = Pki::new();
-    let audit = pki.path("audit.log");
-    let app = spawn_with(
-        Backend::Sqlite,
-        secured(&pki, AuditSink::File(audit.clone())),
-    )
-    .await
-    .unwrap();
+    let (pki, app, audit) = secured_app().await;
     let acme_scope = Scope {
         keys: vec!["primary".into()],
         context: [("tenant".to_owned(), "acme".to_owned())].into(),
