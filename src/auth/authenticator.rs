@@ -48,6 +48,8 @@ const MISS_LOOKUPS_PER_SECOND: u32 = 50;
 pub struct Authenticator {
     store: Store,
     required: bool,
+    /// The one principal of an unauthenticated server (no allocation per call).
+    anonymous: Arc<Principal>,
     tokens: ArcSwap<HashMap<String, Arc<Principal>>>,
     certs: HashMap<String, Arc<Principal>>,
     reload_lock: Mutex<()>,
@@ -90,6 +92,7 @@ impl Authenticator {
         Ok(Self {
             store,
             required: settings.required,
+            anonymous: Principal::anonymous(),
             tokens: ArcSwap::default(),
             certs,
             reload_lock: Mutex::new(()),
@@ -138,7 +141,7 @@ impl Authenticator {
         cert_common_names: &[String],
     ) -> Result<Arc<Principal>, AuthError> {
         if !self.required {
-            return Ok(Principal::anonymous());
+            return Ok(Arc::clone(&self.anonymous));
         }
         if let Some(principal) = cert_common_names.iter().find_map(|cn| self.certs.get(cn)) {
             return Ok(Arc::clone(principal));
