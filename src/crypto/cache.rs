@@ -444,6 +444,24 @@ mod tests {
         assert_eq!(encrypt_n(&cache, &ctx, 1, 1).await, 1);
     }
 
+    #[tokio::test]
+    async fn cached_entries_never_print_their_data_key() {
+        let cache = DataKeyCache::new(settings(10, u64::MAX));
+        let ctx = EncryptionContext::empty();
+        let entry = cache
+            .data_key_for_encrypt(KEK, &ctx, 1, || async { Ok(fresh()) })
+            .await
+            .unwrap();
+        let printed = format!("{entry:?}");
+        let key = entry.plaintext.dangerous_bytes();
+        assert!(!printed.contains(&hex::encode(key)));
+        assert!(!printed.contains(&format!("{:?}", &key[..])));
+        assert!(
+            printed.contains("redacted") || printed.contains("SecretKey"),
+            "{printed}"
+        );
+    }
+
     #[test]
     fn auto_mode_caches_remote_providers_only() {
         let auto = CacheSettings::default();

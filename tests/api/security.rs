@@ -582,6 +582,40 @@ async fn an_unwritable_audit_log_refuses_decrypts_and_key_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_without_client_certificates_serves_token_callers() {
+    let pki = Pki::new();
+    let mut options = secured(&pki, AuditSink::Off);
+    options.auth.cert_principals.clear();
+    options.tls = Some(TlsSettings {
+        client_ca: None,
+        ..pki.server()
+    });
+    let app = spawn_with(Backend::Sqlite, options).await.unwrap();
+    let token = issue(&app, "app", &[Role::Encrypt], Scope::default()).await;
+    let channel = pki.channel(&app, None).await;
+    let pairs = [("connection_id", "1")];
+    CryptoClient::new(channel.clone())
+        .encrypt(with_token(encrypt_request(b"x", &pairs), &token))
+        .await
+        .unwrap();
+    assert_eq!(
+        call(&channel, "/keyward.v1.Crypto/Encrypt", None).await,
+        Code::Unauthenticated
+    );
+    // Plaintext gRPC to a TLS port gets nowhere.
+    let plain = Endpoint::from_shared(format!("http://127.0.0.1:{}", app.addr.port()))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(plain) = plain {
+        assert_ne!(
+            call(&plain, "/grpc.health.v1.Health/Check", None).await,
+            Code::Ok
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_principal_has_its_own_rate_limit() {
     let pki = Pki::new();
     let mut options = secured(&pki, AuditSink::Off);
