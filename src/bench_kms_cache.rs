@@ -125,14 +125,8 @@ pub async fn run(kms: KmsSettings, args: KmsCacheBenchArgs) -> anyhow::Result<()
 }
 
 async fn create_kms_key(kms: &KmsSettings) -> anyhow::Result<String> {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(region) = &kms.aws.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(endpoint) = &kms.aws.endpoint {
-        loader = loader.endpoint_url(endpoint.clone());
-    }
-    let client = aws_sdk_kms::Client::new(&loader.load().await);
+    let config = crate::crypto::kms::aws::load_sdk_config(&kms.aws).await;
+    let client = aws_sdk_kms::Client::new(&config);
     let out = client
         .create_key()
         .description("keyward bench-kms-cache")

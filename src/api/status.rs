@@ -7,7 +7,12 @@
 
 use tonic::{Code, Status};
 
-use crate::{auth::AuthError, crypto::kms::KmsError, error::Error, store::StoreError};
+use crate::{
+    auth::AuthError,
+    crypto::kms::KmsError,
+    error::{chain, Error},
+    store::StoreError,
+};
 
 /// The gRPC code for a domain error.
 pub fn code_of(err: &Error) -> Code {
@@ -81,18 +86,6 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         to_status(&err)
     }
-}
-
-/// The error and all its sources, for the log.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]

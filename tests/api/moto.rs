@@ -131,12 +131,7 @@ pub fn kms_settings(endpoint: &str) -> KmsSettings {
 
 /// An SDK client for setting up keys on the KMS server.
 pub async fn client(endpoint: &str) -> Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(REGION))
-        .endpoint_url(endpoint)
-        .load()
-        .await;
-    Client::new(&config)
+    Client::new(&keyward::crypto::kms::aws::load_sdk_config(&kms_settings(endpoint).aws).await)
 }
 
 /// Creates a symmetric KMS key; returns its ARN.

@@ -96,6 +96,15 @@ impl Pki {
     /// A TLS channel to `app`, presenting client certificate `identity`
     /// (`ops-admin`, `stranger`, `rogue`) if given.
     async fn channel(&self, app: &TestApp, identity: Option<&str>) -> Channel {
+        self.try_channel(app, identity).await.unwrap()
+    }
+
+    /// Like [`Self::channel`], keeping a connection failure for the caller.
+    async fn try_channel(
+        &self,
+        app: &TestApp,
+        identity: Option<&str>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .domain_name("localhost");
@@ -111,7 +120,6 @@ impl Pki {
             .unwrap()
             .connect()
             .await
-            .unwrap()
     }
 }
 
@@ -301,19 +309,7 @@ async fn authorization_matrix_covers_every_rpc() {
         Code::Ok
     );
     // A certificate from an untrusted CA never gets a connection.
-    let rogue = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(
-            std::fs::read(pki.path("rogue.pem")).unwrap(),
-            std::fs::read(pki.path("rogue.key")).unwrap(),
-        ));
-    let rogue_channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", app.addr.port()))
-        .unwrap()
-        .tls_config(rogue)
-        .unwrap()
-        .connect()
-        .await;
+    let rogue_channel = pki.try_channel(&app, Some("rogue")).await;
     if let Ok(channel) = rogue_channel {
         let code = call(&channel, "/keyward.v1.Admin/ListKeys", None).await;
         // The TLS handshake fails; the transport error surfaces as one of these.

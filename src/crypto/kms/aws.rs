@@ -56,28 +56,7 @@ impl AwsKms {
     async fn client(&self) -> Result<&Client, KmsError> {
         self.client
             .get_or_try_init(|| async {
-                let s = &self.settings;
-                let mut loader = aws_config::defaults(BehaviorVersion::latest())
-                    .retry_config(
-                        RetryConfig::standard()
-                            .with_max_attempts(s.max_attempts.max(1))
-                            .with_initial_backoff(s.initial_backoff)
-                            .with_max_backoff(s.initial_backoff.saturating_mul(8)),
-                    )
-                    .timeout_config(
-                        TimeoutConfig::builder()
-                            .connect_timeout(s.connect_timeout)
-                            .operation_attempt_timeout(s.attempt_timeout)
-                            .operation_timeout(s.operation_timeout)
-                            .build(),
-                    );
-                if let Some(region) = &s.region {
-                    loader = loader.region(Region::new(region.clone()));
-                }
-                if let Some(endpoint) = &s.endpoint {
-                    loader = loader.endpoint_url(endpoint.clone());
-                }
-                let config = loader.load().await;
+                let config = load_sdk_config(&self.settings).await;
                 if config.region().is_none() {
                     return Err(KmsError::NotConfigured {
                         provider: ProviderKind::AwsKms,
@@ -98,7 +77,7 @@ impl AwsKms {
                         reason: format!(
                             "no AWS credentials could be loaded (environment, profile, web identity, \
                              instance role): {}",
-                            error_chain(&err)
+                            crate::error::chain(&err)
                         ),
                     })?;
                 Ok(Client::new(&config))
@@ -107,19 +86,31 @@ impl AwsKms {
     }
 }
 
-/// An error and its sources, each by its `Display`, joined by ": ".
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
+/// The AWS SDK configuration for `settings`: the standard chains for
+/// region and credentials, keyward's retry and timeout settings, and the
+/// endpoint override. Shared by the provider and `bench-kms-cache`.
+pub async fn load_sdk_config(settings: &AwsKmsSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(settings.max_attempts.max(1))
+                .with_initial_backoff(settings.initial_backoff)
+                .with_max_backoff(settings.initial_backoff.saturating_mul(8)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(settings.connect_timeout)
+                .operation_attempt_timeout(settings.attempt_timeout)
+                .operation_timeout(settings.operation_timeout)
+                .build(),
+        );
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
     }
-    out
+    if let Some(endpoint) = &settings.endpoint {
+        loader = loader.endpoint_url(endpoint.clone());
+    }
+    loader.load().await
 }
 
 /// The KMS encryption context for a keyward encryption context.
@@ -157,7 +148,7 @@ where
     KmsError::Unavailable {
         reason: format!(
             "calling kms for key {key} failed after retries: {}",
-            error_chain(&err)
+            crate::error::chain(&err)
         ),
     }
 }
