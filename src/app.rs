@@ -19,6 +19,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     api::{
         auth::AuthLayer,
+        observe::ObserveLayer,
         proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
         AdminApi, CryptoApi,
     },
@@ -31,6 +32,7 @@ use crate::{
     },
     error::Error,
     keys::KeyCatalog,
+    metrics::Metrics,
     rotation::{
         target::RotationTarget,
         worker::{Worker, WorkerOptions},
@@ -59,6 +61,12 @@ pub enum StartupError {
     /// A key operation during start-up failed.
     #[error("keys: {0}")]
     Keys(#[from] Error),
+    /// The metrics listen address could not be bound.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The audit log could not be opened.
     #[error("audit log: {0}")]
     Audit(#[source] std::io::Error),
@@ -193,6 +201,8 @@ pub const DEV_KEY_ID: &str = "dev-local";
 
 pub struct Application {
     listener: TcpListener,
+    /// The metrics endpoint, when `--metrics-listen` is set.
+    metrics: Option<(Arc<Metrics>, TcpListener)>,
     services: Services,
     settings: Settings,
     auth: Arc<Authenticator>,
@@ -249,6 +259,21 @@ impl Application {
                 "authentication is off: every caller may encrypt, decrypt and administer keys"
             );
         }
+        let metrics = match settings.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let listener = Metrics::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::MetricsBind { addr, source })?;
+                let metrics = Metrics::new(
+                    services.store.clone(),
+                    Arc::clone(services.crypto.kms().stats()),
+                    Arc::clone(services.crypto.cache().stats()),
+                    Arc::clone(&audit),
+                );
+                Some((Arc::new(metrics), listener))
+            }
+        };
         #[cfg(feature = "tls")]
         let tls = settings.tls.as_ref().map(tls_config).transpose()?;
         #[cfg(not(feature = "tls"))]
@@ -259,6 +284,7 @@ impl Application {
         }
         Ok(Self {
             listener,
+            metrics,
             services,
             settings,
             auth,
@@ -272,6 +298,13 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// Where metrics are served, when they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .and_then(|(_, listener)| listener.local_addr().ok())
+    }
+
     pub fn services(&self) -> &Services {
         &self.services
     }
@@ -283,6 +316,7 @@ impl Application {
     ) -> Result<(), StartupError> {
         let Self {
             listener,
+            metrics,
             services,
             settings,
             auth,
@@ -292,6 +326,15 @@ impl Application {
         } = self;
         let stop = CancellationToken::new();
 
+        let rpc_metrics = metrics.as_ref().map(|(metrics, _)| metrics.rpc());
+        if let Some((metrics, listener)) = metrics {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(err) = metrics.serve(listener, stop).await {
+                    tracing::error!(error = %err, "the metrics endpoint stopped");
+                }
+            });
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         tokio::spawn(follow_readiness(
@@ -342,7 +385,9 @@ impl Application {
             .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
             .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            // Every RPC passes authentication and its role check here.
+            // Every RPC gets a span, a log line and its metrics here…
+            .layer(ObserveLayer::new(rpc_metrics))
+            // …and passes authentication and its role check here.
             .layer(AuthLayer::new(auth, audit))
             .add_service(health_service)
             .add_service(reflection_v1)

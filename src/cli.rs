@@ -330,6 +330,9 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (GET /metrics); off when unset.
+    #[arg(long, env = "KEYWARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Zero-setup sandbox: create a master secret file if none is configured,
     /// and seed an active local key if there is none.
     #[arg(long, env = "KEYWARD_DEV", value_parser = clap::builder::BoolishValueParser::new())]
@@ -690,6 +693,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
     };
     let settings = Settings {
         listen: args.listen,
+        metrics_listen: args.metrics_listen,
         limits: Limits {
             max_plaintext_bytes: args.max_plaintext_bytes,
             max_batch_items: args.max_batch_items,

@@ -70,6 +70,8 @@ pub struct Settings {
     pub database_url: String,
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (`None`: no metrics).
+    pub metrics_listen: Option<SocketAddr>,
     /// The local KMS's secrets; `None` disables the local provider and the
     /// legacy format.
     pub master: Option<MasterSecrets>,
@@ -105,6 +107,7 @@ impl Settings {
         Self {
             database_url: database_url.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
             master,
             kms: KmsSettings::default(),
             limits: Limits::default(),

@@ -11,6 +11,7 @@
 //! - [`keys`]: key records and the in-memory catalog;
 //! - [`store`]: the database (SQLite or PostgreSQL), the only place with SQL;
 //! - [`app`]: wiring and the server's lifecycle;
+//! - [`metrics`]: the Prometheus endpoint;
 //! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
 //! - [`bench`], [`bench_rotation`], [`bench_kms_cache`]: the
 //!   `keyward bench`, `bench-rotation` and `bench-kms-cache` measurements.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod rotation;
 pub mod service;
 pub mod store;

@@ -60,6 +60,9 @@ impl AdminApi {
             peer: caller.peer_string(),
             detail: change.detail.clone(),
         };
+        if let Some(key_id) = change.key_id {
+            super::observe::record_key_id(key_id);
+        }
         self.audit
             .record(&event("requested"))
             .map_err(Error::from)?;

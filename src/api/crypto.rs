@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{
     auth::{code_name, Caller},
     convert,
+    observe::record_key_id,
     proto::{self, crypto_server::Crypto},
     status::{code_of, to_status},
 };
@@ -50,6 +51,7 @@ impl CryptoApi {
                 principal.scope.allows_key(key)
             })
             .await?;
+        record_key_id(&sealed.key.key_id);
         convert::sealed_to_proto(sealed, form)
     }
 
@@ -80,6 +82,9 @@ impl CryptoApi {
             .ok()
             .and_then(|o| o.key.as_ref().map(|k| k.key_id.clone()))
             .or(key_id);
+        if let Some(key) = &key_name {
+            record_key_id(key);
+        }
         self.audit.record(&AuditEvent {
             principal: &caller.principal.name,
             rpc,

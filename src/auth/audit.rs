@@ -10,7 +10,10 @@ use std::{
     collections::BTreeMap,
     io::Write,
     path::PathBuf,
-    sync::{Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError,
+    },
 };
 
 use crate::crypto::context::EncryptionContext;
@@ -82,6 +85,8 @@ struct Line<'a> {
 pub struct AuditLog {
     writer: Option<Mutex<Box<dyn Write + Send>>>,
     fail_closed: bool,
+    written: AtomicU64,
+    failed: AtomicU64,
 }
 
 impl AuditLog {
@@ -100,6 +105,8 @@ impl AuditLog {
         Ok(Self {
             writer: writer.map(Mutex::new),
             fail_closed: settings.fail_closed,
+            written: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
         })
     }
 
@@ -108,7 +115,20 @@ impl AuditLog {
         Self {
             writer: None,
             fail_closed: false,
+            written: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
         }
+    }
+
+    /// Events written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Events that could not be written (refused requests when fail-closed,
+    /// lost events when fail-open).
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
     }
 
     /// Writes one event; an error only when writing failed and the log is
@@ -135,6 +155,12 @@ impl AuditLog {
                 writer.write_all(&bytes)?;
                 writer.flush()
             });
+        let counter = if written.is_ok() {
+            &self.written
+        } else {
+            &self.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         match written {
             Ok(()) => Ok(()),
             Err(err) if self.fail_closed => Err(AuditError(err.to_string())),

@@ -98,7 +98,8 @@ pub struct CacheStats {
     pub decrypt_hits: AtomicU64,
     pub decrypt_misses: AtomicU64,
     /// Entries dropped for size or age (not explicit invalidation).
-    pub evictions: AtomicU64,
+    pub encrypt_evictions: AtomicU64,
+    pub decrypt_evictions: AtomicU64,
 }
 
 impl CacheStats {
@@ -156,12 +157,16 @@ impl DataKeyCache {
         let encrypt = Cache::builder()
             .max_capacity(settings.encrypt_capacity)
             .time_to_live(settings.max_age)
-            .eviction_listener(count_evictions(Arc::clone(&stats)))
+            .eviction_listener(count_evictions(Arc::clone(&stats), |s| {
+                &s.encrypt_evictions
+            }))
             .build();
         let decrypt = Cache::builder()
             .max_capacity(settings.decrypt_capacity)
             .time_to_live(settings.decrypt_ttl)
-            .eviction_listener(count_evictions(Arc::clone(&stats)))
+            .eviction_listener(count_evictions(Arc::clone(&stats), |s| {
+                &s.decrypt_evictions
+            }))
             .build();
         Self {
             settings,
@@ -287,10 +292,11 @@ impl DataKeyCache {
 /// An eviction listener counting evictions for size or age.
 fn count_evictions<V>(
     stats: Arc<CacheStats>,
+    counter: fn(&CacheStats) -> &AtomicU64,
 ) -> impl Fn(Arc<Digest32>, V, RemovalCause) + Send + Sync + 'static {
     move |_key, _value, cause| {
         if cause.was_evicted() {
-            CacheStats::bump(&stats.evictions);
+            CacheStats::bump(counter(&stats));
         }
     }
 }

@@ -44,7 +44,8 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn of(job: RotationJob) -> Self {
+    /// The progress of `job` as of now.
+    pub fn of(job: RotationJob) -> Self {
         let elapsed = job
             .started_at
             .map(|s| {

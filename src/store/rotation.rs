@@ -222,6 +222,33 @@ impl Store {
         rows.into_iter().map(RotationJob::try_from).collect()
     }
 
+    /// How many jobs are in each status (statuses with none are left out).
+    pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> = super::on_pool!(self, |pool| sqlx::query_as(
+            "SELECT status, COUNT(*) FROM encryption_rotation_jobs GROUP BY status"
+        )
+        .fetch_all(pool)
+        .await)?;
+        rows.into_iter()
+            .map(|(status, n)| {
+                JobStatus::parse(&status)
+                    .map(|s| (s, n))
+                    .ok_or_else(|| StoreError::Corrupt(format!("a job has status {status:?}")))
+            })
+            .collect()
+    }
+
+    /// Jobs a worker is running now, oldest first.
+    pub async fn running_jobs(&self) -> Result<Vec<RotationJob>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status = 'running' \
+             ORDER BY created_at, id LIMIT 100"
+        );
+        let rows: Vec<JobRow> =
+            super::on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+        rows.into_iter().map(RotationJob::try_from).collect()
+    }
+
     /// Cancels a job: a pending one at once, a running one between batches.
     /// Returns the job as it now stands; `None` if there is no such job.
     pub async fn cancel_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {

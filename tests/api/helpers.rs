@@ -156,6 +156,8 @@ pub struct Options {
     /// TLS; the test's default clients are then not connected (build your
     /// own channel to `TestApp::addr`).
     pub tls: Option<keyward::config::TlsSettings>,
+    /// Serve metrics on a random loopback port (`TestApp::metrics_addr`).
+    pub metrics: bool,
 }
 
 impl Default for Options {
@@ -173,6 +175,7 @@ impl Default for Options {
             auth: Default::default(),
             audit: Default::default(),
             tls: None,
+            metrics: false,
         }
     }
 }
@@ -187,6 +190,8 @@ pub struct TestApp {
     /// The server's domain services (KMS call and cache counts).
     pub services: Services,
     pub addr: std::net::SocketAddr,
+    /// Where metrics are served, with `Options::metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
@@ -216,6 +221,9 @@ async fn start(
     settings.kms = options.kms;
     settings.auth = options.auth;
     settings.audit = options.audit;
+    settings.metrics_listen = options
+        .metrics
+        .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let tls = options.tls.is_some();
     settings.tls = options.tls;
     let app = Application::build(settings).await.unwrap();
@@ -231,6 +239,7 @@ async fn start(
             .unwrap();
     }
     let addr = app.local_addr().unwrap();
+    let metrics_addr = app.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         app.run_until_stopped(async {
@@ -253,6 +262,7 @@ async fn start(
         health: HealthClient::new(channel),
         services,
         addr,
+        metrics_addr,
         stop: Some(stop),
         server: Some(server),
         dir,

@@ -11,6 +11,7 @@ mod cli;
 mod crypto;
 mod helpers;
 mod hostile;
+mod metrics;
 mod moto;
 mod postgres;
 mod rotation;

@@ -312,9 +312,11 @@ async fn authorization_matrix_covers_every_rpc() {
     let rogue_channel = pki.try_channel(&app, Some("rogue")).await;
     if let Ok(channel) = rogue_channel {
         let code = call(&channel, "/keyward.v1.Admin/ListKeys", None).await;
-        // The TLS handshake fails; the transport error surfaces as one of these.
+        // TLS 1.3 lets the client send before the server has checked its
+        // certificate; the server's refusal then surfaces as one of these
+        // transport errors, depending on when it lands.
         assert!(
-            matches!(code, Code::Unavailable | Code::Unknown),
+            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
             "an untrusted client certificate must be refused: {code:?}"
         );
     }

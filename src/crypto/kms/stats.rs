@@ -1,15 +1,19 @@
-//! Counts of KMS calls by provider, operation and outcome.
+//! KMS calls by provider, operation and outcome, with their latency.
 //!
 //! Every provider in a [`super::KmsRegistry`] is wrapped in [`Counted`], so
-//! the counts are of calls keyward actually made to a KMS (cache hits never
-//! reach it). The data-key cache benchmark reads them; so can metrics.
+//! the figures are of calls keyward actually made to a KMS (cache hits never
+//! reach it). The data-key cache benchmark and the metrics endpoint read them.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use super::{GeneratedKey, KekRef, KmsError, KmsProvider, ProviderKind, WrappedKey};
 use crate::crypto::{context::EncryptionContext, secret::SecretKey};
@@ -52,22 +56,54 @@ impl KmsOperation {
 const OPS: usize = KmsOperation::ALL.len();
 const PROVIDERS: usize = ProviderKind::ALL.len();
 
-/// Call counters, shared by every [`Counted`] provider of a registry.
-#[derive(Debug, Default)]
+/// Call counts and latency histograms, one per provider × operation ×
+/// outcome, shared by every [`Counted`] provider of a registry.
+#[derive(Debug)]
 pub struct KmsCallStats {
-    ok: [[AtomicU64; OPS]; PROVIDERS],
-    failed: [[AtomicU64; OPS]; PROVIDERS],
+    /// Both indexed by [`Self::slot`].
+    calls: Vec<AtomicU64>,
+    latency: Vec<Histogram>,
+}
+
+impl Default for KmsCallStats {
+    fn default() -> Self {
+        Self {
+            calls: (0..PROVIDERS * OPS * 2)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            // 50 µs (the local KMS) to about 3 s (a remote KMS retrying).
+            latency: (0..PROVIDERS * OPS * 2)
+                .map(|_| Histogram::new(exponential_buckets(0.000_05, 2.0, 17)))
+                .collect(),
+        }
+    }
 }
 
 impl KmsCallStats {
+    fn slot(provider: ProviderKind, op: KmsOperation, ok: bool) -> usize {
+        (provider_index(provider) * OPS + op.index()) * 2 + usize::from(!ok)
+    }
+
+    /// Latency in seconds of the calls of `op` to `provider` that succeeded
+    /// (`ok`) or failed.
+    pub fn latency(&self, provider: ProviderKind, op: KmsOperation, ok: bool) -> &Histogram {
+        // `slot` is always in range: the vector has one entry per slot.
+        &self.latency[Self::slot(provider, op, ok)]
+    }
+
+    /// Calls of `op` to `provider` that succeeded (`ok`) or failed.
+    pub fn calls(&self, provider: ProviderKind, op: KmsOperation, ok: bool) -> u64 {
+        self.calls[Self::slot(provider, op, ok)].load(Ordering::Relaxed)
+    }
+
     /// Successful calls of `op` to `provider`.
     pub fn ok(&self, provider: ProviderKind, op: KmsOperation) -> u64 {
-        self.ok[provider_index(provider)][op.index()].load(Ordering::Relaxed)
+        self.calls(provider, op, true)
     }
 
     /// Failed calls of `op` to `provider`.
     pub fn failed(&self, provider: ProviderKind, op: KmsOperation) -> u64 {
-        self.failed[provider_index(provider)][op.index()].load(Ordering::Relaxed)
+        self.calls(provider, op, false)
     }
 
     /// Every call to `provider`, any operation, any outcome.
@@ -78,13 +114,16 @@ impl KmsCallStats {
             .sum()
     }
 
-    fn record<T>(&self, provider: ProviderKind, op: KmsOperation, result: &Result<T, KmsError>) {
-        let table = if result.is_ok() {
-            &self.ok
-        } else {
-            &self.failed
-        };
-        table[provider_index(provider)][op.index()].fetch_add(1, Ordering::Relaxed);
+    fn record<T>(
+        &self,
+        provider: ProviderKind,
+        op: KmsOperation,
+        result: &Result<T, KmsError>,
+        took: Duration,
+    ) {
+        let slot = Self::slot(provider, op, result.is_ok());
+        self.calls[slot].fetch_add(1, Ordering::Relaxed);
+        self.latency[slot].observe(took.as_secs_f64());
     }
 }
 
@@ -112,9 +151,14 @@ impl KmsProvider for Counted {
         kek: KekRef<'_>,
         context: &EncryptionContext,
     ) -> Result<GeneratedKey, KmsError> {
+        let started = Instant::now();
         let result = self.inner.generate_data_key(kek, context).await;
-        self.stats
-            .record(self.kind(), KmsOperation::GenerateDataKey, &result);
+        self.stats.record(
+            self.kind(),
+            KmsOperation::GenerateDataKey,
+            &result,
+            started.elapsed(),
+        );
         result
     }
 
@@ -124,9 +168,14 @@ impl KmsProvider for Counted {
         data_key: &SecretKey,
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
+        let started = Instant::now();
         let result = self.inner.wrap_data_key(kek, data_key, context).await;
-        self.stats
-            .record(self.kind(), KmsOperation::Encrypt, &result);
+        self.stats.record(
+            self.kind(),
+            KmsOperation::Encrypt,
+            &result,
+            started.elapsed(),
+        );
         result
     }
 
@@ -137,12 +186,17 @@ impl KmsProvider for Counted {
         wrapped_iv: &[u8],
         context: &EncryptionContext,
     ) -> Result<SecretKey, KmsError> {
+        let started = Instant::now();
         let result = self
             .inner
             .decrypt_data_key(kek, wrapped_key, wrapped_iv, context)
             .await;
-        self.stats
-            .record(self.kind(), KmsOperation::Decrypt, &result);
+        self.stats.record(
+            self.kind(),
+            KmsOperation::Decrypt,
+            &result,
+            started.elapsed(),
+        );
         result
     }
 
@@ -154,22 +208,32 @@ impl KmsProvider for Counted {
         target: KekRef<'_>,
         context: &EncryptionContext,
     ) -> Result<Option<WrappedKey>, KmsError> {
+        let started = Instant::now();
         let result = self
             .inner
             .reencrypt_data_key(source, wrapped_key, wrapped_iv, target, context)
             .await;
         // `Ok(None)` means the provider cannot: no call was made.
         if !matches!(result, Ok(None)) {
-            self.stats
-                .record(self.kind(), KmsOperation::ReEncrypt, &result);
+            self.stats.record(
+                self.kind(),
+                KmsOperation::ReEncrypt,
+                &result,
+                started.elapsed(),
+            );
         }
         result
     }
 
     async fn check_key(&self, kek: KekRef<'_>) -> Result<(), KmsError> {
+        let started = Instant::now();
         let result = self.inner.check_key(kek).await;
-        self.stats
-            .record(self.kind(), KmsOperation::DescribeKey, &result);
+        self.stats.record(
+            self.kind(),
+            KmsOperation::DescribeKey,
+            &result,
+            started.elapsed(),
+        );
         result
     }
 }

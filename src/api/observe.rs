@@ -1,0 +1,304 @@
+//! Per-RPC observation, as the outermost tower layer: one `rpc` tracing
+//! span per call (method, principal, key id, code — never payloads), a
+//! completion event, and the call's code and latency in the metrics.
+//!
+//! A gRPC call's code arrives in the response headers (trailers-only
+//! responses: errors) or in the trailers after the last message, so the
+//! response body is wrapped and the call is finished when its trailers
+//! pass, when the body ends without them, or when it is dropped early (the
+//! client went away: CANCELLED).
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::{Body, Frame};
+use prost::Message as _;
+use tower::{Layer, Service};
+use tracing::{field::Empty, Instrument as _, Span};
+
+use super::{auth::code_name, proto::FILE_DESCRIPTOR_SET};
+use crate::metrics::RpcMetrics;
+
+/// A gRPC method this server knows, with the names metrics label it by.
+/// Paths outside the descriptors are all `unknown`, so a caller cannot
+/// grow the metrics' label sets.
+#[derive(Debug, Clone, Copy)]
+pub struct Method {
+    pub service: &'static str,
+    pub name: &'static str,
+}
+
+const UNKNOWN: Method = Method {
+    service: "unknown",
+    name: "unknown",
+};
+
+/// Every method of every service keyward serves, by request path.
+fn known_methods() -> &'static HashMap<String, Method> {
+    static METHODS: OnceLock<HashMap<String, Method>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut methods = HashMap::new();
+        for set in [
+            FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+                continue;
+            };
+            for file in set.file {
+                for service in &file.service {
+                    let full = format!("{}.{}", file.package(), service.name());
+                    // Built once per process: the names live as long as it.
+                    let service_name: &'static str = Box::leak(full.clone().into_boxed_str());
+                    for method in &service.method {
+                        let name: &'static str =
+                            Box::leak(method.name().to_owned().into_boxed_str());
+                        methods.insert(
+                            format!("/{full}/{name}"),
+                            Method {
+                                service: service_name,
+                                name,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        methods
+    })
+}
+
+/// The method a request path names, or `unknown`.
+pub fn method_of(path: &str) -> Method {
+    known_methods().get(path).copied().unwrap_or(UNKNOWN)
+}
+
+/// Records the key a call used in its span (handlers call this).
+pub fn record_key_id(key_id: &str) {
+    Span::current().record("key_id", key_id);
+}
+
+/// Records the authenticated principal in the call's span.
+pub fn record_principal(name: &str) {
+    Span::current().record("principal", name);
+}
+
+#[derive(Clone, Default)]
+pub struct ObserveLayer {
+    metrics: Option<Arc<RpcMetrics>>,
+}
+
+impl ObserveLayer {
+    /// Spans and logs always; metrics when `metrics` is given.
+    pub fn new(metrics: Option<Arc<RpcMetrics>>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = ObserveService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ObserveService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ObserveService<S> {
+    inner: S,
+    metrics: Option<Arc<RpcMetrics>>,
+}
+
+impl<S, B> Service<http::Request<B>> for ObserveService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method_of(request.uri().path());
+        let span = tracing::info_span!(
+            "rpc",
+            service = method.service,
+            method = method.name,
+            principal = Empty,
+            key_id = Empty,
+            code = Empty,
+        );
+        let call = Call {
+            method,
+            span: span.clone(),
+            started: Instant::now(),
+            metrics: self.metrics.clone(),
+        };
+        // The clone that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let response = inner.call(request).instrument(span);
+        Box::pin(async move {
+            let response = response.await?;
+            let (parts, body) = response.into_parts();
+            // Trailers-only (every error reply): the code is in the headers.
+            if let Some(code) = grpc_status(&parts.headers) {
+                call.finish(code);
+                return Ok(http::Response::from_parts(parts, body));
+            }
+            let body = ObservedBody {
+                inner: body,
+                call: Some(call),
+            };
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(body),
+            ))
+        })
+    }
+}
+
+/// The canonical name of a gRPC code as metrics and logs show it (`OK`,
+/// `INVALID_ARGUMENT`, …).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "OK",
+        other => code_name(other),
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+}
+
+/// One call being observed until its code is known.
+struct Call {
+    method: Method,
+    span: Span,
+    started: Instant,
+    metrics: Option<Arc<RpcMetrics>>,
+}
+
+impl Call {
+    fn finish(self, code: tonic::Code) {
+        let elapsed = self.started.elapsed();
+        if let Some(metrics) = &self.metrics {
+            metrics.observe(self.method, code, elapsed);
+        }
+        self.span.record("code", code_label(code));
+        let _entered = self.span.enter();
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        // Successes at DEBUG (an access log at keyward's rates would drown
+        // everything else), refusals at INFO, server-side failures at WARN.
+        match code {
+            tonic::Code::Ok => tracing::debug!(elapsed_ms, "rpc finished"),
+            tonic::Code::Internal
+            | tonic::Code::Unknown
+            | tonic::Code::DataLoss
+            | tonic::Code::Unavailable => tracing::warn!(elapsed_ms, "rpc finished"),
+            _ => tracing::info!(elapsed_ms, "rpc finished"),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that finishes its [`Call`] when the trailers pass.
+    struct ObservedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        call: Option<Call>,
+    }
+
+    impl PinnedDrop for ObservedBody {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the end: the client cancelled the call.
+            if let Some(call) = this.project().call.take() {
+                call.finish(tonic::Code::Cancelled);
+            }
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(call) = this.call.take() {
+                        call.finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
+                    }
+                }
+            }
+            Some(Err(status)) => {
+                if let Some(call) = this.call.take() {
+                    call.finish(status.code());
+                }
+            }
+            None => {
+                if let Some(call) = this.call.take() {
+                    call.finish(tonic::Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_method_is_known_and_others_are_not() {
+        let encrypt = method_of("/keyward.v1.Crypto/Encrypt");
+        assert_eq!(
+            (encrypt.service, encrypt.name),
+            ("keyward.v1.Crypto", "Encrypt")
+        );
+        assert_eq!(method_of("/grpc.health.v1.Health/Check").name, "Check");
+        assert_eq!(
+            method_of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").name,
+            "ServerReflectionInfo"
+        );
+        assert_eq!(method_of("/keyward.v1.Crypto/Nope").name, "unknown");
+        assert_eq!(method_of("/anything/else").service, "unknown");
+    }
+}

@@ -1,0 +1,432 @@
+//! Prometheus metrics (text format 0.0.4) on their own listen address
+//! (`serve --metrics-listen`, off by default).
+//!
+//! One [`Metrics`] per server, with its own registry (no global recorder,
+//! so servers in one process — the tests — never mix their figures):
+//! - RPCs by service, method and code, with latency (fed by
+//!   `api::observe`);
+//! - KMS calls by provider, operation and outcome, with latency (read from
+//!   the registry's [`KmsCallStats`] at scrape time);
+//! - data-key cache hits, misses and evictions ([`CacheStats`]);
+//! - audit events written and failed ([`AuditLog`]);
+//! - rotation jobs by status, and rows and rate of each running job, read
+//!   from the database at scrape time, so every replica reports the same.
+
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::observe::{code_label, Method},
+    auth::audit::AuditLog,
+    crypto::{
+        cache::CacheStats,
+        kms::{KmsCallStats, KmsOperation, ProviderKind},
+    },
+    rotation::JobStatus,
+    service::rotation::Progress,
+    store::Store,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+/// RPC counters and latency histograms, fed by `api::observe`.
+#[derive(Debug)]
+pub struct RpcMetrics {
+    requests: Family<RpcLabels, Counter>,
+    duration: Family<RpcLabels, Histogram>,
+}
+
+impl RpcMetrics {
+    fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            // 50 µs to about 3 s.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+            }),
+        }
+    }
+
+    /// Counts one finished call.
+    pub fn observe(&self, method: Method, code: tonic::Code, elapsed: Duration) {
+        let labels = RpcLabels {
+            grpc_service: method.service,
+            grpc_method: method.name,
+            grpc_code: code_label(code),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobLabels {
+    job_id: String,
+}
+
+/// Rotation figures, set from the database on each scrape.
+#[derive(Debug, Default)]
+struct RotationGauges {
+    jobs: Family<StatusLabels, Gauge>,
+    rows_total: Family<JobLabels, Gauge>,
+    rows_processed: Family<JobLabels, Gauge>,
+    rows_failed: Family<JobLabels, Gauge>,
+    rows_per_second: Family<JobLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 when the last scrape could read the jobs, else 0.
+    up: Gauge,
+}
+
+/// What a server exposes; see the module docs.
+pub struct Metrics {
+    registry: Registry,
+    rpc: Arc<RpcMetrics>,
+    rotation: Arc<RotationGauges>,
+    store: Store,
+    /// One scrape at a time updates the rotation gauges.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+impl Metrics {
+    pub fn new(
+        store: Store,
+        kms: Arc<KmsCallStats>,
+        cache: Arc<CacheStats>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        let mut registry = Registry::with_prefix("keyward");
+        let rpc = Arc::new(RpcMetrics::new());
+        registry.register(
+            "rpc_requests",
+            "gRPC calls finished, by service, method and code",
+            rpc.requests.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency, from request to the code, by service, method and code",
+            rpc.duration.clone(),
+        );
+        let rotation = Arc::new(RotationGauges::default());
+        registry.register(
+            "rotation_jobs",
+            "Rotation jobs by status",
+            rotation.jobs.clone(),
+        );
+        registry.register(
+            "rotation_job_rows_total",
+            "Rows a running rotation job has to move (grows when a pass finds late rows)",
+            rotation.rows_total.clone(),
+        );
+        registry.register(
+            "rotation_job_rows_processed",
+            "Rows a running rotation job has processed",
+            rotation.rows_processed.clone(),
+        );
+        registry.register(
+            "rotation_job_rows_failed",
+            "Rows a running rotation job could not rotate",
+            rotation.rows_failed.clone(),
+        );
+        registry.register(
+            "rotation_job_rows_per_second",
+            "Rows per second of a running rotation job since it started (as WatchRotation reports)",
+            rotation.rows_per_second.clone(),
+        );
+        registry.register(
+            "rotation_metrics_up",
+            "1 when the last scrape could read the rotation jobs from the database",
+            rotation.up.clone(),
+        );
+        registry.register_collector(Box::new(KmsCollector(kms)));
+        registry.register_collector(Box::new(CacheCollector(cache)));
+        registry.register_collector(Box::new(AuditCollector(audit)));
+        Self {
+            registry,
+            rpc,
+            rotation,
+            store,
+            scrape: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The RPC half, for the observe layer.
+    pub fn rpc(&self) -> Arc<RpcMetrics> {
+        Arc::clone(&self.rpc)
+    }
+
+    /// The exposition text: reads the rotation jobs, then encodes.
+    pub async fn render(&self) -> String {
+        let _one_at_a_time = self.scrape.lock().await;
+        self.update_rotation().await;
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
+        text
+    }
+
+    async fn update_rotation(&self) {
+        let gauges = &self.rotation;
+        let read = async {
+            let counts = self.store.count_jobs_by_status().await?;
+            let running = self.store.running_jobs().await?;
+            Ok::<_, crate::store::StoreError>((counts, running))
+        };
+        let (counts, running) = match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "metrics: cannot read rotation jobs");
+                gauges.up.set(0);
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("metrics: reading rotation jobs timed out");
+                gauges.up.set(0);
+                return;
+            }
+        };
+        gauges.up.set(1);
+        for status in JobStatus::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            gauges
+                .jobs
+                .get_or_create(&StatusLabels {
+                    status: status.as_str(),
+                })
+                .set(n);
+        }
+        for family in [
+            &gauges.rows_total,
+            &gauges.rows_processed,
+            &gauges.rows_failed,
+        ] {
+            family.clear();
+        }
+        gauges.rows_per_second.clear();
+        for job in running {
+            let labels = JobLabels {
+                job_id: job.id.clone(),
+            };
+            let progress = Progress::of(job);
+            let counts = &progress.job.counts;
+            gauges.rows_total.get_or_create(&labels).set(counts.total);
+            gauges
+                .rows_processed
+                .get_or_create(&labels)
+                .set(counts.processed);
+            gauges.rows_failed.get_or_create(&labels).set(counts.failed);
+            gauges
+                .rows_per_second
+                .get_or_create(&labels)
+                .set(progress.rows_per_second);
+        }
+    }
+
+    /// Binds the metrics listener (so a caller learns its address before
+    /// serving).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    /// Serves `GET /metrics` on `listener` until `stop`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> std::io::Result<()> {
+        use axum::{http::header, routing::get, Router};
+        let router = Router::new().route(
+            "/metrics",
+            get(
+                |axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>| async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )],
+                        metrics.render().await,
+                    )
+                },
+            ),
+        );
+        axum::serve(listener, router.with_state(self))
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    }
+}
+
+/// Encodes one family of counters or gauges from `(labels, value)` pairs.
+fn encode_values<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    values: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in values {
+        let metric = family.encode_family(&labels)?;
+        ConstCounter::new(value).encode(metric)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KmsLabels {
+    provider: &'static str,
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+fn kms_series() -> impl Iterator<Item = (ProviderKind, KmsOperation, bool, KmsLabels)> {
+    ProviderKind::ALL.into_iter().flat_map(|provider| {
+        KmsOperation::ALL.into_iter().flat_map(move |op| {
+            [true, false].into_iter().map(move |ok| {
+                let labels = KmsLabels {
+                    provider: provider.as_str(),
+                    operation: op.as_str(),
+                    outcome: if ok { "ok" } else { "failed" },
+                };
+                (provider, op, ok, labels)
+            })
+        })
+    })
+}
+
+struct KmsCollector(Arc<KmsCallStats>);
+
+impl fmt::Debug for KmsCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KmsCollector")
+    }
+}
+
+impl Collector for KmsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let stats = &self.0;
+        encode_values(
+            &mut encoder,
+            "kms_calls",
+            "Calls keyward made to a KMS, by provider, operation and outcome",
+            MetricType::Counter,
+            kms_series().map(|(p, op, ok, labels)| (labels, stats.calls(p, op, ok))),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "kms_call_duration_seconds",
+            "KMS call latency, retries included, by provider, operation and outcome",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (p, op, ok, labels) in kms_series() {
+            if stats.calls(p, op, ok) > 0 {
+                stats
+                    .latency(p, op, ok)
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CacheLabels {
+    cache: &'static str,
+}
+
+struct CacheCollector(Arc<CacheStats>);
+
+impl fmt::Debug for CacheCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CacheCollector")
+    }
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let by_cache = |encrypt: &std::sync::atomic::AtomicU64,
+                        decrypt: &std::sync::atomic::AtomicU64| {
+            [
+                (CacheLabels { cache: "encrypt" }, encrypt.load(Relaxed)),
+                (CacheLabels { cache: "decrypt" }, decrypt.load(Relaxed)),
+            ]
+        };
+        encode_values(
+            &mut encoder,
+            "data_key_cache_hits",
+            "Data keys served from the cache, by cache (encrypt, decrypt)",
+            MetricType::Counter,
+            by_cache(&s.encrypt_hits, &s.decrypt_hits),
+        )?;
+        encode_values(
+            &mut encoder,
+            "data_key_cache_misses",
+            "Data-key cache lookups that went to the KMS, by cache (encrypt, decrypt)",
+            MetricType::Counter,
+            by_cache(&s.encrypt_misses, &s.decrypt_misses),
+        )?;
+        encode_values(
+            &mut encoder,
+            "data_key_cache_evictions",
+            "Cached data keys dropped for size or age, by cache (encrypt, decrypt)",
+            MetricType::Counter,
+            by_cache(&s.encrypt_evictions, &s.decrypt_evictions),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuditLabels {
+    outcome: &'static str,
+}
+
+struct AuditCollector(Arc<AuditLog>);
+
+impl fmt::Debug for AuditCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditCollector")
+    }
+}
+
+impl Collector for AuditCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        encode_values(
+            &mut encoder,
+            "audit_events",
+            "Audit events by outcome (written; failed: refused when fail-closed, lost when fail-open)",
+            MetricType::Counter,
+            [
+                (AuditLabels { outcome: "written" }, self.0.written()),
+                (AuditLabels { outcome: "failed" }, self.0.failed()),
+            ],
+        )
+    }
+}
