@@ -166,6 +166,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         let worker = services.worker(WorkerOptions {
             lease: Duration::from_secs(60),
             idle_poll: Duration::from_millis(20),
+            ..WorkerOptions::default()
         });
         let stop = stop_workers.clone();
         handles.push(tokio::spawn(async move { worker.run(stop).await }));

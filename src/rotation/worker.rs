@@ -2,6 +2,13 @@
 //! writes back with compare-and-swap. [`Worker::try_execute_task`] is one
 //! step, public so tests can drive a worker deterministically;
 //! [`Worker::run`] loops it until told to stop.
+//!
+//! Stopping (SIGTERM): no new batch is claimed; a batch in flight gets
+//! [`WorkerOptions::batch_grace`] to finish and be written, else it is
+//! abandoned — nothing of it is written, and its lease is released at once
+//! so the job's next pass (on any worker) redoes its rows without waiting
+//! for the lease to expire. Either way the worker holds no lease when
+//! `run` returns.
 
 use std::{sync::Arc, time::Duration};
 
@@ -31,6 +38,8 @@ pub enum Step {
     Waiting,
     /// A batch was processed.
     Batch { job_id: String, rows: usize },
+    /// A batch was given up at shutdown and its lease released.
+    Abandoned { job_id: String, rows: usize },
     /// A job started a new pass or ended.
     Advanced(RotationJob),
 }
@@ -42,6 +51,9 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// Sleep between polls of an empty queue.
     pub idle_poll: Duration,
+    /// After a stop, how long a batch in flight may still run before it is
+    /// abandoned.
+    pub batch_grace: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -49,6 +61,7 @@ impl Default for WorkerOptions {
         Self {
             lease: Duration::from_secs(30),
             idle_poll: Duration::from_millis(500),
+            batch_grace: Duration::from_secs(5),
         }
     }
 }
@@ -89,15 +102,21 @@ impl Worker {
         &self.id
     }
 
-    /// Runs steps until `stop` is cancelled. A batch in progress is
-    /// finished (and its lease released) before the loop exits.
+    /// Runs steps until `stop` is cancelled; see the module docs for what
+    /// happens to a batch in flight.
     pub async fn run(&self, stop: CancellationToken) {
         tracing::info!(worker = %self.id, "rotation worker started");
         while !stop.is_cancelled() {
-            let pause = match self.try_execute_task().await {
+            let pause = match self.step(&stop).await {
                 Ok(Step::Idle) => self.options.idle_poll,
                 Ok(Step::Waiting) => Duration::from_millis(100),
                 Ok(Step::Batch { .. }) => Duration::ZERO,
+                Ok(Step::Abandoned { job_id, rows }) => {
+                    tracing::warn!(worker = %self.id, job = %job_id, rows,
+                        "stopping: the batch in flight was abandoned and its lease released; \
+                         a later pass of the job redoes its rows");
+                    Duration::ZERO
+                }
                 Ok(Step::Advanced(job)) => {
                     if job.status.is_terminal() {
                         tracing::info!(job = %job.id, status = %job.status, processed = job.counts.processed,
@@ -124,6 +143,12 @@ impl Worker {
 
     /// One step: claim a batch (or advance a job), process it, write it.
     pub async fn try_execute_task(&self) -> Result<Step> {
+        self.step(&CancellationToken::new()).await
+    }
+
+    /// One step that gives up its batch when `stop` has been cancelled for
+    /// longer than the batch grace.
+    async fn step(&self, stop: &CancellationToken) -> Result<Step> {
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
         let claim = match self
@@ -155,7 +180,21 @@ impl Worker {
             }
         };
         let started = tokio::time::Instant::now();
-        let outcomes = self.process(&claim, table, &target).await;
+        let give_up = async {
+            stop.cancelled().await;
+            tokio::time::sleep(self.options.batch_grace).await;
+        };
+        let outcomes = tokio::select! {
+            biased;
+            outcomes = self.process(&claim, table, &target) => outcomes,
+            () = give_up => {
+                self.store.release_claim(&claim, &self.id).await?;
+                return Ok(Step::Abandoned {
+                    job_id: claim.job.id.clone(),
+                    rows: claim.rows.len(),
+                });
+            }
+        };
         let counts = self
             .store
             .finish_batch(&claim, table, &target.id, &outcomes)
@@ -164,8 +203,12 @@ impl Worker {
             succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
             "rotation batch written");
         if let Some(rate) = claim.job.max_rows_per_second.filter(|r| *r > 0) {
+            // The throttle holds no lease: a stop cuts it short.
             let budget = Duration::from_secs_f64(outcomes.len() as f64 / rate as f64);
-            tokio::time::sleep_until(started + budget).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(started + budget) => {}
+                () = stop.cancelled() => {}
+            }
         }
         Ok(Step::Batch {
             job_id: claim.job.id.clone(),

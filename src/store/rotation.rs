@@ -677,6 +677,32 @@ impl Store {
         Ok(counts)
     }
 
+    /// Gives up a claimed batch without writing anything: its lease is
+    /// deleted at once, so the job's pass can end without waiting for it to
+    /// expire, and the next pass picks its rows up (they are still off the
+    /// target key).
+    pub async fn release_claim(&self, claim: &Claim, worker_id: &str) -> Result<(), StoreError> {
+        let now = Utc::now();
+        super::on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM encryption_rotation_claims WHERE id = $1")
+                .bind(&claim.id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE encryption_rotation_jobs SET lease_owner = NULL, lease_expires_at = NULL, \
+                 updated_at = $3 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(&claim.job.id)
+            .bind(worker_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
     /// Deletes `connection_scoped_tokens` that expired or were used.
     pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
         let now = Utc::now();

@@ -19,7 +19,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 const SECRET: &str = "cli-test-master-secret-0123456789";
 
 /// A `keyward` command with a clean environment and its own database.
-fn keyward(dir: &Path) -> Command {
+pub(crate) fn keyward(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env_clear()
@@ -32,19 +32,19 @@ fn keyward(dir: &Path) -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Output {
+pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
 
-fn stdout(out: &Output) -> String {
+pub(crate) fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -53,23 +53,31 @@ fn free_port() -> u16 {
 }
 
 /// A running `keyward serve` whose stderr is collected as it arrives.
-struct Server {
-    child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     log: Arc<Mutex<String>>,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Server {
+    pub(crate) fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     fn start(cmd: Command) -> Server {
         Self::start_with(cmd, &[])
     }
 
     fn start_with(mut cmd: Command, serve_args: &[&str]) -> Server {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", free_port());
+        cmd.args(["serve", "--listen", &addr]).args(serve_args);
+        Self::spawn(cmd, addr)
+    }
+
+    /// Spawns `cmd` (a complete `serve` command line) that is to listen on
+    /// `addr`.
+    pub(crate) fn spawn(mut cmd: Command, addr: String) -> Server {
         let mut child = cmd
-            .args(["serve", "--listen", &addr])
-            .args(serve_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -87,7 +95,7 @@ impl Server {
         Server { child, log, addr }
     }
 
-    fn wait_for_log(&self, needle: &str) {
+    pub(crate) fn wait_for_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.log.lock().unwrap().contains(needle) {
             assert!(
@@ -99,7 +107,7 @@ impl Server {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
@@ -107,7 +115,7 @@ impl Server {
         assert!(status.success());
     }
 
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -118,7 +126,7 @@ impl Server {
         }
     }
 
-    async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .connect()

@@ -169,6 +169,7 @@ impl Default for Options {
             worker: Some(WorkerOptions {
                 lease: std::time::Duration::from_secs(30),
                 idle_poll: std::time::Duration::from_millis(50),
+                ..WorkerOptions::default()
             }),
             targets: Vec::new(),
             kms: KmsSettings::default(),
@@ -328,6 +329,14 @@ impl TestApp {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// The single integer a query returns (e.g. a `COUNT(*)`).
+    pub async fn count(&self, query: &str) -> i64 {
+        on_db!(self, |pool| sqlx::query_scalar::<_, i64>(query)
+            .fetch_one(&pool)
+            .await)
+        .unwrap()
     }
 
     /// Runs one SQL statement on the app's database (test set-up only).

@@ -1,6 +1,7 @@
 //! Rotation across `keyward worker` processes on one PostgreSQL: several
 //! workers share a job; a worker killed with SIGKILL mid-job is taken over
-//! once its lease expires. PostgreSQL only (the scale-out backend).
+//! once its lease expires; a worker stopped with SIGTERM releases its lease
+//! and another continues at once. PostgreSQL only (the scale-out backend).
 
 use std::{
     collections::HashMap,
@@ -106,6 +107,52 @@ impl WorkerProcess {
 
     fn batches(&self) -> usize {
         self.log().matches("rotation batch written").count()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how long it took.
+    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, sent.elapsed());
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(30),
+                "the worker ignored SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Waits until the job has processed at least `rows`.
+async fn wait_for_progress(app: &TestApp, job_id: &str, rows: i64, worker: &WorkerProcess) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = app
+            .admin
+            .clone()
+            .get_rotation_job(GetRotationJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.processed_rows >= rows {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker made no progress: {}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -223,27 +270,7 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
         .unwrap()
         .into_inner()
         .id;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job = app
-            .admin
-            .clone()
-            .get_rotation_job(GetRotationJobRequest {
-                job_id: job_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.processed_rows >= 40 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first worker made no progress: {}",
-            first.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_progress(&app, &job_id, 40, &first).await;
     first.child.kill().unwrap(); // SIGKILL: no chance to release anything
     first.child.wait().unwrap();
 
@@ -252,5 +279,145 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
     assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
     assert_eq!((job.succeeded_rows, job.failed_rows), (200, 0), "{job:?}");
     assert!(second.batches() > 0);
+    assert_all_rotated(&app, &target, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_lease_and_a_second_worker_continues_at_once() {
+    let Some((app, expected, target)) = prepared(300).await else {
+        return;
+    };
+    // Leases of ten minutes: a second worker that had to wait for one to
+    // expire would never finish within this test's deadlines.
+    let mut first = WorkerProcess::start(&app.database_url, 600);
+    let job_id = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    wait_for_progress(&app, &job_id, 40, &first).await;
+    let (status, took) = first.terminate();
+    assert!(status.success(), "{status:?}\n{}", first.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "exited after {took:?}, beyond the grace period"
+    );
+    assert!(
+        first.log().contains("rotation worker stopped"),
+        "{}",
+        first.log()
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM encryption_rotation_claims")
+            .await,
+        0,
+        "the stopped worker left a lease behind"
+    );
+
+    let resumed = Instant::now();
+    let second = WorkerProcess::start(&app.database_url, 600);
+    let job = final_job(&app, &job_id).await;
+    assert!(
+        resumed.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        resumed.elapsed()
+    );
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    assert_eq!(
+        (
+            job.total_rows,
+            job.processed_rows,
+            job.succeeded_rows,
+            job.failed_rows,
+            job.skipped_rows
+        ),
+        (300, 300, 300, 0, 0),
+        "{job:?}"
+    );
+    assert!(second.batches() > 0);
+    assert_all_rotated(&app, &target, &expected).await;
+}
+
+/// A batch abandoned at shutdown (its crypto cut short) writes nothing and
+/// releases its lease: the next worker's pass redoes its rows at once, and
+/// the counts come out exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_batch_is_redone_by_the_next_pass_without_waiting() {
+    let Some((app, expected, target)) = prepared(30).await else {
+        return;
+    };
+    let job_id = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest {
+            batch_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let store = &app.services.store;
+    let lease = chrono::Duration::minutes(10);
+    let keyward::store::rotation::ClaimOutcome::Batch(claim) = store
+        .claim_batch("stopping-worker", lease, &app.services.targets)
+        .await
+        .unwrap()
+    else {
+        panic!("expected a batch");
+    };
+    assert_eq!(claim.rows.len(), 10);
+    store
+        .release_claim(&claim, "stopping-worker")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM encryption_rotation_claims")
+            .await,
+        0
+    );
+
+    let worker = app
+        .services
+        .worker(keyward::rotation::worker::WorkerOptions {
+            lease: Duration::from_secs(600),
+            ..Default::default()
+        });
+    let mut passes = Vec::new();
+    for _ in 0..20 {
+        match worker.try_execute_task().await.unwrap() {
+            keyward::rotation::worker::Step::Advanced(job) => {
+                passes.push(job.pass);
+                if job.status.is_terminal() {
+                    break;
+                }
+            }
+            keyward::rotation::worker::Step::Waiting => {
+                panic!("the released lease still held the pass open")
+            }
+            _ => {}
+        }
+    }
+    let job = final_job(&app, &job_id).await;
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    // Pass 1 did 20 rows, pass 2 the 10 abandoned ones.
+    assert_eq!(job.pass, 2, "{job:?} {passes:?}");
+    assert_eq!(
+        (
+            job.total_rows,
+            job.processed_rows,
+            job.succeeded_rows,
+            job.failed_rows
+        ),
+        (30, 30, 30, 0),
+        "{job:?}"
+    );
     assert_all_rotated(&app, &target, &expected).await;
 }

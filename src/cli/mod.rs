@@ -1,6 +1,8 @@
 //! The `keyward` command line: the binary's edge, where `anyhow` is used.
 //!
-//! Every flag can also be set from the environment (`env = …`). Secrets are
+//! Every flag can also be set from the environment (`env = …`), and those
+//! of `serve` and `worker` from a TOML file (`--config`, see
+//! [`config_file`]); precedence: flag > environment > file > default. Secrets are
 //! read from the environment or a file only: `ENCRYPTION_MASTER_KEY`
 //! (fallback `LOCAL_KMS_SECRET`), `ENCRYPTION_MASTER_KEY_PREVIOUS`
 //! (comma-separated), or `--master-key-file`.
@@ -9,7 +11,10 @@
 //! directly, like the runbook's scripts; a running server picks their
 //! changes up on its catalog refresh timer or on `RefreshKeyMetadata`.
 
+mod config_file;
+
 use std::{
+    ffi::OsString,
     io::{Read, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -18,7 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::{
@@ -61,6 +66,10 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 struct GlobalArgs {
+    /// TOML file with settings of `serve` and `worker` (flag names with `_`
+    /// for `-`); flags and the environment take precedence over it.
+    #[arg(long, env = "KEYWARD_CONFIG", global = true)]
+    config: Option<PathBuf>,
     /// Database: sqlite://PATH (created if missing) or postgres://USER@HOST/DB.
     #[arg(
         long,
@@ -240,7 +249,7 @@ enum Command {
     /// (legacy format; plaintext read from stdin). A fixture generator.
     LegacyEncrypt(LegacyArgs),
     /// Run the rotation worker alone (the runbook's `npm run start:rotation`).
-    Worker(WorkerArgs),
+    Worker(StandaloneWorkerArgs),
     /// Start, watch, inspect, cancel or requeue re-encryption jobs.
     #[command(subcommand)]
     Rotate(RotateCommand),
@@ -249,6 +258,9 @@ enum Command {
     /// Create, list or revoke the bearer tokens callers authenticate with.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a commented configuration file listing every setting with its
+    /// default (the repository's keyward.example.toml).
+    ConfigExample,
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Bench(BenchArgs),
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
@@ -261,6 +273,8 @@ enum Command {
     BenchKmsCache(crate::bench_kms_cache::KmsCacheBenchArgs),
 }
 
+/// The rotation worker's tuning, in `serve` (its in-process worker) and
+/// `worker`.
 #[derive(Debug, Args)]
 struct WorkerArgs {
     /// Seconds a claimed batch stays this worker's; a crashed worker's
@@ -273,12 +287,27 @@ struct WorkerArgs {
 }
 
 impl WorkerArgs {
-    fn options(&self) -> WorkerOptions {
+    /// On shutdown a batch in flight gets half the grace period to finish;
+    /// the other half is for abandoning it (releasing its lease) and the
+    /// rest of the shutdown.
+    fn options(&self, shutdown_grace: Duration) -> WorkerOptions {
         WorkerOptions {
             lease: Duration::from_secs(self.lease_secs.max(1)),
             idle_poll: Duration::from_millis(self.poll_ms.max(10)),
+            batch_grace: shutdown_grace / 2,
         }
     }
+}
+
+#[derive(Debug, Args)]
+struct StandaloneWorkerArgs {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    /// Seconds the worker gets to stop after SIGTERM/SIGINT: the batch in
+    /// flight finishes within half of it or is abandoned, and the lease is
+    /// released at once either way.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +384,8 @@ struct ServeArgs {
     /// Do not run a rotation worker in this process (run `keyward worker`).
     #[arg(long, env = "KEYWARD_NO_WORKER", value_parser = clap::builder::BoolishValueParser::new())]
     no_worker: bool,
+    #[command(flatten)]
+    worker: WorkerArgs,
     /// Most encryption-context entries per request (at most 64).
     #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = 64)]
     max_context_entries: usize,
@@ -540,7 +571,21 @@ struct LegacyArgs {
 /// Parses arguments, runs the command on a Tokio runtime, maps the outcome
 /// to an exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(Invalid::Clap(err)) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+        Err(Invalid::Config(err)) => {
+            eprintln!("keyward: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     init_logging(cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -563,6 +608,37 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Why the command line (with its configuration file) was not accepted.
+enum Invalid {
+    /// clap's own error, help or version text.
+    Clap(clap::Error),
+    Config(ConfigError),
+}
+
+/// Parses `argv`; with `--config`, parses again with the file's settings
+/// appended as flags for whatever the first parse took from a default.
+fn parse(argv: Vec<OsString>) -> Result<Cli, Invalid> {
+    let command = Cli::command();
+    let matches = command
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(Invalid::Clap)?;
+    let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+        return Cli::from_arg_matches(&matches).map_err(Invalid::Clap);
+    };
+    let extra = config_file::arguments(&command, &matches, &path).map_err(Invalid::Config)?;
+    let matches = command
+        .try_get_matches_from(argv.into_iter().chain(extra))
+        .map_err(|e| {
+            Invalid::Config(ConfigError(format!(
+                "with the settings of {}: {}",
+                path.display(),
+                e.to_string().trim_start_matches("error: ").trim_end()
+            )))
+        })?;
+    Cli::from_arg_matches(&matches).map_err(Invalid::Clap)
 }
 
 /// Configuration that cannot work; exits with [`EXIT_CONFIG`].
@@ -642,7 +718,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::LegacyEncrypt(args) => legacy_encrypt(&global, args).await,
         Command::Worker(args) => {
             let services = open(&global).await?;
-            let worker = services.worker(args.options());
+            let grace = Duration::from_secs(args.shutdown_grace_secs);
+            let worker = services.worker(args.worker.options(grace));
             let stop = tokio_util::sync::CancellationToken::new();
             let signal_stop = stop.clone();
             tokio::spawn(async move {
@@ -655,6 +732,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rotate(cmd) => rotate(&global, cmd).await,
         Command::Token(cmd) => token(&global, cmd).await,
+        Command::ConfigExample => {
+            print!("{}", config_file::example(&Cli::command()));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::PruneTokens => {
             let services = open(&global).await?;
             let removed = services.rotations.prune_scoped_tokens().await?;
@@ -708,7 +789,10 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         seed_dev_key: args.dev,
-        worker: (!args.no_worker).then(WorkerOptions::default),
+        worker: (!args.no_worker).then(|| {
+            args.worker
+                .options(Duration::from_secs(args.shutdown_grace_secs))
+        }),
         rotation_targets: rotation_targets(global)?,
         kms: global.kms.settings(),
         ..Settings::for_database(global.database_url.clone(), Some(master))
