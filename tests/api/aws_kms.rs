@@ -5,6 +5,7 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
+use keyward::rotation::worker::WorkerOptions;
 use keyward::{
     api::proto::{
         decrypt_request::Ciphertext, ActivateKeyRequest, CreateKeyRequest, DecryptRequest,
@@ -17,6 +18,7 @@ use keyward::{
         kms::{KmsOperation, ProviderKind},
     },
 };
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::{
@@ -381,6 +383,129 @@ crate::on_both_backends!(
     rotation_into_and_between_aws_keys,
     kms_outage_mid_rotation_loses_nothing
 );
+
+/// The KMS hangs while a worker is stopping: the batch in flight is
+/// abandoned once the batch grace is over, nothing of it is written, its
+/// lease is released at once, and when the KMS answers again the next pass
+/// finishes the job with exact counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stuck_on_a_hung_kms_is_abandoned_at_shutdown() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let proxy = moto::Proxy::start(endpoint).await;
+    let mut settings = moto::kms_settings(&proxy.url());
+    settings.aws.attempt_timeout = Duration::from_secs(60);
+    settings.aws.operation_timeout = Duration::from_secs(120);
+    let Some(app) = spawn_with(
+        Backend::Sqlite,
+        Options {
+            kms: settings,
+            worker: None,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let mut expected = std::collections::HashMap::new();
+    for i in 0..20 {
+        let id = format!("conn-{i:02}");
+        let plaintext = format!("credential {i}");
+        insert_row(&app, &id, &plaintext).await;
+        expected.insert(id, plaintext);
+    }
+    let target = register(&app, "aws-target", &moto::create_key(&kms).await, true).await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    let claims = "SELECT COUNT(*) FROM encryption_rotation_claims";
+    let options = WorkerOptions {
+        lease: Duration::from_secs(600),
+        idle_poll: Duration::from_millis(50),
+        batch_grace: Duration::from_millis(200),
+    };
+
+    proxy.stall();
+    let worker = app.services.worker(options);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.count(claims).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch was claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Stuck: the KMS does not answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.count(claims).await, 1);
+    stop.cancel();
+    let stopping = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the worker did not stop while its KMS hung")
+        .unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        app.count(claims).await,
+        0,
+        "the abandoned batch kept its lease"
+    );
+    let job = app
+        .admin
+        .clone()
+        .get_rotation_job(keyward::api::proto::GetRotationJobRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.processed_rows, 0, "{job:?}");
+    assert!(app
+        .connections()
+        .await
+        .iter()
+        .all(|r| r.encryption_key_id.as_deref() != Some(target.as_str())));
+
+    proxy.restore();
+    let worker = app.services.worker(options);
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    let last = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    stop.cancel();
+    running.await.unwrap();
+    assert_eq!(last.status(), RotationStatus::Completed, "{last:?}");
+    assert_eq!(
+        (
+            last.total_rows,
+            last.processed_rows,
+            last.succeeded_rows,
+            last.failed_rows
+        ),
+        (20, 20, 20, 0),
+        "{last:?}"
+    );
+    assert_eq!(decrypt_all(&app).await, expected);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_bounds_kms_calls_and_forgets_rotated_keys() {

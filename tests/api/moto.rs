@@ -146,10 +146,18 @@ pub fn key_id(arn: &str) -> &str {
 }
 
 /// A TCP hop in front of the KMS that a test can cut (every open connection
-/// closed, new ones refused at once) and restore.
+/// closed, new ones refused at once), stall (connections stay open and
+/// nothing comes back: a hung KMS) and restore.
 pub struct Proxy {
     pub addr: SocketAddr,
-    up: watch::Sender<bool>,
+    state: watch::Sender<Link>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    Cut,
+    Stalled,
 }
 
 impl Proxy {
@@ -157,28 +165,42 @@ impl Proxy {
         let upstream: SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (up, watch) = watch::channel(true);
+        let (state, watch) = watch::channel(Link::Up);
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
-                let mut state = watch.clone();
-                if !*state.borrow() {
-                    continue; // dropped: the connection closes at once
+                let mut link = watch.clone();
+                let now = *link.borrow();
+                match now {
+                    Link::Cut => continue, // dropped: the connection closes at once
+                    Link::Stalled => {
+                        // Held open, unanswered, until the link changes.
+                        tokio::spawn(async move {
+                            let _ = link.wait_for(|l| *l != Link::Stalled).await;
+                            drop(inbound);
+                        });
+                        continue;
+                    }
+                    Link::Up => {}
                 }
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = state.wait_for(|up| !*up) => {}
+                    let changed = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        changed = link.wait_for(|l| *l != Link::Up) => changed.map(|l| *l),
+                    };
+                    if matches!(changed, Ok(Link::Stalled)) {
+                        // Requests on this connection go unanswered.
+                        let _ = link.wait_for(|l| *l != Link::Stalled).await;
                     }
                 });
             }
         });
-        Arc::new(Proxy { addr, up })
+        Arc::new(Proxy { addr, state })
     }
 
     pub fn url(&self) -> String {
@@ -186,10 +208,16 @@ impl Proxy {
     }
 
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.state.send_replace(Link::Cut);
+    }
+
+    /// Connections stay open but nothing is answered, as with a KMS that
+    /// hangs; `restore` closes them.
+    pub fn stall(&self) {
+        self.state.send_replace(Link::Stalled);
     }
 
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.state.send_replace(Link::Up);
     }
 }
