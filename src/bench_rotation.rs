@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm},
-    app::Application,
+    app::{Application, Services},
     config::{MasterSecrets, Settings},
     crypto::{context::EncryptionContext, secret::MasterSecret},
+    keys::KeyRecord,
     rotation::{worker::WorkerOptions, JobStatus, Mode},
     service::{admin::CreateKey, crypto::Ciphertext, rotation::StartRotation},
 };
@@ -90,22 +91,10 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     // 1. The table.
     let started = Instant::now();
     let plaintext = vec![0x42u8; args.payload_bytes.max(1)];
-    let mut written = 0usize;
-    while written < args.rows {
-        let n = (args.rows - written).min(5000);
-        let mut rows = Vec::with_capacity(n);
-        for i in written..written + n {
-            let id = format!("{prefix}{i:09}");
-            let context = EncryptionContext::from_pairs([("connection_id", id.as_str())])?;
-            let sealed = services
-                .crypto
-                .encrypt_with(&Arc::new(old_key.clone()), &plaintext, &context)
-                .await?;
-            rows.push((id, sealed.envelope));
-        }
-        services.store.bulk_insert_connections(&rows).await?;
-        written += n;
-    }
+    write_rows(&services, &old_key, &prefix, args.rows, |_| {
+        plaintext.clone()
+    })
+    .await?;
     println!(
         "wrote {} rows in {:.1} s",
         args.rows,
@@ -259,6 +248,35 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         "rotation passes / rows processed",
         format!("{} / {}", final_job.pass, final_job.counts.processed)
     );
+    Ok(())
+}
+
+/// Writes `rows` connections `{prefix}{n:09}` under `key`, each encrypted
+/// with its row's context `{"connection_id": id}`, in bulk statements.
+pub(crate) async fn write_rows(
+    services: &Services,
+    key: &KeyRecord,
+    prefix: &str,
+    rows: usize,
+    plaintext: impl Fn(&str) -> Vec<u8>,
+) -> anyhow::Result<()> {
+    let key = Arc::new(key.clone());
+    let mut written = 0usize;
+    while written < rows {
+        let n = (rows - written).min(5000);
+        let mut batch = Vec::with_capacity(n);
+        for i in written..written + n {
+            let id = format!("{prefix}{i:09}");
+            let context = EncryptionContext::from_pairs([("connection_id", id.as_str())])?;
+            let sealed = services
+                .crypto
+                .encrypt_with(&key, &plaintext(&id), &context)
+                .await?;
+            batch.push((id, sealed.envelope));
+        }
+        services.store.bulk_insert_connections(&batch).await?;
+        written += n;
+    }
     Ok(())
 }
 

@@ -13,8 +13,9 @@
 //! - [`app`]: wiring and the server's lifecycle;
 //! - [`metrics`]: the Prometheus endpoint;
 //! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
-//! - [`bench`], [`bench_rotation`], [`bench_kms_cache`]: the
-//!   `keyward bench`, `bench-rotation` and `bench-kms-cache` measurements.
+//! - [`bench`], [`bench_rotation`], [`bench_kms_cache`], [`bench_soak`]:
+//!   the `keyward bench`, `bench-rotation`, `bench-kms-cache` and
+//!   `bench-soak` measurements.
 //!
 //! See `ARCHITECTURE.md` for the map and the invariants.
 
@@ -27,6 +28,7 @@ pub mod bench;
 #[cfg(feature = "aws-kms")]
 pub mod bench_kms_cache;
 pub mod bench_rotation;
+pub mod bench_soak;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -266,6 +266,11 @@ enum Command {
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
     /// p99 during a rotation against idle (use an empty PostgreSQL database).
     BenchRotation(crate::bench_rotation::RotationBenchArgs),
+    /// Soak a `keyward serve` child process on PostgreSQL: mixed
+    /// Encrypt/Decrypt load while it rotates --rows rows, then read every
+    /// row back; reports errors, p50/p99 over time and peak RSS (use an
+    /// empty database). Exit 0 only if it passed.
+    BenchSoak(crate::bench_soak::SoakArgs),
     #[cfg(feature = "aws-kms")]
     /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
     /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
@@ -754,6 +759,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchRotation(args) => {
             crate::bench_rotation::run(&global.database_url, args).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchSoak(args) => {
+            let passed = crate::bench_soak::run(&global.database_url, args).await?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

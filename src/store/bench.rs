@@ -1,6 +1,6 @@
-//! Statements only `keyward bench-rotation` uses: bulk rows, the
-//! single-statement floor, and clean-up. Every statement is scoped to the
-//! benchmark's own id prefix.
+//! Statements only `keyward bench-rotation` and `bench-soak` use: bulk
+//! rows, the single-statement floor, reading rows back, and clean-up.
+//! Every statement is scoped to the benchmark's own id prefix.
 
 use chrono::Utc;
 
@@ -108,14 +108,7 @@ impl Store {
     }
 
     pub async fn bench_row_envelope(&self, id: &str) -> Result<Option<Envelope>, StoreError> {
-        type Row = (
-            Option<String>,
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-            Option<Vec<u8>>,
-        );
-        let row: Option<Row> = on_pool!(self, |pool| {
+        let row: Option<EnvelopeColumns> = on_pool!(self, |pool| {
             sqlx::query_as(
             "SELECT encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, payload_iv \
              FROM connections WHERE id = $1"
@@ -124,13 +117,40 @@ impl Store {
         .fetch_optional(pool)
         .await
         })?;
-        Ok(row.map(|(k, dk, dkiv, ct, iv)| Envelope {
-            encryption_key_id: k.unwrap_or_default(),
-            data_key_ciphertext: dk.unwrap_or_default(),
-            data_key_iv: dkiv.unwrap_or_default(),
-            payload_ciphertext: ct.unwrap_or_default(),
-            payload_iv: iv.unwrap_or_default(),
-        }))
+        Ok(row.map(envelope))
+    }
+
+    /// Up to `limit` benchmark rows after id `after`, in id order.
+    pub async fn bench_rows_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, Envelope)>, StoreError> {
+        let pattern = format!("{prefix}%");
+        #[allow(clippy::type_complexity)] // the six columns, as read
+        let rows: Vec<(
+            String,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        )> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
+                 payload_iv FROM connections WHERE id LIKE $1 AND id > $2 ORDER BY id LIMIT $3",
+            )
+            .bind(&pattern)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, k, dk, dkiv, ct, iv)| (id, envelope((k, dk, dkiv, ct, iv))))
+            .collect())
     }
 
     /// Removes the benchmark's rows, its job and its keys.
@@ -159,5 +179,24 @@ impl Store {
             Ok::<_, sqlx::Error>(())
         })?;
         Ok(())
+    }
+}
+
+/// The five envelope columns of `connections`, as read.
+type EnvelopeColumns = (
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+);
+
+fn envelope((k, dk, dkiv, ct, iv): EnvelopeColumns) -> Envelope {
+    Envelope {
+        encryption_key_id: k.unwrap_or_default(),
+        data_key_ciphertext: dk.unwrap_or_default(),
+        data_key_iv: dkiv.unwrap_or_default(),
+        payload_ciphertext: ct.unwrap_or_default(),
+        payload_iv: iv.unwrap_or_default(),
     }
 }

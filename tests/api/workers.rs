@@ -421,3 +421,46 @@ async fn an_abandoned_batch_is_redone_by_the_next_pass_without_waiting() {
     );
     assert_all_rotated(&app, &target, &expected).await;
 }
+
+/// `keyward bench-soak`, briefly: the real command, its child server, load,
+/// a rotation and the read-back, with zero errors (the full soak's figures
+/// are in the operations issue's note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(url) = crate::helpers::fresh_database(Backend::Postgres, &dir).await else {
+        return;
+    };
+    let out = Command::new(BIN)
+        .args([
+            "bench-soak",
+            "--rows",
+            "2000",
+            "--duration-secs",
+            "3",
+            "--report-every-secs",
+            "1",
+            "--concurrency",
+            "4",
+            // A debug build: the RSS target is for release builds.
+            "--max-rss-mib",
+            "512",
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "rows read back and compared                        2000",
+        "errors: load calls                                    0",
+        "errors: rows that did not read back                   0",
+        "soak PASSED",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in\n{stdout}");
+    }
+}
