@@ -77,11 +77,21 @@ impl CryptoApi {
                 .await
         }
         .await;
+        // Named by key_id, as Encrypt's span and events name it; a record
+        // this server does not know keeps the envelope's id.
         let key_name = result
             .as_ref()
             .ok()
             .and_then(|o| o.key.as_ref().map(|k| k.key_id.clone()))
-            .or(key_id);
+            .or_else(|| {
+                key_id.map(|id| {
+                    self.service
+                        .catalog()
+                        .snapshot()
+                        .get(&id)
+                        .map_or(id, |key| key.key_id.clone())
+                })
+            });
         if let Some(key) = &key_name {
             record_key_id(key);
         }

@@ -4,10 +4,16 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
+use keyward::api::proto::{
+    crypto_client::CryptoClient, decrypt_request::Ciphertext, DecryptRequest, EncryptRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use crate::cli::{free_port, keyward, run, stderr, stdout, Server};
+use crate::{
+    cli::{free_port, keyward, run, stderr, stdout, Server},
+    helpers::ctx,
+};
 
 fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("keyward.toml");
@@ -69,11 +75,49 @@ async fn file_settings_apply_below_environment_and_flags() {
     let scrape = http_get(&metrics, "/metrics").await;
     assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
     assert!(scrape.contains("keyward_rpc_requests_total"), "{scrape}");
+    // JSON logs, and an RPC refused (INFO) logs its span: method,
+    // principal, key id and code, never the payload.
+    let mut crypto = CryptoClient::new(server.channel().await);
+    let sealed = crypto
+        .encrypt(EncryptRequest {
+            plaintext: b"payload-never-logged".to_vec().into(),
+            context: ctx(&[("connection_id", "a")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = crypto
+        .decrypt(DecryptRequest {
+            context: ctx(&[("connection_id", "b")]),
+            ciphertext: Some(Ciphertext::Blob(sealed.blob)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    server.wait_for_log("rpc finished");
     let log = server.log();
-    let first = log.lines().next().unwrap();
-    let line: serde_json::Value = serde_json::from_str(first)
-        .unwrap_or_else(|e| panic!("log_format = json from the file: {e}: {first}"));
-    assert!(line.get("level").is_some(), "{line}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("log_format = json from the file: {e}: {l}"))
+        })
+        .collect();
+    let rpc = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "rpc finished")
+        .unwrap();
+    assert_eq!(rpc["level"], "INFO", "{rpc}");
+    let span = &rpc["span"];
+    assert_eq!(span["name"], "rpc", "{rpc}");
+    assert_eq!(span["service"], "keyward.v1.Crypto", "{rpc}");
+    assert_eq!(span["method"], "Decrypt", "{rpc}");
+    assert_eq!(span["principal"], "anonymous", "{rpc}");
+    assert_eq!(span["key_id"], "dev-local", "{rpc}");
+    assert_eq!(span["code"], "INVALID_ARGUMENT", "{rpc}");
+    assert!(rpc["fields"]["elapsed_ms"].as_f64().is_some(), "{rpc}");
+    assert!(!log.contains("payload-never-logged"));
     server.signal("-TERM");
     assert!(server.wait_exit(Duration::from_secs(15)).success());
 
