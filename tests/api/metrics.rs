@@ -13,8 +13,7 @@ use std::{
 
 use keyward::{
     api::proto::{
-        decrypt_request::Ciphertext, CreateKeyRequest, DecryptRequest, RotationStatus,
-        StartRotationRequest,
+        decrypt_request::Ciphertext, DecryptRequest, RotationStatus, StartRotationRequest,
     },
     auth::audit::{AuditSettings, AuditSink},
     config::KmsSettings,
@@ -24,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     helpers::{ctx, spawn_with, Backend, Options, TestApp},
-    rotation::{insert_row, start, watch_all},
+    rotation::{activate_new_key, insert_row, start, watch_all},
 };
 
 /// One sample of a scrape.
@@ -260,15 +259,7 @@ async fn metrics_follow_traffic_rotation_and_audit(backend: Backend) {
     for i in 0..150 {
         insert_row(&app, &format!("conn-{i:03}"), &format!("credential {i}")).await;
     }
-    app.admin
-        .clone()
-        .create_key(CreateKeyRequest {
-            key_id: "next".into(),
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    activate_new_key(&app, "next").await;
     let rotation_start = scrape(&app, &python).await;
     let job_id = start(
         &app,

@@ -35,7 +35,7 @@ pub(crate) async fn insert_legacy_row(app: &TestApp, id: &str, plaintext: &str, 
     app.insert_legacy_connection(id, &ct, &iv, mirror).await;
 }
 
-async fn activate_new_key(app: &TestApp, key_id: &str) -> String {
+pub(crate) async fn activate_new_key(app: &TestApp, key_id: &str) -> String {
     let mut admin = app.admin.clone();
     admin
         .create_key(CreateKeyRequest {

@@ -11,11 +11,14 @@ use std::{
 
 use futures::StreamExt;
 use keyward::api::proto::{
-    decrypt_request::Ciphertext, CreateKeyRequest, DecryptRequest, GetRotationJobRequest,
-    RotationStatus, StartRotationRequest, WatchRotationRequest,
+    decrypt_request::Ciphertext, DecryptRequest, GetRotationJobRequest, RotationStatus,
+    StartRotationRequest, WatchRotationRequest,
 };
 
-use crate::helpers::{ctx, spawn_with, Backend, Options, TestApp, MASTER};
+use crate::{
+    helpers::{ctx, spawn_with, Backend, Options, TestApp, MASTER},
+    rotation::{activate_new_key, start},
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
@@ -42,18 +45,7 @@ async fn prepared(rows: usize) -> Option<(TestApp, HashMap<String, String>, Stri
         expected.insert(id, value);
     }
     app.insert_connections(&inserts).await;
-    let target = app
-        .admin
-        .clone()
-        .create_key(CreateKeyRequest {
-            key_id: "next".into(),
-            activate: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let target = activate_new_key(&app, "next").await;
     Some((app, expected, target))
 }
 
@@ -219,18 +211,15 @@ async fn three_workers_share_one_job() {
         .map(|_| WorkerProcess::start(&app.database_url, 10))
         .collect();
     // 100 rows/s per worker in batches of 10: no single worker can take it all.
-    let job_id = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest {
+    let job_id = start(
+        &app,
+        StartRotationRequest {
             batch_size: 10,
             max_rows_per_second: 100,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+        },
+    )
+    .await;
     let job = final_job(&app, &job_id).await;
     assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
     assert_eq!(
@@ -258,18 +247,15 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
         return;
     };
     let mut first = WorkerProcess::start(&app.database_url, 2);
-    let job_id = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest {
+    let job_id = start(
+        &app,
+        StartRotationRequest {
             batch_size: 10,
             max_rows_per_second: 50,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+        },
+    )
+    .await;
     wait_for_progress(&app, &job_id, 40, &first).await;
     first.child.kill().unwrap(); // SIGKILL: no chance to release anything
     first.child.wait().unwrap();
@@ -290,18 +276,15 @@ async fn sigterm_releases_the_lease_and_a_second_worker_continues_at_once() {
     // Leases of ten minutes: a second worker that had to wait for one to
     // expire would never finish within this test's deadlines.
     let mut first = WorkerProcess::start(&app.database_url, 600);
-    let job_id = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest {
+    let job_id = start(
+        &app,
+        StartRotationRequest {
             batch_size: 10,
             max_rows_per_second: 100,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+        },
+    )
+    .await;
     wait_for_progress(&app, &job_id, 40, &first).await;
     let (status, took) = first.terminate();
     assert!(status.success(), "{status:?}\n{}", first.log());
@@ -353,17 +336,14 @@ async fn an_abandoned_batch_is_redone_by_the_next_pass_without_waiting() {
     let Some((app, expected, target)) = prepared(30).await else {
         return;
     };
-    let job_id = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest {
+    let job_id = start(
+        &app,
+        StartRotationRequest {
             batch_size: 10,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+        },
+    )
+    .await;
     let store = &app.services.store;
     let lease = chrono::Duration::minutes(10);
     let keyward::store::rotation::ClaimOutcome::Batch(claim) = store
