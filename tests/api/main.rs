@@ -8,6 +8,7 @@
 mod admin;
 mod aws_kms;
 mod cli;
+mod clients;
 mod config;
 mod crypto;
 mod helpers;

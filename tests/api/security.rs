@@ -30,9 +30,9 @@ use crate::helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp};
 /// A throwaway PKI: a CA, a server certificate for `localhost`, client
 /// certificates, and one client certificate from a CA the server does not
 /// trust.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
-    ca_pem: String,
+    pub(crate) ca_pem: String,
 }
 
 impl Pki {
@@ -81,7 +81,7 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -124,7 +124,7 @@ impl Pki {
 }
 
 /// Creates a token the way `keyward token create` does; returns it.
-async fn issue(app: &TestApp, name: &str, roles: &[Role], scope: Scope) -> String {
+pub(crate) async fn issue(app: &TestApp, name: &str, roles: &[Role], scope: Scope) -> String {
     let secret = token::generate();
     app.services
         .store
@@ -201,7 +201,7 @@ fn secured(pki: &Pki, audit: AuditSink) -> Options {
 }
 
 /// A TLS server requiring authentication, auditing to a file.
-async fn secured_app() -> (Pki, TestApp, PathBuf) {
+pub(crate) async fn secured_app() -> (Pki, TestApp, PathBuf) {
     let pki = Pki::new();
     let audit = pki.path("audit.log");
     let options = secured(&pki, AuditSink::File(audit.clone()));
