@@ -11,6 +11,7 @@ mod cli;
 mod clients;
 mod config;
 mod crypto;
+mod grpcurl;
 mod helpers;
 mod hostile;
 mod metrics;
