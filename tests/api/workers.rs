@@ -123,6 +123,22 @@ impl WorkerProcess {
     }
 }
 
+/// Starts a job in batches of 10 at `rate` rows/s and waits until
+/// `worker` has moved 40 rows of it; returns the job id.
+async fn start_and_progress(app: &TestApp, rate: i64, worker: &WorkerProcess) -> String {
+    let job_id = start(
+        app,
+        StartRotationRequest {
+            batch_size: 10,
+            max_rows_per_second: rate,
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_for_progress(app, &job_id, 40, worker).await;
+    job_id
+}
+
 /// Waits until the job has processed at least `rows`.
 async fn wait_for_progress(app: &TestApp, job_id: &str, rows: i64, worker: &WorkerProcess) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -247,16 +263,7 @@ async fn a_killed_worker_is_taken_over_after_its_lease() {
         return;
     };
     let mut first = WorkerProcess::start(&app.database_url, 2);
-    let job_id = start(
-        &app,
-        StartRotationRequest {
-            batch_size: 10,
-            max_rows_per_second: 50,
-            ..Default::default()
-        },
-    )
-    .await;
-    wait_for_progress(&app, &job_id, 40, &first).await;
+    let job_id = start_and_progress(&app, 50, &first).await;
     first.child.kill().unwrap(); // SIGKILL: no chance to release anything
     first.child.wait().unwrap();
 
@@ -276,16 +283,7 @@ async fn sigterm_releases_the_lease_and_a_second_worker_continues_at_once() {
     // Leases of ten minutes: a second worker that had to wait for one to
     // expire would never finish within this test's deadlines.
     let mut first = WorkerProcess::start(&app.database_url, 600);
-    let job_id = start(
-        &app,
-        StartRotationRequest {
-            batch_size: 10,
-            max_rows_per_second: 100,
-            ..Default::default()
-        },
-    )
-    .await;
-    wait_for_progress(&app, &job_id, 40, &first).await;
+    let job_id = start_and_progress(&app, 100, &first).await;
     let (status, took) = first.terminate();
     assert!(status.success(), "{status:?}\n{}", first.log());
     assert!(

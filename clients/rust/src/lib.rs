@@ -418,13 +418,11 @@ impl Client {
             .into_inner()
             .results
             .into_iter()
-            .map(|r| match r.result {
-                Some(proto::batch_encrypt_result::Result::Ok(ok)) => Ok(ok.into()),
-                Some(proto::batch_encrypt_result::Result::Error(e)) => Err(e.into()),
-                None => Err(Error::Other {
-                    code: Code::Internal,
-                    message: "empty batch result".into(),
-                }),
+            .map(|r| {
+                item(r.result.map(|r| match r {
+                    proto::batch_encrypt_result::Result::Ok(ok) => Ok(ok),
+                    proto::batch_encrypt_result::Result::Error(e) => Err(e),
+                }))
             })
             .collect())
     }
@@ -447,13 +445,11 @@ impl Client {
             .into_inner()
             .results
             .into_iter()
-            .map(|r| match r.result {
-                Some(proto::batch_decrypt_result::Result::Ok(ok)) => Ok(ok.into()),
-                Some(proto::batch_decrypt_result::Result::Error(e)) => Err(e.into()),
-                None => Err(Error::Other {
-                    code: Code::Internal,
-                    message: "empty batch result".into(),
-                }),
+            .map(|r| {
+                item(r.result.map(|r| match r {
+                    proto::batch_decrypt_result::Result::Ok(ok) => Ok(ok),
+                    proto::batch_decrypt_result::Result::Error(e) => Err(e),
+                }))
             })
             .collect())
     }
@@ -507,6 +503,18 @@ impl Client {
     /// this crate does not wrap.
     pub fn admin(&self) -> AdminClient<Authed> {
         self.admin.clone()
+    }
+}
+
+/// One batch item's outcome as a `Result`.
+fn item<T, U: Into<T>>(result: Option<Result<U, proto::ItemError>>) -> Result<T, Error> {
+    match result {
+        Some(Ok(ok)) => Ok(ok.into()),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(Error::Other {
+            code: Code::Internal,
+            message: "empty batch result".into(),
+        }),
     }
 }
 
