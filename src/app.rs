@@ -79,6 +79,9 @@ pub enum StartupError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A `--cors-allowed-origins` entry is not a valid origin.
+    #[error("cors: {0:?} is not a valid origin (scheme://host[:port])")]
+    CorsOrigin(String),
     /// Server reflection could not be built from the descriptors.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -372,6 +375,7 @@ impl Application {
         ))
         .max_decoding_message_size(max);
 
+        let cors = cors_layer(&settings.cors_allowed_origins)?;
         let drain = stop.clone();
         #[allow(unused_mut)] // only the TLS build changes it
         let mut builder = Server::builder();
@@ -385,6 +389,12 @@ impl Application {
             .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
             .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            // gRPC-Web (browsers, the dashboard) over HTTP/1.1 as well as
+            // HTTP/2, translated to gRPC before anything else sees it; CORS
+            // preflights for the configured origins are answered first.
+            .accept_http1(true)
+            .layer(tower::util::option_layer(cors))
+            .layer(tonic_web::GrpcWebLayer::new())
             // Every RPC gets a span, a log line and its metrics here…
             .layer(ObserveLayer::new(rpc_metrics))
             // …and passes authentication and its role check here.
@@ -451,6 +461,41 @@ fn tls_config(tls: &crate::config::TlsSettings) -> Result<ServerTlsConfig, Start
             .client_auth_optional(true);
     }
     Ok(config)
+}
+
+/// CORS for gRPC-Web callers from `origins`; `None` when there are none.
+fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, StartupError> {
+    use http::{header, HeaderName, HeaderValue, Method};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let origins = origins
+        .iter()
+        .map(|o| {
+            HeaderValue::from_str(o.trim_end_matches('/'))
+                .ok()
+                .filter(|_| o.starts_with("http://") || o.starts_with("https://"))
+                .ok_or_else(|| StartupError::CorsOrigin(o.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                HeaderName::from_static("x-grpc-web"),
+                HeaderName::from_static("x-user-agent"),
+                HeaderName::from_static("grpc-timeout"),
+            ])
+            .expose_headers([
+                HeaderName::from_static("grpc-status"),
+                HeaderName::from_static("grpc-message"),
+                HeaderName::from_static("grpc-status-details-bin"),
+            ])
+            .max_age(std::time::Duration::from_secs(24 * 3600)),
+    ))
 }
 
 /// A reflection builder that knows every service this server runs.

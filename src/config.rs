@@ -82,6 +82,9 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// Most concurrent HTTP/2 streams (RPCs) per connection.
     pub max_concurrent_streams: u32,
+    /// Browser origins allowed to call over gRPC-Web (CORS); empty: none
+    /// (same-origin pages and non-browser clients need no entry).
+    pub cors_allowed_origins: Vec<String>,
     /// Who may call, and the per-principal rate limit.
     pub auth: AuthSettings,
     /// Where audit events go.
@@ -113,6 +116,7 @@ impl Settings {
             limits: Limits::default(),
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 256,
+            cors_allowed_origins: Vec::new(),
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
             tls: None,

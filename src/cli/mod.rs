@@ -400,6 +400,10 @@ struct ServeArgs {
     /// Most concurrent RPCs (HTTP/2 streams) per connection.
     #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     max_concurrent_streams: u32,
+    /// Browser origin (e.g. https://ops.example.com) allowed to call keyward
+    /// over gRPC-Web; comma-separated for several. Default: none.
+    #[arg(long, env = "KEYWARD_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    cors_allowed_origins: Vec<String>,
     /// Serve without authentication on any address (every caller may do
     /// everything). `--dev` on a loopback address needs no such flag.
     #[arg(long, env = "KEYWARD_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
@@ -796,6 +800,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         },
         max_request_bytes: args.max_request_bytes,
         max_concurrent_streams: args.max_concurrent_streams.max(1),
+        cors_allowed_origins: args.cors_allowed_origins,
         auth,
         audit,
         tls,

@@ -158,6 +158,8 @@ pub struct Options {
     pub tls: Option<keyward::config::TlsSettings>,
     /// Serve metrics on a random loopback port (`TestApp::metrics_addr`).
     pub metrics: bool,
+    /// Origins allowed to call over gRPC-Web.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for Options {
@@ -177,6 +179,7 @@ impl Default for Options {
             audit: Default::default(),
             tls: None,
             metrics: false,
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -222,6 +225,7 @@ async fn start(
     settings.kms = options.kms;
     settings.auth = options.auth;
     settings.audit = options.audit;
+    settings.cors_allowed_origins = options.cors_allowed_origins;
     settings.metrics_listen = options
         .metrics
         .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));

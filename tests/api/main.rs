@@ -11,6 +11,7 @@ mod cli;
 mod clients;
 mod config;
 mod crypto;
+mod grpc_web;
 mod grpcurl;
 mod helpers;
 mod hostile;
