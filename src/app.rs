@@ -19,6 +19,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     api::{
         auth::AuthLayer,
+        dashboard::DashboardLayer,
         observe::ObserveLayer,
         proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
         AdminApi, CryptoApi,
@@ -393,6 +394,8 @@ impl Application {
             // HTTP/2, translated to gRPC before anything else sees it; CORS
             // preflights for the configured origins are answered first.
             .accept_http1(true)
+            // The dashboard's files, for browser GETs that are no RPC.
+            .layer(DashboardLayer::new(settings.dashboard_dir.clone()))
             .layer(tower::util::option_layer(cors))
             .layer(tonic_web::GrpcWebLayer::new())
             // Every RPC gets a span, a log line and its metrics here…

@@ -85,6 +85,9 @@ pub struct Settings {
     /// Browser origins allowed to call over gRPC-Web (CORS); empty: none
     /// (same-origin pages and non-browser clients need no entry).
     pub cors_allowed_origins: Vec<String>,
+    /// A directory of static files (the built rotation dashboard) served
+    /// for GET requests that are not gRPC calls.
+    pub dashboard_dir: Option<std::path::PathBuf>,
     /// Who may call, and the per-principal rate limit.
     pub auth: AuthSettings,
     /// Where audit events go.
@@ -117,6 +120,7 @@ impl Settings {
             max_request_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 256,
             cors_allowed_origins: Vec::new(),
+            dashboard_dir: None,
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
             tls: None,

@@ -7,6 +7,7 @@ mod admin;
 pub mod auth;
 mod convert;
 mod crypto;
+pub mod dashboard;
 pub mod observe;
 pub mod status;
 

@@ -139,6 +139,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !is_grpc(&request) {
+            // Dashboard files: not RPCs.
+            return Box::pin(inner.call(request));
+        }
         let method = method_of(request.uri().path());
         let span = tracing::info_span!(
             "rpc",
@@ -154,9 +161,6 @@ where
             started: Instant::now(),
             metrics: self.metrics.clone(),
         };
-        // The clone that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let response = inner.call(request).instrument(span);
         Box::pin(async move {
             let response = response.await?;
@@ -185,6 +189,14 @@ pub fn code_label(code: tonic::Code) -> &'static str {
         tonic::Code::Ok => "OK",
         other => code_name(other),
     }
+}
+
+/// A gRPC call (gRPC-Web is translated to gRPC before this layer).
+pub fn is_grpc<B>(request: &http::Request<B>) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {

@@ -404,6 +404,10 @@ struct ServeArgs {
     /// over gRPC-Web; comma-separated for several. Default: none.
     #[arg(long, env = "KEYWARD_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     cors_allowed_origins: Vec<String>,
+    /// Serve this directory (the built dashboard, clients/dashboard/dist)
+    /// on the gRPC address for browser GET requests.
+    #[arg(long, env = "KEYWARD_DASHBOARD_DIR")]
+    dashboard_dir: Option<PathBuf>,
     /// Serve without authentication on any address (every caller may do
     /// everything). `--dev` on a loopback address needs no such flag.
     #[arg(long, env = "KEYWARD_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
@@ -801,6 +805,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         max_request_bytes: args.max_request_bytes,
         max_concurrent_streams: args.max_concurrent_streams.max(1),
         cors_allowed_origins: args.cors_allowed_origins,
+        dashboard_dir: args.dashboard_dir,
         auth,
         audit,
         tls,

@@ -183,3 +183,46 @@ async fn browsers_call_over_grpc_web_from_allowed_origins() {
     assert!(last.terminal, "{last:?}");
     assert_eq!(last.job.unwrap().id, job.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_is_served_beside_grpc_and_never_opens_an_rpc() {
+    let pages = tempfile::tempdir().unwrap();
+    std::fs::write(
+        pages.path().join("index.html"),
+        "<h1>keyward rotations</h1>",
+    )
+    .unwrap();
+    let app = spawn_with(
+        Backend::Sqlite,
+        Options {
+            auth: AuthSettings {
+                required: true,
+                ..AuthSettings::default()
+            },
+            dashboard_dir: Some(pages.path().to_owned()),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nhost: keyward\r\nconnection: close\r\n\r\n");
+    let (head, body) = http(&app, get("/"), b"").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"<h1>keyward rotations</h1>");
+    let (head, _) = http(&app, get("/missing.js"), b"").await;
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    // A GET naming an RPC is still an RPC: authenticated, and never a file.
+    let (head, _) = http(&app, get("/keyward.v1.Admin/ListKeys"), b"").await;
+    assert!(
+        !head.starts_with("http/1.1 200") || head.contains("grpc-status: 16"),
+        "{head}"
+    );
+    // gRPC beside it is unchanged (and still needs a token).
+    let refused = app
+        .admin
+        .clone()
+        .list_keys(keyward::api::proto::ListKeysRequest {})
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+}

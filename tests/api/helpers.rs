@@ -160,6 +160,8 @@ pub struct Options {
     pub metrics: bool,
     /// Origins allowed to call over gRPC-Web.
     pub cors_allowed_origins: Vec<String>,
+    /// Static files served for browser GETs (the dashboard).
+    pub dashboard_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -180,6 +182,7 @@ impl Default for Options {
             tls: None,
             metrics: false,
             cors_allowed_origins: Vec::new(),
+            dashboard_dir: None,
         }
     }
 }
@@ -226,6 +229,7 @@ async fn start(
     settings.auth = options.auth;
     settings.audit = options.audit;
     settings.cors_allowed_origins = options.cors_allowed_origins;
+    settings.dashboard_dir = options.dashboard_dir;
     settings.metrics_listen = options
         .metrics
         .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
