@@ -235,7 +235,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve keyward.v1.Crypto, keyward.v1.Admin, health and reflection.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate,
     /// Upsert the active key (the runbook's `npm run seed:encryption-key`).
@@ -675,7 +675,7 @@ fn init_logging(format: LogFormat) {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
-        Command::Serve(args) => serve(&global, args).await,
+        Command::Serve(args) => serve(&global, *args).await,
         Command::Migrate => {
             let store = crate::store::Store::connect(&global.database_url).await?;
             store.migrate().await?;
