@@ -1,13 +1,8 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # Generates the keyward.v1 stubs (messages and gRPC stubs) from the
-# repository's proto/ into src/keyward/v1 with grpcio-tools. They are not
-# committed: run this after changing proto/ (scripts/test always does).
-set -euo pipefail
+# repository's proto/ into src/keyward/v1 (protoc: ../protoc.sh). They are
+# not committed: run this after changing proto/ (scripts/test always does).
+set -eu
 cd "$(dirname "$0")"
-PYTHON="${PYTHON:-python3}"
-rm -rf src/keyward
-mkdir -p src/keyward/v1
-"$PYTHON" -m grpc_tools.protoc -I ../../proto \
-  --python_out=src --pyi_out=src --grpc_python_out=src \
-  ../../proto/keyward/v1/crypto.proto ../../proto/keyward/v1/admin.proto
+sh ../protoc.sh src/keyward --python_out=src --pyi_out=src --grpc_python_out=src
 touch src/keyward/__init__.py src/keyward/v1/__init__.py
