@@ -266,7 +266,8 @@ impl Application {
         let metrics = match settings.metrics_listen {
             None => None,
             Some(addr) => {
-                let listener = Metrics::bind(addr)
+                // Bound here, so tests learn its address before serving.
+                let listener = TcpListener::bind(addr)
                     .await
                     .map_err(|source| StartupError::MetricsBind { addr, source })?;
                 let metrics = Metrics::new(

@@ -12,7 +12,7 @@
 //! - rotation jobs by status, and rows and rate of each running job, read
 //!   from the database at scrape time, so every replica reports the same.
 
-use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
@@ -247,12 +247,6 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(progress.rows_per_second);
         }
-    }
-
-    /// Binds the metrics listener (so a caller learns its address before
-    /// serving).
-    pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-        TcpListener::bind(addr).await
     }
 
     /// Serves `GET /metrics` on `listener` until `stop`.

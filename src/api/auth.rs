@@ -98,9 +98,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The clone that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let (auth, audit) = (Arc::clone(&self.auth), Arc::clone(&self.audit));
         Box::pin(async move {
             let Some(role) = Role::required_for(request.uri().path()) else {

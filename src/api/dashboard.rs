@@ -90,9 +90,7 @@ where
                 .boxed()
             }
             _ => {
-                // The clone that was polled ready is the one to call.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let mut inner = super::take_ready(&mut self.inner);
                 inner.call(request).boxed()
             }
         }

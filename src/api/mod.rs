@@ -23,3 +23,11 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keyward_descriptor");
 }
+
+/// For a tower middleware's `call`: the inner service that `poll_ready`
+/// readied, leaving a fresh clone in its place (the readied one must be
+/// the one called, and the future must own it).
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}

@@ -139,9 +139,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone that was polled ready is the one to call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         if !is_grpc(&request) {
             // Dashboard files: not RPCs.
             return Box::pin(inner.call(request));
