@@ -41,9 +41,10 @@ use crate::{
     service::{
         admin::{CreateKey, KeyAdmin, Readiness},
         crypto::{CryptoService, Limits},
+        replica::{ReplicaAgent, ReplicaOptions},
         rotation::Rotations,
     },
-    store::{Store, StoreError},
+    store::{replicas::ReplicaKind, Store, StoreError},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -116,6 +117,22 @@ impl Services {
         )
     }
 
+    /// This process's heartbeat and catalog follower.
+    pub fn replica_agent(
+        &self,
+        kind: ReplicaKind,
+        listen: Option<SocketAddr>,
+        options: ReplicaOptions,
+    ) -> ReplicaAgent {
+        ReplicaAgent::new(
+            kind,
+            listen,
+            self.store.clone(),
+            Arc::clone(&self.admin),
+            options,
+        )
+    }
+
     /// Connects, applies migrations and loads the key catalog.
     pub async fn open(
         database_url: &str,
@@ -177,7 +194,9 @@ impl Services {
             store.clone(),
             Arc::clone(&catalog),
             Arc::clone(&crypto),
+            Arc::clone(&targets),
         ));
+        crypto.set_read_through(&admin);
         admin.refresh().await?;
         let rotations = Arc::new(Rotations::new(
             store.clone(),
@@ -352,6 +371,12 @@ impl Application {
             let stop = stop.clone();
             tokio::spawn(async move { worker.run(stop).await })
         });
+        let agent = services.replica_agent(
+            ReplicaKind::Serve,
+            listener.local_addr().ok(),
+            settings.replica,
+        );
+        let agent = tokio::spawn(agent.run(stop.clone()));
         tokio::spawn(refresh_catalog_periodically(
             Arc::clone(&services.admin),
             Arc::clone(&auth),
@@ -432,6 +457,8 @@ impl Application {
             if let Some(worker) = worker {
                 let _ = worker.await;
             }
+            // Its heartbeat row is deleted: other replicas stop waiting.
+            let _ = agent.await;
             served
         };
         let result = match tokio::time::timeout(settings.shutdown_grace, drained).await {

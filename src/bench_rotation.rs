@@ -138,7 +138,11 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     .await?;
 
     // 4. Rotate under load.
-    let new_key = services.admin.activate_key(&new_key.id).await?.activated;
+    let new_key = services
+        .admin
+        .activate_key(&new_key.id, crate::service::admin::Staging::Immediate)
+        .await?
+        .activated;
     let job = services
         .rotations
         .start(StartRotation {

@@ -96,6 +96,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// How often the key catalog is reloaded from the database.
     pub catalog_refresh_interval: Duration,
+    /// Heartbeat and catalog-version polling (`service::replica`).
+    pub replica: crate::service::replica::ReplicaOptions,
     /// How long in-flight RPCs may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// `serve --dev`: seed an active local key when there is none.
@@ -125,6 +127,7 @@ impl Settings {
             audit: AuditSettings::default(),
             tls: None,
             catalog_refresh_interval: Duration::from_secs(30),
+            replica: crate::service::replica::ReplicaOptions::default(),
             shutdown_grace: Duration::from_secs(10),
             seed_dev_key: false,
             worker: Some(WorkerOptions::default()),
@@ -156,6 +159,10 @@ pub struct TargetConfig {
     /// Legacy `{"ciphertext": column, "iv": column}`, if the table has them.
     #[serde(default)]
     pub legacy: Option<LegacyColumnsConfig>,
+    /// A timestamp column set on every write (for the age of the oldest
+    /// row on a key in `keys usage`).
+    #[serde(default)]
+    pub updated_at_column: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -220,6 +227,7 @@ pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, Targets
                 cfg.legacy
                     .as_ref()
                     .map(|l| (l.ciphertext.as_str(), l.iv.as_str())),
+                cfg.updated_at_column.as_deref(),
             )
         })
         .collect::<Result<_, _>>()

@@ -76,6 +76,21 @@ pub enum Error {
     /// Rows still reference the key that was to be retired.
     #[error("key {key_id} is still referenced by {rows} connections rows: run a rotation first, or retire with force")]
     KeyInUse { key_id: String, rows: i64 },
+    /// Something still depends on the key that was to be retired.
+    #[error("key {key_id} cannot be retired yet: {}. Next: {}; or retire with force (audited)", blockers.join("; "), next_steps.join("; "))]
+    RetireBlocked {
+        key_id: String,
+        blockers: Vec<String>,
+        next_steps: Vec<String>,
+    },
+    /// A replica cannot use the key a staged activation is about to make
+    /// active (or did not confirm in time).
+    #[error("staged activation of key {key_id} stopped: replica {replica} cannot use it: {reason}; the key was not activated. Fix that replica (see keyward replicas list) and activate again")]
+    ReplicaNotReady {
+        replica: String,
+        key_id: String,
+        reason: String,
+    },
     /// An admin request field is invalid.
     #[error("invalid {field}: {reason}")]
     InvalidField { field: &'static str, reason: String },

@@ -79,10 +79,13 @@ pub struct Catalog {
     by_id: HashMap<String, Arc<KeyRecord>>,
     active: Option<Arc<KeyRecord>>,
     keys: Vec<Arc<KeyRecord>>,
+    /// The database's catalog version when the rows were read (0: never
+    /// loaded).
+    version: i64,
 }
 
 impl Catalog {
-    pub fn new(records: Vec<KeyRecord>) -> Self {
+    pub fn new(records: Vec<KeyRecord>, version: i64) -> Self {
         let keys: Vec<Arc<KeyRecord>> = records.into_iter().map(Arc::new).collect();
         let by_id = keys.iter().map(|k| (k.id.clone(), Arc::clone(k))).collect();
         let active = keys.iter().find(|k| k.status == KeyStatus::Active).cloned();
@@ -90,7 +93,13 @@ impl Catalog {
             by_id,
             active,
             keys,
+            version,
         }
+    }
+
+    /// The catalog version these records are from (at least).
+    pub fn version(&self) -> i64 {
+        self.version
     }
 
     /// The key new Encrypts use.
@@ -118,8 +127,8 @@ impl KeyCatalog {
         self.0.load_full()
     }
 
-    pub fn replace(&self, records: Vec<KeyRecord>) -> Arc<Catalog> {
-        let catalog = Arc::new(Catalog::new(records));
+    pub fn replace(&self, records: Vec<KeyRecord>, version: i64) -> Arc<Catalog> {
+        let catalog = Arc::new(Catalog::new(records, version));
         self.0.store(Arc::clone(&catalog));
         catalog
     }
@@ -147,14 +156,18 @@ mod tests {
     fn snapshot_finds_active_and_by_id() {
         let catalog = KeyCatalog::default();
         assert!(catalog.snapshot().active().is_none());
-        catalog.replace(vec![
-            record("a", KeyStatus::Rotating),
-            record("b", KeyStatus::Active),
-        ]);
+        catalog.replace(
+            vec![
+                record("a", KeyStatus::Rotating),
+                record("b", KeyStatus::Active),
+            ],
+            7,
+        );
         let snap = catalog.snapshot();
         assert_eq!(snap.active().map(|k| k.id.as_str()), Some("b"));
         assert_eq!(snap.get("a").map(|k| k.status), Some(KeyStatus::Rotating));
         assert!(snap.get("zzz").is_none());
+        assert_eq!(snap.version(), 7);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{
     auth::audit::{AuditEvent, AuditLog},
     error::Error,
     service::{
-        admin::{CreateKey, KeyAdmin},
+        admin::{CreateKey, KeyAdmin, Staging},
         rotation::{Rotations, StartRotation},
     },
 };
@@ -82,6 +82,10 @@ impl AdminApi {
     }
 }
 
+/// How long a staged activation waits for replicas when the request does
+/// not say.
+pub const DEFAULT_STAGED_TIMEOUT_SECS: u64 = 60;
+
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<proto::RotationProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -126,18 +130,39 @@ impl Admin for AdminApi {
         request: Request<proto::ActivateKeyRequest>,
     ) -> Result<Response<proto::ActivateKeyResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let key_id = request.into_inner().key_id;
+        let req = request.into_inner();
+        let staging = if req.staged {
+            Staging::Staged {
+                timeout: std::time::Duration::from_secs(match req.staged_timeout_seconds {
+                    0 => DEFAULT_STAGED_TIMEOUT_SECS,
+                    n => u64::from(n),
+                }),
+            }
+        } else {
+            Staging::Immediate
+        };
         let change = Change {
             rpc: "keyward.v1.Admin/ActivateKey",
-            key_id: Some(&key_id),
-            detail: None,
+            key_id: Some(&req.key_id),
+            detail: Some(format!("staged={}", req.staged)),
         };
         let activation = self
-            .audited(&caller, change, self.admin.activate_key(&key_id))
+            .audited(
+                &caller,
+                change,
+                self.admin.activate_key(&req.key_id, staging),
+            )
             .await?;
+        let catalog = self.admin.catalog_snapshot();
+        let now = chrono::Utc::now();
         Ok(Response::new(proto::ActivateKeyResponse {
             activated: Some(convert::key(&activation.activated)),
             previous: activation.previous.as_ref().map(convert::key),
+            confirmed_replicas: activation
+                .confirmed
+                .iter()
+                .map(|r| convert::replica(r, &catalog, now))
+                .collect(),
         }))
     }
 
@@ -147,6 +172,14 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::RetireKeyResponse>, Status> {
         let caller = Caller::of(&request)?;
         let req = request.into_inner();
+        if req.dry_run {
+            let plan = self.admin.retire_plan(&req.key_id).await?;
+            return Ok(Response::new(convert::retire_plan(
+                &plan,
+                &self.admin.catalog_snapshot(),
+                chrono::Utc::now(),
+            )));
+        }
         let change = Change {
             rpc: "keyward.v1.Admin/RetireKey",
             key_id: Some(&req.key_id),
@@ -159,9 +192,54 @@ impl Admin for AdminApi {
                 self.admin.retire_key(&req.key_id, req.force),
             )
             .await?;
+        if !retirement.overridden.is_empty() {
+            // A forced retirement says exactly what it overrode.
+            let event = AuditEvent {
+                principal: &caller.principal.name,
+                rpc: "keyward.v1.Admin/RetireKey",
+                key_id: Some(&retirement.key.key_id),
+                context: None,
+                result: "forced",
+                peer: caller.peer_string(),
+                detail: Some(format!("overridden: {}", retirement.overridden.join("; "))),
+            };
+            if let Err(err) = self.audit.record(&event) {
+                tracing::warn!(error = %err, "audit event of a forced retirement lost");
+            }
+        }
         Ok(Response::new(proto::RetireKeyResponse {
             key: Some(convert::key(&retirement.key)),
             referencing_rows: retirement.referencing_rows,
+            retired: true,
+            blockers: retirement.overridden,
+            ..Default::default()
+        }))
+    }
+
+    async fn list_replicas(
+        &self,
+        _request: Request<proto::ListReplicasRequest>,
+    ) -> Result<Response<proto::ListReplicasResponse>, Status> {
+        let (replicas, catalog_version) = self.admin.list_replicas().await?;
+        let catalog = self.admin.catalog_snapshot();
+        let now = chrono::Utc::now();
+        Ok(Response::new(proto::ListReplicasResponse {
+            replicas: replicas
+                .iter()
+                .map(|r| convert::replica(r, &catalog, now))
+                .collect(),
+            catalog_version,
+        }))
+    }
+
+    async fn get_key_usage(
+        &self,
+        _request: Request<proto::GetKeyUsageRequest>,
+    ) -> Result<Response<proto::GetKeyUsageResponse>, Status> {
+        let usage = self.admin.key_usage().await?;
+        let now = chrono::Utc::now();
+        Ok(Response::new(proto::GetKeyUsageResponse {
+            keys: usage.iter().map(|u| convert::key_usage(u, now)).collect(),
         }))
     }
 

@@ -12,9 +12,11 @@ use crate::{
     keys::{Catalog, KeyRecord, KeyStatus},
     rotation::{JobStatus, Mode, RotationJob},
     service::{
+        admin::{KeyUsageReport, RetirePlan},
         crypto::{Ciphertext, Limits, Sealed},
         rotation::Progress,
     },
+    store::replicas::{KeyUsage, ReplicaRecord},
 };
 
 pub fn context(map: HashMap<String, String>, limits: Limits) -> Result<EncryptionContext, Error> {
@@ -163,6 +165,93 @@ pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob 
         updated_at: Some(timestamp(job.updated_at)),
         started_at: job.started_at.map(timestamp),
         completed_at: job.completed_at.map(timestamp),
+        late_rows: job.counts.late,
+    }
+}
+
+/// A replica's heartbeat; keys are named by `key_id` where the catalog
+/// knows them.
+pub fn replica(replica: &ReplicaRecord, catalog: &Catalog, now: DateTime<Utc>) -> proto::Replica {
+    let name = |id: &str| catalog.get(id).map_or(id.to_owned(), |k| k.key_id.clone());
+    proto::Replica {
+        id: replica.id.clone(),
+        kind: replica.kind.as_str().to_owned(),
+        host: replica.host.clone(),
+        pid: replica.pid,
+        listen: replica.listen.clone().unwrap_or_default(),
+        version: replica.version.clone(),
+        started_at: Some(timestamp(replica.started_at)),
+        heartbeat_at: Some(timestamp(replica.heartbeat_at)),
+        live: replica.is_live(now),
+        catalog_version: replica.catalog_version,
+        active_key_id: replica
+            .active_key_id
+            .as_deref()
+            .map(name)
+            .unwrap_or_default(),
+        active_since: replica.active_since.map(timestamp),
+        keys: replica
+            .key_readiness
+            .iter()
+            .map(|(id, error)| proto::ReplicaKeyReadiness {
+                key_id: name(id),
+                ready: error.is_none(),
+                error: error.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+pub fn target_usage(usage: &KeyUsage) -> proto::TargetUsage {
+    proto::TargetUsage {
+        target: usage.target.clone(),
+        rows: usage.rows,
+        oldest_written_at: usage.oldest_written_at.map(timestamp),
+    }
+}
+
+pub fn key_usage(report: &KeyUsageReport, now: DateTime<Utc>) -> proto::KeyUsage {
+    let oldest = report.oldest_written_at();
+    proto::KeyUsage {
+        key_id: report
+            .key
+            .as_ref()
+            .map(|k| k.key_id.clone())
+            .unwrap_or_default(),
+        encryption_key_id: report.key_record_id.clone().unwrap_or_default(),
+        status: report
+            .key
+            .as_ref()
+            .map_or(proto::KeyStatus::Unspecified, |k| key_status(k.status)) as i32,
+        legacy: report.key_record_id.is_none(),
+        rows: report.rows(),
+        oldest_written_at: oldest.map(timestamp),
+        oldest_age_seconds: oldest
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0),
+        targets: report.targets.iter().map(target_usage).collect(),
+    }
+}
+
+/// A retirement plan (dry run or refusal details).
+pub fn retire_plan(
+    plan: &RetirePlan,
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+) -> proto::RetireKeyResponse {
+    proto::RetireKeyResponse {
+        key: Some(key(&plan.key)),
+        referencing_rows: plan.rows_total(),
+        retired: false,
+        blockers: plan.blockers.clone(),
+        next_steps: plan.next_steps.clone(),
+        rows: plan.rows.iter().map(target_usage).collect(),
+        live_job_ids: plan.jobs.iter().map(|j| j.id.clone()).collect(),
+        replicas_using_key: plan
+            .replicas
+            .iter()
+            .map(|r| replica(r, catalog, now))
+            .collect(),
     }
 }
 

@@ -71,7 +71,8 @@ impl CryptoApi {
             let ciphertext = convert::ciphertext(req.ciphertext)?;
             let envelope = self.service.parse(ciphertext)?;
             key_id = Some(envelope.encryption_key_id.clone()).filter(|id| !id.is_empty());
-            self.check_decrypt_scope(&caller.principal, &envelope.encryption_key_id, ctx)?;
+            self.check_decrypt_scope(&caller.principal, &envelope.encryption_key_id, ctx)
+                .await?;
             self.service
                 .decrypt(Ciphertext::Envelope(envelope), ctx)
                 .await
@@ -121,7 +122,7 @@ impl CryptoApi {
 
     /// A scoped principal may decrypt only under its keys and contexts. The
     /// refusal is the same whether or not the named key exists.
-    fn check_decrypt_scope(
+    async fn check_decrypt_scope(
         &self,
         principal: &Principal,
         encryption_key_id: &str,
@@ -134,10 +135,9 @@ impl CryptoApi {
         let allowed = !encryption_key_id.is_empty()
             && self
                 .service
-                .catalog()
-                .snapshot()
-                .get(encryption_key_id)
-                .is_some_and(|key| principal.scope.allows_key(key));
+                .lookup_key(encryption_key_id)
+                .await
+                .is_some_and(|key| principal.scope.allows_key(&key));
         if allowed {
             Ok(())
         } else {

@@ -32,6 +32,8 @@ pub fn code_of(err: &Error) -> Code {
         | Error::NoActiveKey
         | Error::KeyStatusConflict { .. }
         | Error::KeyInUse { .. }
+        | Error::RetireBlocked { .. }
+        | Error::ReplicaNotReady { .. }
         | Error::JobStatusConflict { .. }
         | Error::ProviderUnavailable(_) => Code::FailedPrecondition,
         // A KMS that is down or refuses us says so; anything else about the

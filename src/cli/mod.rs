@@ -43,13 +43,15 @@ use crate::{
         legacy::encrypt_legacy,
         secret::MasterSecret,
     },
-    keys::KeyRecord,
+    keys::{Catalog, KeyRecord},
     rotation::{target::RotationTarget, worker::WorkerOptions, JobStatus, Mode, RotationJob},
     service::{
-        admin::CreateKey,
+        admin::{CreateKey, Staging},
         crypto::Limits,
+        replica::ReplicaOptions,
         rotation::{Rotations, StartRotation},
     },
+    store::replicas::{ReplicaKind, ReplicaRecord},
 };
 
 /// Exit status for invalid configuration (sysexits' EX_USAGE).
@@ -243,6 +245,9 @@ enum Command {
     /// List, create, activate or retire key records.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// See the keyward processes (serve replicas, workers) on this database.
+    #[command(subcommand)]
+    Replicas(ReplicasCommand),
     /// Round-trip every non-retired key through its KMS; exit 0 only if all pass.
     SelfTest,
     /// Write a connections row the way the pre-keyward application did
@@ -291,6 +296,33 @@ struct WorkerArgs {
     poll_ms: u64,
 }
 
+/// Heartbeat and catalog following, in `serve` and `worker`.
+#[derive(Debug, Args)]
+struct ReplicaArgs {
+    /// Seconds between this process's heartbeats into keyward_replicas; it
+    /// counts as gone after three missed.
+    #[arg(long, env = "KEYWARD_HEARTBEAT_SECS", default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// Milliseconds between checks of the catalog version (PostgreSQL also
+    /// announces changes at once with LISTEN/NOTIFY).
+    #[arg(long, env = "KEYWARD_CATALOG_POLL_MS", default_value_t = 1000)]
+    catalog_poll_ms: u64,
+    /// Do not LISTEN for catalog changes on PostgreSQL (e.g. behind a
+    /// connection pooler in transaction mode); the version poll remains.
+    #[arg(long, env = "KEYWARD_NO_CATALOG_LISTEN", value_parser = clap::builder::BoolishValueParser::new())]
+    no_catalog_listen: bool,
+}
+
+impl ReplicaArgs {
+    fn options(&self) -> ReplicaOptions {
+        ReplicaOptions {
+            heartbeat: Duration::from_secs(self.heartbeat_secs.max(1)),
+            catalog_poll: Duration::from_millis(self.catalog_poll_ms.max(50)),
+            listen: !self.no_catalog_listen,
+        }
+    }
+}
+
 impl WorkerArgs {
     /// On shutdown a batch in flight gets half the grace period to finish;
     /// the other half is for abandoning it (releasing its lease) and the
@@ -313,6 +345,8 @@ struct StandaloneWorkerArgs {
     /// released at once either way.
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    #[command(flatten)]
+    replica: ReplicaArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +425,8 @@ struct ServeArgs {
     no_worker: bool,
     #[command(flatten)]
     worker: WorkerArgs,
+    #[command(flatten)]
+    replica: ReplicaArgs,
     /// Most encryption-context entries per request (at most 64).
     #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = 64)]
     max_context_entries: usize,
@@ -537,13 +573,36 @@ enum KeysCommand {
         activate: bool,
     },
     /// Make a key active; the previous active key becomes rotating.
-    Activate { key_id: String },
-    /// Retire a rotating key; refuses while rows reference it unless --force.
+    Activate {
+        key_id: String,
+        /// First wait until every live replica can decrypt under the key
+        /// (keyward replicas list); a replica that cannot stops activation.
+        #[arg(long)]
+        staged: bool,
+        /// How long --staged waits for the replicas.
+        #[arg(long, default_value_t = 60)]
+        staged_timeout_secs: u64,
+    },
+    /// Retire a rotating key; refuses while rows are on it, a rotation job
+    /// is live or a replica still encrypts with it, unless --force.
     Retire {
         key_id: String,
         #[arg(long)]
         force: bool,
+        /// Only report what blocks the retirement and what to run next.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Re-encryption debt: rows per key (legacy included) in each rotation
+    /// target, and the age of the oldest.
+    Usage,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicasCommand {
+    /// Every keyward process heartbeating into this database: catalog
+    /// version, last heartbeat, active key and key readiness.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -698,6 +757,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(cmd) => keys(&global, cmd).await,
+        Command::Replicas(ReplicasCommand::List) => {
+            let services = open(&global).await?;
+            let (replicas, version) = services.admin.list_replicas().await?;
+            print_replicas(&replicas, &services.admin.catalog_snapshot(), version);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::SelfTest => {
             let services = open(&global).await?;
             let report = services.admin.self_test().await?;
@@ -739,7 +804,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_signal().await;
                 signal_stop.cancel();
             });
+            let agent = services.replica_agent(ReplicaKind::Worker, None, args.replica.options());
+            let agent = tokio::spawn(agent.run(stop.clone()));
             worker.run(stop).await;
+            let _ = agent.await;
             services.store.close().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -810,6 +878,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         audit,
         tls,
         catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
+        replica: args.replica.options(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         seed_dev_key: args.dev,
         worker: (!args.no_worker).then(|| {
@@ -1048,26 +1117,126 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
                 .await?;
             print_keys(&[key]);
         }
-        KeysCommand::Activate { key_id } => {
-            let activation = admin.activate_key(&key_id).await?;
+        KeysCommand::Activate {
+            key_id,
+            staged,
+            staged_timeout_secs,
+        } => {
+            let staging = if staged {
+                Staging::Staged {
+                    timeout: Duration::from_secs(staged_timeout_secs),
+                }
+            } else {
+                Staging::Immediate
+            };
+            let activation = admin.activate_key(&key_id, staging).await?;
+            for replica in &activation.confirmed {
+                println!(
+                    "confirmed by {}",
+                    crate::service::admin::describe_replica(replica)
+                );
+            }
             print_keys(&[activation.activated]);
             if let Some(previous) = activation.previous {
                 println!("previous active key {} is now rotating", previous.key_id);
             }
-            println!("running servers pick this up within their refresh interval, or at once on Admin/RefreshKeyMetadata");
+            println!("running servers load it within a second (catalog version), or at once on PostgreSQL");
         }
-        KeysCommand::Retire { key_id, force } => {
+        KeysCommand::Retire {
+            key_id,
+            force: _,
+            dry_run: true,
+        } => {
+            let plan = admin.retire_plan(&key_id).await?;
+            if plan.blockers.is_empty() {
+                println!("key {} can be retired", plan.key.key_id);
+            } else {
+                println!("key {} cannot be retired yet:", plan.key.key_id);
+                for blocker in &plan.blockers {
+                    println!("  - {blocker}");
+                }
+            }
+            println!("next:");
+            for step in &plan.next_steps {
+                println!("  - {step}");
+            }
+            return Ok(if plan.blockers.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        KeysCommand::Retire {
+            key_id,
+            force,
+            dry_run: false,
+        } => {
             let retirement = admin.retire_key(&key_id, force).await?;
             print_keys(&[retirement.key]);
-            if retirement.referencing_rows > 0 {
-                println!(
-                    "warning: retired with --force while {} rows still reference it",
-                    retirement.referencing_rows
-                );
+            for overridden in &retirement.overridden {
+                tracing::warn!(key_id = %key_id, %overridden, "forced retirement overrode a blocker");
+                println!("warning: retired with --force although {overridden}");
+            }
+        }
+        KeysCommand::Usage => {
+            let now = chrono::Utc::now();
+            println!(
+                "{:<20}  {:<8}  {:<16}  {:>10}  OLDEST",
+                "KEY_ID", "STATUS", "TARGET", "ROWS"
+            );
+            for report in admin.key_usage().await? {
+                let (name, status) = match (&report.key, &report.key_record_id) {
+                    (Some(key), _) => (key.key_id.clone(), key.status.to_string()),
+                    (None, None) => ("(legacy)".to_owned(), "-".to_owned()),
+                    (None, Some(id)) => (id.clone(), "unknown".to_owned()),
+                };
+                for usage in &report.targets {
+                    let oldest = usage.oldest_written_at.map_or("-".to_owned(), |t| {
+                        format!("{} ({}s ago)", t.to_rfc3339(), (now - t).num_seconds())
+                    });
+                    println!(
+                        "{name:<20}  {status:<8}  {:<16}  {:>10}  {oldest}",
+                        usage.target, usage.rows
+                    );
+                }
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_replicas(replicas: &[ReplicaRecord], catalog: &Catalog, version: i64) {
+    let now = chrono::Utc::now();
+    let name = |id: &str| catalog.get(id).map_or(id.to_owned(), |k| k.key_id.clone());
+    println!("catalog version {version}");
+    println!(
+        "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>9}  {:<20}  KEYS",
+        "ID", "KIND", "LIVE", "HOST / LISTEN", "CATALOG", "HEARTBEAT", "ACTIVE KEY"
+    );
+    for r in replicas {
+        let keys: Vec<String> = r
+            .key_readiness
+            .iter()
+            .map(|(id, err)| match err {
+                None => format!("{} ok", name(id)),
+                Some(reason) => format!("{} NOT READY ({reason})", name(id)),
+            })
+            .collect();
+        println!(
+            "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>8}s  {:<20}  {}",
+            r.id,
+            r.kind.as_str(),
+            if r.is_live(now) { "yes" } else { "no" },
+            match &r.listen {
+                Some(listen) => format!("{}/{listen}", r.host),
+                None => r.host.clone(),
+            },
+            r.catalog_version,
+            (now - r.heartbeat_at).num_seconds(),
+            r.active_key_id.as_deref().map(name).unwrap_or_default(),
+            keys.join(", ")
+        );
+    }
 }
 
 fn print_keys(keys: &[KeyRecord]) {

@@ -100,6 +100,9 @@ pub struct Counts {
     pub failed: i64,
     /// Rows an application rewrote while the job held them: left alone.
     pub skipped: i64,
+    /// Rows a later pass caught that were written off target while the
+    /// job ran (a replica still encrypting with an older key).
+    pub late: i64,
 }
 
 /// One rotation job.

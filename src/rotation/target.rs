@@ -93,6 +93,9 @@ pub struct RotationTarget {
     pub legacy: Option<(Ident, Ident)>,
     /// Context key → the column whose value (as text) it takes.
     pub context: Vec<(String, Ident)>,
+    /// A timestamp column the application sets on each write (for the age
+    /// of the oldest row on a key); `updated_at` for `connections`.
+    pub updated_at: Option<Ident>,
 }
 
 impl RotationTarget {
@@ -105,6 +108,7 @@ impl RotationTarget {
             columns: EnvelopeColumns::defaults(),
             legacy: Some((id("encrypted_credentials"), id("credentials_iv"))),
             context: vec![(CONNECTION_CONTEXT_KEY.to_owned(), id("id"))],
+            updated_at: Some(id("updated_at")),
         }
     }
 
@@ -115,6 +119,7 @@ impl RotationTarget {
         context: &[(String, String)],
         columns: &[(&str, &str)],
         legacy: Option<(&str, &str)>,
+        updated_at: Option<&str>,
     ) -> Result<Self, TargetError> {
         if context.is_empty() {
             return Err(TargetError::NoContext(table.to_owned()));
@@ -144,6 +149,7 @@ impl RotationTarget {
                 .iter()
                 .map(|(key, column)| Ok((key.clone(), Ident::parse(column)?)))
                 .collect::<Result<_, TargetError>>()?,
+            updated_at: updated_at.map(Ident::parse).transpose()?,
         })
     }
 
@@ -165,6 +171,43 @@ impl RotationTarget {
             k = c.encryption_key_id.q(),
             e = c.last_error_job_id.q()
         )
+    }
+
+    /// Rows per key (`NULL`: legacy) and the oldest write time as Unix
+    /// seconds (`NULL` without an `updated_at` column).
+    pub fn usage_sql(&self, postgres: bool) -> String {
+        let oldest = match (&self.updated_at, postgres) {
+            (None, _) => "CAST(NULL AS DOUBLE PRECISION)".to_owned(),
+            (Some(col), true) => format!(
+                "CAST(EXTRACT(EPOCH FROM MIN({})) AS DOUBLE PRECISION)",
+                col.q()
+            ),
+            (Some(col), false) => format!("(julianday(MIN({})) - 2440587.5) * 86400.0", col.q()),
+        };
+        format!(
+            "SELECT CAST({k} AS TEXT), COUNT(*), {oldest} FROM {t} GROUP BY {k}",
+            k = self.columns.encryption_key_id.q(),
+            t = self.table.q(),
+        )
+    }
+
+    /// Rows on key `$1`, one statement over every target.
+    pub fn count_on_key_sql(targets: &[RotationTarget]) -> String {
+        let counts: Vec<String> = targets
+            .iter()
+            .map(|t| {
+                format!(
+                    "(SELECT COUNT(*) FROM {} WHERE {} = $1)",
+                    t.table.q(),
+                    t.columns.encryption_key_id.q()
+                )
+            })
+            .collect();
+        if counts.is_empty() {
+            "SELECT CAST(0 AS BIGINT)".to_owned()
+        } else {
+            format!("SELECT CAST({} AS BIGINT)", counts.join(" + "))
+        }
     }
 
     /// One statement counting the rows still to rotate in every target;
@@ -321,7 +364,7 @@ mod tests {
     #[test]
     fn configured_targets_need_a_context() {
         assert_eq!(
-            RotationTarget::new("t", "id", &[], &[], None).unwrap_err(),
+            RotationTarget::new("t", "id", &[], &[], None, None).unwrap_err(),
             TargetError::NoContext("t".into())
         );
         let t = RotationTarget::new(
@@ -329,6 +372,7 @@ mod tests {
             "id",
             &[("token_id".into(), "id".into())],
             &[],
+            None,
             None,
         )
         .unwrap();

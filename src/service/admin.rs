@@ -2,16 +2,23 @@
 //! writes, its refresh, the self-test, and the readiness signal that health
 //! reporting follows.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 
 use super::crypto::CryptoService;
 use crate::{
-    crypto::kms::ProviderKind,
+    crypto::{context::EncryptionContext, kms::ProviderKind},
     error::{Error, Result},
     keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
-    store::{NewKey, RetireOutcome, Store, StoreError},
+    rotation::{target::RotationTarget, RotationJob},
+    store::{
+        replicas::{KeyUsage, ReplicaKind, ReplicaRecord},
+        NewKey, RetireOutcome, Store, StoreError,
+    },
 };
 
 /// A request to register a key record.
@@ -26,12 +33,25 @@ pub struct CreateKey {
     pub activate: bool,
 }
 
+/// How an activation reaches the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staging {
+    /// Active at once; replicas follow on their next catalog reload.
+    Immediate,
+    /// First every live replica must show it can decrypt under the key
+    /// (within `timeout`); only then does it become active.
+    Staged { timeout: Duration },
+}
+
 /// The outcome of an activation.
 #[derive(Debug, Clone)]
 pub struct Activation {
     pub activated: KeyRecord,
     /// The key that was active before, now `rotating`.
     pub previous: Option<KeyRecord>,
+    /// Staged: the live replicas that confirmed the key before it became
+    /// active.
+    pub confirmed: Vec<ReplicaRecord>,
 }
 
 /// The outcome of a retirement.
@@ -39,6 +59,54 @@ pub struct Activation {
 pub struct Retirement {
     pub key: KeyRecord,
     pub referencing_rows: i64,
+    /// With force: the blockers that were overridden.
+    pub overridden: Vec<String>,
+}
+
+/// What stands between a key and its retirement, and what to do about it.
+#[derive(Debug, Clone)]
+pub struct RetirePlan {
+    pub key: KeyRecord,
+    /// Rows still on the key, per rotation target (targets with none left out).
+    pub rows: Vec<KeyUsage>,
+    /// Rotation jobs still pending or running.
+    pub jobs: Vec<RotationJob>,
+    /// Live `serve` replicas that still encrypt with the key.
+    pub replicas: Vec<ReplicaRecord>,
+    /// Each reason the key cannot be retired now; empty: it can.
+    pub blockers: Vec<String>,
+    /// What to run next, in order.
+    pub next_steps: Vec<String>,
+}
+
+impl RetirePlan {
+    pub fn rows_total(&self) -> i64 {
+        self.rows.iter().map(|u| u.rows).sum()
+    }
+}
+
+/// Rows on one key (or legacy rows) across the rotation targets.
+#[derive(Debug, Clone)]
+pub struct KeyUsageReport {
+    /// `None` for legacy rows, or for rows naming a key id with no record.
+    pub key: Option<KeyRecord>,
+    /// `encryption_keys.id` the rows name; `None` for legacy rows.
+    pub key_record_id: Option<String>,
+    /// One entry per rotation target, in configuration order.
+    pub targets: Vec<KeyUsage>,
+}
+
+impl KeyUsageReport {
+    pub fn rows(&self) -> i64 {
+        self.targets.iter().map(|u| u.rows).sum()
+    }
+
+    pub fn oldest_written_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.targets
+            .iter()
+            .filter_map(|u| u.oldest_written_at)
+            .min()
+    }
 }
 
 /// The catalog after a refresh.
@@ -83,26 +151,81 @@ pub struct KeyAdmin {
     store: Store,
     catalog: Arc<KeyCatalog>,
     crypto: Arc<CryptoService>,
+    targets: Arc<[RotationTarget]>,
     readiness: watch::Sender<Readiness>,
+    /// The catalog version of each reload, so this process's replica agent
+    /// heartbeats a change made here at once.
+    loaded: watch::Sender<i64>,
+    /// When the last read-through reload ran (at most one per
+    /// [`READ_THROUGH_EVERY`]; concurrent misses wait for it and share it).
+    last_read_through: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Longest `key_id` accepted.
 const MAX_KEY_ID_LEN: usize = 128;
 
+/// The least time between two read-through reloads: ciphertexts naming
+/// made-up key ids cannot turn into a database query each.
+const READ_THROUGH_EVERY: Duration = Duration::from_secs(1);
+
+/// The fixed, public plaintext of a staged activation's probe.
+const PROBE_PLAINTEXT: &[u8] = b"keyward staged activation probe";
+/// The context key a probe is bound to (with the key record id).
+const PROBE_CONTEXT_KEY: &str = "keyward:probe";
+
+/// How long a retirement plan waits for replicas behind the catalog
+/// version to report again.
+const REPLICA_CATCH_UP: Duration = Duration::from_secs(3);
+
+/// How often a staged activation looks at the replicas' heartbeats.
+const STAGED_POLL: Duration = Duration::from_millis(200);
+
 impl KeyAdmin {
-    pub fn new(store: Store, catalog: Arc<KeyCatalog>, crypto: Arc<CryptoService>) -> Self {
+    pub fn new(
+        store: Store,
+        catalog: Arc<KeyCatalog>,
+        crypto: Arc<CryptoService>,
+        targets: Arc<[RotationTarget]>,
+    ) -> Self {
         let (readiness, _) = watch::channel(Readiness::Starting);
+        let (loaded, _) = watch::channel(0);
         Self {
             store,
             catalog,
             crypto,
+            targets,
             readiness,
+            loaded,
+            last_read_through: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Reloads the catalog because a ciphertext names `record_id`, which
+    /// this process does not know: once, rate-limited.
+    pub async fn read_through(&self, record_id: &str) {
+        let mut last = self.last_read_through.lock().await;
+        if self.catalog.snapshot().get(record_id).is_some()
+            || last.is_some_and(|t| t.elapsed() < READ_THROUGH_EVERY)
+        {
+            return;
+        }
+        *last = Some(Instant::now());
+        match self.refresh_catalog().await {
+            Ok(_) => tracing::debug!(%record_id, "catalog reloaded for an unknown key id"),
+            Err(err) => {
+                tracing::warn!(error = %err, "read-through catalog reload failed")
+            }
         }
     }
 
     /// The key catalog as this process has it now.
     pub fn catalog_snapshot(&self) -> Arc<Catalog> {
         self.catalog.snapshot()
+    }
+
+    /// Follows catalog reloads (the replica agent subscribes here).
+    pub fn catalog_loads(&self) -> watch::Receiver<i64> {
+        self.loaded.subscribe()
     }
 
     /// Follows readiness changes (health reporting subscribes here).
@@ -132,14 +255,16 @@ impl KeyAdmin {
 
     /// Makes a key active; the previous active key becomes `rotating`.
     /// The key must round-trip through its KMS first, so a misconfigured
-    /// key never becomes the one every Encrypt uses.
-    pub async fn activate_key(&self, ident: &str) -> Result<Activation> {
+    /// key never becomes the one every Encrypt uses. Staged, every live
+    /// replica must also decrypt a probe under it first.
+    pub async fn activate_key(&self, ident: &str, staging: Staging) -> Result<Activation> {
         let key = self.find(ident).await?;
         match key.status {
             KeyStatus::Active => {
                 return Ok(Activation {
                     activated: key,
                     previous: None,
+                    confirmed: Vec::new(),
                 })
             }
             KeyStatus::Retired => {
@@ -158,6 +283,10 @@ impl KeyAdmin {
                 key_id: key.key_id.clone(),
                 source: Box::new(err),
             })?;
+        let confirmed = match staging {
+            Staging::Immediate => Vec::new(),
+            Staging::Staged { timeout } => self.stage(&key, timeout).await?,
+        };
         let previous = self
             .store
             .list_keys()
@@ -171,22 +300,292 @@ impl KeyAdmin {
             .map(|k| KeyRecord::clone(k))
             .ok_or_else(|| Error::KeyNotFound(ident.to_owned()))?;
         let previous = previous.and_then(|p| catalog.get(&p.id).map(|k| KeyRecord::clone(k)));
-        tracing::info!(key_id = %activated.key_id, previous = ?previous.as_ref().map(|p| &p.key_id), "key activated");
+        tracing::info!(key_id = %activated.key_id, previous = ?previous.as_ref().map(|p| &p.key_id), staged = !confirmed.is_empty(), "key activated");
         Ok(Activation {
             activated,
             previous,
+            confirmed,
         })
     }
 
-    /// Retires a `rotating` key (runbook §1.6).
+    /// Staged activation's wait: stores a probe under `key` (which moves
+    /// the catalog version), then waits until every live replica has
+    /// loaded that version and decrypted the probe. A replica that reports
+    /// it cannot, or does not report in time, stops the activation.
+    async fn stage(&self, key: &KeyRecord, timeout: Duration) -> Result<Vec<ReplicaRecord>> {
+        let sealed = self
+            .crypto
+            .encrypt_with(
+                &Arc::new(key.clone()),
+                PROBE_PLAINTEXT,
+                &probe_context(&key.id)?,
+            )
+            .await?;
+        let version = self.store.put_key_probe(&key.id, &sealed.blob()?).await?;
+        let deadline = Instant::now() + timeout;
+        let mut reported = 0;
+        loop {
+            let now = chrono::Utc::now();
+            let live: Vec<ReplicaRecord> = self
+                .store
+                .list_replicas()
+                .await?
+                .into_iter()
+                .filter(|r| r.is_live(now))
+                .collect();
+            let mut waiting = Vec::new();
+            for replica in &live {
+                let readiness = (replica.catalog_version >= version)
+                    .then(|| replica.key_readiness.get(&key.id))
+                    .flatten();
+                match readiness {
+                    Some(None) => {}
+                    Some(Some(reason)) => {
+                        return Err(Error::ReplicaNotReady {
+                            replica: describe_replica(replica),
+                            key_id: key.key_id.clone(),
+                            reason: reason.clone(),
+                        })
+                    }
+                    None => waiting.push(replica),
+                }
+            }
+            let Some(first) = waiting.first() else {
+                tracing::info!(key_id = %key.key_id, replicas = live.len(), "staged activation: every live replica can decrypt under the key");
+                return Ok(live);
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::ReplicaNotReady {
+                    replica: describe_replica(first),
+                    key_id: key.key_id.clone(),
+                    reason: format!(
+                        "it did not confirm the key within {}s (it has catalog version {} of {version}; last heartbeat {})",
+                        timeout.as_secs(),
+                        first.catalog_version,
+                        first.heartbeat_at.to_rfc3339()
+                    ),
+                });
+            }
+            if waiting.len() != reported {
+                reported = waiting.len();
+                tracing::info!(key_id = %key.key_id, waiting = reported, live = live.len(), "staged activation: waiting for replicas to confirm the key");
+            }
+            tokio::time::sleep(STAGED_POLL).await;
+        }
+    }
+
+    /// Whether this process can use `key`: it decrypts the key's staged
+    /// activation probe when there is one, else round-trips the key through
+    /// its KMS. `None` when it can, else why not.
+    pub async fn check_key(&self, key: &Arc<KeyRecord>, probe: Option<&[u8]>) -> Option<String> {
+        let result = match probe {
+            None => self.crypto.round_trip(key).await,
+            Some(probe) => {
+                async {
+                    let envelope = self
+                        .crypto
+                        .parse(super::crypto::Ciphertext::Blob(probe.to_vec()))?;
+                    if envelope.encryption_key_id != key.id {
+                        return Err(Error::MalformedEnvelope("the probe names another key"));
+                    }
+                    self.crypto
+                        .verify(&envelope, &probe_context(&key.id)?)
+                        .await
+                }
+                .await
+            }
+        };
+        result.err().map(|err| crate::error::chain(&err))
+    }
+
+    /// Every process that heartbeats into this database (live or gone
+    /// within the hour), and the database's catalog version.
+    pub async fn list_replicas(&self) -> Result<(Vec<ReplicaRecord>, i64)> {
+        let replicas = self.store.list_replicas().await?;
+        Ok((replicas, self.store.catalog_version().await?))
+    }
+
+    /// Rows per key (legacy included) in every rotation target: every key
+    /// record, then legacy rows, then ids with no record.
+    pub async fn key_usage(&self) -> Result<Vec<KeyUsageReport>> {
+        let usage = self.store.key_usage(&self.targets).await?;
+        let keys = self.store.list_keys().await?;
+        let report_for = |record_id: Option<&str>| -> Vec<KeyUsage> {
+            self.targets
+                .iter()
+                .map(|t| {
+                    usage
+                        .iter()
+                        .find(|u| {
+                            u.target == t.table.as_str() && u.key_record_id.as_deref() == record_id
+                        })
+                        .cloned()
+                        .unwrap_or_else(|| KeyUsage {
+                            target: t.table.as_str().to_owned(),
+                            key_record_id: record_id.map(str::to_owned),
+                            rows: 0,
+                            oldest_written_at: None,
+                        })
+                })
+                .collect()
+        };
+        let mut reports: Vec<KeyUsageReport> = keys
+            .iter()
+            .map(|key| KeyUsageReport {
+                targets: report_for(Some(&key.id)),
+                key_record_id: Some(key.id.clone()),
+                key: Some(key.clone()),
+            })
+            .collect();
+        reports.push(KeyUsageReport {
+            key: None,
+            key_record_id: None,
+            targets: report_for(None),
+        });
+        let mut orphans: Vec<&str> = usage
+            .iter()
+            .filter_map(|u| u.key_record_id.as_deref())
+            .filter(|id| !keys.iter().any(|k| k.id == *id))
+            .collect();
+        orphans.sort_unstable();
+        orphans.dedup();
+        reports.extend(orphans.into_iter().map(|id| KeyUsageReport {
+            key: None,
+            key_record_id: Some(id.to_owned()),
+            targets: report_for(Some(id)),
+        }));
+        Ok(reports)
+    }
+
+    /// Live `serve` replicas whose heartbeat says they encrypt with `key`.
+    /// Those behind the database's catalog version are about to reload, so
+    /// they get [`REPLICA_CATCH_UP`] to report again first.
+    async fn replicas_encrypting_with(&self, key: &KeyRecord) -> Result<Vec<ReplicaRecord>> {
+        let deadline = Instant::now() + REPLICA_CATCH_UP;
+        loop {
+            let version = self.store.catalog_version().await?;
+            let now = chrono::Utc::now();
+            let holding: Vec<ReplicaRecord> = self
+                .store
+                .list_replicas()
+                .await?
+                .into_iter()
+                .filter(|r| {
+                    r.is_live(now)
+                        && r.kind == ReplicaKind::Serve
+                        && r.active_key_id.as_deref() == Some(key.id.as_str())
+                })
+                .collect();
+            let catching_up = holding.iter().any(|r| r.catalog_version < version);
+            if !catching_up || Instant::now() >= deadline {
+                return Ok(holding);
+            }
+            tokio::time::sleep(STAGED_POLL).await;
+        }
+    }
+
+    /// What would keep `ident` from being retired now, and what to run
+    /// next (`RetireKey` with `dry_run`).
+    pub async fn retire_plan(&self, ident: &str) -> Result<RetirePlan> {
+        let key = self.find(ident).await?;
+        let rows: Vec<KeyUsage> = self
+            .store
+            .key_usage(&self.targets)
+            .await?
+            .into_iter()
+            .filter(|u| u.key_record_id.as_deref() == Some(key.id.as_str()) && u.rows > 0)
+            .collect();
+        let jobs: Vec<RotationJob> = self
+            .store
+            .list_jobs(1000)
+            .await?
+            .into_iter()
+            .filter(|j| !j.status.is_terminal())
+            .collect();
+        let replicas = self.replicas_encrypting_with(&key).await?;
+        let active = self.catalog.snapshot().active().map(|k| k.key_id.clone());
+        let mut blockers = Vec::new();
+        let mut next_steps = Vec::new();
+        match key.status {
+            KeyStatus::Rotating => {}
+            KeyStatus::Retired => blockers.push("the key is already retired".to_owned()),
+            KeyStatus::Active => {
+                blockers.push("the key is active: new Encrypts use it".to_owned());
+                next_steps.push("register its successor and activate that: keyward keys create --key-id NEW, then keyward keys activate NEW --staged".to_owned());
+            }
+            KeyStatus::Pending => blockers.push(
+                "the key is pending: only a rotating key (a former active key) is retired"
+                    .to_owned(),
+            ),
+        }
+        for replica in &replicas {
+            blockers.push(format!(
+                "replica {} still encrypts with it (catalog version {})",
+                describe_replica(replica),
+                replica.catalog_version
+            ));
+        }
+        if !replicas.is_empty() {
+            next_steps.push("let those replicas reload the catalog (keyward keys refresh against each, or wait for their refresh timer); check with keyward replicas list".to_owned());
+        }
+        let total: i64 = rows.iter().map(|u| u.rows).sum();
+        if total > 0 {
+            let per_target: Vec<String> = rows
+                .iter()
+                .map(|u| format!("{} in {}", u.rows, u.target))
+                .collect();
+            blockers.push(format!(
+                "{total} rows are still on it ({})",
+                per_target.join(", ")
+            ));
+        }
+        for job in &jobs {
+            blockers.push(format!("rotation job {} is {}", job.id, job.status));
+        }
+        match (jobs.first(), total > 0) {
+            (Some(job), _) => next_steps.push(format!(
+                "wait for the rotation job to finish: keyward rotate watch {}",
+                job.id
+            )),
+            (None, true) => next_steps.push(format!(
+                "re-encrypt them to the active key: keyward rotate start{}",
+                active.map(|a| format!(" --target {a}")).unwrap_or_default()
+            )),
+            (None, false) => {}
+        }
+        if blockers.is_empty() {
+            next_steps.push(format!("keyward keys retire {}", key.key_id));
+        } else if key.status == KeyStatus::Rotating {
+            next_steps.push(format!(
+                "then: keyward keys retire {} --dry-run, and retire it once nothing blocks",
+                key.key_id
+            ));
+        }
+        Ok(RetirePlan {
+            key,
+            rows,
+            jobs,
+            replicas,
+            blockers,
+            next_steps,
+        })
+    }
+
+    /// Retires a `rotating` key (runbook §1.6). Anything in its
+    /// [`RetirePlan`] refuses it unless `force`; a forced retirement
+    /// reports what it overrode (the API audits that).
     pub async fn retire_key(&self, ident: &str, force: bool) -> Result<Retirement> {
         let key = self.find(ident).await?;
         match key.status {
             KeyStatus::Retired => {
-                let referencing_rows = self.store.count_key_references(&key.id).await?;
+                let referencing_rows = self
+                    .store
+                    .count_key_references(&key.id, &self.targets)
+                    .await?;
                 return Ok(Retirement {
                     key,
                     referencing_rows,
+                    overridden: Vec::new(),
                 });
             }
             KeyStatus::Active => {
@@ -205,7 +604,15 @@ impl KeyAdmin {
             }
             KeyStatus::Rotating => {}
         }
-        let outcome = self.store.retire_key(&key.id, force).await?;
+        let plan = self.retire_plan(&key.id).await?;
+        if !plan.blockers.is_empty() && !force {
+            return Err(Error::RetireBlocked {
+                key_id: key.key_id,
+                blockers: plan.blockers,
+                next_steps: plan.next_steps,
+            });
+        }
+        let outcome = self.store.retire_key(&key.id, force, &self.targets).await?;
         let retirement = match outcome {
             RetireOutcome::Retired {
                 key,
@@ -213,6 +620,7 @@ impl KeyAdmin {
             } => Retirement {
                 key,
                 referencing_rows,
+                overridden: plan.blockers,
             },
             RetireOutcome::InUse { referencing_rows } => {
                 return Err(Error::KeyInUse {
@@ -223,7 +631,7 @@ impl KeyAdmin {
             RetireOutcome::NotRotating => return Err(Error::Store(StoreError::Concurrent)),
         };
         self.refresh().await?;
-        tracing::info!(key_id = %retirement.key.key_id, force, referencing_rows = retirement.referencing_rows, "key retired");
+        tracing::info!(key_id = %retirement.key.key_id, force, referencing_rows = retirement.referencing_rows, overridden = ?retirement.overridden, "key retired");
         Ok(retirement)
     }
 
@@ -279,7 +687,10 @@ impl KeyAdmin {
                     existing.key_id, existing.kms_key_arn
                 ),
             }),
-            Some(existing) => Ok(self.activate_key(&existing.id).await?.activated),
+            Some(existing) => Ok(self
+                .activate_key(&existing.id, Staging::Immediate)
+                .await?
+                .activated),
             None => self.create_key_from(new).await,
         }
     }
@@ -332,9 +743,13 @@ impl KeyAdmin {
     }
 
     async fn refresh_catalog_only(&self) -> Result<Arc<Catalog>> {
+        // The version first: a change between the two reads makes the
+        // next version check reload again, never miss it.
+        let version = self.store.catalog_version().await?;
         let records = self.store.list_keys().await?;
-        let catalog = self.catalog.replace(records);
+        let catalog = self.catalog.replace(records, version);
         self.crypto.catalog_changed(&catalog);
+        self.loaded.send_replace(version);
         Ok(catalog)
     }
 
@@ -372,6 +787,26 @@ impl KeyAdmin {
             }
         });
     }
+}
+
+/// The context a staged activation's probe under key record `id` is bound to.
+fn probe_context(id: &str) -> Result<EncryptionContext> {
+    Ok(EncryptionContext::from_pairs([(PROBE_CONTEXT_KEY, id)])?)
+}
+
+/// A replica as operators know it: host, process and address.
+pub fn describe_replica(replica: &ReplicaRecord) -> String {
+    format!(
+        "{} ({} pid {}{}{})",
+        replica.id,
+        replica.kind.as_str(),
+        replica.pid,
+        if replica.host.is_empty() { "" } else { " on " },
+        match &replica.listen {
+            Some(listen) => format!("{}, {listen}", replica.host),
+            None => replica.host.clone(),
+        }
+    )
 }
 
 /// Parses a create request into a record to insert.

@@ -102,6 +102,10 @@ pub struct CryptoService {
     /// What the cache was last valid for: (id, kms_key_arn, status) of
     /// every key record.
     cache_epoch: std::sync::Mutex<Vec<(String, String, KeyStatus)>>,
+    /// Reloads the catalog when a ciphertext names a key this process does
+    /// not know yet (another replica created it moments ago). Weak: the
+    /// admin service holds this one.
+    read_through: std::sync::OnceLock<std::sync::Weak<super::admin::KeyAdmin>>,
 }
 
 impl CryptoService {
@@ -119,7 +123,25 @@ impl CryptoService {
             limits,
             cache,
             cache_epoch: std::sync::Mutex::default(),
+            read_through: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets an unknown key id reload the catalog through `admin` (once,
+    /// rate-limited) before a Decrypt fails with NOT_FOUND.
+    pub fn set_read_through(&self, admin: &Arc<super::admin::KeyAdmin>) {
+        let _ = self.read_through.set(Arc::downgrade(admin));
+    }
+
+    /// A key record by `encryption_keys.id`; an id this process does not
+    /// know triggers one read-through catalog reload first.
+    pub async fn lookup_key(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        if let Some(key) = self.catalog.snapshot().get(id) {
+            return Some(Arc::clone(key));
+        }
+        let admin = self.read_through.get().and_then(std::sync::Weak::upgrade)?;
+        admin.read_through(id).await;
+        self.catalog.snapshot().get(id).cloned()
     }
 
     /// A service with only the local KMS under `master`, one active key
@@ -129,17 +151,20 @@ impl CryptoService {
     pub fn standalone_local(master: MasterSecret, id: &str, key_id: &str) -> Self {
         let catalog = Arc::new(KeyCatalog::default());
         let now = chrono::Utc::now();
-        catalog.replace(vec![KeyRecord {
-            id: id.to_owned(),
-            key_id: key_id.to_owned(),
-            kms_key_arn: format!("local:{key_id}"),
-            alias: None,
-            provider: crate::crypto::kms::ProviderKind::Local,
-            status: KeyStatus::Active,
-            created_at: now,
-            updated_at: now,
-            rotated_at: None,
-        }]);
+        catalog.replace(
+            vec![KeyRecord {
+                id: id.to_owned(),
+                key_id: key_id.to_owned(),
+                kms_key_arn: format!("local:{key_id}"),
+                alias: None,
+                provider: crate::crypto::kms::ProviderKind::Local,
+                status: KeyStatus::Active,
+                created_at: now,
+                updated_at: now,
+                rotated_at: None,
+            }],
+            1,
+        );
         let legacy = LegacyKeys::new([&master]);
         let kms = KmsRegistry::default().with(Arc::new(crate::crypto::kms::local::LocalKms::new(
             master,
@@ -333,7 +358,7 @@ impl CryptoService {
         if envelope.encryption_key_id.is_empty() {
             return self.decrypt_legacy(envelope);
         }
-        let key = self.key_of(envelope)?;
+        let key = self.key_of(envelope).await?;
         let data_key = self
             .unwrap_data_key(&key, envelope, context, caching)
             .await?;
@@ -367,7 +392,7 @@ impl CryptoService {
         target: &Arc<KeyRecord>,
     ) -> Result<Envelope> {
         check_payload_shape(&envelope)?;
-        let source = self.key_of(&envelope)?;
+        let source = self.key_of(&envelope).await?;
         let target_provider = self.provider(target)?;
         let moved = if source.provider == target.provider {
             target_provider
@@ -441,14 +466,12 @@ impl CryptoService {
     }
 
     /// The key record an (enveloped, non-legacy) ciphertext names.
-    fn key_of(&self, envelope: &Envelope) -> Result<Arc<KeyRecord>> {
+    async fn key_of(&self, envelope: &Envelope) -> Result<Arc<KeyRecord>> {
         if envelope.data_key_ciphertext.is_empty() {
             return Err(Error::MalformedEnvelope("data_key_ciphertext is empty"));
         }
-        self.catalog
-            .snapshot()
-            .get(&envelope.encryption_key_id)
-            .cloned()
+        self.lookup_key(&envelope.encryption_key_id)
+            .await
             .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))
     }
 

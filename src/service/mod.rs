@@ -3,4 +3,5 @@
 
 pub mod admin;
 pub mod crypto;
+pub mod replica;
 pub mod rotation;

@@ -6,6 +6,7 @@ use super::{on_pool, Store, StoreError};
 use crate::{
     crypto::kms::ProviderKind,
     keys::{KeyRecord, KeyStatus},
+    rotation::target::RotationTarget,
 };
 
 const KEY_COLUMNS: &str =
@@ -164,9 +165,16 @@ impl Store {
         }
     }
 
-    /// Retires a `rotating` key. Counting references and the status change
-    /// happen in one transaction, so a refusal is accurate at the time.
-    pub async fn retire_key(&self, id: &str, force: bool) -> Result<RetireOutcome, StoreError> {
+    /// Retires a `rotating` key. Counting references (in every rotation
+    /// target) and the status change happen in one transaction, so a
+    /// refusal is accurate at the time.
+    pub async fn retire_key(
+        &self,
+        id: &str,
+        force: bool,
+        targets: &[RotationTarget],
+    ) -> Result<RetireOutcome, StoreError> {
+        let count_references = RotationTarget::count_on_key_sql(targets);
         let now = Utc::now();
         let update = format!(
             "UPDATE encryption_keys SET status = 'retired', updated_at = $1 \
@@ -174,7 +182,7 @@ impl Store {
         );
         let (refs, row): (i64, Option<KeyRow>) = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
-            let refs: i64 = sqlx::query_scalar(COUNT_REFERENCES)
+            let refs: i64 = sqlx::query_scalar(&count_references)
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -200,9 +208,14 @@ impl Store {
         }
     }
 
-    /// How many `connections` rows name key `id`.
-    pub async fn count_key_references(&self, id: &str) -> Result<i64, StoreError> {
-        let count = on_pool!(self, |pool| sqlx::query_scalar(COUNT_REFERENCES)
+    /// How many rows of the rotation targets name key `id`.
+    pub async fn count_key_references(
+        &self,
+        id: &str,
+        targets: &[RotationTarget],
+    ) -> Result<i64, StoreError> {
+        let sql = RotationTarget::count_on_key_sql(targets);
+        let count = on_pool!(self, |pool| sqlx::query_scalar(&sql)
             .bind(id)
             .fetch_one(pool)
             .await)?;
@@ -213,5 +226,3 @@ impl Store {
 const DEMOTE_ACTIVE: &str =
     "UPDATE encryption_keys SET status = 'rotating', rotated_at = $1, updated_at = $1 \
      WHERE status = 'active' AND id <> $2";
-
-const COUNT_REFERENCES: &str = "SELECT COUNT(*) FROM connections WHERE encryption_key_id = $1";

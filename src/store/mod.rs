@@ -10,6 +10,7 @@
 mod bench;
 mod connections;
 mod keys;
+pub mod replicas;
 pub mod rotation;
 pub mod tokens;
 

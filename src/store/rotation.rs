@@ -19,7 +19,12 @@ use crate::{
 
 const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
-     target_index, cancel_requested, created_at, updated_at, started_at, completed_at";
+     target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
+     replicas_waited_since";
+
+/// How long a job that has reached its end waits for `serve` replicas that
+/// still encrypt with another key before it completes anyway (saying so).
+pub const STALE_REPLICA_WAIT: Duration = Duration::seconds(120);
 
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -44,6 +49,8 @@ struct JobRow {
     updated_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
+    late_rows: i64,
+    replicas_waited_since: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<JobRow> for RotationJob {
@@ -68,6 +75,7 @@ impl TryFrom<JobRow> for RotationJob {
                 succeeded: row.succeeded_rows,
                 failed: row.failed_rows,
                 skipped: row.skipped_rows,
+                late: row.late_rows,
             },
             pass: row.pass,
             last_error: row.last_error,
@@ -288,7 +296,8 @@ impl Store {
             sqlx::query(
             "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, target_index = 0, pass = 0, \
              cancel_requested = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
-             processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, updated_at = $2 \
+             processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, late_rows = 0, \
+             replicas_waited_since = NULL, updated_at = $2 \
              WHERE id = $1 AND status IN ('failed', 'cancelled')"
         )
         .bind(id)
@@ -356,6 +365,7 @@ impl Store {
                 };
                 let mut cursor = row.cursor.clone().unwrap_or_default();
                 let mut index = usize::try_from(row.target_index).unwrap_or(0);
+                let waited_since = row.replicas_waited_since;
                 let mut job = RotationJob::try_from(row)?;
                 let live: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM encryption_rotation_claims WHERE job_id = $1 AND lease_expires_at > $2",
@@ -485,37 +495,97 @@ impl Store {
                     .bind(&job.id)
                     .fetch_one(&mut *$tx)
                     .await?;
-                if remaining == 0 || job.dry_run {
-                    let status = if job.counts.failed > 0 {
+                // `serve` replicas still encrypting with another key than
+                // the (active) target: each row they write is a late row,
+                // so the job waits for them (bounded) rather than end.
+                let behind: Vec<(String, String, Option<String>)> = if job.dry_run {
+                    Vec::new()
+                } else {
+                    sqlx::query_as(
+                        "SELECT r.id, r.host, r.active_key_id FROM keyward_replicas r \
+                         JOIN encryption_keys k ON k.id = $1 AND k.status = 'active' \
+                         WHERE r.kind = 'serve' AND r.expires_at > $2 \
+                         AND (r.active_key_id IS NULL OR r.active_key_id <> $1) ORDER BY r.id",
+                    )
+                    .bind(&job.target_key_id)
+                    .bind(now)
+                    .fetch_all(&mut *$tx)
+                    .await?
+                };
+                let give_up = waited_since.is_some_and(|since| now - since >= STALE_REPLICA_WAIT);
+                if remaining == 0 && !behind.is_empty() && !give_up {
+                    sqlx::query(
+                        "UPDATE encryption_rotation_jobs SET replicas_waited_since = COALESCE(replicas_waited_since, $2), \
+                         cursor = $3, target_index = $4 WHERE id = $1",
+                    )
+                    .bind(&job.id)
+                    .bind(now)
+                    .bind(&cursor)
+                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
+                    .execute(&mut *$tx)
+                    .await?;
+                    $tx.commit().await?;
+                    return Ok(ClaimOutcome::Waiting);
+                }
+                // After waiting for replicas, one more (final) pass catches
+                // what they wrote before they switched.
+                let final_pass = remaining == 0 && behind.is_empty() && waited_since.is_some();
+                // Past the wait, a replica that never switches cannot keep
+                // the job from ending: it ends, naming the replicas.
+                let gave_up = give_up && !behind.is_empty();
+                if (remaining == 0 && !final_pass) || job.dry_run || gave_up {
+                    let status = if job.counts.failed > 0 || (gave_up && remaining > 0) {
                         JobStatus::CompletedWithErrors
                     } else {
                         JobStatus::Completed
                     };
+                    let stale = (!behind.is_empty()).then(|| {
+                        format!(
+                            "replicas still encrypt with another key after {}s: {}; {remaining} rows are off the target key, and rows they write stay off it (see keyward replicas list and keyward keys usage)",
+                            STALE_REPLICA_WAIT.num_seconds(),
+                            behind.iter().map(|(id, host, _)| format!("{id} on {host}")).collect::<Vec<_>>().join(", ")
+                        )
+                    });
                     sqlx::query(
                         "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
-                         lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+                         lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
+                         last_error = COALESCE($4, last_error) WHERE id = $1",
                     )
                     .bind(&job.id)
                     .bind(status.as_str())
                     .bind(now)
+                    .bind(&stale)
                     .execute(&mut *$tx)
                     .await?;
+                    if let Some(stale) = stale {
+                        job.last_error = Some(stale);
+                    }
                     job.status = status;
                     job.completed_at = Some(now);
                 } else {
-                    // Late rows (written under an older key during the job,
-                    // or dropped by a dead worker): another pass.
+                    // Rows off target again: late rows (written under an
+                    // older key during the pass) and rows of batches that
+                    // dead workers dropped (`total - processed`). Another
+                    // pass.
+                    let dropped = (job.counts.total - job.counts.processed).max(0);
+                    let late = (remaining - dropped).max(0);
                     sqlx::query(
                         "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
-                         total_rows = processed_rows + $2, updated_at = $3 WHERE id = $1",
+                         total_rows = processed_rows + $2, late_rows = late_rows + $4, \
+                         replicas_waited_since = $5, updated_at = $3 WHERE id = $1",
                     )
                     .bind(&job.id)
                     .bind(remaining)
                     .bind(now)
+                    .bind(late)
+                    // Still waiting for replicas: the wait's clock keeps
+                    // running across passes.
+                    .bind(if behind.is_empty() { None } else { waited_since })
                     .execute(&mut *$tx)
                     .await?;
                     job.pass += 1;
                     job.counts.total = job.counts.processed + remaining;
+                    job.counts.late += late;
                 }
                 $tx.commit().await?;
                 Ok(ClaimOutcome::Advanced(job))

@@ -34,6 +34,7 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     let activation = admin
         .activate_key(ActivateKeyRequest {
             key_id: "2025-03".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -62,6 +63,7 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     let again = admin
         .activate_key(ActivateKeyRequest {
             key_id: "2025-03".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -71,6 +73,7 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     admin
         .activate_key(ActivateKeyRequest {
             key_id: previous.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -91,6 +94,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
             .retire_key(RetireKeyRequest {
                 key_id: PRIMARY.into(),
                 force: false,
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -110,6 +114,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
             .retire_key(RetireKeyRequest {
                 key_id: PRIMARY.into(),
                 force: false,
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -117,7 +122,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
     assert!(
         status
             .message()
-            .contains("referenced by 1 connections rows"),
+            .contains("1 rows are still on it (1 in connections)"),
         "{status:?}"
     );
 
@@ -125,6 +130,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
         .retire_key(RetireKeyRequest {
             key_id: PRIMARY.into(),
             force: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -137,6 +143,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
             .retire_key(RetireKeyRequest {
                 key_id: "next".into(),
                 force: false,
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -147,6 +154,7 @@ async fn retire_refuses_while_rows_reference_the_key(backend: Backend) {
             .retire_key(RetireKeyRequest {
                 key_id: "nope".into(),
                 force: false,
+                ..Default::default()
             })
             .await,
         Code::NotFound,
@@ -173,6 +181,7 @@ async fn retire_succeeds_once_no_row_references_the_key(backend: Backend) {
         .retire_key(RetireKeyRequest {
             key_id: PRIMARY.into(),
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -220,6 +229,7 @@ async fn bad_admin_requests(backend: Backend) {
         admin
             .activate_key(ActivateKeyRequest {
                 key_id: "missing".into(),
+                ..Default::default()
             })
             .await,
         Code::NotFound,

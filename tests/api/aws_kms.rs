@@ -583,6 +583,7 @@ async fn the_cache_bounds_kms_calls_and_forgets_rotated_keys() {
     admin
         .activate_key(ActivateKeyRequest {
             key_id: "aws-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

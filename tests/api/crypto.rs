@@ -516,6 +516,7 @@ async fn retired_keys_decrypt_but_never_encrypt(backend: Backend) {
         .retire_key(RetireKeyRequest {
             key_id: crate::helpers::PRIMARY.into(),
             force: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -533,6 +534,7 @@ async fn retired_keys_decrypt_but_never_encrypt(backend: Backend) {
         admin
             .activate_key(ActivateKeyRequest {
                 key_id: crate::helpers::PRIMARY.into(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,

@@ -162,6 +162,10 @@ pub struct Options {
     pub cors_allowed_origins: Vec<String>,
     /// Static files served for browser GETs (the dashboard).
     pub dashboard_dir: Option<std::path::PathBuf>,
+    /// Heartbeat and catalog following.
+    pub replica: keyward::service::replica::ReplicaOptions,
+    /// The timer that reloads the whole catalog.
+    pub catalog_refresh: std::time::Duration,
 }
 
 impl Default for Options {
@@ -183,6 +187,11 @@ impl Default for Options {
             metrics: false,
             cors_allowed_origins: Vec::new(),
             dashboard_dir: None,
+            replica: keyward::service::replica::ReplicaOptions {
+                catalog_poll: std::time::Duration::from_millis(100),
+                ..Default::default()
+            },
+            catalog_refresh: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -230,6 +239,8 @@ async fn start(
     settings.audit = options.audit;
     settings.cors_allowed_origins = options.cors_allowed_origins;
     settings.dashboard_dir = options.dashboard_dir;
+    settings.replica = options.replica;
+    settings.catalog_refresh_interval = options.catalog_refresh;
     settings.metrics_listen = options
         .metrics
         .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -257,6 +268,7 @@ async fn start(
         .await
         .unwrap();
     });
+    wait_for_heartbeat(&database_url, addr).await;
     let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
     let channel = if tls {
         endpoint.connect_lazy()
@@ -278,6 +290,41 @@ async fn start(
     }
 }
 
+/// Waits until the server on `addr` has heartbeat its first catalog (its
+/// start-up key checks are done), so tests count only their own KMS calls.
+async fn wait_for_heartbeat(database_url: &str, addr: std::net::SocketAddr) {
+    const SQL: &str = "SELECT COUNT(*) FROM keyward_replicas r, keyward_catalog_version v \
+         WHERE r.listen = $1 AND r.catalog_version = v.version";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let beats: i64 = if database_url.starts_with("sqlite:") {
+            let pool = SqlitePool::connect(database_url).await.unwrap();
+            let n = sqlx::query_scalar(SQL)
+                .bind(addr.to_string())
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            n.unwrap()
+        } else {
+            let pool = PgPool::connect(database_url).await.unwrap();
+            let n = sqlx::query_scalar(SQL)
+                .bind(addr.to_string())
+                .fetch_one(&pool)
+                .await;
+            pool.close().await;
+            n.unwrap()
+        };
+        if beats > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat from {addr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 impl TestApp {
     /// Stops the server gracefully and starts a new one on the same
     /// database with other options (e.g. a rotated master secret).
@@ -285,6 +332,22 @@ impl TestApp {
         self.shutdown().await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         start(self.backend, self.database_url.clone(), dir, options).await
+    }
+
+    /// Starts another server on this one's database (a replica): nothing
+    /// is seeded, whatever `options.seed` says.
+    pub async fn replica(&self, options: Options) -> TestApp {
+        let options = Options {
+            seed: false,
+            ..options
+        };
+        start(
+            self.backend,
+            self.database_url.clone(),
+            tempfile::tempdir().unwrap(),
+            options,
+        )
+        .await
     }
 
     pub async fn shutdown(&mut self) {

@@ -18,6 +18,7 @@ mod hostile;
 mod metrics;
 mod moto;
 mod postgres;
+mod replicas;
 mod rotation;
 mod security;
 mod workers;

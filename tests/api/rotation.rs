@@ -183,6 +183,7 @@ async fn mixed_table_rotates_to_completion(backend: Backend) {
         .retire_key(RetireKeyRequest {
             key_id: PRIMARY.into(),
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -243,6 +244,7 @@ async fn corrupted_rows_end_completed_with_errors(backend: Backend) {
             .retire_key(RetireKeyRequest {
                 key_id: PRIMARY.into(),
                 force: false,
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -583,6 +585,7 @@ async fn bad_rotation_requests(backend: Backend) {
     let _ = admin
         .activate_key(ActivateKeyRequest {
             key_id: "next".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -668,6 +671,7 @@ async fn configured_tables_rotate_too(backend: Backend) {
             ("tenant".into(), "tenant".into()),
         ],
         &[("payload_ciphertext", "secret_ciphertext")],
+        None,
         None,
     )
     .unwrap();

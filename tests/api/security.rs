@@ -287,7 +287,7 @@ async fn authorization_matrix_covers_every_rpc() {
     ];
 
     let methods = keyward_methods();
-    assert_eq!(methods.len(), 17, "{methods:?}");
+    assert_eq!(methods.len(), 19, "{methods:?}");
     let mut table = String::new();
     for method in &methods {
         let needed = Role::required_for(method).unwrap();

@@ -1,0 +1,282 @@
+//! `keyward_catalog_version`, `keyward_replicas`, `keyward_key_probes` and
+//! the per-key row counts: what lets several keyward processes on one
+//! database agree on the key catalog.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use super::{on_pool, Backend, Pool, Store, StoreError};
+use crate::rotation::target::RotationTarget;
+
+/// What a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaKind {
+    /// `keyward serve`: answers Encrypt and Decrypt.
+    Serve,
+    /// `keyward worker`: runs rotation jobs.
+    Worker,
+}
+
+impl ReplicaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serve => "serve",
+            Self::Worker => "worker",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Serve, Self::Worker]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// One process's heartbeat, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub kind: ReplicaKind,
+    pub host: String,
+    pub pid: i64,
+    /// The gRPC address of a `serve` replica.
+    pub listen: Option<String>,
+    /// keyward's version.
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    /// Past this, the replica counts as gone.
+    pub expires_at: DateTime<Utc>,
+    /// The catalog version the replica has loaded.
+    pub catalog_version: i64,
+    /// `encryption_keys.id` of the key its Encrypts use.
+    pub active_key_id: Option<String>,
+    /// Since when it has used that key.
+    pub active_since: Option<DateTime<Utc>>,
+    /// Per `encryption_keys.id` of each non-retired key: `None` when the
+    /// replica can use it, else why not.
+    pub key_readiness: BTreeMap<String, Option<String>>,
+}
+
+impl ReplicaRecord {
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at > now
+    }
+}
+
+/// Rows of one rotation target on one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyUsage {
+    /// The target table.
+    pub target: String,
+    /// `encryption_keys.id`; `None` for legacy rows (no key id).
+    pub key_record_id: Option<String>,
+    pub rows: i64,
+    /// The oldest `updated_at` among them, when the target has that column.
+    pub oldest_written_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ReplicaRow {
+    id: String,
+    kind: String,
+    host: String,
+    pid: i64,
+    listen: Option<String>,
+    version: String,
+    started_at: DateTime<Utc>,
+    heartbeat_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    catalog_version: i64,
+    active_key_id: Option<String>,
+    active_since: Option<DateTime<Utc>>,
+    key_readiness: String,
+}
+
+impl TryFrom<ReplicaRow> for ReplicaRecord {
+    type Error = StoreError;
+
+    fn try_from(row: ReplicaRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("replica {} has {what}", row.id));
+        Ok(ReplicaRecord {
+            kind: ReplicaKind::parse(&row.kind).ok_or_else(|| corrupt("an unknown kind"))?,
+            key_readiness: serde_json::from_str(&row.key_readiness)
+                .map_err(|_| corrupt("unreadable key readiness"))?,
+            id: row.id,
+            host: row.host,
+            pid: row.pid,
+            listen: row.listen,
+            version: row.version,
+            started_at: row.started_at,
+            heartbeat_at: row.heartbeat_at,
+            expires_at: row.expires_at,
+            catalog_version: row.catalog_version,
+            active_key_id: row.active_key_id,
+            active_since: row.active_since,
+        })
+    }
+}
+
+const REPLICA_COLUMNS: &str = "id, kind, host, pid, listen, version, started_at, heartbeat_at, \
+     expires_at, catalog_version, active_key_id, active_since, key_readiness";
+
+/// Replicas gone longer than this are deleted by the next heartbeat.
+const FORGET_AFTER: chrono::Duration = chrono::Duration::hours(1);
+
+/// Catalog changes announced by PostgreSQL (`LISTEN keyward_catalog`).
+pub struct CatalogListener(sqlx::postgres::PgListener);
+
+impl CatalogListener {
+    /// Resolves on the next announced change. An error means the
+    /// connection was lost; the caller falls back to polling.
+    pub async fn changed(&mut self) -> Result<(), StoreError> {
+        self.0.recv().await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The catalog version: bumped by the database on every change to
+    /// `encryption_keys`.
+    pub async fn catalog_version(&self) -> Result<i64, StoreError> {
+        let version = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT version FROM keyward_catalog_version WHERE id = 1"
+        )
+        .fetch_one(pool)
+        .await)?;
+        Ok(version)
+    }
+
+    /// Listens for catalog changes; `None` on SQLite, which has no
+    /// notifications (replicas poll the version instead).
+    pub async fn catalog_listener(&self) -> Result<Option<CatalogListener>, StoreError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(pool) => {
+                let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+                listener.listen("keyward_catalog").await?;
+                Ok(Some(CatalogListener(listener)))
+            }
+        }
+    }
+
+    /// Writes a replica's heartbeat, and forgets replicas long gone.
+    pub async fn heartbeat(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
+        let readiness = serde_json::to_string(&replica.key_readiness)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sql = format!(
+            "INSERT INTO keyward_replicas ({REPLICA_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+             expires_at = excluded.expires_at, catalog_version = excluded.catalog_version, \
+             active_key_id = excluded.active_key_id, active_since = excluded.active_since, \
+             key_readiness = excluded.key_readiness, listen = excluded.listen"
+        );
+        on_pool!(self, |pool| {
+            sqlx::query(&sql)
+                .bind(&replica.id)
+                .bind(replica.kind.as_str())
+                .bind(&replica.host)
+                .bind(replica.pid)
+                .bind(&replica.listen)
+                .bind(&replica.version)
+                .bind(replica.started_at)
+                .bind(replica.heartbeat_at)
+                .bind(replica.expires_at)
+                .bind(replica.catalog_version)
+                .bind(&replica.active_key_id)
+                .bind(replica.active_since)
+                .bind(&readiness)
+                .execute(pool)
+                .await?;
+            sqlx::query("DELETE FROM keyward_replicas WHERE expires_at < $1")
+                .bind(replica.heartbeat_at - FORGET_AFTER)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Removes a replica (it is shutting down).
+    pub async fn remove_replica(&self, id: &str) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query(
+            "DELETE FROM keyward_replicas WHERE id = $1"
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(drop))?;
+        Ok(())
+    }
+
+    /// Every replica that has heartbeat within the last hour, oldest first.
+    pub async fn list_replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let sql = format!("SELECT {REPLICA_COLUMNS} FROM keyward_replicas ORDER BY started_at, id");
+        let rows: Vec<ReplicaRow> =
+            on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+        rows.into_iter().map(ReplicaRecord::try_from).collect()
+    }
+
+    /// Stores a key's readiness probe and touches the key record, in one
+    /// transaction, so the catalog version moves and every replica checks
+    /// the probe.
+    pub async fn put_key_probe(&self, key_id: &str, probe: &[u8]) -> Result<i64, StoreError> {
+        let now = Utc::now();
+        let version = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO keyward_key_probes (key_id, probe, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key_id) DO UPDATE SET probe = excluded.probe, created_at = excluded.created_at",
+            )
+            .bind(key_id)
+            .bind(probe)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE encryption_keys SET updated_at = $2 WHERE id = $1")
+                .bind(key_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let version: i64 =
+                sqlx::query_scalar("SELECT version FROM keyward_catalog_version WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(version)
+        })?;
+        Ok(version)
+    }
+
+    /// Every stored readiness probe: `encryption_keys.id` → blob.
+    pub async fn key_probes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT key_id, probe FROM keyward_key_probes"
+        )
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Rows per key in every rotation target (legacy rows under `None`),
+    /// with the oldest `updated_at` where the target has one.
+    pub async fn key_usage(&self, targets: &[RotationTarget]) -> Result<Vec<KeyUsage>, StoreError> {
+        let mut usage = Vec::new();
+        for target in targets {
+            let sql = target.usage_sql(self.backend() == Backend::Postgres);
+            let rows: Vec<(Option<String>, i64, Option<f64>)> =
+                on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+            usage.extend(rows.into_iter().map(|(key, rows, oldest)| KeyUsage {
+                target: target.table.as_str().to_owned(),
+                key_record_id: key,
+                rows,
+                oldest_written_at: oldest.and_then(|secs| {
+                    DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)
+                }),
+            }));
+        }
+        Ok(usage)
+    }
+}
