@@ -291,6 +291,7 @@ impl Application {
                     .map_err(|source| StartupError::MetricsBind { addr, source })?;
                 let metrics = Metrics::new(
                     services.store.clone(),
+                    Arc::clone(&services.admin),
                     Arc::clone(services.crypto.kms().stats()),
                     Arc::clone(services.crypto.cache().stats()),
                     Arc::clone(&audit),

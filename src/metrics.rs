@@ -10,7 +10,9 @@
 //! - data-key cache hits, misses and evictions ([`CacheStats`]);
 //! - audit events written and failed ([`AuditLog`]);
 //! - rotation jobs by status, and rows and rate of each running job, read
-//!   from the database at scrape time, so every replica reports the same.
+//!   from the database at scrape time, so every replica reports the same;
+//! - re-encryption debt: rows per key (legacy included) and rotation
+//!   target, and the age of the oldest, also read at scrape time.
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -37,7 +39,7 @@ use crate::{
         kms::{KmsCallStats, KmsOperation, ProviderKind},
     },
     rotation::JobStatus,
-    service::rotation::Progress,
+    service::{admin::KeyAdmin, rotation::Progress},
     store::Store,
 };
 
@@ -90,6 +92,22 @@ struct JobLabels {
     job_id: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeyRowsLabels {
+    /// The key's `key_id`; `(legacy)` for legacy rows (no key_id can
+    /// contain parentheses); the record id for rows naming no record.
+    key_id: String,
+    status: &'static str,
+    target: String,
+}
+
+/// Re-encryption debt, set from the database on each scrape.
+#[derive(Debug, Default)]
+struct UsageGauges {
+    rows: Family<KeyRowsLabels, Gauge>,
+    oldest_age: Family<KeyRowsLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
 /// Rotation figures, set from the database on each scrape.
 #[derive(Debug, Default)]
 struct RotationGauges {
@@ -98,6 +116,7 @@ struct RotationGauges {
     rows_processed: Family<JobLabels, Gauge>,
     rows_failed: Family<JobLabels, Gauge>,
     rows_per_second: Family<JobLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    rows_late: Family<JobLabels, Gauge>,
     /// 1 when the last scrape could read the jobs, else 0.
     up: Gauge,
 }
@@ -107,7 +126,9 @@ pub struct Metrics {
     registry: Registry,
     rpc: Arc<RpcMetrics>,
     rotation: Arc<RotationGauges>,
+    usage: Arc<UsageGauges>,
     store: Store,
+    admin: Arc<KeyAdmin>,
     /// One scrape at a time updates the rotation gauges.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -115,6 +136,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(
         store: Store,
+        admin: Arc<KeyAdmin>,
         kms: Arc<KmsCallStats>,
         cache: Arc<CacheStats>,
         audit: Arc<AuditLog>,
@@ -158,6 +180,22 @@ impl Metrics {
             rotation.rows_per_second.clone(),
         );
         registry.register(
+            "rotation_job_rows_late",
+            "Rows a running rotation job's later passes caught, written off target while it ran",
+            rotation.rows_late.clone(),
+        );
+        let usage = Arc::new(UsageGauges::default());
+        registry.register(
+            "key_rows",
+            "Rows on each key (re-encryption debt), by key_id, key status and rotation target",
+            usage.rows.clone(),
+        );
+        registry.register(
+            "key_oldest_row_age_seconds",
+            "Age of the oldest row on each key (its updated_at), by key_id, key status and rotation target",
+            usage.oldest_age.clone(),
+        );
+        registry.register(
             "rotation_metrics_up",
             "1 when the last scrape could read the rotation jobs from the database",
             rotation.up.clone(),
@@ -169,7 +207,9 @@ impl Metrics {
             registry,
             rpc,
             rotation,
+            usage,
             store,
+            admin,
             scrape: tokio::sync::Mutex::new(()),
         }
     }
@@ -183,6 +223,7 @@ impl Metrics {
     pub async fn render(&self) -> String {
         let _one_at_a_time = self.scrape.lock().await;
         self.update_rotation().await;
+        self.update_usage().await;
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
@@ -226,6 +267,7 @@ impl Metrics {
             &gauges.rows_total,
             &gauges.rows_processed,
             &gauges.rows_failed,
+            &gauges.rows_late,
         ] {
             family.clear();
         }
@@ -242,10 +284,50 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(counts.processed);
             gauges.rows_failed.get_or_create(&labels).set(counts.failed);
+            gauges.rows_late.get_or_create(&labels).set(counts.late);
             gauges
                 .rows_per_second
                 .get_or_create(&labels)
                 .set(progress.rows_per_second);
+        }
+    }
+
+    /// Rows per key and target; on failure the gauges keep their last
+    /// values and `rotation_metrics_up` (set by the job read) tells.
+    async fn update_usage(&self) {
+        let reports =
+            match tokio::time::timeout(Duration::from_secs(5), self.admin.key_usage()).await {
+                Ok(Ok(reports)) => reports,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "metrics: cannot read key usage");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("metrics: reading key usage timed out");
+                    return;
+                }
+            };
+        self.usage.rows.clear();
+        self.usage.oldest_age.clear();
+        let now = chrono::Utc::now();
+        for report in reports {
+            let (key_id, status) = match (&report.key, &report.key_record_id) {
+                (Some(key), _) => (key.key_id.clone(), key.status.as_str()),
+                (None, None) => ("(legacy)".to_owned(), "legacy"),
+                (None, Some(id)) => (id.clone(), "unknown"),
+            };
+            for usage in report.targets {
+                let labels = KeyRowsLabels {
+                    key_id: key_id.clone(),
+                    status,
+                    target: usage.target,
+                };
+                self.usage.rows.get_or_create(&labels).set(usage.rows);
+                if let Some(oldest) = usage.oldest_written_at {
+                    let age = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+                    self.usage.oldest_age.get_or_create(&labels).set(age);
+                }
+            }
         }
     }
 

@@ -675,3 +675,133 @@ async fn nothing_secret_reaches_logs_audit_or_errors() {
         }
     }
 }
+
+/// The scale-out commands against a running server: a staged activation
+/// the server confirms, `replicas list`, `keys usage`, and the retirement
+/// plan before and after the rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_usage_and_retirement_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = || {
+        let mut cmd = keyward(dir.path());
+        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
+        cmd
+    };
+    assert!(run(with_secret().arg("seed-key")).status.success());
+    let server = Server::start_with(
+        with_secret(),
+        &["--dev", "--heartbeat-secs", "1", "--catalog-poll-ms", "100"],
+    );
+    server.wait_for_log("Encryption service initialized successfully");
+
+    // One application row under the seeded key.
+    let sealed = keyward::api::proto::crypto_client::CryptoClient::new(server.channel().await)
+        .encrypt(EncryptRequest {
+            plaintext: b"pw".to_vec().into(),
+            context: ctx(&[("connection_id", "c-1")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let envelope = sealed.envelope.unwrap();
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("keyward.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, data_key_iv, \
+         payload_ciphertext, payload_iv) VALUES ('c-1', $1, $2, $3, $4, $5)",
+    )
+    .bind(&envelope.encryption_key_id)
+    .bind(envelope.data_key_ciphertext.to_vec())
+    .bind(envelope.data_key_iv.to_vec())
+    .bind(envelope.payload_ciphertext.to_vec())
+    .bind(envelope.payload_iv.to_vec())
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+
+    assert!(
+        run(with_secret().args(["keys", "create", "--key-id", "next"]))
+            .status
+            .success()
+    );
+    let staged = run(with_secret().args([
+        "keys",
+        "activate",
+        "next",
+        "--staged",
+        "--staged-timeout-secs",
+        "20",
+    ]));
+    assert!(staged.status.success(), "{}", stderr(&staged));
+    assert!(
+        stdout(&staged).contains("confirmed by serve-"),
+        "{}",
+        stdout(&staged)
+    );
+    assert!(
+        stdout(&staged).contains(&server.addr),
+        "{}",
+        stdout(&staged)
+    );
+    assert!(stdout(&staged).contains("previous active key primary is now rotating"));
+
+    let replicas = stdout(&run(with_secret().args(["replicas", "list"])));
+    assert!(replicas.contains("catalog version"), "{replicas}");
+    assert!(replicas.contains(&server.addr), "{replicas}");
+    assert!(replicas.contains("next ok"), "{replicas}");
+
+    let usage = stdout(&run(with_secret().args(["keys", "usage"])));
+    let line = |key: &str| {
+        usage
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {usage}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        line("primary")[..4],
+        ["primary", "rotating", "connections", "1"]
+    );
+    assert_eq!(line("next")[..4], ["next", "active", "connections", "0"]);
+    assert_eq!(line("(legacy)")[..4], ["(legacy)", "-", "connections", "0"]);
+
+    let plan = run(with_secret().args(["keys", "retire", "primary", "--dry-run"]));
+    assert_eq!(plan.status.code(), Some(1), "{}", stdout(&plan));
+    assert!(
+        stdout(&plan).contains("1 rows are still on it"),
+        "{}",
+        stdout(&plan)
+    );
+    assert!(
+        stdout(&plan).contains("keyward rotate start --target next"),
+        "{}",
+        stdout(&plan)
+    );
+    let refused = run(with_secret().args(["keys", "retire", "primary"]));
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("cannot be retired yet"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let rotated = run(with_secret().args(["rotate", "start", "--watch"]));
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    let plan = run(with_secret().args(["keys", "retire", "primary", "--dry-run"]));
+    assert!(plan.status.success(), "{}", stdout(&plan));
+    assert!(
+        stdout(&plan).contains("key primary can be retired"),
+        "{}",
+        stdout(&plan)
+    );
+    let retired = run(with_secret().args(["keys", "retire", "primary"]));
+    assert!(retired.status.success(), "{}", stderr(&retired));
+    assert!(stdout(&retired).contains("retired"));
+}

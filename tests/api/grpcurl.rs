@@ -156,6 +156,8 @@ async fn readme_grpcurl_recipes_answer_as_documented() {
         ("ListKeys", r#""keyId": "primary""#),
         ("CreateKey", r#""status": "KEY_STATUS_PENDING""#),
         ("ActivateKey", r#""status": "KEY_STATUS_ROTATING""#),
+        ("ActivateKey", r#""confirmedReplicas": ["#),
+        ("ListReplicas", r#""kind": "serve""#),
         ("RefreshKeyMetadata", r#""activeKeyId": "2026-01""#),
         ("SelfTest", r#""passed": true"#),
         ("Decrypt", r#""plaintext": "aHVudGVyMg==""#),
@@ -163,6 +165,8 @@ async fn readme_grpcurl_recipes_answer_as_documented() {
         ("WatchRotation", r#""terminal": true"#),
         ("GetRotationJob", r#""succeededRows": "3""#),
         ("ListRotationJobs", r#""jobs": ["#),
+        ("GetKeyUsage", r#""rows": "3""#),
+        ("RetireKey dry run", r#""keyward keys retire primary""#),
         ("RetireKey", r#""status": "KEY_STATUS_RETIRED""#),
         ("PruneExpiredScopedTokens", r#""removed": "1""#),
     ] {

@@ -20,5 +20,6 @@ mod moto;
 mod postgres;
 mod replicas;
 mod rotation;
+mod scale_out;
 mod security;
 mod workers;

@@ -39,6 +39,16 @@ struct Scrape(Vec<Sample>);
 impl Scrape {
     /// The value of the sample `name` whose labels include `labels`, or 0
     /// when there is none (a series not created yet).
+    /// Whether a series with these labels was exported at all.
+    fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.0.iter().any(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let matching: Vec<&Sample> = self
             .0
@@ -261,6 +271,30 @@ async fn metrics_follow_traffic_rotation_and_audit(backend: Backend) {
     }
     activate_new_key(&app, "next").await;
     let rotation_start = scrape(&app, &python).await;
+    // Re-encryption debt: every row still on the old key.
+    let on = |key: &'static str, status: &'static str| {
+        [
+            ("key_id", key),
+            ("status", status),
+            ("target", "connections"),
+        ]
+    };
+    assert_eq!(
+        rotation_start.get("keyward_key_rows", &on("primary", "rotating")),
+        150.0
+    );
+    assert_eq!(
+        rotation_start.get("keyward_key_rows", &on("next", "active")),
+        0.0
+    );
+    assert_eq!(
+        rotation_start.get("keyward_key_rows", &on("(legacy)", "legacy")),
+        0.0
+    );
+    assert!(rotation_start.has(
+        "keyward_key_oldest_row_age_seconds",
+        &on("primary", "rotating")
+    ));
     let job_id = start(
         &app,
         StartRotationRequest {
@@ -305,6 +339,15 @@ async fn metrics_follow_traffic_rotation_and_audit(backend: Backend) {
         done.get("keyward_rotation_jobs", &[("status", "completed")]),
         1.0
     );
+    assert_eq!(
+        done.get("keyward_key_rows", &on("primary", "rotating")),
+        0.0
+    );
+    assert_eq!(done.get("keyward_key_rows", &on("next", "active")), 150.0);
+    assert!(!done.has(
+        "keyward_key_oldest_row_age_seconds",
+        &on("primary", "rotating")
+    ));
     // A finished job's per-job series are gone.
     assert!(!done
         .0

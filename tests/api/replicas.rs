@@ -548,7 +548,52 @@ async fn a_stale_replica_does_not_stall_rotation(backend: Backend) {
     assert_eq!(sealed.envelope.unwrap().encryption_key_id, next);
 }
 
+/// A replica that never switches cannot hold a job forever: past the wait
+/// the job ends anyway and names the replica.
+async fn a_replica_that_never_switches_cannot_hold_a_job_forever(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    for i in 0..3 {
+        insert_row(&app, &format!("conn-{i}"), "secret").await;
+    }
+    activate_new_key(&app, "next").await;
+    let primary = key_record_id(&app, "primary");
+    app.sql(&format!(
+        "INSERT INTO keyward_replicas (id, kind, host, pid, listen, version, started_at, heartbeat_at, \
+         expires_at, catalog_version, active_key_id, active_since, key_readiness) VALUES \
+         ('serve-stuck', 'serve', 'old-host', 1, '10.0.0.9:50051', '0.0.0', '2026-01-01T00:00:00Z', \
+         '2099-01-01T00:00:00Z', '2099-01-01T00:00:00Z', 1, '{primary}', NULL, '{{}}')"
+    ))
+    .await;
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let waiting = format!(
+        "SELECT COUNT(*) FROM encryption_rotation_jobs WHERE id = '{job_id}' \
+         AND status = 'running' AND replicas_waited_since IS NOT NULL"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.count(&waiting).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job never waited for the stuck replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // As if the wait had run its course.
+    app.sql(&format!(
+        "UPDATE encryption_rotation_jobs SET replicas_waited_since = '2000-01-01T00:00:00Z' \
+         WHERE id = '{job_id}'"
+    ))
+    .await;
+    let done = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(done.status, RotationStatus::Completed as i32, "{done:?}");
+    assert_eq!(done.processed_rows, 3);
+    assert!(done.last_error.contains("serve-stuck"), "{done:?}");
+    assert!(done.last_error.contains("after 120s"), "{done:?}");
+}
+
 on_both_backends!(
+    a_replica_that_never_switches_cannot_hold_a_job_forever,
     a_key_made_on_one_replica_decrypts_on_another_at_once,
     replicas_follow_catalog_changes,
     staged_activation_waits_for_every_replica,

@@ -50,22 +50,22 @@ async fn prepared(rows: usize) -> Option<(TestApp, HashMap<String, String>, Stri
 }
 
 /// A `keyward worker` process; its stderr goes to a file we can read.
-struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     child: Child,
     log: tempfile::NamedTempFile,
 }
 
 impl WorkerProcess {
     fn start(database_url: &str, lease_secs: u64) -> Self {
+        Self::start_with(database_url, &["--lease-secs", &lease_secs.to_string()])
+    }
+
+    /// A worker polling every 50 ms, with further `worker` flags.
+    pub(crate) fn start_with(database_url: &str, args: &[&str]) -> Self {
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(BIN)
-            .args([
-                "worker",
-                "--lease-secs",
-                &lease_secs.to_string(),
-                "--poll-ms",
-                "50",
-            ])
+            .args(["worker", "--poll-ms", "50"])
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", database_url)
@@ -81,7 +81,7 @@ impl WorkerProcess {
         worker
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
@@ -97,7 +97,7 @@ impl WorkerProcess {
         }
     }
 
-    fn batches(&self) -> usize {
+    pub(crate) fn batches(&self) -> usize {
         self.log().matches("rotation batch written").count()
     }
 
