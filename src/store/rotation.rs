@@ -474,17 +474,27 @@ impl Store {
                 // End of a pass. Wait for batches other workers still hold;
                 // batches of workers whose lease expired are dropped and
                 // their rows are picked up by the next pass.
+                // Parks the job at the end of its pass: keeps the cursor,
+                // and with `since`, when it began waiting for replicas.
+                macro_rules! wait_at_pass_end {
+                    ($since:expr) => {{
+                        let since: Option<DateTime<Utc>> = $since;
+                        sqlx::query(
+                            "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, \
+                             replicas_waited_since = COALESCE(replicas_waited_since, $4) WHERE id = $1",
+                        )
+                        .bind(&job.id)
+                        .bind(&cursor)
+                        .bind(i64::try_from(index).unwrap_or(i64::MAX))
+                        .bind(since)
+                        .execute(&mut *$tx)
+                        .await?;
+                        $tx.commit().await?;
+                        return Ok(ClaimOutcome::Waiting);
+                    }};
+                }
                 if live > 0 {
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3 WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(&cursor)
-                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
-                    .execute(&mut *$tx)
-                    .await?;
-                    $tx.commit().await?;
-                    return Ok(ClaimOutcome::Waiting);
+                    wait_at_pass_end!(None);
                 }
                 sqlx::query("DELETE FROM encryption_rotation_claims WHERE job_id = $1")
                     .bind(&job.id)
@@ -498,11 +508,11 @@ impl Store {
                 // `serve` replicas still encrypting with another key than
                 // the (active) target: each row they write is a late row,
                 // so the job waits for them (bounded) rather than end.
-                let behind: Vec<(String, String, Option<String>)> = if job.dry_run {
+                let behind: Vec<(String, String)> = if job.dry_run {
                     Vec::new()
                 } else {
                     sqlx::query_as(
-                        "SELECT r.id, r.host, r.active_key_id FROM keyward_replicas r \
+                        "SELECT r.id, r.host FROM keyward_replicas r \
                          JOIN encryption_keys k ON k.id = $1 AND k.status = 'active' \
                          WHERE r.kind = 'serve' AND r.expires_at > $2 \
                          AND (r.active_key_id IS NULL OR r.active_key_id <> $1) ORDER BY r.id",
@@ -514,18 +524,7 @@ impl Store {
                 };
                 let give_up = waited_since.is_some_and(|since| now - since >= STALE_REPLICA_WAIT);
                 if remaining == 0 && !behind.is_empty() && !give_up {
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET replicas_waited_since = COALESCE(replicas_waited_since, $2), \
-                         cursor = $3, target_index = $4 WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(now)
-                    .bind(&cursor)
-                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
-                    .execute(&mut *$tx)
-                    .await?;
-                    $tx.commit().await?;
-                    return Ok(ClaimOutcome::Waiting);
+                    wait_at_pass_end!(Some(now));
                 }
                 // After waiting for replicas, one more (final) pass catches
                 // what they wrote before they switched.
@@ -543,7 +542,7 @@ impl Store {
                         format!(
                             "replicas still encrypt with another key after {}s: {}; {remaining} rows are off the target key, and rows they write stay off it (see keyward replicas list and keyward keys usage)",
                             STALE_REPLICA_WAIT.num_seconds(),
-                            behind.iter().map(|(id, host, _)| format!("{id} on {host}")).collect::<Vec<_>>().join(", ")
+                            behind.iter().map(|(id, host)| format!("{id} on {host}")).collect::<Vec<_>>().join(", ")
                         )
                     });
                     sqlx::query(

@@ -32,6 +32,13 @@ pub(crate) fn keyward(dir: &Path) -> Command {
     cmd
 }
 
+/// [`keyward`] with the master secret set.
+fn with_secret(dir: &Path) -> Command {
+    let mut cmd = keyward(dir);
+    cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
+    cmd
+}
+
 pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
@@ -392,11 +399,7 @@ fn dev_without_authentication_is_loopback_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_the_cli_authenticate_and_revoke() {
     let dir = tempfile::tempdir().unwrap();
-    let with_secret = || {
-        let mut cmd = keyward(dir.path());
-        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
-        cmd
-    };
+    let with_secret = || with_secret(dir.path());
     assert!(run(with_secret().arg("seed-key")).status.success());
     let created = run(with_secret().args([
         "token", "create", "--name", "billing", "--role", "encrypt", "--role", "decrypt",
@@ -476,11 +479,7 @@ async fn nothing_secret_reaches_logs_audit_or_errors() {
 
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
-    let with_secret = || {
-        let mut cmd = keyward(dir.path());
-        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
-        cmd
-    };
+    let with_secret = || with_secret(dir.path());
     assert!(run(with_secret().arg("seed-key")).status.success());
     let created = run(with_secret().args([
         "token",
@@ -682,11 +681,7 @@ async fn nothing_secret_reaches_logs_audit_or_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_usage_and_retirement_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let with_secret = || {
-        let mut cmd = keyward(dir.path());
-        cmd.env("ENCRYPTION_MASTER_KEY", SECRET);
-        cmd
-    };
+    let with_secret = || with_secret(dir.path());
     assert!(run(with_secret().arg("seed-key")).status.success());
     let server = Server::start_with(
         with_secret(),

@@ -268,14 +268,13 @@ async fn start(
         .await
         .unwrap();
     });
-    wait_for_heartbeat(&database_url, addr).await;
     let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
     let channel = if tls {
         endpoint.connect_lazy()
     } else {
         endpoint.connect().await.unwrap()
     };
-    TestApp {
+    let app = TestApp {
         backend,
         database_url,
         crypto: CryptoClient::new(channel.clone()),
@@ -287,42 +286,9 @@ async fn start(
         stop: Some(stop),
         server: Some(server),
         dir,
-    }
-}
-
-/// Waits until the server on `addr` has heartbeat its first catalog (its
-/// start-up key checks are done), so tests count only their own KMS calls.
-async fn wait_for_heartbeat(database_url: &str, addr: std::net::SocketAddr) {
-    const SQL: &str = "SELECT COUNT(*) FROM keyward_replicas r, keyward_catalog_version v \
-         WHERE r.listen = $1 AND r.catalog_version = v.version";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let beats: i64 = if database_url.starts_with("sqlite:") {
-            let pool = SqlitePool::connect(database_url).await.unwrap();
-            let n = sqlx::query_scalar(SQL)
-                .bind(addr.to_string())
-                .fetch_one(&pool)
-                .await;
-            pool.close().await;
-            n.unwrap()
-        } else {
-            let pool = PgPool::connect(database_url).await.unwrap();
-            let n = sqlx::query_scalar(SQL)
-                .bind(addr.to_string())
-                .fetch_one(&pool)
-                .await;
-            pool.close().await;
-            n.unwrap()
-        };
-        if beats > 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no heartbeat from {addr}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    };
+    app.wait_for_heartbeat().await;
+    app
 }
 
 impl TestApp {
@@ -408,6 +374,26 @@ impl TestApp {
             .fetch_one(&pool)
             .await)
         .unwrap()
+    }
+
+    /// Waits until this server has heartbeat the current catalog (its
+    /// start-up key checks are done), so tests count only their own KMS
+    /// calls.
+    async fn wait_for_heartbeat(&self) {
+        let sql = format!(
+            "SELECT COUNT(*) FROM keyward_replicas r, keyward_catalog_version v \
+             WHERE r.listen = '{}' AND r.catalog_version = v.version",
+            self.addr
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.count(&sql).await == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no heartbeat from {}",
+                self.addr
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs one SQL statement on the app's database (test set-up only).

@@ -10,8 +10,8 @@ use keyward::{
     api::proto::{
         decrypt_request::Ciphertext, ActivateKeyRequest, CreateKeyRequest, DecryptRequest,
         Envelope, GetKeyUsageRequest, GetRotationJobRequest, KeyStatus, KeyUsage, ListKeysRequest,
-        ListReplicasRequest, RefreshKeyMetadataRequest, RetireKeyRequest, RotationStatus,
-        StartRotationRequest,
+        ListReplicasRequest, ListReplicasResponse, RefreshKeyMetadataRequest, RetireKeyRequest,
+        RetireKeyResponse, RotationStatus, StartRotationRequest,
     },
     auth::audit::{AuditSettings, AuditSink},
     service::replica::ReplicaOptions,
@@ -67,6 +67,24 @@ async fn usage(app: &TestApp) -> Vec<KeyUsage> {
         .unwrap()
         .into_inner()
         .keys
+}
+
+/// RetireKey on `key_id` (a dry run, forced, or neither).
+async fn retire(
+    app: &TestApp,
+    key_id: &str,
+    dry_run: bool,
+    force: bool,
+) -> Result<RetireKeyResponse, tonic::Status> {
+    app.admin
+        .clone()
+        .retire_key(RetireKeyRequest {
+            key_id: key_id.into(),
+            dry_run,
+            force,
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 fn rows_on(usage: &[KeyUsage], key_id: &str) -> i64 {
@@ -144,13 +162,7 @@ async fn replicas_follow_catalog_changes(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let replicas = a
-        .admin
-        .clone()
-        .list_replicas(ListReplicasRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let replicas = list_replicas(&a).await;
     let listens: Vec<&str> = replicas
         .replicas
         .iter()
@@ -163,13 +175,7 @@ async fn replicas_follow_catalog_changes(backend: Backend) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let replicas = a
-            .admin
-            .clone()
-            .list_replicas(ListReplicasRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let replicas = list_replicas(&a).await;
         let current = replicas.replicas.iter().all(|r| {
             r.live
                 && r.kind == "serve"
@@ -282,14 +288,19 @@ async fn staged_activation_waits_for_every_replica(backend: Backend) {
     }
 }
 
-async fn replica_id(on: &TestApp, replica: &TestApp) -> String {
-    let addr = replica.addr.to_string();
-    on.admin
+async fn list_replicas(app: &TestApp) -> ListReplicasResponse {
+    app.admin
         .clone()
         .list_replicas(ListReplicasRequest {})
         .await
         .unwrap()
         .into_inner()
+}
+
+async fn replica_id(on: &TestApp, replica: &TestApp) -> String {
+    let addr = replica.addr.to_string();
+    list_replicas(on)
+        .await
         .replicas
         .into_iter()
         .find(|r| r.listen == addr)
@@ -345,17 +356,7 @@ async fn key_usage_and_the_retirement_plan(backend: Backend) {
     assert!(primary.oldest_age_seconds >= 0.0 && primary.oldest_age_seconds < 600.0);
 
     activate_new_key(&app, "next").await;
-    let plan = app
-        .admin
-        .clone()
-        .retire_key(RetireKeyRequest {
-            key_id: "primary".into(),
-            dry_run: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let plan = retire(&app, "primary", true, false).await.unwrap();
     assert!(!plan.retired);
     assert_eq!(plan.referencing_rows, 3);
     assert_eq!(
@@ -371,13 +372,7 @@ async fn key_usage_and_the_retirement_plan(backend: Backend) {
     assert!(plan.replicas_using_key.is_empty());
     // A real retirement refuses with exactly that report.
     let status = assert_code(
-        app.admin
-            .clone()
-            .retire_key(RetireKeyRequest {
-                key_id: "primary".into(),
-                ..Default::default()
-            })
-            .await,
+        retire(&app, "primary", false, false).await,
         Code::FailedPrecondition,
     );
     assert!(status.message().contains(&plan.blockers[0]), "{status:?}");
@@ -391,29 +386,10 @@ async fn key_usage_and_the_retirement_plan(backend: Backend) {
     assert_eq!(rows_on(&after, "next"), 4);
     assert_eq!(after.iter().find(|u| u.legacy).unwrap().rows, 0);
 
-    let plan = app
-        .admin
-        .clone()
-        .retire_key(RetireKeyRequest {
-            key_id: "primary".into(),
-            dry_run: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let plan = retire(&app, "primary", true, false).await.unwrap();
     assert!(plan.blockers.is_empty(), "{plan:?}");
     assert_eq!(plan.next_steps, vec!["keyward keys retire primary"]);
-    let retired = app
-        .admin
-        .clone()
-        .retire_key(RetireKeyRequest {
-            key_id: "primary".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let retired = retire(&app, "primary", false, false).await.unwrap();
     assert!(retired.retired);
     assert_eq!(retired.key.unwrap().status, KeyStatus::Retired as i32);
 }
@@ -439,17 +415,7 @@ async fn a_forced_retirement_is_audited_with_what_it_overrode(backend: Backend) 
     };
     insert_row(&app, "row-1", "secret").await;
     activate_new_key(&app, "next").await;
-    let retired = app
-        .admin
-        .clone()
-        .retire_key(RetireKeyRequest {
-            key_id: "primary".into(),
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let retired = retire(&app, "primary", false, true).await.unwrap();
     assert!(retired.retired);
     assert_eq!(
         retired.blockers,
