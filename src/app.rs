@@ -129,6 +129,7 @@ impl Services {
             listen,
             self.store.clone(),
             Arc::clone(&self.admin),
+            Arc::clone(&self.crypto),
             options,
         )
     }

@@ -1133,7 +1133,7 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             for replica in &activation.confirmed {
                 println!(
                     "confirmed by {}",
-                    crate::service::admin::describe_replica(replica)
+                    crate::service::replica::describe(replica)
                 );
             }
             print_keys(&[activation.activated]);

@@ -9,14 +9,14 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::crypto::CryptoService;
+use super::{crypto::CryptoService, replica};
 use crate::{
-    crypto::{context::EncryptionContext, kms::ProviderKind},
+    crypto::kms::ProviderKind,
     error::{Error, Result},
     keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
     rotation::{target::RotationTarget, RotationJob},
     store::{
-        replicas::{KeyUsage, ReplicaKind, ReplicaRecord},
+        replicas::{KeyUsage, ReplicaRecord},
         NewKey, RetireOutcome, Store, StoreError,
     },
 };
@@ -168,18 +168,6 @@ const MAX_KEY_ID_LEN: usize = 128;
 /// made-up key ids cannot turn into a database query each.
 const READ_THROUGH_EVERY: Duration = Duration::from_secs(1);
 
-/// The fixed, public plaintext of a staged activation's probe.
-const PROBE_PLAINTEXT: &[u8] = b"keyward staged activation probe";
-/// The context key a probe is bound to (with the key record id).
-const PROBE_CONTEXT_KEY: &str = "keyward:probe";
-
-/// How long a retirement plan waits for replicas behind the catalog
-/// version to report again.
-const REPLICA_CATCH_UP: Duration = Duration::from_secs(3);
-
-/// How often a staged activation looks at the replicas' heartbeats.
-const STAGED_POLL: Duration = Duration::from_millis(200);
-
 impl KeyAdmin {
     pub fn new(
         store: Store,
@@ -310,92 +298,11 @@ impl KeyAdmin {
 
     /// Staged activation's wait: stores a probe under `key` (which moves
     /// the catalog version), then waits until every live replica has
-    /// loaded that version and decrypted the probe. A replica that reports
-    /// it cannot, or does not report in time, stops the activation.
+    /// loaded that version and decrypted the probe.
     async fn stage(&self, key: &KeyRecord, timeout: Duration) -> Result<Vec<ReplicaRecord>> {
-        let sealed = self
-            .crypto
-            .encrypt_with(
-                &Arc::new(key.clone()),
-                PROBE_PLAINTEXT,
-                &probe_context(&key.id)?,
-            )
-            .await?;
-        let version = self.store.put_key_probe(&key.id, &sealed.blob()?).await?;
-        let deadline = Instant::now() + timeout;
-        let mut reported = 0;
-        loop {
-            let now = chrono::Utc::now();
-            let live: Vec<ReplicaRecord> = self
-                .store
-                .list_replicas()
-                .await?
-                .into_iter()
-                .filter(|r| r.is_live(now))
-                .collect();
-            let mut waiting = Vec::new();
-            for replica in &live {
-                let readiness = (replica.catalog_version >= version)
-                    .then(|| replica.key_readiness.get(&key.id))
-                    .flatten();
-                match readiness {
-                    Some(None) => {}
-                    Some(Some(reason)) => {
-                        return Err(Error::ReplicaNotReady {
-                            replica: describe_replica(replica),
-                            key_id: key.key_id.clone(),
-                            reason: reason.clone(),
-                        })
-                    }
-                    None => waiting.push(replica),
-                }
-            }
-            let Some(first) = waiting.first() else {
-                tracing::info!(key_id = %key.key_id, replicas = live.len(), "staged activation: every live replica can decrypt under the key");
-                return Ok(live);
-            };
-            if Instant::now() >= deadline {
-                return Err(Error::ReplicaNotReady {
-                    replica: describe_replica(first),
-                    key_id: key.key_id.clone(),
-                    reason: format!(
-                        "it did not confirm the key within {}s (it has catalog version {} of {version}; last heartbeat {})",
-                        timeout.as_secs(),
-                        first.catalog_version,
-                        first.heartbeat_at.to_rfc3339()
-                    ),
-                });
-            }
-            if waiting.len() != reported {
-                reported = waiting.len();
-                tracing::info!(key_id = %key.key_id, waiting = reported, live = live.len(), "staged activation: waiting for replicas to confirm the key");
-            }
-            tokio::time::sleep(STAGED_POLL).await;
-        }
-    }
-
-    /// Whether this process can use `key`: it decrypts the key's staged
-    /// activation probe when there is one, else round-trips the key through
-    /// its KMS. `None` when it can, else why not.
-    pub async fn check_key(&self, key: &Arc<KeyRecord>, probe: Option<&[u8]>) -> Option<String> {
-        let result = match probe {
-            None => self.crypto.round_trip(key).await,
-            Some(probe) => {
-                async {
-                    let envelope = self
-                        .crypto
-                        .parse(super::crypto::Ciphertext::Blob(probe.to_vec()))?;
-                    if envelope.encryption_key_id != key.id {
-                        return Err(Error::MalformedEnvelope("the probe names another key"));
-                    }
-                    self.crypto
-                        .verify(&envelope, &probe_context(&key.id)?)
-                        .await
-                }
-                .await
-            }
-        };
-        result.err().map(|err| crate::error::chain(&err))
+        let probe = replica::seal_probe(&self.crypto, key).await?;
+        let version = self.store.put_key_probe(&key.id, &probe).await?;
+        replica::await_confirmations(&self.store, key, version, timeout).await
     }
 
     /// Every process that heartbeats into this database (live or gone
@@ -457,33 +364,6 @@ impl KeyAdmin {
         Ok(reports)
     }
 
-    /// Live `serve` replicas whose heartbeat says they encrypt with `key`.
-    /// Those behind the database's catalog version are about to reload, so
-    /// they get [`REPLICA_CATCH_UP`] to report again first.
-    async fn replicas_encrypting_with(&self, key: &KeyRecord) -> Result<Vec<ReplicaRecord>> {
-        let deadline = Instant::now() + REPLICA_CATCH_UP;
-        loop {
-            let version = self.store.catalog_version().await?;
-            let now = chrono::Utc::now();
-            let holding: Vec<ReplicaRecord> = self
-                .store
-                .list_replicas()
-                .await?
-                .into_iter()
-                .filter(|r| {
-                    r.is_live(now)
-                        && r.kind == ReplicaKind::Serve
-                        && r.active_key_id.as_deref() == Some(key.id.as_str())
-                })
-                .collect();
-            let catching_up = holding.iter().any(|r| r.catalog_version < version);
-            if !catching_up || Instant::now() >= deadline {
-                return Ok(holding);
-            }
-            tokio::time::sleep(STAGED_POLL).await;
-        }
-    }
-
     /// What would keep `ident` from being retired now, and what to run
     /// next (`RetireKey` with `dry_run`).
     pub async fn retire_plan(&self, ident: &str) -> Result<RetirePlan> {
@@ -502,7 +382,7 @@ impl KeyAdmin {
             .into_iter()
             .filter(|j| !j.status.is_terminal())
             .collect();
-        let replicas = self.replicas_encrypting_with(&key).await?;
+        let replicas = replica::encrypting_with(&self.store, &key).await?;
         let active = self.catalog.snapshot().active().map(|k| k.key_id.clone());
         let mut blockers = Vec::new();
         let mut next_steps = Vec::new();
@@ -521,7 +401,7 @@ impl KeyAdmin {
         for replica in &replicas {
             blockers.push(format!(
                 "replica {} still encrypts with it (catalog version {})",
-                describe_replica(replica),
+                replica::describe(replica),
                 replica.catalog_version
             ));
         }
@@ -787,26 +667,6 @@ impl KeyAdmin {
             }
         });
     }
-}
-
-/// The context a staged activation's probe under key record `id` is bound to.
-fn probe_context(id: &str) -> Result<EncryptionContext> {
-    Ok(EncryptionContext::from_pairs([(PROBE_CONTEXT_KEY, id)])?)
-}
-
-/// A replica as operators know it: host, process and address.
-pub fn describe_replica(replica: &ReplicaRecord) -> String {
-    format!(
-        "{} ({} pid {}{}{})",
-        replica.id,
-        replica.kind.as_str(),
-        replica.pid,
-        if replica.host.is_empty() { "" } else { " on " },
-        match &replica.listen {
-            Some(listen) => format!("{}, {listen}", replica.host),
-            None => replica.host.clone(),
-        }
-    )
 }
 
 /// Parses a create request into a record to insert.

@@ -22,7 +22,7 @@ use std::{
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::admin::KeyAdmin;
+use crate::service::{admin::KeyAdmin, crypto::CryptoService};
 use crate::{
     keys::{Catalog, KeyStatus},
     store::{
@@ -57,6 +57,7 @@ impl Default for ReplicaOptions {
 pub struct ReplicaAgent {
     store: Store,
     admin: Arc<KeyAdmin>,
+    crypto: Arc<CryptoService>,
     options: ReplicaOptions,
     record: ReplicaRecord,
     /// Per key record id: a fingerprint of what was checked (KMS key and
@@ -73,6 +74,7 @@ impl ReplicaAgent {
         listen: Option<SocketAddr>,
         store: Store,
         admin: Arc<KeyAdmin>,
+        crypto: Arc<CryptoService>,
         options: ReplicaOptions,
     ) -> Self {
         let now = Utc::now();
@@ -95,6 +97,7 @@ impl ReplicaAgent {
         Self {
             store,
             admin,
+            crypto,
             options,
             record,
             checks: HashMap::new(),
@@ -189,7 +192,7 @@ impl ReplicaAgent {
             let result = match self.checks.get(&key.id) {
                 Some((seen, None)) if *seen == fingerprint => None,
                 _ => {
-                    let result = self.admin.check_key(key, probe).await;
+                    let result = super::check_key(&self.crypto, key, probe).await;
                     if let Some(reason) = &result {
                         tracing::warn!(key_id = %key.key_id, %reason, "this replica cannot use a key");
                     }
