@@ -268,8 +268,17 @@ async fn refresh_picks_up_out_of_band_changes(backend: Backend) {
          INSERT INTO encryption_keys (key_id, kms_key_arn, alias, status) VALUES ('2025-03-kms', 'local:app/master', 'prod/app/2025-03', 'active');"
     ))
     .await;
-    // Until refreshed, this process keeps using its cached catalog.
-    assert_eq!(app.encrypt(b"x", CONN).await.key_id, PRIMARY);
+    // The trigger moved the catalog version: the server reloads by itself
+    // (NOTIFY on PostgreSQL, the version poll on SQLite).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while app.encrypt(b"x", CONN).await.key_id != "2025-03-kms" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was never loaded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // RefreshKeyMetadata (runbook §1.3) still reloads on demand.
     let mut admin = app.admin.clone();
     let summary = admin
         .refresh_key_metadata(RefreshKeyMetadataRequest {})

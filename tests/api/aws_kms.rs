@@ -40,8 +40,11 @@ async fn spawn_aws(backend: Backend, kms: KmsSettings) -> Option<TestApp> {
 }
 
 /// Registers (and optionally activates) a key record on `kms_key_arn`.
+/// Registers a key, and waits until the server's heartbeat has checked it
+/// (a KMS round trip), so a test's KMS call counts are its own.
 async fn register(app: &TestApp, key_id: &str, kms_key_arn: &str, activate: bool) -> String {
-    app.admin
+    let id = app
+        .admin
         .clone()
         .create_key(CreateKeyRequest {
             key_id: key_id.into(),
@@ -52,7 +55,9 @@ async fn register(app: &TestApp, key_id: &str, kms_key_arn: &str, activate: bool
         .await
         .unwrap()
         .into_inner()
-        .id
+        .id;
+    app.wait_for_heartbeat().await;
+    id
 }
 
 fn kms_calls(app: &TestApp, op: KmsOperation) -> u64 {

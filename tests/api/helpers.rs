@@ -376,10 +376,9 @@ impl TestApp {
         .unwrap()
     }
 
-    /// Waits until this server has heartbeat the current catalog (its
-    /// start-up key checks are done), so tests count only their own KMS
-    /// calls.
-    async fn wait_for_heartbeat(&self) {
+    /// Waits until this server has heartbeat the current catalog (its key
+    /// checks for it are done), so tests count only their own KMS calls.
+    pub async fn wait_for_heartbeat(&self) {
         let sql = format!(
             "SELECT COUNT(*) FROM keyward_replicas r, keyward_catalog_version v \
              WHERE r.listen = '{}' AND r.catalog_version = v.version",
