@@ -1360,7 +1360,7 @@ async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Result<ExitCo
     };
     let job = last.job;
     println!(
-        "job {}: {} — total {}, processed {}, succeeded {}, failed {}, skipped {}{}",
+        "job {}: {} — total {}, processed {}, succeeded {}, failed {}, skipped {}, late {}{}",
         job.id,
         job.status,
         job.counts.total,
@@ -1368,6 +1368,7 @@ async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Result<ExitCo
         job.counts.succeeded,
         job.counts.failed,
         job.counts.skipped,
+        job.counts.late,
         job.last_error
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default()
@@ -1381,12 +1382,21 @@ async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Result<ExitCo
 
 fn print_jobs(jobs: &[RotationJob]) {
     println!(
-        "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  LAST_ERROR",
-        "ID", "STATUS", "MODE", "PASS", "TOTAL", "PROCESSED", "SUCCEEDED", "FAILED", "SKIPPED"
+        "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {:>5}  LAST_ERROR",
+        "ID",
+        "STATUS",
+        "MODE",
+        "PASS",
+        "TOTAL",
+        "PROCESSED",
+        "SUCCEEDED",
+        "FAILED",
+        "SKIPPED",
+        "LATE"
     );
     for j in jobs {
         println!(
-            "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {}",
+            "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {:>5}  {}",
             j.id,
             format!("{}{}", j.status, if j.dry_run { " (dry run)" } else { "" }),
             j.mode.as_str(),
@@ -1396,6 +1406,7 @@ fn print_jobs(jobs: &[RotationJob]) {
             j.counts.succeeded,
             j.counts.failed,
             j.counts.skipped,
+            j.counts.late,
             j.last_error.as_deref().unwrap_or("")
         );
     }
