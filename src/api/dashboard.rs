@@ -48,12 +48,8 @@ pub struct Dashboard<S> {
 /// A GET or HEAD for a file: not gRPC or gRPC-Web, and naming no keyward
 /// service.
 fn is_file_request<B>(request: &http::Request<B>) -> bool {
-    let grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     matches!(*request.method(), http::Method::GET | http::Method::HEAD)
-        && !grpc
+        && !super::observe::is_grpc(request)
         && !request.uri().path().starts_with("/keyward.")
 }
 

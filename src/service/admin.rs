@@ -367,7 +367,11 @@ impl KeyAdmin {
     /// What would keep `ident` from being retired now, and what to run
     /// next (`RetireKey` with `dry_run`).
     pub async fn retire_plan(&self, ident: &str) -> Result<RetirePlan> {
-        let key = self.find(ident).await?;
+        self.plan_retirement(self.find(ident).await?).await
+    }
+
+    /// The [`RetirePlan`] of a key record already read.
+    async fn plan_retirement(&self, key: KeyRecord) -> Result<RetirePlan> {
         let rows: Vec<KeyUsage> = self
             .store
             .key_usage(&self.targets)
@@ -484,7 +488,7 @@ impl KeyAdmin {
             }
             KeyStatus::Rotating => {}
         }
-        let plan = self.retire_plan(&key.id).await?;
+        let plan = self.plan_retirement(key.clone()).await?;
         if !plan.blockers.is_empty() && !force {
             return Err(Error::RetireBlocked {
                 key_id: key.key_id,

@@ -236,13 +236,7 @@ async fn staged_activation_waits_for_every_replica(backend: Backend) {
 
     c.shutdown().await;
     // A replica that is live but never reports the new catalog.
-    a.sql(
-        "INSERT INTO keyward_replicas (id, kind, host, pid, listen, version, started_at, heartbeat_at, \
-         expires_at, catalog_version, active_key_id, active_since, key_readiness) VALUES \
-         ('serve-stuck', 'serve', 'old-host', 1, '10.0.0.9:50051', '0.0.0', '2026-01-01T00:00:00Z', \
-         '2099-01-01T00:00:00Z', '2099-01-01T00:00:00Z', 1, NULL, NULL, '{}')",
-    )
-    .await;
+    insert_stuck_replica(&a, None).await;
     let status = assert_code(
         admin.activate_key(staged(1)).await,
         Code::FailedPrecondition,
@@ -295,6 +289,20 @@ async fn list_replicas(app: &TestApp) -> ListReplicasResponse {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// A `serve` replica `serve-stuck` that stays live (until 2099) on catalog
+/// version 1, encrypting with `active` (a key record id), and never
+/// heartbeats again.
+async fn insert_stuck_replica(app: &TestApp, active: Option<&str>) {
+    let active = active.map_or("NULL".to_owned(), |id| format!("'{id}'"));
+    app.sql(&format!(
+        "INSERT INTO keyward_replicas (id, kind, host, pid, listen, version, started_at, heartbeat_at, \
+         expires_at, catalog_version, active_key_id, active_since, key_readiness) VALUES \
+         ('serve-stuck', 'serve', 'old-host', 1, '10.0.0.9:50051', '0.0.0', '2026-01-01T00:00:00Z', \
+         '2099-01-01T00:00:00Z', '2099-01-01T00:00:00Z', 1, {active}, NULL, '{{}}')"
+    ))
+    .await;
 }
 
 async fn replica_id(on: &TestApp, replica: &TestApp) -> String {
@@ -525,13 +533,7 @@ async fn a_replica_that_never_switches_cannot_hold_a_job_forever(backend: Backen
     }
     activate_new_key(&app, "next").await;
     let primary = key_record_id(&app, "primary");
-    app.sql(&format!(
-        "INSERT INTO keyward_replicas (id, kind, host, pid, listen, version, started_at, heartbeat_at, \
-         expires_at, catalog_version, active_key_id, active_since, key_readiness) VALUES \
-         ('serve-stuck', 'serve', 'old-host', 1, '10.0.0.9:50051', '0.0.0', '2026-01-01T00:00:00Z', \
-         '2099-01-01T00:00:00Z', '2099-01-01T00:00:00Z', 1, '{primary}', NULL, '{{}}')"
-    ))
-    .await;
+    insert_stuck_replica(&app, Some(&primary)).await;
     let job_id = start(&app, StartRotationRequest::default()).await;
     let waiting = format!(
         "SELECT COUNT(*) FROM encryption_rotation_jobs WHERE id = '{job_id}' \

@@ -168,15 +168,16 @@ fn probe_context(id: &str) -> Result<EncryptionContext> {
 
 /// A replica as operators know it: host, process and address.
 pub fn describe(replica: &ReplicaRecord) -> String {
+    let listen = replica
+        .listen
+        .as_ref()
+        .map(|l| format!(", {l}"))
+        .unwrap_or_default();
     format!(
-        "{} ({} pid {}{}{})",
+        "{} ({} pid {} on {}{listen})",
         replica.id,
         replica.kind.as_str(),
         replica.pid,
-        if replica.host.is_empty() { "" } else { " on " },
-        match &replica.listen {
-            Some(listen) => format!("{}, {listen}", replica.host),
-            None => replica.host.clone(),
-        }
+        replica.host,
     )
 }
