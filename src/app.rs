@@ -9,6 +9,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
+use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{server::TcpIncoming, Server};
@@ -45,6 +46,7 @@ use crate::{
         rotation::Rotations,
     },
     store::{replicas::ReplicaKind, Store, StoreError},
+    transport::CoalescingStream,
 };
 
 /// Why the server could not start or stopped with an error.
@@ -436,8 +438,11 @@ impl Application {
             .add_service(crypto)
             .add_service(admin)
             .serve_with_incoming_shutdown(
-                // Small responses must not wait out Nagle + delayed ACK.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                // Small responses must not wait out Nagle + delayed ACK;
+                // each connection's frames are written many per system call.
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map_ok(CoalescingStream::new),
                 drain.cancelled_owned(),
             );
         tokio::pin!(server);

@@ -26,6 +26,7 @@ use crate::{
     app::{Application, Services, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
     config::{KmsSettings, MasterSecrets, Settings},
     crypto::secret::MasterSecret,
+    transport::connect_channel,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -96,11 +97,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
             url
         }
     };
-    let channel = Endpoint::from_shared(target.clone())?
-        .tcp_nodelay(true)
+    let endpoint = Endpoint::from_shared(target.clone())?
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .connect()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW);
+    let channel = connect_channel(endpoint)
         .await
         .with_context(|| format!("cannot connect to {target}"))?;
     let rounds = args.rounds.max(1);

@@ -12,6 +12,7 @@
 //! - [`store`]: the database (SQLite or PostgreSQL), the only place with SQL;
 //! - [`app`]: wiring and the server's lifecycle;
 //! - [`metrics`]: the Prometheus endpoint;
+//! - [`transport`]: write coalescing for the gRPC connections;
 //! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
 //! - [`bench`], [`bench_rotation`], [`bench_kms_cache`], [`bench_soak`]:
 //!   the `keyward bench`, `bench-rotation`, `bench-kms-cache` and
@@ -38,3 +39,4 @@ pub mod metrics;
 pub mod rotation;
 pub mod service;
 pub mod store;
+pub mod transport;
