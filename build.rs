@@ -27,6 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes` fields as `bytes::Bytes`: decoding slices the request
         // buffer instead of allocating and copying each field.
         .bytes(".")
+        // Buffers sized from the message's length (see src/api/codec.rs).
+        .codec_path("crate::api::codec::SizedProstCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod auth;
+pub mod codec;
 mod convert;
 mod crypto;
 pub mod dashboard;
