@@ -22,4 +22,5 @@ mod replicas;
 mod rotation;
 mod scale_out;
 mod security;
+mod transport;
 mod workers;
