@@ -4,9 +4,11 @@
 //! tonic starts every message in an 8 KiB buffer and prost writes into it
 //! field by field, so a 1.2 MB BatchEncrypt response grew by doubling: about
 //! twice its size copied again and fresh pages zeroed by the kernel for each
-//! step. Reserving `encoded_len()` first (a walk over the message that prost
-//! needs anyway for the length prefixes) makes it one allocation and one
-//! write.
+//! step. Reserving `encoded_len()` first makes it one allocation and one
+//! write. The price is one more walk over the message: `Message::encode`
+//! computes the length again for its capacity check, and the only way
+//! around that is prost's `#[doc(hidden)]` `encode_raw`, which this codec
+//! does not rely on.
 
 use std::marker::PhantomData;
 
