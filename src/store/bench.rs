@@ -4,7 +4,7 @@
 
 use chrono::Utc;
 
-use super::{on_pool, Pool, Store, StoreError};
+use super::{on_pool, BeginWrite, Pool, Store, StoreError};
 use crate::crypto::envelope::Envelope;
 
 impl Store {
@@ -33,7 +33,7 @@ impl Store {
                 .await?;
             }
             Pool::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 for (id, e) in rows {
                     sqlx::query(
                         "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, data_key_iv, \

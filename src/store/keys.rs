@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{on_pool, Store, StoreError};
+use super::{on_pool, BeginWrite, Store, StoreError};
 use crate::{
     crypto::kms::ProviderKind,
     keys::{KeyRecord, KeyStatus},
@@ -108,7 +108,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {KEY_COLUMNS}"
         );
         let row: KeyRow = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if new.status == KeyStatus::Active {
                 sqlx::query(DEMOTE_ACTIVE)
                     .bind(now)
@@ -138,7 +138,7 @@ impl Store {
     pub async fn activate_key(&self, id: &str) -> Result<(), StoreError> {
         let now = Utc::now();
         let activated = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query(DEMOTE_ACTIVE)
                 .bind(now)
                 .bind(id)
@@ -181,7 +181,7 @@ impl Store {
              WHERE id = $2 AND status = 'rotating' RETURNING {KEY_COLUMNS}"
         );
         let (refs, row): (i64, Option<KeyRow>) = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let refs: i64 = sqlx::query_scalar(&count_references)
                 .bind(id)
                 .fetch_one(&mut *tx)

@@ -69,12 +69,27 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
+            sqlx::Error::Database(db) if is_sqlite_busy(db.as_ref()) => {
+                StoreError::Unavailable(err)
+            }
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(unique_field(db.message()))
             }
             _ => StoreError::Query(err),
         }
     }
+}
+
+/// SQLite's `SQLITE_BUSY` (5) and `SQLITE_LOCKED` (6), with any extended
+/// code: another connection held the lock past the busy timeout. The
+/// caller may retry, as with any unavailable database.
+fn is_sqlite_busy(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some()
+        && err
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 /// Names the field a unique violation was about, for a helpful message.
@@ -106,6 +121,38 @@ macro_rules! on_pool {
     };
 }
 pub(crate) use on_pool;
+
+/// Opens a transaction that is going to write.
+///
+/// On SQLite a plain `BEGIN` takes the write lock only at the first write.
+/// If the transaction read before that and another connection committed in
+/// between, the upgrade fails at once with `SQLITE_BUSY`: the busy timeout
+/// does not apply, since waiting cannot make a stale snapshot current.
+/// `BEGIN IMMEDIATE` takes the write lock up front, where the busy timeout
+/// does wait, so a read-then-write transaction (count, then retire) cannot
+/// fail because a heartbeat landed between its statements. PostgreSQL has no
+/// such upgrade: a plain `BEGIN`.
+pub(crate) trait BeginWrite {
+    type Database: sqlx::Database;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
 
 /// A handle on the database. Cheap to clone (a pool inside).
 #[derive(Clone)]
@@ -175,5 +222,74 @@ impl Store {
     /// Closes every connection (used on shutdown).
     pub async fn close(&self) {
         on_pool!(self, |pool| pool.close().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sqlite_pool(dir: &tempfile::TempDir) -> SqlitePool {
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let Pool::Sqlite(pool) = Store::connect(&url).await.unwrap().pool else {
+            unreachable!("a sqlite:// URL opens SQLite");
+        };
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool
+    }
+
+    /// The failure `begin_write` exists for: a plain transaction that read
+    /// cannot write after another connection committed.
+    #[tokio::test]
+    async fn a_plain_transaction_that_read_cannot_write_after_a_concurrent_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sqlite_pool(&dir).await;
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT count(*) FROM t")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let err = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("locked"), "{err}");
+        // Should it happen anyway, callers see a retryable failure.
+        assert!(matches!(StoreError::from(err), StoreError::Unavailable(_)));
+    }
+
+    #[tokio::test]
+    async fn begin_write_makes_a_concurrent_writer_wait_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = sqlite_pool(&dir).await;
+        let mut tx = pool.begin_write().await.unwrap();
+        let before: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let other = tokio::spawn({
+            let pool = pool.clone();
+            async move { sqlx::query("INSERT INTO t VALUES (1)").execute(&pool).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!other.is_finished(), "the other writer waits for the lock");
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        other.await.unwrap().unwrap();
+        let after: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!((before, after), (0, 2));
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{on_pool, Backend, Pool, Store, StoreError};
+use super::{on_pool, Backend, BeginWrite, Pool, Store, StoreError};
 use crate::rotation::target::RotationTarget;
 
 /// What a process is.
@@ -225,7 +225,7 @@ impl Store {
     pub async fn put_key_probe(&self, key_id: &str, probe: &[u8]) -> Result<i64, StoreError> {
         let now = Utc::now();
         let version = on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO keyward_key_probes (key_id, probe, created_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (key_id) DO UPDATE SET probe = excluded.probe, created_at = excluded.created_at",

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::{Pool, Store, StoreError};
+use super::{BeginWrite, Pool, Store, StoreError};
 use crate::{
     crypto::envelope::Envelope,
     rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob},
@@ -596,13 +596,13 @@ impl Store {
         );
         match &self.pool {
             Pool::Sqlite(pool) => {
-                // IMMEDIATE takes the write lock up front, so two claimers
-                // never read the same cursor.
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                // The write lock is taken up front (`BEGIN IMMEDIATE`), so
+                // two claimers never read the same cursor.
+                let mut tx = pool.begin_write().await?;
                 claim!(tx, pick)
             }
             Pool::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 // The job row is locked only for this short transaction:
                 // workers sharing a job take turns at its cursor, each
                 // then processing its own batch in parallel.
@@ -682,7 +682,7 @@ impl Store {
 
         match &self.pool {
             Pool::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 // One statement for the whole batch.
                 let written = if rewritten.is_empty() {
                     0
@@ -722,7 +722,7 @@ impl Store {
             Pool::Sqlite(pool) => {
                 // SQLite has no arrays; an embedded database pays no round
                 // trip per statement, so one statement per row is cheap.
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut tx = pool.begin_write().await?;
                 let sql = target.write_row_sql_sqlite();
                 let mut written = 0i64;
                 for (row, env) in &rewritten {
@@ -753,7 +753,7 @@ impl Store {
     pub async fn release_claim(&self, claim: &Claim, worker_id: &str) -> Result<(), StoreError> {
         let now = Utc::now();
         super::on_pool!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             sqlx::query("DELETE FROM encryption_rotation_claims WHERE id = $1")
                 .bind(&claim.id)
                 .execute(&mut *tx)
