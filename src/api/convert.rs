@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tonic::Status;
 
@@ -53,18 +54,31 @@ pub fn sealed_to_proto(
     form: proto::EnvelopeForm,
 ) -> Result<proto::EncryptResponse, Error> {
     use proto::EnvelopeForm as Form;
-    let blob = match form {
-        Form::Fields => Vec::new(),
-        Form::Unspecified | Form::Blob | Form::Both => sealed.blob()?,
-    };
-    let envelope = match form {
-        Form::Blob => None,
-        Form::Unspecified | Form::Fields | Form::Both => Some(envelope_to_proto(sealed.envelope)),
+    let key_id = sealed.key.key_id.clone();
+    let (envelope, blob) = match form {
+        Form::Fields => (Some(envelope_to_proto(sealed.envelope)), Bytes::new()),
+        Form::Blob => (None, sealed.blob()?.into()),
+        Form::Unspecified | Form::Both => {
+            // The structured fields are slices of the blob: one buffer and
+            // one reference count, where four separate buffers would each
+            // allocate a reference count when the response is encoded
+            // (prost's encoder clones every `Bytes` field).
+            let (blob, at) = sealed.blob_with_ranges()?;
+            let blob = Bytes::from(blob);
+            let envelope = proto::Envelope {
+                encryption_key_id: sealed.envelope.encryption_key_id,
+                data_key_ciphertext: blob.slice(at.data_key_ciphertext),
+                data_key_iv: blob.slice(at.data_key_iv),
+                payload_ciphertext: blob.slice(at.payload_ciphertext),
+                payload_iv: blob.slice(at.payload_iv),
+            };
+            (Some(envelope), blob)
+        }
     };
     Ok(proto::EncryptResponse {
-        key_id: sealed.key.key_id.clone(),
+        key_id,
         envelope,
-        blob: blob.into(),
+        blob,
     })
 }
 

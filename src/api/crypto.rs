@@ -27,23 +27,45 @@ const BATCH_DECRYPT: &str = "keyward.v1.Crypto/BatchDecrypt";
 
 /// The keys (by key_id) a call used, recorded in its span once at the end:
 /// a batch of 500 items under one key names it once, instead of formatting
-/// and appending it to the span 500 times.
+/// and appending it to the span 500 times. A call under one key (every
+/// unary call) allocates nothing beyond that key's name.
 #[derive(Default)]
-struct KeysUsed(Vec<String>);
+struct KeysUsed {
+    first: Option<String>,
+    more: Vec<String>,
+}
 
 impl KeysUsed {
     /// Distinct keys named in a span, at most (a batch may mix keys).
     const MAX: usize = 8;
 
     fn add(&mut self, key_id: &str) {
-        if self.0.len() < Self::MAX && !self.0.iter().any(|k| k == key_id) {
-            self.0.push(key_id.to_owned());
+        match &self.first {
+            None => self.first = Some(key_id.to_owned()),
+            Some(first) if first == key_id => {}
+            Some(_) => {
+                if self.more.len() + 1 < Self::MAX && !self.more.iter().any(|k| k == key_id) {
+                    self.more.push(key_id.to_owned());
+                }
+            }
         }
     }
 
+    /// The names to record: the one key as it is, several joined by ",".
+    fn names(&self) -> Option<std::borrow::Cow<'_, str>> {
+        let first = self.first.as_deref()?;
+        if self.more.is_empty() {
+            return Some(first.into());
+        }
+        let all: Vec<&str> = std::iter::once(first)
+            .chain(self.more.iter().map(String::as_str))
+            .collect();
+        Some(all.join(",").into())
+    }
+
     fn record(&self) {
-        if !self.0.is_empty() {
-            record_key_id(&self.0.join(","));
+        if let Some(names) = self.names() {
+            record_key_id(&names);
         }
     }
 }
@@ -277,5 +299,29 @@ impl Crypto for CryptoApi {
         }
         keys.record();
         Ok(Response::new(proto::BatchDecryptResponse { results }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeysUsed;
+
+    #[test]
+    fn keys_used_names_each_key_once_up_to_the_limit() {
+        let mut keys = KeysUsed::default();
+        assert_eq!(keys.names(), None);
+        for _ in 0..3 {
+            keys.add("primary");
+        }
+        assert_eq!(keys.names().as_deref(), Some("primary"));
+        keys.add("next");
+        keys.add("primary");
+        keys.add("next");
+        assert_eq!(keys.names().as_deref(), Some("primary,next"));
+        for i in 0..20 {
+            keys.add(&format!("k{i}"));
+        }
+        let names = keys.names().unwrap_or_default();
+        assert_eq!(names.split(',').count(), KeysUsed::MAX, "{names}");
     }
 }

@@ -3,6 +3,8 @@
 //! the parser reads it with bounds checks only, never indexing or panicking,
 //! whatever the input.
 
+use std::ops::Range;
+
 use super::{
     aead::{NONCE_LEN, TAG_LEN},
     envelope::{Envelope, FORMAT_VERSION},
@@ -40,9 +42,24 @@ pub enum BlobError {
     ShortPayload,
 }
 
+/// Where each byte-string field of the envelope sits in its encoded blob,
+/// so the structured form can share the blob's buffer instead of copying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldRanges {
+    pub data_key_ciphertext: Range<usize>,
+    pub data_key_iv: Range<usize>,
+    pub payload_iv: Range<usize>,
+    pub payload_ciphertext: Range<usize>,
+}
+
 /// Serializes an envelope. Fails only when a field is out of the ranges the
 /// format can express, which envelopes made by keyward never are.
 pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BlobError> {
+    encode_with_ranges(envelope).map(|(blob, _)| blob)
+}
+
+/// [`encode`], also saying where each field went.
+pub fn encode_with_ranges(envelope: &Envelope) -> Result<(Vec<u8>, FieldRanges), BlobError> {
     let key_id = envelope.encryption_key_id.as_bytes();
     let key_id_len = u8::try_from(key_id.len()).map_err(|_| BlobError::BadKeyId)?;
     if key_id.is_empty() {
@@ -74,13 +91,26 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BlobError> {
     out.push(key_id_len);
     out.extend_from_slice(key_id);
     out.extend_from_slice(&wrapped_len.to_be_bytes());
-    out.extend_from_slice(wrapped);
+    let data_key_ciphertext = append(&mut out, wrapped);
     out.push(dk_iv_len);
-    out.extend_from_slice(&envelope.data_key_iv);
+    let data_key_iv = append(&mut out, &envelope.data_key_iv);
     out.push(NONCE_LEN as u8);
-    out.extend_from_slice(&envelope.payload_iv);
-    out.extend_from_slice(&envelope.payload_ciphertext);
-    Ok(out)
+    let payload_iv = append(&mut out, &envelope.payload_iv);
+    let payload_ciphertext = append(&mut out, &envelope.payload_ciphertext);
+    let ranges = FieldRanges {
+        data_key_ciphertext,
+        data_key_iv,
+        payload_iv,
+        payload_ciphertext,
+    };
+    Ok((out, ranges))
+}
+
+/// Appends `bytes` and returns where they landed.
+fn append(out: &mut Vec<u8>, bytes: &[u8]) -> Range<usize> {
+    let start = out.len();
+    out.extend_from_slice(bytes);
+    start..out.len()
 }
 
 /// Parses a blob into an envelope. Total on every input: returns an error,
@@ -171,6 +201,24 @@ mod tests {
         let blob = encode(&sample()).unwrap();
         assert_eq!(&blob[..3], b"KW\x01");
         assert_eq!(parse(&blob).unwrap(), sample());
+    }
+
+    #[test]
+    fn ranges_point_at_each_field() {
+        let env = sample();
+        let (blob, at) = encode_with_ranges(&env).unwrap();
+        assert_eq!(blob, encode(&env).unwrap());
+        assert_eq!(
+            &blob[at.data_key_ciphertext],
+            env.data_key_ciphertext.as_slice()
+        );
+        assert_eq!(&blob[at.data_key_iv], env.data_key_iv.as_slice());
+        assert_eq!(&blob[at.payload_iv], env.payload_iv.as_slice());
+        assert_eq!(at.payload_ciphertext.end, blob.len());
+        assert_eq!(
+            &blob[at.payload_ciphertext],
+            env.payload_ciphertext.as_slice()
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The encryption context: caller-supplied key/value pairs bound to a
 //! ciphertext as additional authenticated data, and their canonical bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// Most entries a context may have, unless configured otherwise.
 pub const MAX_ENTRIES: usize = 64;
@@ -25,9 +25,11 @@ pub enum ContextError {
 }
 
 /// A validated encryption context, ordered by key so that its encoding is
-/// canonical whatever order the caller sent.
+/// canonical whatever order the caller sent. Kept as pairs sorted by key
+/// (keys unique): contexts are small, and one `Vec` costs one allocation
+/// where a `BTreeMap` node costs a larger one on every Encrypt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EncryptionContext(BTreeMap<String, String>);
+pub struct EncryptionContext(Vec<(String, String)>);
 
 impl EncryptionContext {
     /// The empty context.
@@ -71,17 +73,27 @@ impl EncryptionContext {
         K: Into<String>,
         V: Into<String>,
     {
-        let map: BTreeMap<String, String> = pairs
+        let mut map: Vec<(String, String)> = pairs
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        // A stable sort keeps repeated keys in the order given; the last
+        // value of a repeated key wins, as in a map built from the pairs.
+        map.sort_by(|a, b| a.0.cmp(&b.0));
+        map.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
+            }
+            same
+        });
         if map.len() > MAX_ENTRIES {
             return Err(ContextError::TooManyEntries {
                 len: map.len(),
                 max: MAX_ENTRIES,
             });
         }
-        if map.keys().any(String::is_empty) {
+        if map.iter().any(|(k, _)| k.is_empty()) {
             return Err(ContextError::EmptyKey);
         }
         let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -141,6 +153,14 @@ mod tests {
         let a = EncryptionContext::from_pairs([("b", "2"), ("a", "1")]).unwrap();
         let b = EncryptionContext::from_pairs([("a", "1"), ("b", "2")]).unwrap();
         assert_eq!(canonical(&a), canonical(&b));
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        let ctx = EncryptionContext::from_pairs([("b", "1"), ("a", "x"), ("b", "2"), ("b", "3")])
+            .unwrap();
+        let pairs: Vec<_> = ctx.iter().collect();
+        assert_eq!(pairs, vec![("a", "x"), ("b", "3")]);
     }
 
     #[test]

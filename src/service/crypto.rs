@@ -73,6 +73,11 @@ impl Sealed {
     pub fn blob(&self) -> Result<Vec<u8>> {
         Ok(blob::encode(&self.envelope)?)
     }
+
+    /// The blob form and where each envelope field sits in it.
+    pub fn blob_with_ranges(&self) -> Result<(Vec<u8>, blob::FieldRanges)> {
+        Ok(blob::encode_with_ranges(&self.envelope)?)
+    }
 }
 
 /// The result of a Decrypt.
