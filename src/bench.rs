@@ -191,10 +191,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     // Interleave short slices so that drift in the machine's speed hits
     // every operation alike.
     let mut totals = [Totals::new()?, Totals::new()?, Totals::new()?];
+    // Each round's Encrypt and Decrypt against that round's floor: their
+    // spread shows how much of a difference between runs is the machine.
+    let mut round_ratios = [Vec::new(), Vec::new()];
     for _ in 0..rounds {
-        totals[0].add(run_slice(args.concurrency, slice, health.clone()).await?)?;
-        totals[1].add(run_slice(args.concurrency, slice, encrypt.clone()).await?)?;
-        totals[2].add(run_slice(args.concurrency, slice, decrypt.clone()).await?)?;
+        let floor = run_slice(args.concurrency, slice, health.clone()).await?;
+        let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
+        let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
+        round_ratios[0].push(encrypt.calls_per_sec() / floor.calls_per_sec());
+        round_ratios[1].push(decrypt.calls_per_sec() / floor.calls_per_sec());
+        totals[0].add(floor)?;
+        totals[1].add(encrypt)?;
+        totals[2].add(decrypt)?;
     }
     let batch_totals = {
         let mut t = Totals::new()?;
@@ -222,6 +230,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
             ms(r.p50),
             ms(r.p99)
         );
+    }
+    for (name, ratios) in ["Encrypt", "Decrypt"].iter().zip(&mut round_ratios) {
+        ratios.sort_by(f64::total_cmp);
+        if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
+            println!(
+                "  {name}/floor by round: min {min:.2}, median {:.2}, max {max:.2} ({} rounds)",
+                ratios[ratios.len() / 2],
+                ratios.len()
+            );
+        }
     }
     let b = &results[3];
     println!(
@@ -256,6 +274,10 @@ impl Totals {
         self.elapsed += other.elapsed;
         self.hist.add(other.hist)?;
         Ok(())
+    }
+
+    fn calls_per_sec(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
     }
 
     fn result(&self, name: &'static str, ops_per_call: usize) -> PhaseResult {
