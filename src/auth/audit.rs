@@ -25,6 +25,8 @@ pub enum AuditSink {
     Off,
     /// Standard output (logs go to standard error).
     Stdout,
+    /// Standard error (for commands whose output is on standard output).
+    Stderr,
     /// Appended to a file.
     File(PathBuf),
 }
@@ -95,6 +97,7 @@ impl AuditLog {
         let writer: Option<Box<dyn Write + Send>> = match &settings.sink {
             AuditSink::Off => None,
             AuditSink::Stdout => Some(Box::new(std::io::stdout())),
+            AuditSink::Stderr => Some(Box::new(std::io::stderr())),
             AuditSink::File(path) => Some(Box::new(
                 std::fs::OpenOptions::new()
                     .create(true)

@@ -11,6 +11,7 @@
 //! directly, like the runbook's scripts; a running server picks their
 //! changes up on its catalog refresh timer or on `RefreshKeyMetadata`.
 
+mod audit;
 mod config_file;
 
 use std::{
@@ -26,6 +27,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{fmt, EnvFilter};
 
+use self::audit::OperatorAudit;
 use crate::{
     app::{Application, Services},
     auth::{
@@ -92,6 +94,42 @@ struct GlobalArgs {
     log_format: LogFormat,
     #[command(flatten)]
     kms: KmsArgs,
+    #[command(flatten)]
+    audit: AuditArgs,
+}
+
+/// The audit log: `serve`'s calls and the operator commands that change
+/// keys, rotations or tokens write to the same sink.
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Audit log: `-` for standard output (`serve`; other commands use
+    /// standard error, their output being on standard output), a file path
+    /// (appended), or `off`.
+    #[arg(long, env = "KEYWARD_AUDIT_LOG", default_value = "-", global = true)]
+    audit_log: String,
+    /// Let requests and commands through when their audit event cannot be
+    /// written (default: fail closed, refusing them).
+    #[arg(
+        long,
+        env = "KEYWARD_AUDIT_FAIL_OPEN",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
+    audit_fail_open: bool,
+}
+
+impl AuditArgs {
+    /// The settings, with `-` meaning `dash`.
+    fn settings(&self, dash: AuditSink) -> AuditSettings {
+        AuditSettings {
+            sink: match self.audit_log.as_str() {
+                "-" => dash,
+                "off" | "" => AuditSink::Off,
+                path => AuditSink::File(PathBuf::from(path)),
+            },
+            fail_closed: !self.audit_fail_open,
+        }
+    }
 }
 
 /// AWS KMS and the data-key cache: used by every command that touches keys.
@@ -467,20 +505,16 @@ struct ServeArgs {
     /// Requests a principal may make in a burst above its rate (default: one second's worth).
     #[arg(long, env = "KEYWARD_RATE_LIMIT_BURST")]
     rate_limit_burst: Option<u32>,
-    /// Audit log: `-` for standard output, a file path (appended), or `off`.
-    #[arg(long, env = "KEYWARD_AUDIT_LOG", default_value = "-")]
-    audit_log: String,
-    /// Let requests through when their audit event cannot be written
-    /// (default: fail closed, refusing them).
-    #[arg(long, env = "KEYWARD_AUDIT_FAIL_OPEN", value_parser = clap::builder::BoolishValueParser::new())]
-    audit_fail_open: bool,
 }
 
 impl ServeArgs {
     /// Authentication, audit and TLS settings; refuses `--dev` (which
     /// serves without authentication) on a non-loopback address unless
     /// `--insecure-no-auth` says so.
-    fn security(&self) -> anyhow::Result<(AuthSettings, AuditSettings, Option<TlsSettings>)> {
+    fn security(
+        &self,
+        audit: &AuditArgs,
+    ) -> anyhow::Result<(AuthSettings, AuditSettings, Option<TlsSettings>)> {
         let loopback = self.listen.ip().is_loopback();
         if self.dev && !loopback && !self.insecure_no_auth {
             return Err(ConfigError(format!(
@@ -519,14 +553,7 @@ impl ServeArgs {
             cert_principals,
             rate_limit,
         };
-        let audit = AuditSettings {
-            sink: match self.audit_log.as_str() {
-                "-" => AuditSink::Stdout,
-                "off" | "" => AuditSink::Off,
-                path => AuditSink::File(PathBuf::from(path)),
-            },
-            fail_closed: !self.audit_fail_open,
-        };
+        let audit = audit.settings(AuditSink::Stdout);
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsSettings {
                 cert: cert.clone(),
@@ -742,14 +769,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SeedKey(args) => {
+            let audit = operator_audit(&global)?;
             let services = open(&global).await?;
-            let key = services
-                .admin
-                .seed_key(CreateKey {
-                    key_id: args.key_id,
-                    kms_key_arn: args.kms_key_arn.unwrap_or_default(),
-                    alias: args.alias,
-                    ..CreateKey::default()
+            let detail = format!(
+                "kms_key_arn={}",
+                args.kms_key_arn.as_deref().unwrap_or("local:<key_id>")
+            );
+            let key_id = args.key_id.clone();
+            let seed = services.admin.seed_key(CreateKey {
+                key_id: args.key_id,
+                kms_key_arn: args.kms_key_arn.unwrap_or_default(),
+                alias: args.alias,
+                ..CreateKey::default()
+            });
+            let key = audit
+                .audited("cli/seed-key", Some(&key_id), Some(detail), async {
+                    Ok(seed.await?)
                 })
                 .await?;
             tracing::info!(id = %key.id, key_id = %key.key_id, "active key seeded");
@@ -848,7 +883,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let (auth, audit, tls) = args.security()?;
+    let (auth, audit, tls) = args.security(&global.audit)?;
     let master = match master_secrets(global)? {
         Some(master) => master,
         None if args.dev => dev_master_secret(&global.database_url)?,
@@ -896,6 +931,10 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
 }
 
 async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let audit = match cmd {
+        TokenCommand::Create { .. } | TokenCommand::Revoke { .. } => Some(operator_audit(global)?),
+        TokenCommand::List => None,
+    };
     let store = crate::store::Store::connect(&global.database_url).await?;
     store.migrate().await?;
     match cmd {
@@ -927,9 +966,10 @@ async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCod
                 .collect::<Result<_, _>>()?;
             let scope = Scope { keys, context };
             let secret = crate::auth::token::generate();
-            let record = store
-                .insert_token(&name, &crate::auth::token::hash(&secret), &roles, &scope)
-                .await?;
+            let detail = format!("name={name} roles={}", role_list(&roles));
+            let hash = crate::auth::token::hash(&secret);
+            let insert = store.insert_token(&name, &hash, &roles, &scope);
+            let record = audited(&audit, "cli/token create", None, detail, insert).await?;
             eprintln!(
                 "token {} created with roles {}; it is shown once, store it now:",
                 record.name,
@@ -969,7 +1009,16 @@ async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCod
             }
         }
         TokenCommand::Revoke { name } => {
-            if !store.revoke_token(&name).await? {
+            let revoke = store.revoke_token(&name);
+            if !audited(
+                &audit,
+                "cli/token revoke",
+                None,
+                format!("name={name}"),
+                revoke,
+            )
+            .await?
+            {
                 eprintln!("no live token named {name:?}");
                 return Ok(ExitCode::FAILURE);
             }
@@ -1094,7 +1143,39 @@ fn rotation_targets(global: &GlobalArgs) -> anyhow::Result<Vec<RotationTarget>> 
     }
 }
 
+/// The audit log of the operator commands (`-` is standard error here).
+fn operator_audit(global: &GlobalArgs) -> anyhow::Result<OperatorAudit> {
+    OperatorAudit::open(&global.audit.settings(AuditSink::Stderr))
+}
+
+/// Runs a change through the operator audit log; every command that
+/// changes something opens one, so `None` only means nothing to audit.
+async fn audited<T, E: Into<anyhow::Error>>(
+    audit: &Option<OperatorAudit>,
+    command: &'static str,
+    key_id: Option<&str>,
+    detail: String,
+    change: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    let change = async { change.await.map_err(Into::into) };
+    match audit {
+        Some(audit) => audit.audited(command, key_id, Some(detail), change).await,
+        None => change.await,
+    }
+}
+
 async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    let changes = matches!(
+        cmd,
+        KeysCommand::Create { .. }
+            | KeysCommand::Activate { .. }
+            | KeysCommand::Retire { dry_run: false, .. }
+    );
+    let audit = if changes {
+        Some(operator_audit(global)?)
+    } else {
+        None
+    };
     let services = open(global).await?;
     let admin = &services.admin;
     match cmd {
@@ -1106,15 +1187,15 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             provider,
             activate,
         } => {
-            let key = admin
-                .create_key(CreateKey {
-                    key_id,
-                    kms_key_arn,
-                    alias,
-                    provider,
-                    activate,
-                })
-                .await?;
+            let detail = format!("kms_key_arn={kms_key_arn} activate={activate}");
+            let create = admin.create_key(CreateKey {
+                key_id: key_id.clone(),
+                kms_key_arn,
+                alias,
+                provider,
+                activate,
+            });
+            let key = audited(&audit, "cli/keys create", Some(&key_id), detail, create).await?;
             print_keys(&[key]);
         }
         KeysCommand::Activate {
@@ -1129,7 +1210,10 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             } else {
                 Staging::Immediate
             };
-            let activation = admin.activate_key(&key_id, staging).await?;
+            let activate = admin.activate_key(&key_id, staging);
+            let detail = format!("staged={staged}");
+            let activation =
+                audited(&audit, "cli/keys activate", Some(&key_id), detail, activate).await?;
             for replica in &activation.confirmed {
                 println!(
                     "confirmed by {}",
@@ -1171,7 +1255,19 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             force,
             dry_run: false,
         } => {
-            let retirement = admin.retire_key(&key_id, force).await?;
+            let retire = admin.retire_key(&key_id, force);
+            let detail = format!("force={force}");
+            let retirement =
+                audited(&audit, "cli/keys retire", Some(&key_id), detail, retire).await?;
+            if let (Some(audit), false) = (&audit, retirement.overridden.is_empty()) {
+                // A forced retirement says exactly what it overrode.
+                let detail = format!("overridden: {}", retirement.overridden.join("; "));
+                if let Err(err) =
+                    audit.record("cli/keys retire", Some(&key_id), "forced", Some(detail))
+                {
+                    tracing::warn!(error = %err, "audit event of a forced retirement lost");
+                }
+            }
             print_keys(&[retirement.key]);
             for overridden in &retirement.overridden {
                 tracing::warn!(key_id = %key_id, %overridden, "forced retirement overrode a blocker");
@@ -1279,6 +1375,15 @@ async fn legacy_encrypt(global: &GlobalArgs, args: LegacyArgs) -> anyhow::Result
 }
 
 async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitCode> {
+    let changes = matches!(
+        cmd,
+        RotateCommand::Start { .. } | RotateCommand::Cancel { .. } | RotateCommand::Requeue { .. }
+    );
+    let audit = if changes {
+        Some(operator_audit(global)?)
+    } else {
+        None
+    };
     let services = open(global).await?;
     let rotations = &services.rotations;
     match cmd {
@@ -1290,18 +1395,20 @@ async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitC
             max_rows_per_second,
             watch,
         } => {
-            let job = rotations
-                .start(StartRotation {
-                    target: target.unwrap_or_default(),
-                    mode: Some(match mode {
-                        RotateMode::Reencrypt => Mode::Reencrypt,
-                        RotateMode::Rewrap => Mode::Rewrap,
-                    }),
-                    dry_run,
-                    batch_size,
-                    max_rows_per_second,
-                })
-                .await?;
+            let target = target.unwrap_or_default();
+            let detail = format!("mode={mode:?} dry_run={dry_run}");
+            let start = rotations.start(StartRotation {
+                target: target.clone(),
+                mode: Some(match mode {
+                    RotateMode::Reencrypt => Mode::Reencrypt,
+                    RotateMode::Rewrap => Mode::Rewrap,
+                }),
+                dry_run,
+                batch_size,
+                max_rows_per_second,
+            });
+            let key_id = Some(target.as_str()).filter(|t| !t.is_empty());
+            let job = audited(&audit, "cli/rotate start", key_id, detail, start).await?;
             println!("Rotation job started: {}", job.id);
             if watch {
                 return watch_job(rotations, &job.id).await;
@@ -1318,11 +1425,27 @@ async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         RotateCommand::Cancel { job_id } => {
-            print_jobs(&[rotations.cancel(&job_id).await?]);
+            let cancel = rotations.cancel(&job_id);
+            let job = audited(
+                &audit,
+                "cli/rotate cancel",
+                None,
+                format!("job_id={job_id}"),
+                cancel,
+            );
+            print_jobs(&[job.await?]);
             Ok(ExitCode::SUCCESS)
         }
         RotateCommand::Requeue { job_id } => {
-            print_jobs(&[rotations.requeue(&job_id).await?]);
+            let requeue = rotations.requeue(&job_id);
+            let job = audited(
+                &audit,
+                "cli/rotate requeue",
+                None,
+                format!("job_id={job_id}"),
+                requeue,
+            );
+            print_jobs(&[job.await?]);
             Ok(ExitCode::SUCCESS)
         }
     }

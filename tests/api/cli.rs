@@ -834,3 +834,130 @@ fn bench_reports_every_phase_against_the_floor() {
         assert!(report.contains(line), "no {line:?} in:\n{report}");
     }
 }
+
+/// Key, rotation and token changes made from the command line go to the
+/// audit log as the API's do: `requested`, then the outcome, with `cli:`
+/// and the user as the principal; a forced retirement says what it
+/// overrode; a log that cannot be written refuses the change.
+#[test]
+fn operator_changes_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_log = dir.path().join("audit.log");
+    let cli = |args: &[&str]| {
+        let mut cmd = with_secret(dir.path());
+        cmd.env("KEYWARD_AUDIT_LOG", &audit_log)
+            .env("USER", "alice")
+            .args(args);
+        run(&mut cmd)
+    };
+    let events = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let ok = |out: Output| {
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        out
+    };
+
+    ok(cli(&["seed-key"]));
+    ok(cli(&["keys", "list"]));
+    assert_eq!(
+        events().len(),
+        2,
+        "only the change is audited: {:?}",
+        events()
+    );
+    ok(cli(&["keys", "create", "--key-id", "next"]));
+    ok(cli(&["keys", "activate", "next"]));
+    let started = ok(cli(&["rotate", "start"]));
+    let job_id = stdout(&started)
+        .lines()
+        .find_map(|l| l.strip_prefix("Rotation job started: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // The pending job blocks the retirement; --force overrides it.
+    assert!(!cli(&["keys", "retire", "primary"]).status.success());
+    ok(cli(&["keys", "retire", "primary", "--force"]));
+    ok(cli(&["rotate", "cancel", &job_id]));
+    let token = stdout(&ok(cli(&[
+        "token", "create", "--name", "app", "--role", "encrypt",
+    ])))
+    .trim()
+    .to_owned();
+    ok(cli(&["token", "revoke", "app"]));
+
+    let events = events();
+    let summary: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["rpc"].as_str().unwrap().to_owned(),
+                e["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("cli/seed-key", "requested"),
+        ("cli/seed-key", "ok"),
+        ("cli/keys create", "requested"),
+        ("cli/keys create", "ok"),
+        ("cli/keys activate", "requested"),
+        ("cli/keys activate", "ok"),
+        ("cli/rotate start", "requested"),
+        ("cli/rotate start", "ok"),
+        ("cli/keys retire", "requested"),
+        ("cli/keys retire", "error"),
+        ("cli/keys retire", "requested"),
+        ("cli/keys retire", "ok"),
+        ("cli/keys retire", "forced"),
+        ("cli/rotate cancel", "requested"),
+        ("cli/rotate cancel", "ok"),
+        ("cli/token create", "requested"),
+        ("cli/token create", "ok"),
+        ("cli/token revoke", "requested"),
+        ("cli/token revoke", "ok"),
+    ]
+    .iter()
+    .map(|(rpc, result)| (rpc.to_string(), result.to_string()))
+    .collect();
+    assert_eq!(summary, expected);
+    assert!(events.iter().all(|e| e["principal"] == "cli:alice"));
+    let forced = &events[12];
+    assert_eq!(forced["key_id"], "primary");
+    assert!(
+        forced["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("overridden: rotation job {job_id} is pending")),
+        "{forced}"
+    );
+    assert_eq!(events[13]["detail"], format!("job_id={job_id}"));
+    assert_eq!(events[16]["detail"], "name=app roles=encrypt");
+    let text = std::fs::read_to_string(&audit_log).unwrap();
+    assert!(
+        !text.contains(&token),
+        "the token never reaches the audit log"
+    );
+
+    // A log that cannot be written refuses the change (fail-closed), and
+    // commands that change nothing still run.
+    let mut cmd = with_secret(dir.path());
+    cmd.env("KEYWARD_AUDIT_LOG", dir.path())
+        .args(["keys", "create", "--key-id", "unaudited"]);
+    let refused = run(&mut cmd);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("audit log"),
+        "{}",
+        stderr(&refused)
+    );
+    let mut cmd = with_secret(dir.path());
+    cmd.env("KEYWARD_AUDIT_LOG", dir.path())
+        .args(["keys", "list"]);
+    let list = ok(run(&mut cmd));
+    assert!(!stdout(&list).contains("unaudited"), "{}", stdout(&list));
+}

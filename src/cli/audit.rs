@@ -1,0 +1,75 @@
+//! Audit events for the operator commands that change keys, rotations or
+//! tokens.
+//!
+//! The gRPC API audits every such change (`api::admin`). The same changes
+//! made from the command line (the runbook's `keys retire --force`, a
+//! `token create`) go to the same log (`--audit-log`), with `cli:` and the
+//! operating-system user as the principal, so the log holds every key
+//! change whichever way it was made. Same rules as the API: a `requested`
+//! event first, and no change when it cannot be written (fail-closed);
+//! then the outcome.
+
+use std::future::Future;
+
+use crate::auth::audit::{AuditError, AuditEvent, AuditLog, AuditSettings};
+
+/// The audit log as the operator commands write it.
+pub struct OperatorAudit {
+    log: AuditLog,
+    principal: String,
+}
+
+impl OperatorAudit {
+    /// Opens the sink; the principal is `cli:` and the user running the
+    /// command (`$USER`, else `$LOGNAME`).
+    pub fn open(settings: &AuditSettings) -> anyhow::Result<Self> {
+        let log = AuditLog::open(settings).map_err(|e| {
+            anyhow::anyhow!("cannot open the audit log ({e}); the command was not run")
+        })?;
+        let user = ["USER", "LOGNAME"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        Ok(Self {
+            log,
+            principal: format!("cli:{user}"),
+        })
+    }
+
+    /// Runs `change` between a `requested` event and its outcome (`ok` or
+    /// `error`). When `requested` cannot be written and the log is
+    /// fail-closed, `change` does not run.
+    pub async fn audited<T>(
+        &self,
+        command: &'static str,
+        key_id: Option<&str>,
+        detail: Option<String>,
+        change: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        self.record(command, key_id, "requested", detail.clone())?;
+        let result = change.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        if let Err(err) = self.record(command, key_id, outcome, detail) {
+            tracing::warn!(error = %err, command, "audit outcome event lost");
+        }
+        result
+    }
+
+    /// Writes one event.
+    pub fn record(
+        &self,
+        command: &'static str,
+        key_id: Option<&str>,
+        result: &str,
+        detail: Option<String>,
+    ) -> Result<(), AuditError> {
+        self.log.record(&AuditEvent {
+            principal: &self.principal,
+            rpc: command,
+            key_id,
+            result,
+            detail,
+            ..AuditEvent::default()
+        })
+    }
+}
