@@ -931,10 +931,8 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
 }
 
 async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
-    let audit = match cmd {
-        TokenCommand::Create { .. } | TokenCommand::Revoke { .. } => Some(operator_audit(global)?),
-        TokenCommand::List => None,
-    };
+    let changes = !matches!(cmd, TokenCommand::List);
+    let audit = operator_audit_if(global, changes)?;
     let store = crate::store::Store::connect(&global.database_url).await?;
     store.migrate().await?;
     match cmd {
@@ -1148,6 +1146,12 @@ fn operator_audit(global: &GlobalArgs) -> anyhow::Result<OperatorAudit> {
     OperatorAudit::open(&global.audit.settings(AuditSink::Stderr))
 }
 
+/// [`operator_audit`] for a command that `changes` something; a read-only
+/// command neither opens nor needs the log.
+fn operator_audit_if(global: &GlobalArgs, changes: bool) -> anyhow::Result<Option<OperatorAudit>> {
+    changes.then(|| operator_audit(global)).transpose()
+}
+
 /// Runs a change through the operator audit log; every command that
 /// changes something opens one, so `None` only means nothing to audit.
 async fn audited<T, E: Into<anyhow::Error>>(
@@ -1171,11 +1175,7 @@ async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Result<ExitCode>
             | KeysCommand::Activate { .. }
             | KeysCommand::Retire { dry_run: false, .. }
     );
-    let audit = if changes {
-        Some(operator_audit(global)?)
-    } else {
-        None
-    };
+    let audit = operator_audit_if(global, changes)?;
     let services = open(global).await?;
     let admin = &services.admin;
     match cmd {
@@ -1379,11 +1379,7 @@ async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitC
         cmd,
         RotateCommand::Start { .. } | RotateCommand::Cancel { .. } | RotateCommand::Requeue { .. }
     );
-    let audit = if changes {
-        Some(operator_audit(global)?)
-    } else {
-        None
-    };
+    let audit = operator_audit_if(global, changes)?;
     let services = open(global).await?;
     let rotations = &services.rotations;
     match cmd {
