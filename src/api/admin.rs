@@ -51,29 +51,26 @@ impl AdminApi {
         change: Change<'_>,
         run: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, Status> {
-        let event = |result| AuditEvent {
-            principal: &caller.principal.name,
-            rpc: change.rpc,
-            key_id: change.key_id,
-            context: None,
-            result,
-            peer: caller.peer_string(),
-            detail: change.detail.clone(),
-        };
         if let Some(key_id) = change.key_id {
             super::observe::record_key_id(key_id);
         }
-        self.audit
-            .record(&event("requested"))
-            .map_err(Error::from)?;
-        let result = run.await;
-        let outcome = match &result {
+        let event = AuditEvent {
+            principal: &caller.principal.name,
+            rpc: change.rpc,
+            key_id: change.key_id,
+            peer: caller.peer_string(),
+            detail: change.detail,
+            ..AuditEvent::default()
+        };
+        let outcome = |result: &Result<T, Error>| match result {
             Ok(_) => "ok",
             Err(err) => code_name(code_of(err)),
         };
-        if let Err(err) = self.audit.record(&event(outcome)) {
-            tracing::warn!(error = %err, rpc = change.rpc, "audit outcome event lost");
-        }
+        let result = self
+            .audit
+            .audit_change(event, outcome, run)
+            .await
+            .map_err(Error::from)?;
         Ok(result?)
     }
 

@@ -53,7 +53,7 @@ impl Default for AuditSettings {
 pub struct AuditError(String);
 
 /// One audited action.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AuditEvent<'a> {
     pub principal: &'a str,
     /// The gRPC method, e.g. `keyward.v1.Crypto/Decrypt`.
@@ -132,6 +132,33 @@ impl AuditLog {
     /// lost events when fail-open).
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Runs an audited change: `event` with result `requested` first
+    /// (fail-closed: when it cannot be written, `change` does not run and
+    /// the error is returned), then with the result `outcome` names (best
+    /// effort: the change is done by then). The API and the operator
+    /// commands audit their changes through this one sequence.
+    pub async fn audit_change<T, E>(
+        &self,
+        event: AuditEvent<'_>,
+        outcome: impl FnOnce(&Result<T, E>) -> &'static str,
+        change: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<Result<T, E>, AuditError> {
+        self.record(&AuditEvent {
+            result: "requested",
+            ..event.clone()
+        })?;
+        let result = change.await;
+        let rpc = event.rpc;
+        let done = AuditEvent {
+            result: outcome(&result),
+            ..event
+        };
+        if let Err(err) = self.record(&done) {
+            tracing::warn!(error = %err, rpc, "audit outcome event lost");
+        }
+        Ok(result)
     }
 
     /// Writes one event; an error only when writing failed and the log is

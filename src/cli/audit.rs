@@ -46,13 +46,15 @@ impl OperatorAudit {
         detail: Option<String>,
         change: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        self.record(command, key_id, "requested", detail.clone())?;
-        let result = change.await;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        if let Err(err) = self.record(command, key_id, outcome, detail) {
-            tracing::warn!(error = %err, command, "audit outcome event lost");
-        }
-        result
+        let event = AuditEvent {
+            principal: &self.principal,
+            rpc: command,
+            key_id,
+            detail,
+            ..AuditEvent::default()
+        };
+        let outcome = |result: &anyhow::Result<T>| if result.is_ok() { "ok" } else { "error" };
+        self.log.audit_change(event, outcome, change).await?
     }
 
     /// Writes one event.
