@@ -2,8 +2,8 @@
 //! payloads, local key wrapping and the legacy format.
 
 use aes_gcm::{
-    aead::{Aead, KeyInit, Payload},
-    Aes256Gcm, Key, Nonce,
+    aead::{Aead, KeyInit, Nonce, Payload},
+    Aes256Gcm, Key,
 };
 use rand::RngCore;
 
@@ -27,7 +27,7 @@ pub struct Cipher(Aes256Gcm);
 
 impl Cipher {
     pub fn new(key: &SecretKey) -> Self {
-        Self(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.expose())))
+        Self(Aes256Gcm::new(<&Key<Aes256Gcm>>::from(key.expose())))
     }
 
     /// Encrypts under a fresh random nonce; returns (nonce, ciphertext||tag).
@@ -50,7 +50,7 @@ impl Cipher {
         // keyward accepts; an empty vector would then fail to open, not leak.
         self.0
             .encrypt(
-                Nonce::from_slice(nonce),
+                <&Nonce<Aes256Gcm>>::from(nonce),
                 Payload {
                     msg: plaintext,
                     aad,
@@ -66,12 +66,13 @@ impl Cipher {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> Result<Plaintext, OpenError> {
-        if nonce.len() != NONCE_LEN || ciphertext.len() < TAG_LEN {
+        let nonce = <&Nonce<Aes256Gcm>>::try_from(nonce).map_err(|_| OpenError)?;
+        if ciphertext.len() < TAG_LEN {
             return Err(OpenError);
         }
         self.0
             .decrypt(
-                Nonce::from_slice(nonce),
+                nonce,
                 Payload {
                     msg: ciphertext,
                     aad,
