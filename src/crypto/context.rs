@@ -114,10 +114,20 @@ impl EncryptionContext {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// Bytes [`Self::write_canonical`] appends.
+    pub fn canonical_len(&self) -> usize {
+        4 + self
+            .0
+            .iter()
+            .map(|(k, v)| 8 + k.len() + v.len())
+            .sum::<usize>()
+    }
+
     /// Canonical encoding: entry count, then each key and value in key order,
     /// each as a big-endian u32 length and its UTF-8 bytes. Unambiguous, so
     /// two different contexts never encode alike.
     pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        out.reserve(self.canonical_len());
         put_u32_len(out, self.0.len());
         for (k, v) in &self.0 {
             put_bytes(out, k.as_bytes());
@@ -169,6 +179,16 @@ mod tests {
         let b = EncryptionContext::from_pairs([("a", "bc")]).unwrap();
         assert_ne!(canonical(&a), canonical(&b));
         assert_ne!(canonical(&EncryptionContext::empty()), canonical(&a));
+    }
+
+    #[test]
+    fn canonical_len_is_what_is_written() {
+        for ctx in [
+            EncryptionContext::empty(),
+            EncryptionContext::from_pairs([("connection_id", "42"), ("tenant", "é")]).unwrap(),
+        ] {
+            assert_eq!(ctx.canonical_len(), canonical(&ctx).len());
+        }
     }
 
     #[test]

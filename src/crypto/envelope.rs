@@ -34,7 +34,7 @@ pub struct Envelope {
 
 /// The AAD of a payload: label, format version, canonical context.
 pub fn payload_aad(context: &EncryptionContext) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(64);
+    let mut aad = Vec::with_capacity(PAYLOAD_AAD_LABEL.len() + 1 + context.canonical_len());
     aad.extend_from_slice(PAYLOAD_AAD_LABEL);
     aad.push(FORMAT_VERSION);
     context.write_canonical(&mut aad);

@@ -10,11 +10,9 @@
 //! and all of them are tried when unwrapping, so runbook §2 (a new master
 //! secret is distributed) loses nothing that was wrapped under the old one.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, PoisonError, RwLock},
-};
+use std::{collections::HashMap, sync::Arc};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use hkdf::Hkdf;
 use sha2::Sha256;
@@ -33,13 +31,12 @@ const WRAP_AAD_LABEL: &[u8] = b"keyward.local-wrap.v1";
 #[derive(Clone)]
 pub struct LocalKms {
     masters: Arc<[MasterSecret]>,
-    /// Derived KEK ciphers per `kms_key_arn`, one per master secret, in the
-    /// same order as `masters`.
-    keks: Arc<RwLock<HashMap<String, Arc<[Cipher]>>>>,
+    /// The KEKs derived so far, one per master secret, by key name. Read on
+    /// every call without a lock; a new key name copies the map once.
+    keks: Arc<ArcSwap<HashMap<String, Arc<[Cipher]>>>>,
 }
 
 impl LocalKms {
-    /// `current` wraps new keys; `previous` only unwrap.
     pub fn new(current: MasterSecret, previous: Vec<MasterSecret>) -> Self {
         let masters: Vec<MasterSecret> = std::iter::once(current).chain(previous).collect();
         Self {
@@ -48,14 +45,8 @@ impl LocalKms {
         }
     }
 
-    /// The KEK ciphers for one KMS key name, derived on first use.
     fn keks_for(&self, kms_key_arn: &str) -> Arc<[Cipher]> {
-        if let Some(found) = self
-            .keks
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(kms_key_arn)
-        {
+        if let Some(found) = self.keks.load().get(kms_key_arn) {
             return Arc::clone(found);
         }
         let derived: Arc<[Cipher]> = self
@@ -63,16 +54,44 @@ impl LocalKms {
             .iter()
             .map(|master| Cipher::new(&derive_kek(master, kms_key_arn)))
             .collect();
-        self.keks
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(kms_key_arn.to_owned())
-            .or_insert(derived)
-            .clone()
+        self.keks.rcu(|keks| {
+            let mut keks = HashMap::clone(keks);
+            keks.entry(kms_key_arn.to_owned())
+                .or_insert_with(|| Arc::clone(&derived));
+            keks
+        });
+        derived
+    }
+
+    /// Wraps `data_key` under the current master secret's KEK.
+    fn wrap(
+        &self,
+        kek: KekRef<'_>,
+        data_key: &SecretKey,
+        context: &EncryptionContext,
+    ) -> Result<WrappedKey, KmsError> {
+        check_ref(kek)?;
+        let aad = wrap_aad(kek, context);
+        let seal = |keks: &[Cipher]| {
+            keks.first()
+                .map(|current| current.seal(data_key.expose(), &aad))
+                .ok_or(KmsError::Unavailable {
+                    reason: "the local KMS has no master secret".into(),
+                })
+        };
+        // The common case borrows the KEK from the current map: no lock,
+        // no reference count touched.
+        let (iv, ciphertext) = match self.keks.load().get(kek.kms_key_arn) {
+            Some(keks) => seal(keks)?,
+            None => seal(&self.keks_for(kek.kms_key_arn))?,
+        };
+        Ok(WrappedKey {
+            ciphertext,
+            iv: iv.to_vec(),
+        })
     }
 }
 
-/// HKDF-SHA256(master, salt = "keyward.local-kms.v1", info = kms_key_arn).
 fn derive_kek(master: &MasterSecret, kms_key_arn: &str) -> SecretKey {
     let hk = Hkdf::<Sha256>::new(Some(KEK_SALT), master.expose());
     SecretKey::derive_with(|out: &mut [u8; KEY_LEN]| {
@@ -84,7 +103,13 @@ fn derive_kek(master: &MasterSecret, kms_key_arn: &str) -> SecretKey {
 }
 
 fn wrap_aad(kek: KekRef<'_>, context: &EncryptionContext) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(96);
+    let mut aad = Vec::with_capacity(
+        WRAP_AAD_LABEL.len()
+            + 8
+            + kek.kms_key_arn.len()
+            + kek.record_id.len()
+            + context.canonical_len(),
+    );
     aad.extend_from_slice(WRAP_AAD_LABEL);
     put_bytes(&mut aad, kek.kms_key_arn.as_bytes());
     put_bytes(&mut aad, kek.record_id.as_bytes());
@@ -114,7 +139,7 @@ impl KmsProvider for LocalKms {
         context: &EncryptionContext,
     ) -> Result<GeneratedKey, KmsError> {
         let plaintext = SecretKey::generate();
-        let wrapped = self.wrap_data_key(kek, &plaintext, context).await?;
+        let wrapped = self.wrap(kek, &plaintext, context)?;
         Ok(GeneratedKey { plaintext, wrapped })
     }
 
@@ -124,16 +149,7 @@ impl KmsProvider for LocalKms {
         data_key: &SecretKey,
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
-        check_ref(kek)?;
-        let keks = self.keks_for(kek.kms_key_arn);
-        let current = keks.first().ok_or(KmsError::Unavailable {
-            reason: "the local KMS has no master secret".into(),
-        })?;
-        let (iv, ciphertext) = current.seal(data_key.expose(), &wrap_aad(kek, context));
-        Ok(WrappedKey {
-            ciphertext,
-            iv: iv.to_vec(),
-        })
+        self.wrap(kek, data_key, context)
     }
 
     async fn decrypt_data_key(
