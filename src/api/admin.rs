@@ -51,8 +51,10 @@ impl AdminApi {
         change: Change<'_>,
         run: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, Status> {
+        // Key changes log events of their own: they carry who and which key.
+        super::observe::write_notes();
         if let Some(key_id) = change.key_id {
-            super::observe::record_key_id(key_id);
+            super::observe::note_key_id(key_id);
         }
         let event = AuditEvent {
             principal: &caller.principal.name,

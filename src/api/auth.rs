@@ -115,7 +115,7 @@ where
                 .and_then(|p| auth.authorize(&p, role).map(|()| p));
             match admitted {
                 Ok(principal) => {
-                    super::observe::record_principal(&principal.name);
+                    super::observe::note_principal(&principal.name);
                     request.extensions_mut().insert(Caller { principal, peer });
                     let mut response = inner.call(request).await?;
                     too_large_is_resource_exhausted(&mut response);
@@ -125,7 +125,7 @@ where
                     let status = to_status(&Error::Auth(err));
                     let name = principal.as_ref().map(|p| p.name.as_str());
                     if let Ok(name) = name {
-                        super::observe::record_principal(name);
+                        super::observe::note_principal(name);
                     }
                     let _ = audit.record(&AuditEvent {
                         principal: name.unwrap_or("unauthenticated"),

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{
     auth::{code_name, Caller},
     convert,
-    observe::record_key_id,
+    observe::note_key_id,
     proto::{self, crypto_server::Crypto},
     status::{code_of, to_status},
 };
@@ -65,7 +65,7 @@ impl KeysUsed {
 
     fn record(&self) {
         if let Some(names) = self.names() {
-            record_key_id(&names);
+            note_key_id(&names);
         }
     }
 }

@@ -7,11 +7,19 @@
 //! response body is wrapped and the call is finished when its trailers
 //! pass, when the body ends without them, or when it is dropped early (the
 //! client went away: CANCELLED).
+//!
+//! Who called and which key the call used are noted as the call runs
+//! ([`note_principal`], [`note_key_id`]) and written into the span with the
+//! code when the completion event is written. A successful call's event is
+//! at DEBUG, so at the default level a successful Encrypt formats no span
+//! field at all (writing a field into a span formats it at once, about a
+//! microsecond each). Handlers that log events of their own first call
+//! [`write_notes`], so those events carry the principal and key too.
 
 use std::{
     collections::HashMap,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     task::{Context, Poll},
     time::Instant,
 };
@@ -21,7 +29,7 @@ use futures::future::BoxFuture;
 use http_body::{Body, Frame};
 use prost::Message as _;
 use tower::{Layer, Service};
-use tracing::{field::Empty, Instrument as _, Span};
+use tracing::{field::Empty, Instrument as _, Level, Span};
 
 use super::{auth::code_name, proto::FILE_DESCRIPTOR_SET};
 use crate::metrics::RpcMetrics;
@@ -82,14 +90,67 @@ pub fn method_of(path: &str) -> Method {
     known_methods().get(path).copied().unwrap_or(UNKNOWN)
 }
 
-/// Records the key a call used in its span (handlers call this).
-pub fn record_key_id(key_id: &str) {
-    Span::current().record("key_id", key_id);
+/// What the code handling a call noted about it, for its span.
+#[derive(Debug, Default)]
+struct Notes {
+    principal: Option<String>,
+    key_id: Option<String>,
+    /// Already written into the span ([`write_notes`]).
+    written: bool,
 }
 
-/// Records the authenticated principal in the call's span.
-pub fn record_principal(name: &str) {
-    Span::current().record("principal", name);
+type SharedNotes = Arc<Mutex<Notes>>;
+
+tokio::task_local! {
+    /// The notes of the call the current task is serving.
+    static NOTES: SharedNotes;
+}
+
+fn lock(notes: &SharedNotes) -> std::sync::MutexGuard<'_, Notes> {
+    // Plain data, and nothing under the lock can panic midway.
+    notes.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Notes the key (or keys, joined by `,`) a call used. Outside an observed
+/// call it is written into the current span at once.
+pub fn note_key_id(key_id: &str) {
+    note(key_id, |notes| &mut notes.key_id, "key_id");
+}
+
+/// Notes the authenticated principal of a call.
+pub fn note_principal(name: &str) {
+    note(name, |notes| &mut notes.principal, "principal");
+}
+
+fn note(value: &str, slot: fn(&mut Notes) -> &mut Option<String>, field: &'static str) {
+    let written = NOTES.try_with(|notes| {
+        let mut notes = lock(notes);
+        *slot(&mut notes) = Some(value.to_owned());
+        notes.written
+    });
+    // Outside an observed call, or its notes are written already.
+    if written.unwrap_or(true) {
+        Span::current().record(field, value);
+    }
+}
+
+/// Writes the call's notes into its span now, and what is noted later at
+/// once: for handlers that log events inside the call (Admin changes).
+pub fn write_notes() {
+    let _ = NOTES.try_with(|notes| {
+        let mut notes = lock(notes);
+        record_notes(&Span::current(), &notes);
+        notes.written = true;
+    });
+}
+
+fn record_notes(span: &Span, notes: &Notes) {
+    if let Some(principal) = &notes.principal {
+        span.record("principal", principal.as_str());
+    }
+    if let Some(key_id) = &notes.key_id {
+        span.record("key_id", key_id.as_str());
+    }
 }
 
 #[derive(Clone, Default)]
@@ -153,13 +214,15 @@ where
             key_id = Empty,
             code = Empty,
         );
+        let notes = SharedNotes::default();
         let call = Call {
             method,
             span: span.clone(),
             started: Instant::now(),
             metrics: self.metrics.clone(),
+            notes: Arc::clone(&notes),
         };
-        let response = inner.call(request).instrument(span);
+        let response = NOTES.scope(notes, inner.call(request).instrument(span));
         Box::pin(async move {
             let response = response.await?;
             let (parts, body) = response.into_parts();
@@ -209,6 +272,7 @@ struct Call {
     span: Span,
     started: Instant,
     metrics: Option<Arc<RpcMetrics>>,
+    notes: SharedNotes,
 }
 
 impl Call {
@@ -217,17 +281,37 @@ impl Call {
         if let Some(metrics) = &self.metrics {
             metrics.observe(self.method, code, elapsed);
         }
-        self.span.record("code", code_label(code));
-        let _entered = self.span.enter();
-        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         // Successes at DEBUG (an access log at keyward's rates would drown
         // everything else), refusals at INFO, server-side failures at WARN.
-        match code {
-            tonic::Code::Ok => tracing::debug!(elapsed_ms, "rpc finished"),
+        let level = match code {
+            tonic::Code::Ok => Level::DEBUG,
             tonic::Code::Internal
             | tonic::Code::Unknown
             | tonic::Code::DataLoss
-            | tonic::Code::Unavailable => tracing::warn!(elapsed_ms, "rpc finished"),
+            | tonic::Code::Unavailable => Level::WARN,
+            _ => Level::INFO,
+        };
+        // Entered first: a filter may enable events inside `rpc` spans.
+        let _entered = self.span.enter();
+        let enabled = match level {
+            Level::DEBUG => tracing::enabled!(Level::DEBUG),
+            Level::WARN => tracing::enabled!(Level::WARN),
+            _ => tracing::enabled!(Level::INFO),
+        };
+        if !enabled {
+            return;
+        }
+        {
+            let notes = lock(&self.notes);
+            if !notes.written {
+                record_notes(&self.span, &notes);
+            }
+        }
+        self.span.record("code", code_label(code));
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        match level {
+            Level::DEBUG => tracing::debug!(elapsed_ms, "rpc finished"),
+            Level::WARN => tracing::warn!(elapsed_ms, "rpc finished"),
             _ => tracing::info!(elapsed_ms, "rpc finished"),
         }
     }

@@ -5,7 +5,8 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use keyward::api::proto::{
-    crypto_client::CryptoClient, decrypt_request::Ciphertext, DecryptRequest, EncryptRequest,
+    admin_client::AdminClient, crypto_client::CryptoClient, decrypt_request::Ciphertext,
+    CreateKeyRequest, DecryptRequest, EncryptRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
@@ -49,6 +50,70 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// The JSON log lines of a server, parsed.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
+        .collect()
+}
+
+/// Principal and key id are written into an RPC's span when its completion
+/// event is written (not on every call): at DEBUG a successful Encrypt's
+/// line has them, and an Admin change's own events carry them as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_fields_reach_success_lines_and_admin_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = write_config(
+        dir.path(),
+        &format!("listen = \"{addr}\"\ndev = true\nlog_format = \"json\"\naudit_log = \"off\"\n"),
+    );
+    let mut cmd = keyward(dir.path());
+    cmd.env("RUST_LOG", "info,keyward::api::observe=debug");
+    let mut server = serve(cmd, &config, &[], &addr).await;
+    let channel = server.channel().await;
+    CryptoClient::new(channel.clone())
+        .encrypt(EncryptRequest {
+            plaintext: b"x".to_vec().into(),
+            context: ctx(&[("connection_id", "a")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    AdminClient::new(channel)
+        .create_key(CreateKeyRequest {
+            key_id: "next".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    server.wait_for_log("\"method\":\"CreateKey\"");
+    let lines = json_lines(&server.log());
+    let finished = |method: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "rpc finished" && l["span"]["method"] == method)
+            .unwrap_or_else(|| panic!("no finish line for {method}"))
+            .clone()
+    };
+    let encrypt = finished("Encrypt");
+    assert_eq!(encrypt["level"], "DEBUG", "{encrypt}");
+    assert_eq!(encrypt["span"]["principal"], "anonymous", "{encrypt}");
+    assert_eq!(encrypt["span"]["key_id"], "dev-local", "{encrypt}");
+    assert_eq!(encrypt["span"]["code"], "OK", "{encrypt}");
+    assert_eq!(finished("CreateKey")["span"]["key_id"], "next");
+    // An event the handler logs before the call ends.
+    let registered = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "key registered" && l["fields"]["key_id"] == "next")
+        .expect("the key change's own event");
+    assert_eq!(registered["span"]["method"], "CreateKey", "{registered}");
+    assert_eq!(registered["span"]["principal"], "anonymous", "{registered}");
+    assert_eq!(registered["span"]["key_id"], "next", "{registered}");
+    server.signal("-TERM");
+    assert!(server.wait_exit(Duration::from_secs(15)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
