@@ -37,6 +37,7 @@ pub struct LocalKms {
 }
 
 impl LocalKms {
+    /// `current` wraps new keys; `previous` only unwrap.
     pub fn new(current: MasterSecret, previous: Vec<MasterSecret>) -> Self {
         let masters: Vec<MasterSecret> = std::iter::once(current).chain(previous).collect();
         Self {
@@ -45,6 +46,8 @@ impl LocalKms {
         }
     }
 
+    /// The KEK ciphers for one KMS key name, in the order of `masters`,
+    /// derived on first use.
     fn keks_for(&self, kms_key_arn: &str) -> Arc<[Cipher]> {
         if let Some(found) = self.keks.load().get(kms_key_arn) {
             return Arc::clone(found);
