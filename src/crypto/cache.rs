@@ -310,12 +310,19 @@ fn digest(
     wrapped_iv: &[u8],
     context: &EncryptionContext,
 ) -> Digest32 {
-    let mut buf = Vec::with_capacity(128 + wrapped_key.len());
-    put_bytes(&mut buf, side);
-    put_bytes(&mut buf, kek.record_id.as_bytes());
-    put_bytes(&mut buf, kek.kms_key_arn.as_bytes());
-    put_bytes(&mut buf, wrapped_key);
-    put_bytes(&mut buf, wrapped_iv);
+    let parts: [&[u8]; 5] = [
+        side,
+        kek.record_id.as_bytes(),
+        kek.kms_key_arn.as_bytes(),
+        wrapped_key,
+        wrapped_iv,
+    ];
+    let mut buf = Vec::with_capacity(
+        parts.iter().map(|p| 4 + p.len()).sum::<usize>() + context.canonical_len(),
+    );
+    for part in parts {
+        put_bytes(&mut buf, part);
+    }
     context.write_canonical(&mut buf);
     Sha256::digest(&buf).into()
 }

@@ -114,7 +114,8 @@ impl EncryptionContext {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// Bytes [`Self::write_canonical`] appends.
+    /// Bytes [`Self::write_canonical`] appends: callers size their buffer
+    /// with it once.
     pub fn canonical_len(&self) -> usize {
         4 + self
             .0
@@ -127,7 +128,6 @@ impl EncryptionContext {
     /// each as a big-endian u32 length and its UTF-8 bytes. Unambiguous, so
     /// two different contexts never encode alike.
     pub fn write_canonical(&self, out: &mut Vec<u8>) {
-        out.reserve(self.canonical_len());
         put_u32_len(out, self.0.len());
         for (k, v) in &self.0 {
             put_bytes(out, k.as_bytes());

@@ -46,11 +46,13 @@ impl LocalKms {
         }
     }
 
-    /// The KEK ciphers for one KMS key name, in the order of `masters`,
-    /// derived on first use.
-    fn keks_for(&self, kms_key_arn: &str) -> Arc<[Cipher]> {
+    /// Runs `f` on the KEK ciphers of one KMS key name, in the order of
+    /// `masters`. The common case borrows them from the current map (no
+    /// lock, no reference count touched); a name seen for the first time
+    /// has its KEKs derived and added.
+    fn with_keks<R>(&self, kms_key_arn: &str, f: impl FnOnce(&[Cipher]) -> R) -> R {
         if let Some(found) = self.keks.load().get(kms_key_arn) {
-            return Arc::clone(found);
+            return f(found);
         }
         let derived: Arc<[Cipher]> = self
             .masters
@@ -63,7 +65,7 @@ impl LocalKms {
                 .or_insert_with(|| Arc::clone(&derived));
             keks
         });
-        derived
+        f(&derived)
     }
 
     /// Wraps `data_key` under the current master secret's KEK.
@@ -75,19 +77,13 @@ impl LocalKms {
     ) -> Result<WrappedKey, KmsError> {
         check_ref(kek)?;
         let aad = wrap_aad(kek, context);
-        let seal = |keks: &[Cipher]| {
+        let (iv, ciphertext) = self.with_keks(kek.kms_key_arn, |keks| {
             keks.first()
                 .map(|current| current.seal(data_key.expose(), &aad))
                 .ok_or(KmsError::Unavailable {
                     reason: "the local KMS has no master secret".into(),
                 })
-        };
-        // The common case borrows the KEK from the current map: no lock,
-        // no reference count touched.
-        let (iv, ciphertext) = match self.keks.load().get(kek.kms_key_arn) {
-            Some(keks) => seal(keks)?,
-            None => seal(&self.keks_for(kek.kms_key_arn))?,
-        };
+        })?;
         Ok(WrappedKey {
             ciphertext,
             iv: iv.to_vec(),
@@ -164,11 +160,12 @@ impl KmsProvider for LocalKms {
     ) -> Result<SecretKey, KmsError> {
         check_ref(kek)?;
         let aad = wrap_aad(kek, context);
-        self.keks_for(kek.kms_key_arn)
-            .iter()
-            .find_map(|cipher| cipher.open(wrapped_iv, wrapped_key, &aad).ok())
-            .and_then(|plain| SecretKey::from_slice(plain.as_bytes()))
-            .ok_or(KmsError::UnwrapFailed)
+        self.with_keks(kek.kms_key_arn, |keks| {
+            keks.iter()
+                .find_map(|cipher| cipher.open(wrapped_iv, wrapped_key, &aad).ok())
+        })
+        .and_then(|plain| SecretKey::from_slice(plain.as_bytes()))
+        .ok_or(KmsError::UnwrapFailed)
     }
 }
 
