@@ -39,13 +39,14 @@ impl OperatorAudit {
     /// Runs `change` between a `requested` event and its outcome (`ok` or
     /// `error`). When `requested` cannot be written and the log is
     /// fail-closed, `change` does not run.
-    pub async fn audited<T>(
+    pub async fn audited<T, E: Into<anyhow::Error>>(
         &self,
         command: &'static str,
         key_id: Option<&str>,
         detail: Option<String>,
-        change: impl Future<Output = anyhow::Result<T>>,
+        change: impl Future<Output = Result<T, E>>,
     ) -> anyhow::Result<T> {
+        let change = async { change.await.map_err(Into::into) };
         let event = AuditEvent {
             principal: &self.principal,
             rpc: command,

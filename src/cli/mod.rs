@@ -783,9 +783,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..CreateKey::default()
             });
             let key = audit
-                .audited("cli/seed-key", Some(&key_id), Some(detail), async {
-                    Ok(seed.await?)
-                })
+                .audited("cli/seed-key", Some(&key_id), Some(detail), seed)
                 .await?;
             tracing::info!(id = %key.id, key_id = %key.key_id, "active key seeded");
             println!("{}", key.id);
@@ -1161,10 +1159,9 @@ async fn audited<T, E: Into<anyhow::Error>>(
     detail: String,
     change: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
-    let change = async { change.await.map_err(Into::into) };
     match audit {
         Some(audit) => audit.audited(command, key_id, Some(detail), change).await,
-        None => change.await,
+        None => change.await.map_err(Into::into),
     }
 }
 
