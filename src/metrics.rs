@@ -18,7 +18,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
@@ -422,9 +422,15 @@ impl Collector for KmsCollector {
         )?;
         for (p, op, ok, labels) in kms_series() {
             if stats.calls(p, op, ok) > 0 {
-                stats
-                    .latency(p, op, ok)
-                    .encode(family.encode_family(&labels)?)?;
+                let latency = stats.latency(p, op, ok).snapshot();
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(
+                        latency.sum,
+                        latency.count,
+                        &latency.buckets,
+                        None,
+                    )?;
             }
         }
         Ok(())

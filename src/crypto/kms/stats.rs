@@ -13,7 +13,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use super::{GeneratedKey, KekRef, KmsError, KmsProvider, ProviderKind, WrappedKey};
 use crate::crypto::{context::EncryptionContext, secret::SecretKey};
@@ -62,7 +61,7 @@ const PROVIDERS: usize = ProviderKind::ALL.len();
 pub struct KmsCallStats {
     /// Both indexed by [`Self::slot`].
     calls: Vec<AtomicU64>,
-    latency: Vec<Histogram>,
+    latency: Vec<LatencyHistogram>,
 }
 
 impl Default for KmsCallStats {
@@ -71,10 +70,71 @@ impl Default for KmsCallStats {
             calls: (0..PROVIDERS * OPS * 2)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
-            // 50 µs (the local KMS) to about 3 s (a remote KMS retrying).
             latency: (0..PROVIDERS * OPS * 2)
-                .map(|_| Histogram::new(exponential_buckets(0.000_05, 2.0, 17)))
+                .map(|_| LatencyHistogram::default())
                 .collect(),
+        }
+    }
+}
+
+/// Latency buckets with a finite bound: 50 µs (the local KMS) doubling to
+/// about 3.3 s (a remote KMS retrying); one more bucket takes the rest.
+const LATENCY_BUCKETS: usize = 17;
+const FIRST_BOUND_NANOS: u64 = 50_000;
+
+/// A latency histogram kept in atomics alone. The local KMS is called on
+/// every Encrypt from every worker thread; prometheus-client's `Histogram`
+/// takes a mutex per observation, which the two cores of a busy server
+/// passed back and forth. Read at scrape time by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last bucket is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// A [`LatencyHistogram`] read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySnapshot {
+    /// Seconds, summed over every observation.
+    pub sum: f64,
+    /// Observations (the sum of the bucket counts).
+    pub count: u64,
+    /// (upper bound in seconds, observations in that bucket alone); the
+    /// last bound is `f64::INFINITY`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = (0..LATENCY_BUCKETS)
+            .find(|&i| nanos <= FIRST_BOUND_NANOS << i)
+            .unwrap_or(LATENCY_BUCKETS);
+        if let Some(count) = self.counts.get(bucket) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let buckets: Vec<(f64, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, count)| {
+                let bound = if i < LATENCY_BUCKETS {
+                    (FIRST_BOUND_NANOS << i) as f64 / 1e9
+                } else {
+                    f64::INFINITY
+                };
+                (bound, count.load(Ordering::Relaxed))
+            })
+            .collect();
+        LatencySnapshot {
+            sum: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
         }
     }
 }
@@ -86,7 +146,7 @@ impl KmsCallStats {
 
     /// Latency in seconds of the calls of `op` to `provider` that succeeded
     /// (`ok`) or failed.
-    pub fn latency(&self, provider: ProviderKind, op: KmsOperation, ok: bool) -> &Histogram {
+    pub fn latency(&self, provider: ProviderKind, op: KmsOperation, ok: bool) -> &LatencyHistogram {
         // `slot` is always in range: the vector has one entry per slot.
         &self.latency[Self::slot(provider, op, ok)]
     }
@@ -123,7 +183,7 @@ impl KmsCallStats {
     ) {
         let slot = Self::slot(provider, op, result.is_ok());
         self.calls[slot].fetch_add(1, Ordering::Relaxed);
-        self.latency[slot].observe(took.as_secs_f64());
+        self.latency[slot].observe(took);
     }
 }
 
@@ -235,5 +295,26 @@ impl KmsProvider for Counted {
             started.elapsed(),
         );
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_inclusive_upper_bounds_and_the_count_matches_them() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(50)); // on the first bound
+        h.observe(Duration::from_micros(51)); // the second bucket (100 µs)
+        h.observe(Duration::from_secs(10)); // beyond the last bound
+        let snap = h.snapshot();
+        assert_eq!(snap.buckets.len(), LATENCY_BUCKETS + 1);
+        assert_eq!(snap.buckets[0], (0.000_05, 1));
+        assert_eq!(snap.buckets[1], (0.000_1, 1));
+        assert_eq!(snap.buckets[LATENCY_BUCKETS], (f64::INFINITY, 1));
+        assert!((snap.buckets[LATENCY_BUCKETS - 1].0 - 3.2768).abs() < 1e-9);
+        assert_eq!(snap.count, 3);
+        assert!((snap.sum - 10.000_101).abs() < 1e-9);
     }
 }
