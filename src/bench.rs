@@ -82,6 +82,9 @@ pub struct PhaseResult {
     pub name: &'static str,
     /// Operations per second (requests, or items for batches).
     pub ops_per_sec: f64,
+    /// CPU time this process spent per operation (client and, without
+    /// `--target`, server), when the platform reports it.
+    pub cpu_per_op: Option<Duration>,
     pub p50: Duration,
     pub p99: Duration,
 }
@@ -194,10 +197,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     // Each round's Encrypt and Decrypt against that round's floor: their
     // spread shows how much of a difference between runs is the machine.
     let mut round_ratios = [Vec::new(), Vec::new()];
-    for _ in 0..rounds {
-        let floor = run_slice(args.concurrency, slice, health.clone()).await?;
-        let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
-        let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
+    for round in 0..rounds {
+        // Every other round runs in reverse order, so that a steady change
+        // in the machine's speed within a round favours no operation.
+        let (floor, encrypt, decrypt) = if round % 2 == 0 {
+            let floor = run_slice(args.concurrency, slice, health.clone()).await?;
+            let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
+            let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
+            (floor, encrypt, decrypt)
+        } else {
+            let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
+            let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
+            let floor = run_slice(args.concurrency, slice, health.clone()).await?;
+            (floor, encrypt, decrypt)
+        };
         round_ratios[0].push(encrypt.calls_per_sec() / floor.calls_per_sec());
         round_ratios[1].push(decrypt.calls_per_sec() / floor.calls_per_sec());
         totals[0].add(floor)?;
@@ -218,17 +231,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         batch_totals.result("BatchEncrypt", args.batch_size.max(1)),
     ];
     println!(
-        "\n{:<22} {:>14} {:>10} {:>10} {:>10}",
-        "operation", "ops/s", "vs floor", "p50 ms", "p99 ms"
+        "\n{:<22} {:>14} {:>10} {:>10} {:>10} {:>12}",
+        "operation", "ops/s", "vs floor", "p50 ms", "p99 ms", "CPU µs/op"
     );
     for r in &results[..3] {
         println!(
-            "{:<22} {:>14.0} {:>10.2} {:>10.3} {:>10.3}",
+            "{:<22} {:>14.0} {:>10.2} {:>10.3} {:>10.3} {:>12}",
             r.name,
             r.ops_per_sec,
             r.ops_per_sec / floor.ops_per_sec,
             ms(r.p50),
-            ms(r.p99)
+            ms(r.p99),
+            cpu_micros(r.cpu_per_op)
         );
     }
     for (name, ratios) in ["Encrypt", "Decrypt"].iter().zip(&mut round_ratios) {
@@ -243,8 +257,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     }
     let b = &results[3];
     println!(
-        "{:<22} {:>14.0} {:>10} {:>10.3} {:>10.3}   (items/s; {} items per request, {} in flight; latency per request)",
-        b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), args.batch_size, args.batch_concurrency
+        "{:<22} {:>14.0} {:>10} {:>10.3} {:>10.3} {:>12}   (items/s; {} items per request, {} in flight; latency per request)",
+        b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), cpu_micros(b.cpu_per_op), args.batch_size, args.batch_concurrency
+    );
+    println!(
+        "CPU µs/op: this process's CPU time per operation ({}).",
+        if args.target.is_some() {
+            "the client only"
+        } else {
+            "client and in-process server together"
+        }
     );
     Ok(results)
 }
@@ -253,10 +275,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn cpu_micros(cpu: Option<Duration>) -> String {
+    cpu.map_or_else(
+        || "-".to_owned(),
+        |d| format!("{:.1}", d.as_secs_f64() * 1e6),
+    )
+}
+
 /// Calls, time and latencies of one operation, summed over slices.
 pub(crate) struct Totals {
     calls: u64,
     elapsed: Duration,
+    /// CPU time of this process over the slices, if it could be read.
+    cpu: Option<Duration>,
     hist: Histogram<u64>,
 }
 
@@ -265,6 +296,7 @@ impl Totals {
         Ok(Self {
             calls: 0,
             elapsed: Duration::ZERO,
+            cpu: Some(Duration::ZERO),
             hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         })
     }
@@ -272,6 +304,7 @@ impl Totals {
     fn add(&mut self, other: Totals) -> anyhow::Result<()> {
         self.calls += other.calls;
         self.elapsed += other.elapsed;
+        self.cpu = self.cpu.zip(other.cpu).map(|(a, b)| a + b);
         self.hist.add(other.hist)?;
         Ok(())
     }
@@ -285,6 +318,9 @@ impl Totals {
             name,
             ops_per_sec: (self.calls as f64 * ops_per_call as f64)
                 / self.elapsed.as_secs_f64().max(f64::EPSILON),
+            cpu_per_op: self
+                .cpu
+                .map(|cpu| cpu.div_f64((self.calls as f64 * ops_per_call as f64).max(1.0))),
             p50: Duration::from_micros(self.hist.value_at_quantile(0.50)),
             p99: Duration::from_micros(self.hist.value_at_quantile(0.99)),
         }
@@ -302,6 +338,7 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), tonic::Status>> + Send,
 {
+    let cpu_start = process_cpu_time();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
@@ -327,7 +364,26 @@ where
         sum.add(task.await??)?;
     }
     sum.elapsed = start.elapsed();
+    sum.cpu = process_cpu_time()
+        .zip(cpu_start)
+        .map(|(end, start)| end.saturating_sub(start));
     Ok(sum)
+}
+
+/// CPU time (user and system) this process's live threads have run, from
+/// `/proc/self/task/*/schedstat` (Linux; nanoseconds). `None` elsewhere.
+/// Threads that exited meanwhile drop out; the runtime's workers, which do
+/// the measured work, live as long as the benchmark.
+fn process_cpu_time() -> Option<Duration> {
+    let mut total = 0_u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
 }
 
 /// A server on a temporary SQLite database with an active local key,
