@@ -127,6 +127,19 @@ impl KeyCatalog {
         self.0.load_full()
     }
 
+    /// The active key. Unlike [`Self::snapshot`] it leaves the catalog's
+    /// reference count alone: every Encrypt reads it, from every worker
+    /// thread, and a shared count's cache line moves between cores on each
+    /// change.
+    pub fn active(&self) -> Option<Arc<KeyRecord>> {
+        self.0.load().active().cloned()
+    }
+
+    /// A key by `encryption_keys.id`, read as [`Self::active`] is.
+    pub fn get(&self, id: &str) -> Option<Arc<KeyRecord>> {
+        self.0.load().get(id).cloned()
+    }
+
     pub fn replace(&self, records: Vec<KeyRecord>, version: i64) -> Arc<Catalog> {
         let catalog = Arc::new(Catalog::new(records, version));
         self.0.store(Arc::clone(&catalog));

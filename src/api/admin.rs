@@ -101,9 +101,9 @@ impl Admin for AdminApi {
 
     async fn create_key(
         &self,
-        request: Request<proto::CreateKeyRequest>,
+        mut request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
         let change = Change {
             rpc: "keyward.v1.Admin/CreateKey",
@@ -126,9 +126,9 @@ impl Admin for AdminApi {
 
     async fn activate_key(
         &self,
-        request: Request<proto::ActivateKeyRequest>,
+        mut request: Request<proto::ActivateKeyRequest>,
     ) -> Result<Response<proto::ActivateKeyResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
         let staging = if req.staged {
             Staging::Staged {
@@ -167,9 +167,9 @@ impl Admin for AdminApi {
 
     async fn retire_key(
         &self,
-        request: Request<proto::RetireKeyRequest>,
+        mut request: Request<proto::RetireKeyRequest>,
     ) -> Result<Response<proto::RetireKeyResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
         if req.dry_run {
             let plan = self.admin.retire_plan(&req.key_id).await?;
@@ -276,9 +276,9 @@ impl Admin for AdminApi {
 
     async fn start_rotation(
         &self,
-        request: Request<proto::StartRotationRequest>,
+        mut request: Request<proto::StartRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
         let change = Change {
             rpc: "keyward.v1.Admin/StartRotation",
@@ -337,9 +337,9 @@ impl Admin for AdminApi {
 
     async fn cancel_rotation(
         &self,
-        request: Request<proto::CancelRotationRequest>,
+        mut request: Request<proto::CancelRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let job_id = request.into_inner().job_id;
         let change = Change {
             rpc: "keyward.v1.Admin/CancelRotation",
@@ -354,9 +354,9 @@ impl Admin for AdminApi {
 
     async fn requeue_rotation(
         &self,
-        request: Request<proto::RequeueRotationRequest>,
+        mut request: Request<proto::RequeueRotationRequest>,
     ) -> Result<Response<proto::RotationJob>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let job_id = request.into_inner().job_id;
         let change = Change {
             rpc: "keyward.v1.Admin/RequeueRotation",

@@ -34,13 +34,14 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of an admitted request; UNAUTHENTICATED if the request
-    /// did not pass the layer (never the case on keyward's server).
-    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+    /// Takes the caller of an admitted request out of its extensions
+    /// (taken, not cloned: the principal's reference count is shared by all
+    /// of its calls on every core); UNAUTHENTICATED if the request did not
+    /// pass the layer (never the case on keyward's server).
+    pub fn take<T>(request: &mut tonic::Request<T>) -> Result<Caller, tonic::Status> {
         request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
+            .extensions_mut()
+            .remove::<Caller>()
             .ok_or_else(|| tonic::Status::unauthenticated("no authenticated caller"))
     }
 
@@ -109,10 +110,15 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let principal = auth.authenticate(authorization, &common_names).await;
-            let admitted = principal
-                .clone()
-                .and_then(|p| auth.authorize(&p, role).map(|()| p));
+            // The principal moves on to the handler: its reference count is
+            // shared by all of its calls on every core, so it is not cloned.
+            let admitted = match auth.authenticate(authorization, &common_names).await {
+                Ok(principal) => match auth.authorize(&principal, role) {
+                    Ok(()) => Ok(principal),
+                    Err(err) => Err((Some(principal), err)),
+                },
+                Err(err) => Err((None, err)),
+            };
             match admitted {
                 Ok(principal) => {
                     super::observe::note_principal(&principal.name);
@@ -121,10 +127,10 @@ where
                     too_large_is_resource_exhausted(&mut response);
                     Ok(response)
                 }
-                Err(err) => {
+                Err((principal, err)) => {
                     let status = to_status(&Error::Auth(err));
                     let name = principal.as_ref().map(|p| p.name.as_str());
-                    if let Ok(name) = name {
+                    if let Some(name) = name {
                         super::observe::note_principal(name);
                     }
                     let _ = audit.record(&AuditEvent {

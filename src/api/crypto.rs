@@ -220,9 +220,9 @@ fn check_context(principal: &Principal, context: &EncryptionContext) -> Result<(
 impl Crypto for CryptoApi {
     async fn encrypt(
         &self,
-        request: Request<proto::EncryptRequest>,
+        mut request: Request<proto::EncryptRequest>,
     ) -> Result<Response<proto::EncryptResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let mut keys = KeysUsed::default();
         let result = self
             .encrypt_one(&caller, request.into_inner(), &mut keys)
@@ -233,9 +233,9 @@ impl Crypto for CryptoApi {
 
     async fn decrypt(
         &self,
-        request: Request<proto::DecryptRequest>,
+        mut request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::DecryptResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let mut keys = KeysUsed::default();
         let result = self
             .decrypt_one(&caller, DECRYPT, request.into_inner(), &mut keys)
@@ -246,9 +246,9 @@ impl Crypto for CryptoApi {
 
     async fn batch_encrypt(
         &self,
-        request: Request<proto::BatchEncryptRequest>,
+        mut request: Request<proto::BatchEncryptRequest>,
     ) -> Result<Response<proto::BatchEncryptResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());
@@ -270,9 +270,9 @@ impl Crypto for CryptoApi {
 
     async fn batch_decrypt(
         &self,
-        request: Request<proto::BatchDecryptRequest>,
+        mut request: Request<proto::BatchDecryptRequest>,
     ) -> Result<Response<proto::BatchDecryptResponse>, Status> {
-        let caller = Caller::of(&request)?;
+        let caller = Caller::take(&mut request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
         let mut results = Vec::with_capacity(items.len());

@@ -141,12 +141,12 @@ impl CryptoService {
     /// A key record by `encryption_keys.id`; an id this process does not
     /// know triggers one read-through catalog reload first.
     pub async fn lookup_key(&self, id: &str) -> Option<Arc<KeyRecord>> {
-        if let Some(key) = self.catalog.snapshot().get(id) {
-            return Some(Arc::clone(key));
+        if let Some(key) = self.catalog.get(id) {
+            return Some(key);
         }
         let admin = self.read_through.get().and_then(std::sync::Weak::upgrade)?;
         admin.read_through(id).await;
-        self.catalog.snapshot().get(id).cloned()
+        self.catalog.get(id)
     }
 
     /// A service with only the local KMS under `master`, one active key
@@ -248,9 +248,8 @@ impl CryptoService {
         allowed: impl Fn(&KeyRecord) -> bool,
     ) -> Result<Sealed> {
         self.check_plaintext(plaintext)?;
-        let catalog = self.catalog.snapshot();
-        let key = catalog.active().ok_or(Error::NoActiveKey)?;
-        if !allowed(key) {
+        let key = self.catalog.active().ok_or(Error::NoActiveKey)?;
+        if !allowed(&key) {
             return Err(crate::auth::AuthError::Denied(
                 "the caller may not encrypt under the active key".into(),
             )
@@ -275,17 +274,18 @@ impl CryptoService {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Sealed> {
-        self.seal(key, plaintext, context, Caching::Bypass).await
+        self.seal(Arc::clone(key), plaintext, context, Caching::Bypass)
+            .await
     }
 
     async fn seal(
         &self,
-        key: &Arc<KeyRecord>,
+        key: Arc<KeyRecord>,
         plaintext: &[u8],
         context: &EncryptionContext,
         caching: Caching,
     ) -> Result<Sealed> {
-        let provider = self.provider(key)?;
+        let provider = self.provider(&key)?;
         let generate = || provider.generate_data_key(key.kek(), context);
         let cached = caching == Caching::Use
             && key.status == KeyStatus::Active
@@ -310,10 +310,7 @@ impl CryptoService {
             payload_ciphertext,
             payload_iv: payload_iv.to_vec(),
         };
-        Ok(Sealed {
-            envelope,
-            key: Arc::clone(key),
-        })
+        Ok(Sealed { envelope, key })
     }
 
     /// Decrypts either form of a ciphertext bound to `context`.
@@ -344,7 +341,7 @@ impl CryptoService {
         let opened = self.open(envelope, context, Caching::Bypass).await?;
         let sealed = self
             .seal(
-                target,
+                Arc::clone(target),
                 opened.plaintext.as_bytes(),
                 context,
                 Caching::Bypass,
