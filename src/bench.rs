@@ -24,7 +24,7 @@ use crate::{
         EncryptRequest, EnvelopeForm,
     },
     app::{Application, Services, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
-    config::{KmsSettings, MasterSecrets, Settings},
+    config::{KmsSettings, MasterSecrets, Settings, DEFAULT_MAX_REQUEST_BYTES},
     crypto::secret::MasterSecret,
     transport::connect_channel,
 };
@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// Seconds each of Health, Encrypt, Decrypt and BatchEncrypt runs in all.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
-    /// Items per BatchEncrypt request.
+    /// Items per BatchEncrypt request; fewer when that many would not fit
+    /// the default 16 MiB request limit (`--max-request-bytes`).
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
     /// BatchEncrypt requests in flight at once.
@@ -106,6 +107,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let channel = connect_channel(endpoint)
         .await
         .with_context(|| format!("cannot connect to {target}"))?;
+    let batch_size = batch_size_that_fits(args.batch_size, args.payload_bytes);
     let rounds = args.rounds.max(1);
     let slice = Duration::from_secs_f64(args.seconds.max(0.3) / rounds as f64);
     let context: HashMap<String, String> =
@@ -173,10 +175,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let batch = {
         let ch = channel.clone();
         let req = BatchEncryptRequest {
-            items: vec![encrypt_request.clone(); args.batch_size.max(1)],
+            items: vec![encrypt_request.clone(); batch_size],
         };
         move || {
-            let mut client = CryptoClient::new(ch.clone());
+            // A batch's response outgrows tonic's 4 MiB default from 4 KiB
+            // payloads on; the server's own limits bound it.
+            let mut client = CryptoClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
             let req = req.clone();
             async move { client.batch_encrypt(req).await.map(|_| ()) }
         }
@@ -228,7 +232,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         floor.clone(),
         totals[1].result("Encrypt", 1),
         totals[2].result("Decrypt", 1),
-        batch_totals.result("BatchEncrypt", args.batch_size.max(1)),
+        batch_totals.result("BatchEncrypt", batch_size),
     ];
     println!(
         "\n{:<22} {:>14} {:>10} {:>10} {:>10} {:>12}",
@@ -258,7 +262,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let b = &results[3];
     println!(
         "{:<22} {:>14.0} {:>10} {:>10.3} {:>10.3} {:>12}   (items/s; {} items per request, {} in flight; latency per request)",
-        b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), cpu_micros(b.cpu_per_op), args.batch_size, args.batch_concurrency
+        b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), cpu_micros(b.cpu_per_op), batch_size, args.batch_concurrency
     );
     println!(
         "CPU µs/op: this process's CPU time per operation ({}).",
@@ -269,6 +273,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
         }
     );
     Ok(results)
+}
+
+/// `wanted` items of `payload_bytes`, or as many as fit in a request under
+/// the server's default size limit (each item also carries its context and
+/// field tags, well under 256 bytes here); at least one.
+fn batch_size_that_fits(wanted: usize, payload_bytes: usize) -> usize {
+    let per_item = payload_bytes.saturating_add(256);
+    wanted.min(DEFAULT_MAX_REQUEST_BYTES / per_item).max(1)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -429,5 +441,20 @@ impl Drop for InProcessServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_cut_to_fit_the_default_request_limit() {
+        assert_eq!(batch_size_that_fits(500, 1024), 500);
+        let largest = batch_size_that_fits(500, 64 * 1024);
+        assert_eq!(largest, 255);
+        assert!(largest * (64 * 1024 + 256) <= DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(batch_size_that_fits(0, 1024), 1);
+        assert_eq!(batch_size_that_fits(500, usize::MAX), 1);
     }
 }

@@ -108,6 +108,9 @@ pub struct Settings {
     pub rotation_targets: Vec<RotationTarget>,
 }
 
+/// The largest gRPC request message `keyward serve` accepts by default.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
 impl Settings {
     /// Defaults for a given database, listening on a random loopback port
     /// (tests and the in-process benchmark start from here).
@@ -119,7 +122,7 @@ impl Settings {
             master,
             kms: KmsSettings::default(),
             limits: Limits::default(),
-            max_request_bytes: 16 * 1024 * 1024,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_concurrent_streams: 256,
             cors_allowed_origins: Vec::new(),
             dashboard_dir: None,

@@ -450,7 +450,7 @@ struct ServeArgs {
     #[arg(long, env = "KEYWARD_MAX_BATCH_ITEMS", default_value_t = 1000)]
     max_batch_items: usize,
     /// Largest gRPC request message, in bytes.
-    #[arg(long, env = "KEYWARD_MAX_REQUEST_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "KEYWARD_MAX_REQUEST_BYTES", default_value_t = crate::config::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
     /// Seconds between reloads of the key catalog from the database.
     #[arg(long, env = "KEYWARD_CATALOG_REFRESH_SECS", default_value_t = 30)]
