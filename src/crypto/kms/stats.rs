@@ -55,21 +55,18 @@ impl KmsOperation {
 const OPS: usize = KmsOperation::ALL.len();
 const PROVIDERS: usize = ProviderKind::ALL.len();
 
-/// Call counts and latency histograms, one per provider × operation ×
-/// outcome, shared by every [`Counted`] provider of a registry.
+/// Latency histograms, one per provider × operation × outcome, shared by
+/// every [`Counted`] provider of a registry; a histogram's count is the
+/// number of calls.
 #[derive(Debug)]
 pub struct KmsCallStats {
-    /// Both indexed by [`Self::slot`].
-    calls: Vec<AtomicU64>,
+    /// Indexed by [`Self::slot`].
     latency: Vec<LatencyHistogram>,
 }
 
 impl Default for KmsCallStats {
     fn default() -> Self {
         Self {
-            calls: (0..PROVIDERS * OPS * 2)
-                .map(|_| AtomicU64::new(0))
-                .collect(),
             latency: (0..PROVIDERS * OPS * 2)
                 .map(|_| LatencyHistogram::default())
                 .collect(),
@@ -117,6 +114,11 @@ impl LatencyHistogram {
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
     pub fn snapshot(&self) -> LatencySnapshot {
         let buckets: Vec<(f64, u64)> = self
             .counts
@@ -153,7 +155,7 @@ impl KmsCallStats {
 
     /// Calls of `op` to `provider` that succeeded (`ok`) or failed.
     pub fn calls(&self, provider: ProviderKind, op: KmsOperation, ok: bool) -> u64 {
-        self.calls[Self::slot(provider, op, ok)].load(Ordering::Relaxed)
+        self.latency(provider, op, ok).count()
     }
 
     /// Successful calls of `op` to `provider`.
@@ -181,9 +183,7 @@ impl KmsCallStats {
         result: &Result<T, KmsError>,
         took: Duration,
     ) {
-        let slot = Self::slot(provider, op, result.is_ok());
-        self.calls[slot].fetch_add(1, Ordering::Relaxed);
-        self.latency[slot].observe(took);
+        self.latency[Self::slot(provider, op, result.is_ok())].observe(took);
     }
 }
 
@@ -315,6 +315,7 @@ mod tests {
         assert_eq!(snap.buckets[LATENCY_BUCKETS], (f64::INFINITY, 1));
         assert!((snap.buckets[LATENCY_BUCKETS - 1].0 - 3.2768).abs() < 1e-9);
         assert_eq!(snap.count, 3);
+        assert_eq!(h.count(), 3);
         assert!((snap.sum - 10.000_101).abs() < 1e-9);
     }
 }
