@@ -13,7 +13,7 @@ use keyward::api::proto::{decrypt_request::Ciphertext, DecryptRequest, EncryptRe
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use crate::helpers::ctx;
+use crate::helpers::{ctx, json_lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 const SECRET: &str = "cli-test-master-secret-0123456789";
@@ -850,13 +850,7 @@ fn operator_changes_are_audited() {
             .args(args);
         run(&mut cmd)
     };
-    let events = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&audit_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let events = || json_lines(&std::fs::read_to_string(&audit_log).unwrap_or_default());
     let ok = |out: Output| {
         assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
         out

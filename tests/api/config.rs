@@ -13,7 +13,7 @@ use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
     cli::{free_port, keyward, run, stderr, stdout, Server},
-    helpers::ctx,
+    helpers::{ctx, json_lines},
 };
 
 fn write_config(dir: &Path, text: &str) -> String {
@@ -50,13 +50,6 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
-}
-
-/// The JSON log lines of a server, parsed.
-fn json_lines(log: &str) -> Vec<serde_json::Value> {
-    log.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
-        .collect()
 }
 
 /// Principal and key id are written into an RPC's span when its completion
@@ -162,13 +155,8 @@ async fn file_settings_apply_below_environment_and_flags() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     server.wait_for_log("rpc finished");
     let log = server.log();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("log_format = json from the file: {e}: {l}"))
-        })
-        .collect();
+    // log_format = json, from the file: every line is JSON.
+    let lines = json_lines(&log);
     let rpc = lines
         .iter()
         .find(|l| l["fields"]["message"] == "rpc finished")

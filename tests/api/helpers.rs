@@ -89,6 +89,14 @@ pub fn master(current: &str, previous: &[&str]) -> MasterSecrets {
     MasterSecrets::parse(current, &previous).unwrap()
 }
 
+/// JSON lines (a server's JSON log, an audit log), parsed; a line that is
+/// not JSON fails the test.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
+        .collect()
+}
+
 pub fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()

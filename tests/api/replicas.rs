@@ -19,7 +19,7 @@ use keyward::{
 use tonic::Code;
 
 use crate::{
-    helpers::{assert_code, ctx, master, spawn, spawn_with, Backend, Options, TestApp},
+    helpers::{assert_code, ctx, json_lines, master, spawn, spawn_with, Backend, Options, TestApp},
     on_both_backends,
     rotation::{activate_new_key, insert_legacy_row, insert_row, start, watch_all},
 };
@@ -430,10 +430,9 @@ async fn a_forced_retirement_is_audited_with_what_it_overrode(backend: Backend) 
         vec!["1 rows are still on it (1 in connections)"]
     );
     let log = std::fs::read_to_string(&audit).unwrap();
-    let forced: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|e: &serde_json::Value| e["result"] == "forced")
+    let forced: Vec<serde_json::Value> = json_lines(&log)
+        .into_iter()
+        .filter(|e| e["result"] == "forced")
         .collect();
     assert_eq!(forced.len(), 1, "{log}");
     assert_eq!(forced[0]["rpc"], "keyward.v1.Admin/RetireKey");

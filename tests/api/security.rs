@@ -25,7 +25,7 @@ use tonic::{
     Code, Request,
 };
 
-use crate::helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp};
+use crate::helpers::{assert_code, ctx, json_lines, spawn_with, Backend, Options, TestApp};
 
 /// A throwaway PKI: a CA, a server certificate for `localhost`, client
 /// certificates, and one client certificate from a CA the server does not
@@ -491,10 +491,9 @@ async fn scoped_tokens_stay_within_their_keys_and_contexts() {
     // The audit log has each Decrypt with principal, key and context, and
     // never a plaintext or a token.
     let log = std::fs::read_to_string(&audit).unwrap();
-    let decrypts: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|e: &serde_json::Value| e["rpc"].as_str().unwrap_or_default().ends_with("Decrypt"))
+    let decrypts: Vec<serde_json::Value> = json_lines(&log)
+        .into_iter()
+        .filter(|e| e["rpc"].as_str().unwrap_or_default().ends_with("Decrypt"))
         .collect();
     assert_eq!(decrypts.len(), 6, "{decrypts:#?}");
     let first = &decrypts[0];
