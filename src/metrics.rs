@@ -421,8 +421,8 @@ impl Collector for KmsCollector {
             MetricType::Histogram,
         )?;
         for (p, op, ok, labels) in kms_series() {
-            if stats.calls(p, op, ok) > 0 {
-                let latency = stats.latency(p, op, ok).snapshot();
+            let latency = stats.latency(p, op, ok).snapshot();
+            if latency.count > 0 {
                 family
                     .encode_family(&labels)?
                     .encode_histogram::<NoLabelSet>(

@@ -91,6 +91,7 @@ impl LocalKms {
     }
 }
 
+/// HKDF-SHA256(master, salt = "keyward.local-kms.v1", info = kms_key_arn).
 fn derive_kek(master: &MasterSecret, kms_key_arn: &str) -> SecretKey {
     let hk = Hkdf::<Sha256>::new(Some(KEK_SALT), master.expose());
     SecretKey::derive_with(|out: &mut [u8; KEY_LEN]| {

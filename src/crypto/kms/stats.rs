@@ -119,6 +119,8 @@ impl LatencyHistogram {
         self.counts.iter().map(|n| n.load(Ordering::Relaxed)).sum()
     }
 
+    /// Every bucket, the count and the sum, as the metrics endpoint writes
+    /// them.
     pub fn snapshot(&self) -> LatencySnapshot {
         let buckets: Vec<(f64, u64)> = self
             .counts
