@@ -263,7 +263,7 @@ impl Application {
             settings.rotation_targets.clone(),
         )
         .await?;
-        if settings.seed_dev_key && services.catalog.snapshot().active().is_none() {
+        if settings.seed_dev_key && services.catalog.active().is_none() {
             let key = services
                 .admin
                 .seed_key(CreateKey {

@@ -135,7 +135,6 @@ impl CryptoApi {
                 key_id.map(|id| {
                     self.service
                         .catalog()
-                        .snapshot()
                         .get(&id)
                         .map_or(id, |key| key.key_id.clone())
                 })

@@ -192,7 +192,7 @@ impl KeyAdmin {
     /// this process does not know: once, rate-limited.
     pub async fn read_through(&self, record_id: &str) {
         let mut last = self.last_read_through.lock().await;
-        if self.catalog.snapshot().get(record_id).is_some()
+        if self.catalog.get(record_id).is_some()
             || last.is_some_and(|t| t.elapsed() < READ_THROUGH_EVERY)
         {
             return;
@@ -387,7 +387,7 @@ impl KeyAdmin {
             .filter(|j| !j.status.is_terminal())
             .collect();
         let replicas = replica::encrypting_with(&self.store, &key).await?;
-        let active = self.catalog.snapshot().active().map(|k| k.key_id.clone());
+        let active = self.catalog.active().map(|k| k.key_id.clone());
         let mut blockers = Vec::new();
         let mut next_steps = Vec::new();
         match key.status {
