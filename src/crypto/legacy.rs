@@ -30,7 +30,6 @@ pub fn derive_legacy_key(master: &MasterSecret) -> SecretKey {
 }
 
 /// The legacy keys of every configured master secret, current first.
-#[derive(Clone)]
 pub struct LegacyKeys(Vec<Cipher>);
 
 impl LegacyKeys {

@@ -109,6 +109,15 @@ impl Plaintext {
         Self(bytes)
     }
 
+    /// `len` zero bytes, for a decryption to write into.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        Self(vec![0; len])
+    }
+
+    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
