@@ -20,7 +20,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 use crate::{
     api::{
         auth::AuthLayer,
-        dashboard::DashboardLayer,
+        dashboard::{DashboardDir, DashboardLayer},
         observe::ObserveLayer,
         proto::{admin_server::AdminServer, crypto_server::CryptoServer, FILE_DESCRIPTOR_SET},
         AdminApi, CryptoApi,
@@ -83,6 +83,9 @@ pub enum StartupError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// `--dashboard-dir` is missing, or holds the database or a key file.
+    #[error("dashboard directory: {0}")]
+    Dashboard(String),
     /// A `--cors-allowed-origins` entry is not a valid origin.
     #[error("cors: {0:?} is not a valid origin (scheme://host[:port])")]
     CorsOrigin(String),
@@ -131,7 +134,6 @@ impl Services {
             listen,
             self.store.clone(),
             Arc::clone(&self.admin),
-            Arc::clone(&self.crypto),
             options,
         )
     }
@@ -233,6 +235,7 @@ pub struct Application {
     settings: Settings,
     auth: Arc<Authenticator>,
     audit: Arc<AuditLog>,
+    dashboard: Option<DashboardDir>,
     #[cfg(feature = "tls")]
     tls: Option<ServerTlsConfig>,
 }
@@ -255,6 +258,11 @@ impl Application {
         settings: Settings,
         listener: TcpListener,
     ) -> Result<Self, StartupError> {
+        let dashboard = settings
+            .dashboard_dir
+            .as_deref()
+            .map(|dir| dashboard_dir(dir, &settings))
+            .transpose()?;
         let services = Services::open_with_targets(
             &settings.database_url,
             settings.master.as_ref(),
@@ -263,6 +271,9 @@ impl Application {
             settings.rotation_targets.clone(),
         )
         .await?;
+        if settings.seed_dev_key {
+            refuse_foreign_keys(&services).await?;
+        }
         if settings.seed_dev_key && services.catalog.active().is_none() {
             let key = services
                 .admin
@@ -317,6 +328,7 @@ impl Application {
             settings,
             auth,
             audit,
+            dashboard,
             #[cfg(feature = "tls")]
             tls,
         })
@@ -349,6 +361,7 @@ impl Application {
             settings,
             auth,
             audit,
+            dashboard,
             #[cfg(feature = "tls")]
             tls,
         } = self;
@@ -367,9 +380,11 @@ impl Application {
         set_health(&health, ServingStatus::NotServing).await;
         tokio::spawn(follow_readiness(
             services.admin.readiness(),
+            audit.writable(),
             health.clone(),
             stop.clone(),
         ));
+        tokio::spawn(audit_upkeep(Arc::clone(&audit), stop.clone()));
         let worker = settings.worker.map(|options| {
             let worker = services.worker(options);
             let stop = stop.clone();
@@ -425,7 +440,7 @@ impl Application {
             // preflights for the configured origins are answered first.
             .accept_http1(true)
             // The dashboard's files, for browser GETs that are no RPC.
-            .layer(DashboardLayer::new(settings.dashboard_dir.clone()))
+            .layer(DashboardLayer::new(dashboard))
             .layer(tower::util::option_layer(cors))
             .layer(tonic_web::GrpcWebLayer::new())
             // Every RPC gets a span, a log line and its metrics here…
@@ -553,22 +568,79 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Mirrors service readiness into gRPC health until `stop`.
+/// Opens `--dashboard-dir`, refusing one that holds a file keyward knows
+/// to be secret: the SQLite database (and its journal files), the master
+/// key files, the TLS key, the audit log. Dotfiles such as `.env` are never
+/// served anyway (`api::dashboard`).
+fn dashboard_dir(dir: &std::path::Path, settings: &Settings) -> Result<DashboardDir, StartupError> {
+    let files = DashboardDir::open(dir)
+        .map_err(|err| StartupError::Dashboard(format!("{}: {err}", dir.display())))?;
+    let mut secret: Vec<std::path::PathBuf> = settings.secret_files.clone();
+    secret.push(crate::config::dev_master_key_path(&settings.database_url));
+    if let Some(db) = crate::config::sqlite_path(&settings.database_url) {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let mut name = db.clone().into_os_string();
+            name.push(suffix);
+            secret.push(name.into());
+        }
+    }
+    secret.extend(settings.tls.as_ref().map(|tls| tls.key.clone()));
+    if let crate::auth::audit::AuditSink::File(path) = &settings.audit.sink {
+        secret.push(path.clone());
+    }
+    for path in secret {
+        let inside = path
+            .canonicalize()
+            .is_ok_and(|p| p.starts_with(files.root()));
+        if inside {
+            return Err(StartupError::Dashboard(format!(
+                "{} holds {}, which must never be served: point --dashboard-dir at the built dashboard only (clients/dashboard/dist)",
+                files.root().display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// `serve --dev` does not start on a database holding keys its master
+/// secret cannot open (a served sandbox would only answer "ciphertext was
+/// modified"); a production server starts NOT_SERVING instead, saying why.
+async fn refuse_foreign_keys(services: &Services) -> Result<(), StartupError> {
+    let catalog = services.catalog.snapshot();
+    let faults = services.admin.key_faults(&catalog, false).await?;
+    match faults.into_values().flatten().find(|f| f.is_foreign()) {
+        Some(fault) => Err(StartupError::Keys(Error::ForeignKey(format!(
+            "serve --dev refuses this database: {}",
+            fault.reason()
+        )))),
+        None => Ok(()),
+    }
+}
+
+/// Mirrors service readiness, and whether the audit log can be written,
+/// into gRPC health until `stop`.
 async fn follow_readiness(
     mut readiness: tokio::sync::watch::Receiver<Readiness>,
+    mut audit_writable: tokio::sync::watch::Receiver<bool>,
     health: HealthReporter,
     stop: CancellationToken,
 ) {
     let mut announced = false;
     loop {
         let current = readiness.borrow_and_update().clone();
+        let writable = *audit_writable.borrow_and_update();
         match current {
-            Readiness::Ready => {
+            Readiness::Ready if writable => {
                 if !announced {
                     tracing::info!("🔐 Encryption service initialized successfully");
                     announced = true;
                 }
                 set_health(&health, ServingStatus::Serving).await;
+            }
+            Readiness::Ready => {
+                tracing::warn!("the audit log cannot be written (fail-closed): health is NOT_SERVING until it can");
+                set_health(&health, ServingStatus::NotServing).await;
             }
             Readiness::NotReady(reason) => {
                 tracing::warn!(%reason, "not ready: health is NOT_SERVING");
@@ -578,6 +650,20 @@ async fn follow_readiness(
         }
         tokio::select! {
             changed = readiness.changed() => if changed.is_err() { return },
+            changed = audit_writable.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Writes the counts of refusals grouped by the audit log, and retries an
+/// audit sink that could not be written, once per refusal window.
+async fn audit_upkeep(audit: Arc<AuditLog>, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(crate::auth::audit::REFUSAL_WINDOW);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => audit.upkeep(),
             () = stop.cancelled() => return,
         }
     }

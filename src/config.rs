@@ -88,6 +88,9 @@ pub struct Settings {
     /// A directory of static files (the built rotation dashboard) served
     /// for GET requests that are not gRPC calls.
     pub dashboard_dir: Option<std::path::PathBuf>,
+    /// Files holding secrets this process read (a `--master-key-file`):
+    /// never served, whatever `dashboard_dir` says.
+    pub secret_files: Vec<std::path::PathBuf>,
     /// Who may call, and the per-principal rate limit.
     pub auth: AuthSettings,
     /// Where audit events go.
@@ -126,6 +129,7 @@ impl Settings {
             max_concurrent_streams: 256,
             cors_allowed_origins: Vec::new(),
             dashboard_dir: None,
+            secret_files: Vec::new(),
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
             tls: None,
@@ -241,18 +245,25 @@ pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, Targets
 /// database file, else in the working directory.
 pub fn dev_master_key_path(database_url: &str) -> std::path::PathBuf {
     const FILE: &str = "keyward.master.key";
-    let path = database_url
-        .strip_prefix("sqlite://")
-        .or_else(|| database_url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or(rest));
-    match path {
-        Some(db) if !db.is_empty() && db != ":memory:" => Path::new(db)
+    match sqlite_path(database_url) {
+        Some(db) => db
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map(|p| p.join(FILE))
             .unwrap_or_else(|| FILE.into()),
-        _ => FILE.into(),
+        None => FILE.into(),
     }
+}
+
+/// The file of a `sqlite:` database URL (`None` for another database or
+/// an in-memory one).
+pub fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
+    database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|db| !db.is_empty() && *db != ":memory:")
+        .map(std::path::PathBuf::from)
 }
 
 #[cfg(test)]

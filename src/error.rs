@@ -104,6 +104,13 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// This process cannot open what was written under a key: its master
+    /// secret (or KMS key) is not the one that wrote it.
+    #[error("{0}")]
+    ForeignKey(String),
+    /// A key's probe could not be checked (the KMS failed, …).
+    #[error("the key could not be checked: {0}")]
+    KeyUnchecked(String),
     /// The caller is not authenticated, not allowed, or over its rate limit.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),

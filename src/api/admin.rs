@@ -267,8 +267,8 @@ impl Admin for AdminApi {
                     key_id: check.key.key_id.clone(),
                     provider: check.key.provider.as_str().to_owned(),
                     status: convert::key_status(check.key.status) as i32,
-                    ok: check.error.is_none(),
-                    error: check.error.clone().unwrap_or_default(),
+                    ok: check.problems().is_none(),
+                    error: check.problems().unwrap_or_default(),
                 })
                 .collect(),
         }))

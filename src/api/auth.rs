@@ -133,13 +133,16 @@ where
                     if let Some(name) = name {
                         super::observe::note_principal(name);
                     }
-                    let _ = audit.record(&AuditEvent {
-                        principal: name.unwrap_or("unauthenticated"),
-                        rpc: request.uri().path().trim_start_matches('/'),
-                        result: code_name(status.code()),
-                        peer: peer.map(|p| p.to_string()),
-                        ..AuditEvent::default()
-                    });
+                    audit.record_refusal(
+                        &AuditEvent {
+                            principal: name.unwrap_or("unauthenticated"),
+                            rpc: request.uri().path().trim_start_matches('/'),
+                            result: code_name(status.code()),
+                            peer: peer.map(|p| p.to_string()),
+                            ..AuditEvent::default()
+                        },
+                        peer.map(|p| p.ip()),
+                    );
                     Ok(status.into_http())
                 }
             }

@@ -167,7 +167,10 @@ impl CryptoApi {
     }
 
     /// A scoped principal may decrypt only under its keys and contexts. The
-    /// refusal is the same whether or not the named key exists.
+    /// refusal is the same whether or not the named key exists. A legacy
+    /// ciphertext (no key record) is bound to no context, so the context the
+    /// caller sends proves nothing about it: only a principal without limits
+    /// or with an explicit legacy grant opens one.
     async fn check_decrypt_scope(
         &self,
         principal: &Principal,
@@ -175,15 +178,25 @@ impl CryptoApi {
         context: &EncryptionContext,
     ) -> Result<(), Error> {
         check_context(principal, context)?;
+        if encryption_key_id.is_empty() {
+            return if principal.scope.allows_legacy() {
+                Ok(())
+            } else {
+                Err(AuthError::Denied(format!(
+                    "principal {} is limited to keys or encryption contexts and may not open legacy ciphertexts, which are bound to neither: grant it legacy access (keyward token create --legacy) until rotation has moved its rows",
+                    principal.name
+                ))
+                .into())
+            };
+        }
         if principal.scope.keys.is_empty() {
             return Ok(());
         }
-        let allowed = !encryption_key_id.is_empty()
-            && self
-                .service
-                .lookup_key(encryption_key_id)
-                .await
-                .is_some_and(|key| principal.scope.allows_key(&key));
+        let allowed = self
+            .service
+            .lookup_key(encryption_key_id)
+            .await
+            .is_some_and(|key| principal.scope.allows_key(&key));
         if allowed {
             Ok(())
         } else {

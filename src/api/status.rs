@@ -34,6 +34,7 @@ pub fn code_of(err: &Error) -> Code {
         | Error::KeyInUse { .. }
         | Error::RetireBlocked { .. }
         | Error::ReplicaNotReady { .. }
+        | Error::ForeignKey(_)
         | Error::JobStatusConflict { .. }
         | Error::ProviderUnavailable(_) => Code::FailedPrecondition,
         // A KMS that is down or refuses us says so; anything else about the
@@ -47,7 +48,7 @@ pub fn code_of(err: &Error) -> Code {
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
         },
-        Error::Audit(_) => Code::Unavailable,
+        Error::Audit(_) | Error::KeyUnchecked(_) => Code::Unavailable,
         Error::Kms(kms) => match kms {
             KmsError::UnwrapFailed => Code::InvalidArgument,
             KmsError::KeyDisabled { .. }

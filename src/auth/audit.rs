@@ -4,19 +4,38 @@
 //!
 //! Fail-closed by default, as Vault's audit devices are: when an event
 //! cannot be written, the request it records fails (UNAVAILABLE) instead of
-//! going unaudited. `--audit-fail-open` logs a warning and lets it pass.
+//! going unaudited, and [`AuditLog::writable`] turns false so health can
+//! send traffic elsewhere until a write succeeds again. `--audit-fail-open`
+//! logs a warning and lets it pass.
+//!
+//! Each event is one `write` of its whole line to a file opened with
+//! `O_APPEND` (other keyward processes, the CLI, may append to the same
+//! file; it is never truncated). After a short or failed write, the next
+//! event starts with a newline, so a reader resynchronises on the line
+//! after the broken one. Refusals of calls that never reached a handler
+//! are bounded by [`super::refusals`].
 
 use std::{
     collections::BTreeMap,
     io::Write,
+    net::IpAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Mutex, PoisonError,
     },
+    time::{Duration, Instant},
 };
 
+use tokio::sync::watch;
+
+use super::refusals::{truncate_path, RefusalThrottle, Sender, Summary, Verdict};
 use crate::crypto::context::EncryptionContext;
+
+/// The window over which refusals are grouped (see `auth::refusals`).
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
+/// Most senders whose refusals are written individually per window.
+const REFUSAL_SENDERS_PER_WINDOW: usize = 64;
 
 /// Where audit events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,13 +101,54 @@ struct Line<'a> {
     peer: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    /// How many calls a summary of refusals stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+}
+
+/// The sink, with whether its last write was cut short.
+struct LineWriter {
+    out: Box<dyn Write + Send>,
+    /// The last write failed or was short: the file may end inside a line,
+    /// so the next event starts with a newline.
+    resync: bool,
+}
+
+impl LineWriter {
+    /// Writes `line` (which ends in a newline) with one `write` call, never
+    /// retrying the rest of a short write: with other writers appending
+    /// to the same file, a retried tail could land after their lines.
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let mut buffer;
+        let bytes = if self.resync {
+            buffer = Vec::with_capacity(line.len() + 1);
+            buffer.push(b'\n');
+            buffer.extend_from_slice(line);
+            &buffer[..]
+        } else {
+            line
+        };
+        let result = match self.out.write(bytes) {
+            Ok(n) if n == bytes.len() => self.out.flush(),
+            Ok(n) => Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write: {n} of {} bytes", bytes.len()),
+            )),
+            Err(err) => Err(err),
+        };
+        self.resync = result.is_err();
+        result
+    }
 }
 
 pub struct AuditLog {
-    writer: Option<Mutex<Box<dyn Write + Send>>>,
+    writer: Option<Mutex<LineWriter>>,
     fail_closed: bool,
     written: AtomicU64,
     failed: AtomicU64,
+    /// False from a failed write until the next successful one.
+    writable: watch::Sender<bool>,
+    refusals: Mutex<RefusalThrottle>,
 }
 
 impl AuditLog {
@@ -105,22 +165,34 @@ impl AuditLog {
                     .open(path)?,
             )),
         };
-        Ok(Self {
-            writer: writer.map(Mutex::new),
-            fail_closed: settings.fail_closed,
+        Ok(Self::with_writer(writer, settings.fail_closed))
+    }
+
+    /// A log over any writer (tests inject failing ones).
+    pub fn with_writer(writer: Option<Box<dyn Write + Send>>, fail_closed: bool) -> Self {
+        Self {
+            writer: writer.map(|out| Mutex::new(LineWriter { out, resync: false })),
+            fail_closed,
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-        })
+            writable: watch::Sender::new(true),
+            refusals: Mutex::new(RefusalThrottle::new(
+                REFUSAL_WINDOW,
+                REFUSAL_SENDERS_PER_WINDOW,
+            )),
+        }
     }
 
     /// A log that writes nothing.
     pub fn off() -> Self {
-        Self {
-            writer: None,
-            fail_closed: false,
-            written: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        }
+        Self::with_writer(None, false)
+    }
+
+    /// Whether requests can be served: false while a fail-closed log
+    /// cannot be written (every audited request would be refused). Health
+    /// follows it.
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.writable.subscribe()
     }
 
     /// Events written so far.
@@ -164,27 +236,110 @@ impl AuditLog {
     /// Writes one event; an error only when writing failed and the log is
     /// fail-closed.
     pub fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let Some(writer) = &self.writer else {
-            return Ok(());
+        self.write_event(event, None)
+    }
+
+    /// Records a call refused before it reached a handler (authentication,
+    /// role, rate limit), bounded as `auth::refusals` describes: the path
+    /// truncated, repeats of one sender within a window counted into one
+    /// summary. Best effort: a refusal is refused whether or not its event
+    /// is written.
+    pub fn record_refusal(&self, event: &AuditEvent<'_>, ip: Option<IpAddr>) {
+        if self.writer.is_none() {
+            return;
+        }
+        let rpc = truncate_path(event.rpc);
+        let sender = Sender {
+            principal: event.principal.to_owned(),
+            ip,
+            result: event.result.to_owned(),
         };
-        let line = Line {
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            principal: event.principal,
-            rpc: event.rpc,
-            key_id: event.key_id,
-            context: event.context.map(|c| c.iter().collect()),
-            result: event.result,
-            peer: event.peer.as_deref(),
-            detail: event.detail.as_deref(),
-        };
-        let written = serde_json::to_vec(&line)
-            .map_err(std::io::Error::other)
-            .and_then(|mut bytes| {
-                bytes.push(b'\n');
-                let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-                writer.write_all(&bytes)?;
-                writer.flush()
-            });
+        let (verdict, closed) = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(Instant::now(), sender, &rpc);
+        self.write_summaries(closed);
+        if verdict == Verdict::Write {
+            let _ = self.write_event(
+                &AuditEvent {
+                    rpc: &rpc,
+                    ..event.clone()
+                },
+                None,
+            );
+        }
+    }
+
+    /// Called about once per [`REFUSAL_WINDOW`]: writes the counts of a
+    /// window of refusals that is over, and while the log is not writable,
+    /// tries to write again (an event saying how many were lost), so health
+    /// turns SERVING once the sink recovers.
+    pub fn upkeep(&self) {
+        let closed = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .close_if_over(Instant::now());
+        self.write_summaries(closed);
+        if !*self.writable.borrow() {
+            let detail = format!(
+                "the audit log is writable again; {} events could not be written so far",
+                self.failed()
+            );
+            // Not counted: a retry is no event of its own until it works.
+            let recovery = AuditEvent {
+                principal: "keyward",
+                rpc: "keyward/audit",
+                result: "recovered",
+                detail: Some(detail),
+                ..AuditEvent::default()
+            };
+            if self.write_line(&recovery, None).is_ok() {
+                self.written.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("the audit log is writable again");
+            }
+        }
+    }
+
+    fn write_summaries(&self, summaries: Vec<Summary>) {
+        for summary in summaries {
+            let (event, count) = match &summary {
+                Summary::Repeated { sender, rpc, count } => (
+                    AuditEvent {
+                        principal: &sender.principal,
+                        rpc,
+                        result: &sender.result,
+                        peer: sender.ip.map(|ip| ip.to_string()),
+                        detail: Some(format!(
+                            "{count} more refusals from this sender within {}s (not written one by one)",
+                            REFUSAL_WINDOW.as_secs_f64()
+                        )),
+                        ..AuditEvent::default()
+                    },
+                    *count,
+                ),
+                Summary::Overflow { count, senders } => (
+                    AuditEvent {
+                        principal: "unauthenticated",
+                        rpc: "*",
+                        result: "refused",
+                        detail: Some(format!(
+                            "{count} refusals from {senders} further senders within {}s (over the budget of senders written one by one)",
+                            REFUSAL_WINDOW.as_secs_f64()
+                        )),
+                        ..AuditEvent::default()
+                    },
+                    *count,
+                ),
+            };
+            let _ = self.write_event(&event, Some(count));
+        }
+    }
+
+    /// Writes one event and counts it as written or failed.
+    fn write_event(&self, event: &AuditEvent<'_>, count: Option<u64>) -> Result<(), AuditError> {
+        let written = self.write_line(event, count);
         let counter = if written.is_ok() {
             &self.written
         } else {
@@ -200,10 +355,48 @@ impl AuditLog {
             }
         }
     }
+
+    /// Serialises and writes one event, and updates [`Self::writable`].
+    fn write_line(&self, event: &AuditEvent<'_>, count: Option<u64>) -> std::io::Result<()> {
+        let Some(writer) = &self.writer else {
+            return Ok(());
+        };
+        let line = Line {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            principal: event.principal,
+            rpc: event.rpc,
+            key_id: event.key_id,
+            context: event.context.map(|c| c.iter().collect()),
+            result: event.result,
+            peer: event.peer.as_deref(),
+            detail: event.detail.as_deref(),
+            count,
+        };
+        let written = serde_json::to_vec(&line)
+            .map_err(std::io::Error::other)
+            .and_then(|mut bytes| {
+                bytes.push(b'\n');
+                writer
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .write_line(&bytes)
+            });
+        // Only a fail-closed log refuses requests; that is what health
+        // must tell load balancers.
+        let writable = written.is_ok() || !self.fail_closed;
+        self.writable.send_if_modified(|current| {
+            let changed = *current != writable;
+            *current = writable;
+            changed
+        });
+        written
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -247,5 +440,143 @@ mod tests {
             ..full
         };
         assert!(AuditLog::open(&open).unwrap().record(&event).is_ok());
+    }
+
+    /// A file that fails the way a full disk does: the first write is cut
+    /// short, the second fails, later ones succeed.
+    #[derive(Clone, Default)]
+    struct FillingDisk {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        writes: Arc<AtomicU64>,
+    }
+
+    impl Write for FillingDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut bytes = self.bytes.lock().unwrap();
+            match self.writes.fetch_add(1, Ordering::SeqCst) {
+                1 => {
+                    bytes.extend_from_slice(&buf[..buf.len() / 2]);
+                    Ok(buf.len() / 2)
+                }
+                2 => Err(std::io::Error::other("no space left on device")),
+                _ => {
+                    bytes.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+            }
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn decrypt_event(principal: &str) -> AuditEvent<'_> {
+        AuditEvent {
+            principal,
+            rpc: "keyward.v1.Crypto/Decrypt",
+            result: "ok",
+            ..AuditEvent::default()
+        }
+    }
+
+    #[test]
+    fn after_a_short_write_the_next_event_starts_on_a_line_of_its_own() {
+        let disk = FillingDisk::default();
+        let log = AuditLog::with_writer(Some(Box::new(disk.clone())), true);
+        let mut writable = log.writable();
+        log.record(&decrypt_event("first")).unwrap();
+        assert!(log.record(&decrypt_event("cut-short")).is_err());
+        assert!(
+            !*writable.borrow_and_update(),
+            "a failed write must turn health off"
+        );
+        assert!(log.record(&decrypt_event("failed")).is_err());
+        log.record(&decrypt_event("after-recovery")).unwrap();
+        assert!(*writable.borrow_and_update());
+        log.record(&decrypt_event("next")).unwrap();
+        assert_eq!((log.written(), log.failed()), (3, 2));
+
+        // One write per event: the file holds the first line, half a line,
+        // then every later event whole on its own line.
+        assert_eq!(disk.writes.load(Ordering::SeqCst), 5);
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let parsed: Vec<serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let principals: Vec<&str> = parsed
+            .iter()
+            .map(|v| v["principal"].as_str().unwrap())
+            .collect();
+        assert_eq!(principals, ["first", "after-recovery", "next"], "{text}");
+        assert!(lines[1].starts_with(r#"{"time""#) && !lines[1].ends_with('}'));
+    }
+
+    #[test]
+    fn an_unwritable_log_recovers_on_upkeep() {
+        let disk = FillingDisk::default();
+        // Two writes that go wrong, then the disk has room again.
+        disk.writes.store(1, Ordering::SeqCst);
+        let log = AuditLog::with_writer(Some(Box::new(disk.clone())), true);
+        let writable = log.writable();
+        assert!(log.record(&decrypt_event("a")).is_err());
+        log.upkeep(); // the failing write
+        assert!(!*writable.borrow());
+        log.upkeep();
+        assert!(*writable.borrow());
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        let recovered: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(recovered["result"], "recovered");
+        assert_eq!((log.written(), log.failed()), (1, 1));
+    }
+
+    #[test]
+    fn a_fail_open_log_stays_writable_for_health() {
+        let disk = FillingDisk::default();
+        disk.writes.store(2, Ordering::SeqCst);
+        let log = AuditLog::with_writer(Some(Box::new(disk)), false);
+        assert!(log.record(&decrypt_event("lost")).is_ok());
+        assert!(*log.writable().borrow());
+        assert_eq!(log.failed(), 1);
+    }
+
+    #[test]
+    fn a_flood_of_refusals_writes_one_event_and_one_count() {
+        let disk = FillingDisk::default();
+        disk.writes.store(3, Ordering::SeqCst);
+        let log = AuditLog::with_writer(Some(Box::new(disk.clone())), true);
+        let path = format!("/{}", "a".repeat(3900));
+        let ip = Some(IpAddr::from([127, 0, 0, 1]));
+        for _ in 0..20_000 {
+            log.record_refusal(
+                &AuditEvent {
+                    principal: "unauthenticated",
+                    rpc: &path,
+                    result: "UNAUTHENTICATED",
+                    peer: Some("127.0.0.1:5000".into()),
+                    ..AuditEvent::default()
+                },
+                ip,
+            );
+        }
+        let closed = log
+            .refusals
+            .lock()
+            .unwrap()
+            .close_if_over(Instant::now() + REFUSAL_WINDOW);
+        log.write_summaries(closed);
+        let text = String::from_utf8(disk.bytes.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0]["rpc"].as_str().unwrap().len() < 200);
+        assert_eq!(lines[1]["count"], 19_999);
+        assert!(text.len() < 1024, "{}", text.len());
     }
 }

@@ -27,6 +27,10 @@ pub struct CertPrincipal {
     /// Context pairs every request must carry.
     #[serde(default)]
     pub context: std::collections::BTreeMap<String, String>,
+    /// May open legacy ciphertexts although `keys` or `context` limit it
+    /// (legacy ciphertexts are bound to neither).
+    #[serde(default)]
+    pub legacy: bool,
 }
 
 /// How the server authenticates.
@@ -78,6 +82,7 @@ impl Authenticator {
                     scope: Scope {
                         keys: c.keys.clone(),
                         context: c.context.clone(),
+                        legacy: c.legacy,
                     },
                 };
                 Ok((c.common_name.clone(), Arc::new(principal)))

@@ -10,6 +10,7 @@
 
 pub mod audit;
 mod authenticator;
+pub mod refusals;
 pub mod token;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
@@ -117,11 +118,23 @@ pub struct Scope {
     pub keys: Vec<String>,
     /// Encryption-context pairs every request must carry.
     pub context: BTreeMap<String, String>,
+    /// Explicitly granted access to legacy ciphertexts (`keyward token
+    /// create --legacy`, `legacy = true` in a certificate mapping) despite
+    /// the limits above.
+    pub legacy: bool,
 }
 
 impl Scope {
     pub fn is_unlimited(&self) -> bool {
         self.keys.is_empty() && self.context.is_empty()
+    }
+
+    /// Whether the principal may open a legacy ciphertext. Legacy
+    /// ciphertexts are bound to no key record and no context, so a key or
+    /// context limit cannot be checked against them: only an unlimited
+    /// principal, or one explicitly granted legacy access, opens them.
+    pub fn allows_legacy(&self) -> bool {
+        self.is_unlimited() || self.legacy
     }
 
     /// Whether `key` is within the scope.
@@ -189,6 +202,7 @@ mod tests {
         let scope = Scope {
             keys: vec!["k1".into()],
             context: BTreeMap::from([("tenant".into(), "acme".into())]),
+            legacy: false,
         };
         let acme = EncryptionContext::from_pairs([("tenant", "acme"), ("row", "1")]).unwrap();
         let other = EncryptionContext::from_pairs([("tenant", "globex")]).unwrap();
@@ -196,5 +210,25 @@ mod tests {
         assert!(!scope.allows_context(&other));
         assert!(!scope.allows_context(&EncryptionContext::empty()));
         assert!(Scope::default().allows_context(&EncryptionContext::empty()));
+    }
+
+    #[test]
+    fn only_unlimited_or_granted_principals_open_legacy_ciphertexts() {
+        assert!(Scope::default().allows_legacy());
+        let context_scoped = Scope {
+            context: BTreeMap::from([("tenant".into(), "acme".into())]),
+            ..Scope::default()
+        };
+        let key_scoped = Scope {
+            keys: vec!["k1".into()],
+            ..Scope::default()
+        };
+        assert!(!context_scoped.allows_legacy());
+        assert!(!key_scoped.allows_legacy());
+        let granted = Scope {
+            legacy: true,
+            ..context_scoped
+        };
+        assert!(granted.allows_legacy());
     }
 }

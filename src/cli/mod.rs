@@ -649,6 +649,12 @@ enum TokenCommand {
         /// repeat for several.
         #[arg(long = "context")]
         context: Vec<String>,
+        /// Let a token limited by --key or --context open legacy
+        /// ciphertexts, which are bound to no key and no context (an
+        /// application reading its rows until rotation has moved them).
+        /// A token without limits opens them anyway.
+        #[arg(long)]
+        legacy: bool,
     },
     /// List tokens (names, roles, scopes; never the tokens).
     List,
@@ -800,7 +806,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let services = open(&global).await?;
             let report = services.admin.self_test().await?;
             for check in &report.keys {
-                match &check.error {
+                match &check.problems() {
                     None => println!(
                         "ok    {} ({}, {})",
                         check.key.key_id, check.key.provider, check.key.status
@@ -884,7 +890,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
     let (auth, audit, tls) = args.security(&global.audit)?;
     let master = match master_secrets(global)? {
         Some(master) => master,
-        None if args.dev => dev_master_secret(&global.database_url)?,
+        None if args.dev => dev_master_secret(&global.database_url).await?,
         None => {
             return Err(ConfigError(
                 "no master secret: set ENCRYPTION_MASTER_KEY (or LOCAL_KMS_SECRET, or --master-key-file), \
@@ -907,6 +913,7 @@ async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode>
         max_concurrent_streams: args.max_concurrent_streams.max(1),
         cors_allowed_origins: args.cors_allowed_origins,
         dashboard_dir: args.dashboard_dir,
+        secret_files: global.master_key_file.iter().cloned().collect(),
         auth,
         audit,
         tls,
@@ -939,6 +946,7 @@ async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCod
             roles,
             keys,
             context,
+            legacy,
         } => {
             if name.trim().is_empty() || name.len() > 128 {
                 return Err(ConfigError("--name must be 1 to 128 characters".into()).into());
@@ -960,9 +968,16 @@ async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCod
                         .ok_or_else(|| ConfigError(format!("--context {pair:?}: use KEY=VALUE")))
                 })
                 .collect::<Result<_, _>>()?;
-            let scope = Scope { keys, context };
+            let scope = Scope {
+                keys,
+                context,
+                legacy,
+            };
             let secret = crate::auth::token::generate();
-            let detail = format!("name={name} roles={}", role_list(&roles));
+            let mut detail = format!("name={name} roles={}", role_list(&roles));
+            if scope.legacy {
+                detail.push_str(" legacy");
+            }
             let hash = crate::auth::token::hash(&secret);
             let insert = store.insert_token(&name, &hash, &roles, &scope);
             let record = audited(&audit, "cli/token create", None, detail, insert).await?;
@@ -991,8 +1006,13 @@ async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Result<ExitCod
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(",");
+                let legacy = if t.scope.allows_legacy() {
+                    "legacy"
+                } else {
+                    "no legacy"
+                };
                 println!(
-                    "{:<24} {:<22} {:<20} {:<24} {state}",
+                    "{:<24} {:<22} {:<20} {:<24} {legacy:<10} {state}",
                     t.name,
                     role_list(&t.roles),
                     keys,
@@ -1088,13 +1108,34 @@ fn read_secret_file(path: &Path) -> anyhow::Result<String> {
         })
 }
 
-/// `serve --dev`: reuse or create a 0600 master secret file.
-fn dev_master_secret(database_url: &str) -> anyhow::Result<MasterSecrets> {
+/// `serve --dev`: reuse or create a 0600 master secret file. A new secret
+/// is generated only for a database without local keys: anything such a
+/// database holds was written with another secret, which a new one would
+/// never open.
+async fn dev_master_secret(database_url: &str) -> anyhow::Result<MasterSecrets> {
     let path = dev_master_key_path(database_url);
     let secret = if path.exists() {
         tracing::warn!(path = %path.display(), "--dev: using the development master secret in this file");
         read_secret_file(&path)?
     } else {
+        let store = crate::store::Store::connect(database_url).await?;
+        store.migrate().await?;
+        let local_keys: Vec<String> = store
+            .list_keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.provider == crate::crypto::kms::ProviderKind::Local)
+            .map(|k| k.key_id)
+            .collect();
+        store.close().await;
+        if !local_keys.is_empty() {
+            return Err(ConfigError(format!(
+                "--dev would generate a new master secret ({} does not exist), but this database already holds local keys ({}) written with another one, which a new secret can never open: set ENCRYPTION_MASTER_KEY (or --master-key-file) to the secret that wrote them",
+                path.display(),
+                local_keys.join(", ")
+            ))
+            .into());
+        }
         let secret = MasterSecret::generate_hex();
         write_private_file(&path, secret.as_bytes())
             .with_context(|| format!("cannot create {}", path.display()))?;

@@ -233,6 +233,27 @@ impl RotationTarget {
     /// The next batch after a cursor; binds $1 key, $2 job, $3 cursor, $4 limit.
     /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the context).
     pub fn select_batch_sql(&self) -> String {
+        format!(
+            "{} WHERE {pred} AND CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT) LIMIT $4",
+            self.select_rows(),
+            id = self.id.q(),
+            pred = self.off_target(),
+        )
+    }
+
+    /// Up to $2 rows on key $1 (a sample, to prove a master secret can
+    /// read what was written under the key), under the aliases of
+    /// [`Self::select_batch_sql`].
+    pub fn sample_on_key_sql(&self) -> String {
+        format!(
+            "{} WHERE {k} = $1 LIMIT $2",
+            self.select_rows(),
+            k = self.columns.encryption_key_id.q(),
+        )
+    }
+
+    /// `SELECT <the columns a rotation reads> FROM <table>`.
+    fn select_rows(&self) -> String {
         let c = &self.columns;
         let (legacy_ct, legacy_iv) = match &self.legacy {
             Some((ct, iv)) => (ct.q(), iv.q()),
@@ -247,8 +268,7 @@ impl RotationTarget {
         format!(
             "SELECT CAST({id} AS TEXT) AS id, {k} AS encryption_key_id, {dk} AS data_key_ciphertext, \
              {dkiv} AS data_key_iv, {ct} AS payload_ciphertext, {iv} AS payload_iv, \
-             {legacy_ct} AS legacy_ciphertext, {legacy_iv} AS legacy_iv{context} \
-             FROM {table} WHERE {pred} AND CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT) LIMIT $4",
+             {legacy_ct} AS legacy_ciphertext, {legacy_iv} AS legacy_iv{context} FROM {table}",
             id = self.id.q(),
             k = c.encryption_key_id.q(),
             dk = c.data_key_ciphertext.q(),
@@ -256,7 +276,6 @@ impl RotationTarget {
             ct = c.payload_ciphertext.q(),
             iv = c.payload_iv.q(),
             table = self.table.q(),
-            pred = self.off_target(),
         )
     }
 

@@ -9,7 +9,11 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{crypto::CryptoService, replica};
+use super::{
+    crypto::CryptoService,
+    probes::{KeyFault, KeyProofs},
+    replica,
+};
 use crate::{
     crypto::kms::ProviderKind,
     error::{Error, Result},
@@ -120,8 +124,24 @@ pub struct RefreshSummary {
 #[derive(Debug, Clone)]
 pub struct KeyCheck {
     pub key: Arc<KeyRecord>,
-    /// `None` when the round trip succeeded; the failure's message otherwise.
+    /// `None` when this process round-tripped the key and opened its probe;
+    /// the failure's message otherwise.
     pub error: Option<String>,
+    /// The failure is that this process cannot open the key's data (its
+    /// master secret or KMS key is not the one that wrote it).
+    pub foreign: bool,
+    /// Other live replicas that report they cannot use the key (a replica
+    /// with another master secret shows here on every replica's self-test).
+    pub replicas: Vec<String>,
+}
+
+impl KeyCheck {
+    /// Everything that is wrong with the key, here and on other replicas.
+    pub fn problems(&self) -> Option<String> {
+        let mut all: Vec<String> = self.error.iter().cloned().collect();
+        all.extend(self.replicas.iter().cloned());
+        (!all.is_empty()).then(|| all.join("; "))
+    }
 }
 
 /// The whole self-test.
@@ -131,10 +151,14 @@ pub struct SelfTestReport {
 }
 
 impl SelfTestReport {
-    /// Passed when there is an active key and every non-retired key worked.
+    /// Passed when there is an active key and every non-retired key worked,
+    /// here and on every live replica.
     pub fn passed(&self) -> bool {
         self.keys.iter().any(|c| c.key.status == KeyStatus::Active)
-            && self.keys.iter().all(|c| c.error.is_none())
+            && self
+                .keys
+                .iter()
+                .all(|c| c.error.is_none() && c.replicas.is_empty())
     }
 }
 
@@ -159,6 +183,8 @@ pub struct KeyAdmin {
     /// When the last read-through reload ran (at most one per
     /// [`READ_THROUGH_EVERY`]; concurrent misses wait for it and share it).
     last_read_through: tokio::sync::Mutex<Option<Instant>>,
+    /// Which keys this process has proven it can open (`service::probes`).
+    proofs: KeyProofs,
 }
 
 /// Longest `key_id` accepted.
@@ -185,7 +211,22 @@ impl KeyAdmin {
             readiness,
             loaded,
             last_read_through: tokio::sync::Mutex::new(None),
+            proofs: KeyProofs::default(),
         }
+    }
+
+    /// Whether this process can use each non-retired key of `catalog`
+    /// (`None`: it can): it opens the key's probe, or proves itself on a
+    /// sample of the key's rows and writes the probe. Proven keys are not
+    /// checked again until their KMS key or probe changes, unless `fresh`.
+    pub async fn key_faults(
+        &self,
+        catalog: &Catalog,
+        fresh: bool,
+    ) -> Result<std::collections::BTreeMap<String, Option<KeyFault>>> {
+        self.proofs
+            .check(&self.crypto, &self.store, &self.targets, catalog, fresh)
+            .await
     }
 
     /// Reloads the catalog because a ciphertext names `record_id`, which
@@ -300,9 +341,27 @@ impl KeyAdmin {
     /// the catalog version), then waits until every live replica has
     /// loaded that version and decrypted the probe.
     async fn stage(&self, key: &KeyRecord, timeout: Duration) -> Result<Vec<ReplicaRecord>> {
-        let probe = replica::seal_probe(&self.crypto, key).await?;
-        let version = self.store.put_key_probe(&key.id, &probe).await?;
-        replica::await_confirmations(&self.store, key, version, timeout).await
+        // The key's probe (written now if it has none) must open here first.
+        let probe = self.store.key_probe(&key.id).await?;
+        let key = Arc::new(key.clone());
+        if let Err(fault) = super::probes::prove_key(
+            &self.crypto,
+            &self.store,
+            &self.targets,
+            &key,
+            probe.as_deref(),
+        )
+        .await
+        {
+            return Err(Error::KeyUnusable {
+                key_id: key.key_id.clone(),
+                source: Box::new(Error::from(fault)),
+            });
+        }
+        // Touching the key moves the catalog version: every replica loads
+        // it and checks the probe again before it confirms.
+        let version = self.store.touch_key(&key.id).await?;
+        replica::await_confirmations(&self.store, &key, version, timeout).await
     }
 
     /// Every process that heartbeats into this database (live or gone
@@ -529,24 +588,46 @@ impl KeyAdmin {
         })
     }
 
-    /// Round-trips every non-retired key through its KMS (runbook §2.3).
+    /// Round-trips every non-retired key through its KMS and opens its
+    /// probe (runbook §2.3), and reports what the other live replicas say
+    /// they cannot use.
     pub async fn self_test(&self) -> Result<SelfTestReport> {
         let catalog = self.refresh_catalog_only().await?;
+        let mut faults = self.key_faults(&catalog, true).await?;
+        let now = chrono::Utc::now();
+        let others: Vec<ReplicaRecord> = self
+            .store
+            .list_replicas()
+            .await?
+            .into_iter()
+            .filter(|r| r.is_live(now) && r.catalog_version >= catalog.version())
+            .collect();
         let mut keys = Vec::new();
         for key in catalog
             .keys()
             .iter()
             .filter(|k| k.status != KeyStatus::Retired)
         {
-            let error = self
-                .crypto
-                .round_trip(key)
-                .await
-                .err()
-                .map(|e| e.to_string());
+            let fault = faults.remove(&key.id).flatten();
+            let foreign = fault.as_ref().is_some_and(KeyFault::is_foreign);
+            let error = match self.crypto.round_trip(key).await {
+                Err(err) if !foreign => Some(err.to_string()),
+                _ => fault.map(|fault| fault.reason().to_owned()),
+            };
+            // This process's own heartbeat row says what `error` says.
+            let replicas = others
+                .iter()
+                .filter_map(|r| {
+                    let reason = r.key_readiness.get(&key.id)?.as_ref()?;
+                    (error.as_deref() != Some(reason.as_str()))
+                        .then(|| format!("replica {}: {reason}", replica::describe(r)))
+                })
+                .collect();
             keys.push(KeyCheck {
                 key: Arc::clone(key),
                 error,
+                foreign,
+                replicas,
             });
         }
         let report = SelfTestReport { keys };
@@ -637,12 +718,32 @@ impl KeyAdmin {
         Ok(catalog)
     }
 
-    /// Ready means: an active key that round-trips. Uses the self-test's
-    /// result when there is one, else probes the active key.
+    /// Ready means: an active key that round-trips, and no key whose data
+    /// this process cannot open (another master secret wrote it). Uses the
+    /// self-test's result when there is one, else probes the keys.
     async fn publish_readiness(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
-        let readiness = match catalog.active() {
-            None => Readiness::NotReady("no active key".into()),
-            Some(active) => {
+        let foreign = match report {
+            Some(report) => report
+                .keys
+                .iter()
+                .find(|c| c.foreign)
+                .and_then(|c| c.error.clone()),
+            None => match self.key_faults(catalog, false).await {
+                Ok(faults) => faults
+                    .into_values()
+                    .flatten()
+                    .find(KeyFault::is_foreign)
+                    .map(|f| f.reason().to_owned()),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot check the keys' probes; readiness from the active key's round trip only");
+                    None
+                }
+            },
+        };
+        let readiness = match (catalog.active(), foreign) {
+            (_, Some(reason)) => Readiness::NotReady(reason),
+            (None, None) => Readiness::NotReady("no active key".into()),
+            (Some(active), None) => {
                 let result =
                     match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
                         Some(check) => check.error.clone(),

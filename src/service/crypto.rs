@@ -361,6 +361,36 @@ impl CryptoService {
             return self.decrypt_legacy(envelope);
         }
         let key = self.key_of(envelope).await?;
+        self.open_under(key, envelope, context, caching).await
+    }
+
+    /// Decrypts a stored ciphertext of key record `key` with a fresh KMS
+    /// call, without looking the key up (a key's probe, a sample of its
+    /// rows: `service::probes`).
+    pub async fn verify_under(
+        &self,
+        key: &Arc<KeyRecord>,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+    ) -> Result<()> {
+        check_payload_shape(envelope)?;
+        if envelope.encryption_key_id != key.id || envelope.data_key_ciphertext.is_empty() {
+            return Err(Error::MalformedEnvelope(
+                "the ciphertext names another key record, or has no data key",
+            ));
+        }
+        self.open_under(Arc::clone(key), envelope, context, Caching::Bypass)
+            .await
+            .map(drop)
+    }
+
+    async fn open_under(
+        &self,
+        key: Arc<KeyRecord>,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+        caching: Caching,
+    ) -> Result<Opened> {
         let data_key = self
             .unwrap_data_key(&key, envelope, context, caching)
             .await?;

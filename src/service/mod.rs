@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod crypto;
+pub mod probes;
 pub mod replica;
 pub mod rotation;

@@ -219,25 +219,56 @@ impl Store {
         rows.into_iter().map(ReplicaRecord::try_from).collect()
     }
 
-    /// Stores a key's readiness probe and touches the key record, in one
-    /// transaction, so the catalog version moves and every replica checks
-    /// the probe.
-    pub async fn put_key_probe(&self, key_id: &str, probe: &[u8]) -> Result<i64, StoreError> {
-        let now = Utc::now();
-        let version = on_pool!(self, |pool| {
+    /// Stores `probe` as key `key_id`'s probe unless the key has one
+    /// already, and returns the probe the key has now: a probe is never
+    /// replaced, so the first proof of what a key's data decrypts with
+    /// stays the reference every replica is checked against.
+    pub async fn insert_key_probe(
+        &self,
+        key_id: &str,
+        probe: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let stored = on_pool!(self, |pool| {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO keyward_key_probes (key_id, probe, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key_id) DO UPDATE SET probe = excluded.probe, created_at = excluded.created_at",
+                 ON CONFLICT (key_id) DO NOTHING",
             )
             .bind(key_id)
             .bind(probe)
-            .bind(now)
+            .bind(Utc::now())
             .execute(&mut *tx)
             .await?;
+            let stored: Vec<u8> =
+                sqlx::query_scalar("SELECT probe FROM keyward_key_probes WHERE key_id = $1")
+                    .bind(key_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(stored)
+        })?;
+        Ok(stored)
+    }
+
+    /// Key `key_id`'s probe, if it has one.
+    pub async fn key_probe(&self, key_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let probe = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT probe FROM keyward_key_probes WHERE key_id = $1"
+        )
+        .bind(key_id)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(probe)
+    }
+
+    /// Touches a key record, so the catalog version moves and every
+    /// replica checks the key again; returns the new version.
+    pub async fn touch_key(&self, key_id: &str) -> Result<i64, StoreError> {
+        let version = on_pool!(self, |pool| {
+            let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE encryption_keys SET updated_at = $2 WHERE id = $1")
                 .bind(key_id)
-                .bind(now)
+                .bind(Utc::now())
                 .execute(&mut *tx)
                 .await?;
             let version: i64 =

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::{BeginWrite, Pool, Store, StoreError};
+use super::{on_pool, BeginWrite, Pool, Store, StoreError};
 use crate::{
     crypto::envelope::Envelope,
     rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob},
@@ -770,6 +770,32 @@ impl Store {
             tx.commit().await
         })?;
         Ok(())
+    }
+
+    /// Up to `limit` rows of each target that are on key record `key_id`,
+    /// with the index of their target (to derive each row's context).
+    pub async fn sample_rows_on_key(
+        &self,
+        targets: &[RotationTarget],
+        key_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(usize, RotationRow)>, StoreError> {
+        let mut sample = Vec::new();
+        for (index, target) in targets.iter().enumerate() {
+            let sql = target.sample_on_key_sql();
+            let rows: Vec<RotationRow> = on_pool!(self, |pool| {
+                sqlx::query(&sql)
+                    .bind(key_id)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(|row| Ok::<_, sqlx::Error>(rotation_row!(row, target.context.len())))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            sample.extend(rows.into_iter().map(|row| (index, row)));
+        }
+        Ok(sample)
     }
 
     /// Deletes `connection_scoped_tokens` that expired or were used.

@@ -8,7 +8,7 @@ use super::{on_pool, Store, StoreError};
 use crate::auth::{Role, Scope};
 
 const TOKEN_COLUMNS: &str =
-    "name, token_hash, roles, key_scope, context_scope, created_at, revoked_at";
+    "name, token_hash, roles, key_scope, context_scope, legacy_access, created_at, revoked_at";
 
 /// A token's record; the token itself is never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,7 @@ struct TokenRow {
     roles: String,
     key_scope: Option<String>,
     context_scope: Option<String>,
+    legacy_access: bool,
     created_at: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
 }
@@ -65,7 +66,11 @@ impl TryFrom<TokenRow> for TokenRecord {
             name: row.name,
             token_hash: row.token_hash,
             roles,
-            scope: Scope { keys, context },
+            scope: Scope {
+                keys,
+                context,
+                legacy: row.legacy_access,
+            },
             created_at: row.created_at,
             revoked_at: row.revoked_at,
         })
@@ -88,8 +93,8 @@ impl Store {
             .transpose()
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let sql = format!(
-            "INSERT INTO keyward_api_tokens (id, name, token_hash, roles, key_scope, context_scope, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {TOKEN_COLUMNS}"
+            "INSERT INTO keyward_api_tokens (id, name, token_hash, roles, key_scope, context_scope, legacy_access, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {TOKEN_COLUMNS}"
         );
         let row: TokenRow = on_pool!(self, |pool| sqlx::query_as(&sql)
             .bind(uuid::Uuid::new_v4().to_string())
@@ -98,6 +103,7 @@ impl Store {
             .bind(roles.join(","))
             .bind(&keys)
             .bind(&context)
+            .bind(scope.legacy)
             .bind(Utc::now())
             .fetch_one(pool)
             .await)?;

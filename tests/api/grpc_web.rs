@@ -49,7 +49,7 @@ async fn http(app: &TestApp, request: String, body: &[u8]) -> (String, Vec<u8>) 
 }
 
 /// A gRPC-Web POST of `message` to `path`.
-async fn grpc_web(
+pub(crate) async fn grpc_web(
     app: &TestApp,
     path: &str,
     message: &impl Message,
@@ -71,7 +71,7 @@ async fn grpc_web(
 }
 
 /// The messages and the trailer block of a gRPC-Web response body.
-fn frames(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
+pub(crate) fn frames(mut body: &[u8]) -> (Vec<Vec<u8>>, String) {
     let (mut messages, mut trailers) = (Vec::new(), String::new());
     while body.len() >= 5 {
         let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
@@ -212,6 +212,16 @@ async fn the_dashboard_is_served_beside_grpc_and_never_opens_an_rpc() {
     assert_eq!(body, b"<h1>keyward rotations</h1>");
     let (head, _) = http(&app, get("/missing.js"), b"").await;
     assert!(head.starts_with("http/1.1 404"), "{head}");
+    // No dotfile, and nothing a symlink reaches outside the directory.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("passwd"), "root:x:0:0").unwrap();
+    std::fs::write(pages.path().join(".env"), "ENCRYPTION_MASTER_KEY=hunter2").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("passwd"), pages.path().join("passwd")).unwrap();
+    for path in ["/.env", "/%2Eenv", "/passwd", "/..%2F..%2Fetc%2Fpasswd"] {
+        let (head, body) = http(&app, get(path), b"").await;
+        assert!(head.starts_with("http/1.1 404"), "{path}: {head}");
+        assert!(body.is_empty(), "{path}");
+    }
     // A GET naming an RPC is never a file: it goes to the services, where
     // plain HTTP/1.1 that is not gRPC-Web is refused outright.
     let (head, _) = http(&app, get("/keyward.v1.Admin/ListKeys"), b"").await;
@@ -223,4 +233,37 @@ async fn the_dashboard_is_served_beside_grpc_and_never_opens_an_rpc() {
         .list_keys(keyward::api::proto::ListKeysRequest {})
         .await;
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_dir_holding_the_database_or_a_key_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keyward.db");
+    let mut settings = keyward::config::Settings::for_database(
+        format!("sqlite://{}?mode=rwc", db.display()),
+        Some(crate::helpers::master(crate::helpers::MASTER, &[])),
+    );
+    // The working directory as the dashboard: it holds the database.
+    settings.dashboard_dir = Some(dir.path().to_owned());
+    std::fs::write(&db, b"").unwrap();
+    let refused = keyward::app::Application::build(settings.clone())
+        .await
+        .err()
+        .expect("a dashboard dir holding the database must be refused");
+    assert!(refused.to_string().contains("keyward.db"), "{refused}");
+
+    // A master key file given with --master-key-file, likewise.
+    let pages = tempfile::tempdir().unwrap();
+    let key_file = pages.path().join("master.key");
+    std::fs::write(&key_file, crate::helpers::MASTER).unwrap();
+    settings.dashboard_dir = Some(pages.path().to_owned());
+    settings.secret_files = vec![key_file];
+    let refused = keyward::app::Application::build(settings.clone())
+        .await
+        .err()
+        .expect("a dashboard dir holding the master key file must be refused");
+    assert!(refused.to_string().contains("master.key"), "{refused}");
+
+    settings.secret_files.clear();
+    keyward::app::Application::build(settings).await.unwrap();
 }

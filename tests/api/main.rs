@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod admin;
+mod audit_bounds;
 mod aws_kms;
 mod cli;
 mod clients;
@@ -15,6 +16,8 @@ mod grpc_web;
 mod grpcurl;
 mod helpers;
 mod hostile;
+mod legacy_scope;
+mod master_secret;
 mod metrics;
 mod moto;
 mod postgres;

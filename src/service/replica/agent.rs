@@ -5,26 +5,20 @@
 //! version (every `catalog_poll`), and on PostgreSQL a `LISTEN` that
 //! answers at once — and heartbeats into `keyward_replicas`: the catalog
 //! version it has loaded, the key its Encrypts use (and since when), and
-//! whether it can use each non-retired key (it decrypts the key's staged
-//! activation probe, or round-trips the key through its KMS). A staged
+//! whether it can use each non-retired key (it opens the key's probe,
+//! `service::probes`). A staged
 //! activation waits on those heartbeats; a rotation job waits for `serve`
 //! replicas that still encrypt with an older key. On shutdown the agent
 //! deletes its row.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    hash::{Hash, Hasher},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{admin::KeyAdmin, crypto::CryptoService};
+use crate::service::admin::KeyAdmin;
 use crate::{
-    keys::{Catalog, KeyStatus},
+    keys::Catalog,
     store::{
         replicas::{CatalogListener, ReplicaKind, ReplicaRecord},
         Store,
@@ -57,13 +51,8 @@ impl Default for ReplicaOptions {
 pub struct ReplicaAgent {
     store: Store,
     admin: Arc<KeyAdmin>,
-    crypto: Arc<CryptoService>,
     options: ReplicaOptions,
     record: ReplicaRecord,
-    /// Per key record id: a fingerprint of what was checked (KMS key and
-    /// probe) and the result, so a key is checked again only when either
-    /// changes or the last check failed.
-    checks: HashMap<String, (u64, Option<String>)>,
     /// The catalog version the last heartbeat reported.
     reported_version: Option<i64>,
 }
@@ -74,7 +63,6 @@ impl ReplicaAgent {
         listen: Option<SocketAddr>,
         store: Store,
         admin: Arc<KeyAdmin>,
-        crypto: Arc<CryptoService>,
         options: ReplicaOptions,
     ) -> Self {
         let now = Utc::now();
@@ -97,10 +85,8 @@ impl ReplicaAgent {
         Self {
             store,
             admin,
-            crypto,
             options,
             record,
-            checks: HashMap::new(),
             reported_version: None,
         }
     }
@@ -174,36 +160,22 @@ impl ReplicaAgent {
     }
 
     async fn heartbeat(&mut self, catalog: &Catalog) {
-        let probes: HashMap<String, Vec<u8>> = match self.store.key_probes().await {
-            Ok(probes) => probes.into_iter().collect(),
+        // Proven keys are remembered by the admin service; failures are
+        // checked again on every heartbeat.
+        let readiness: BTreeMap<String, Option<String>> = match self
+            .admin
+            .key_faults(catalog, false)
+            .await
+        {
+            Ok(faults) => faults
+                .into_iter()
+                .map(|(id, fault)| (id, fault.map(|f| f.reason().to_owned())))
+                .collect(),
             Err(err) => {
-                tracing::warn!(error = %err, "cannot read key probes; heartbeat skipped");
+                tracing::warn!(error = %err, "cannot check the keys' probes; heartbeat skipped");
                 return;
             }
         };
-        let mut readiness = BTreeMap::new();
-        for key in catalog
-            .keys()
-            .iter()
-            .filter(|k| k.status != KeyStatus::Retired)
-        {
-            let probe = probes.get(&key.id).map(Vec::as_slice);
-            let fingerprint = fingerprint(&key.kms_key_arn, probe);
-            let result = match self.checks.get(&key.id) {
-                Some((seen, None)) if *seen == fingerprint => None,
-                _ => {
-                    let result = super::check_key(&self.crypto, key, probe).await;
-                    if let Some(reason) = &result {
-                        tracing::warn!(key_id = %key.key_id, %reason, "this replica cannot use a key");
-                    }
-                    self.checks
-                        .insert(key.id.clone(), (fingerprint, result.clone()));
-                    result
-                }
-            };
-            readiness.insert(key.id.clone(), result);
-        }
-        self.checks.retain(|id, _| readiness.contains_key(id));
 
         let now = Utc::now();
         let active = catalog.active().map(|k| k.id.clone());
@@ -234,13 +206,6 @@ async fn notified(listener: &mut Option<CatalogListener>) -> Result<(), crate::s
         Some(listener) => listener.changed().await,
         None => std::future::pending().await,
     }
-}
-
-fn fingerprint(kms_key_arn: &str, probe: Option<&[u8]>) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    kms_key_arn.hash(&mut hasher);
-    probe.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// This machine's name, for operators reading `keyward replicas list`.

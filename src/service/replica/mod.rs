@@ -14,7 +14,7 @@ use std::{
 
 pub use agent::{ReplicaAgent, ReplicaOptions};
 
-use super::crypto::{Ciphertext, CryptoService};
+use super::crypto::CryptoService;
 use crate::{
     crypto::context::EncryptionContext,
     error::{Error, Result},
@@ -37,8 +37,8 @@ const REPLICA_CATCH_UP: Duration = Duration::from_secs(3);
 /// How often the waits here look at the replicas' heartbeats.
 const HEARTBEAT_POLL: Duration = Duration::from_millis(200);
 
-/// A staged activation's probe: the blob of a fixed, public plaintext
-/// sealed under `key`.
+/// A key's probe (`service::probes`): the blob of a fixed, public
+/// plaintext sealed under `key`.
 pub(crate) async fn seal_probe(crypto: &CryptoService, key: &KeyRecord) -> Result<Vec<u8>> {
     let sealed = crypto
         .encrypt_with(
@@ -111,30 +111,6 @@ pub(crate) async fn await_confirmations(
     }
 }
 
-/// Whether this process can use `key`: it decrypts the key's staged
-/// activation probe when there is one, else round-trips the key through
-/// its KMS. `None` when it can, else why not.
-pub async fn check_key(
-    crypto: &CryptoService,
-    key: &Arc<KeyRecord>,
-    probe: Option<&[u8]>,
-) -> Option<String> {
-    let result = match probe {
-        None => crypto.round_trip(key).await,
-        Some(probe) => {
-            async {
-                let envelope = crypto.parse(Ciphertext::Blob(probe.to_vec()))?;
-                if envelope.encryption_key_id != key.id {
-                    return Err(Error::MalformedEnvelope("the probe names another key"));
-                }
-                crypto.verify(&envelope, &probe_context(&key.id)?).await
-            }
-            .await
-        }
-    };
-    result.err().map(|err| crate::error::chain(&err))
-}
-
 /// Live `serve` replicas whose heartbeat says they encrypt with `key`.
 /// Those behind the database's catalog version are about to reload, so
 /// they get [`REPLICA_CATCH_UP`] to report again first.
@@ -161,8 +137,8 @@ pub(crate) async fn encrypting_with(store: &Store, key: &KeyRecord) -> Result<Ve
     }
 }
 
-/// The context a staged activation's probe under key record `id` is bound to.
-fn probe_context(id: &str) -> Result<EncryptionContext> {
+/// The context a key's probe under key record `id` is bound to.
+pub(crate) fn probe_context(id: &str) -> Result<EncryptionContext> {
     Ok(EncryptionContext::from_pairs([(PROBE_CONTEXT_KEY, id)])?)
 }
 

@@ -1,0 +1,299 @@
+//! Key probes: proof that this process opens what was written under each
+//! key, so a replica started with another master secret (or pointed at
+//! another KMS key) is caught at once instead of answering "ciphertext was
+//! modified" to every Decrypt of the other replicas' rows.
+//!
+//! A round trip proves nothing here: with the local KMS, any master secret
+//! round-trips its own data keys. What proves a process right is opening
+//! something another process wrote. Each key therefore carries a probe in
+//! `keyward_key_probes` (a fixed, public plaintext sealed under the key,
+//! the staged-activation probe), which readiness, heartbeats and the
+//! self-test decrypt.
+//!
+//! Who writes a key's probe decides what is true for it, so the first
+//! process to start does not get to: a key that already has rows gets its
+//! probe only from a process that has decrypted a sample of those rows; a
+//! key without rows (new, or inserted by hand) gets its probe from the first
+//! process that checks it, usually the one that created or activated it. A
+//! probe is never replaced (`Store::insert_key_probe` keeps the first one).
+//! A process that cannot open a key's probe, or none of its sampled rows,
+//! has the wrong configuration: [`KeyFault::Foreign`], which makes it
+//! NOT_SERVING. Any other failure ([`KeyFault::Unchecked`]: the KMS is
+//! down, the key is disabled) is reported, and only stops readiness for the
+//! active key.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+    sync::Arc,
+};
+
+use super::{
+    crypto::{Ciphertext, CryptoService},
+    replica::{probe_context, seal_probe},
+};
+use crate::{
+    crypto::kms::ProviderKind,
+    error::{chain, Error, Result},
+    keys::{Catalog, KeyRecord, KeyStatus},
+    rotation::target::RotationTarget,
+    store::Store,
+};
+
+/// Rows of each rotation target decrypted before a key gets its probe.
+const SAMPLE_ROWS: i64 = 5;
+
+/// Why this process cannot use a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFault {
+    /// What was written under the key does not open here: this process's
+    /// master secret (or KMS key) is not the one that wrote it.
+    Foreign(String),
+    /// The key could not be checked (KMS unreachable, key disabled, …).
+    Unchecked(String),
+}
+
+impl KeyFault {
+    pub fn reason(&self) -> &str {
+        match self {
+            KeyFault::Foreign(reason) | KeyFault::Unchecked(reason) => reason,
+        }
+    }
+
+    /// A configuration error of this process (it must not serve).
+    pub fn is_foreign(&self) -> bool {
+        matches!(self, KeyFault::Foreign(_))
+    }
+}
+
+impl From<KeyFault> for Error {
+    fn from(fault: KeyFault) -> Self {
+        match fault {
+            KeyFault::Foreign(reason) => Error::ForeignKey(reason),
+            KeyFault::Unchecked(reason) => Error::KeyUnchecked(reason),
+        }
+    }
+}
+
+/// What decrypting one sampled row gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleOutcome {
+    Opened,
+    /// The ciphertext did not authenticate under the key.
+    NotAuthentic,
+    /// Anything else (the KMS failed, the row is malformed).
+    Failed(String),
+}
+
+/// What a sample of a key's rows says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleVerdict {
+    /// At least one row opened (or there were none to open): this process
+    /// may write the key's probe.
+    Proven,
+    /// Rows exist and none authenticated.
+    Foreign { rows: usize },
+    /// Rows exist, none opened, and some failed for another reason.
+    Unchecked(String),
+}
+
+/// Judges a sample. One opened row is proof enough: another master secret
+/// opens none, and a row or two may be corrupt for reasons of their own.
+pub fn judge_sample(outcomes: &[SampleOutcome]) -> SampleVerdict {
+    if outcomes.is_empty() || outcomes.contains(&SampleOutcome::Opened) {
+        return SampleVerdict::Proven;
+    }
+    match outcomes.iter().find_map(|o| match o {
+        SampleOutcome::Failed(reason) => Some(reason.clone()),
+        _ => None,
+    }) {
+        Some(reason) => SampleVerdict::Unchecked(reason),
+        None => SampleVerdict::Foreign {
+            rows: outcomes.len(),
+        },
+    }
+}
+
+/// The message of a key whose data this process cannot open.
+fn foreign(key: &KeyRecord, evidence: &str) -> KeyFault {
+    let whose = match key.provider {
+        ProviderKind::Local => "this master secret (ENCRYPTION_MASTER_KEY) is not the one",
+        _ => "this process's KMS configuration is not the one",
+    };
+    KeyFault::Foreign(format!(
+        "{whose} that wrote key {}: {evidence}; start it with the secret the other replicas use (keep a new one beside it as a previous secret)",
+        key.key_id
+    ))
+}
+
+/// Checks one key: opens its probe, or when it has none, decrypts a sample
+/// of its rows and then writes its probe.
+pub(crate) async fn prove_key(
+    crypto: &CryptoService,
+    store: &Store,
+    targets: &[RotationTarget],
+    key: &Arc<KeyRecord>,
+    probe: Option<&[u8]>,
+) -> std::result::Result<(), KeyFault> {
+    if let Some(probe) = probe {
+        return open_probe(crypto, key, probe).await;
+    }
+    let unchecked = |err: Error| KeyFault::Unchecked(chain(&err));
+    let sample = store
+        .sample_rows_on_key(targets, &key.id, SAMPLE_ROWS)
+        .await
+        .map_err(|err| unchecked(err.into()))?;
+    let mut outcomes = Vec::with_capacity(sample.len());
+    for (index, row) in &sample {
+        let Some(target) = targets.get(*index) else {
+            continue;
+        };
+        let outcome = match target.context_of(&row.context) {
+            Err(err) => SampleOutcome::Failed(err.to_string()),
+            Ok(context) => match crypto.verify_under(key, &row.envelope(), &context).await {
+                Ok(()) => SampleOutcome::Opened,
+                Err(Error::DecryptionFailed) => SampleOutcome::NotAuthentic,
+                Err(err) => SampleOutcome::Failed(chain(&err)),
+            },
+        };
+        outcomes.push(outcome);
+    }
+    match judge_sample(&outcomes) {
+        SampleVerdict::Foreign { rows } => {
+            return Err(foreign(
+                key,
+                &format!("none of {rows} sampled rows written under it decrypt"),
+            ))
+        }
+        SampleVerdict::Unchecked(reason) => return Err(KeyFault::Unchecked(reason)),
+        SampleVerdict::Proven => {}
+    }
+    let sealed = seal_probe(crypto, key).await.map_err(unchecked)?;
+    let stored = store
+        .insert_key_probe(&key.id, &sealed)
+        .await
+        .map_err(|err| unchecked(err.into()))?;
+    if stored == sealed {
+        tracing::info!(key_id = %key.key_id, sampled_rows = outcomes.len(), "key probe written");
+        Ok(())
+    } else {
+        // Another process wrote one first: that one is the reference.
+        open_probe(crypto, key, &stored).await
+    }
+}
+
+/// Decrypts a key's probe.
+async fn open_probe(
+    crypto: &CryptoService,
+    key: &Arc<KeyRecord>,
+    probe: &[u8],
+) -> std::result::Result<(), KeyFault> {
+    let opened: Result<()> = async {
+        let envelope = crypto.parse(Ciphertext::Blob(probe.to_vec()))?;
+        crypto
+            .verify_under(key, &envelope, &probe_context(&key.id)?)
+            .await
+    }
+    .await;
+    match opened {
+        Ok(()) => Ok(()),
+        Err(Error::DecryptionFailed) => Err(foreign(key, "its probe does not decrypt")),
+        Err(err) => Err(KeyFault::Unchecked(chain(&err))),
+    }
+}
+
+/// The keys' checks, remembered while what was checked (KMS key and
+/// probe) stays the same; failures are checked again every time.
+#[derive(Default)]
+pub(crate) struct KeyProofs {
+    checked: tokio::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl KeyProofs {
+    /// Checks every non-retired key of `catalog`: `None` where this process
+    /// can use the key, else why not. `fresh` checks proven keys again (the
+    /// self-test).
+    pub(crate) async fn check(
+        &self,
+        crypto: &CryptoService,
+        store: &Store,
+        targets: &[RotationTarget],
+        catalog: &Catalog,
+        fresh: bool,
+    ) -> Result<BTreeMap<String, Option<KeyFault>>> {
+        let mut checked = self.checked.lock().await;
+        let probes: HashMap<String, Vec<u8>> = store.key_probes().await?.into_iter().collect();
+        let mut results = BTreeMap::new();
+        for key in catalog
+            .keys()
+            .iter()
+            .filter(|k| k.status != KeyStatus::Retired)
+        {
+            let probe = probes.get(&key.id).map(Vec::as_slice);
+            let seen = fingerprint(&key.kms_key_arn, probe);
+            if !fresh && checked.get(&key.id) == Some(&seen) {
+                results.insert(key.id.clone(), None);
+                continue;
+            }
+            let fault = prove_key(crypto, store, targets, key, probe).await.err();
+            match &fault {
+                None => {
+                    // A probe written just now is checked against on the
+                    // next look, by its bytes.
+                    let probe = match probe {
+                        Some(probe) => Some(probe.to_vec()),
+                        None => store.key_probe(&key.id).await?,
+                    };
+                    checked.insert(
+                        key.id.clone(),
+                        fingerprint(&key.kms_key_arn, probe.as_deref()),
+                    );
+                }
+                Some(fault) => {
+                    checked.remove(&key.id);
+                    tracing::warn!(key_id = %key.key_id, reason = fault.reason(), "this process cannot use a key");
+                }
+            }
+            results.insert(key.id.clone(), fault);
+        }
+        checked.retain(|id, _| results.contains_key(id));
+        Ok(results)
+    }
+}
+
+fn fingerprint(kms_key_arn: &str, probe: Option<&[u8]>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    kms_key_arn.hash(&mut hasher);
+    probe.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{judge_sample, SampleOutcome as O, SampleVerdict as V};
+
+    #[test]
+    fn a_key_without_rows_or_with_one_readable_row_is_proven() {
+        assert_eq!(judge_sample(&[]), V::Proven);
+        assert_eq!(
+            judge_sample(&[O::NotAuthentic, O::Opened, O::NotAuthentic]),
+            V::Proven
+        );
+    }
+
+    #[test]
+    fn rows_that_all_fail_to_authenticate_mean_another_secret() {
+        assert_eq!(
+            judge_sample(&[O::NotAuthentic, O::NotAuthentic]),
+            V::Foreign { rows: 2 }
+        );
+    }
+
+    #[test]
+    fn other_failures_leave_the_key_unchecked_not_foreign() {
+        assert_eq!(
+            judge_sample(&[O::NotAuthentic, O::Failed("kms unavailable".into())]),
+            V::Unchecked("kms unavailable".into())
+        );
+    }
+}
