@@ -670,7 +670,11 @@ async fn audit_upkeep(audit: Arc<AuditLog>, stop: CancellationToken) {
 }
 
 /// Reloads the key catalog on a timer, so key changes made elsewhere (the
-/// CLI, another replica, hand-written SQL) reach this process.
+/// CLI, another replica, hand-written SQL) reach this process, and the api
+/// tokens after every catalog load: a token change moves the catalog
+/// version (migration 0006), which the replica agent follows within a
+/// catalog poll (at once on PostgreSQL), so a revocation takes effect there
+/// and the timer is only the backstop.
 async fn refresh_catalog_periodically(
     admin: Arc<KeyAdmin>,
     auth: Arc<Authenticator>,
@@ -680,15 +684,17 @@ async fn refresh_catalog_periodically(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    let mut loads = admin.catalog_loads();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 if let Err(err) = admin.refresh().await {
                     tracing::warn!(error = %err, "periodic key catalog refresh failed; keeping the previous catalog");
                 }
-                // Revoked tokens stop working here at the latest.
+            }
+            Ok(()) = loads.changed() => {
                 if let Err(err) = auth.reload().await {
-                    tracing::warn!(error = %err, "periodic api token reload failed; keeping the previous tokens");
+                    tracing::warn!(error = %err, "api token reload failed; keeping the previous tokens");
                 }
             }
             () = stop.cancelled() => return,

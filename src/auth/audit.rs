@@ -55,6 +55,9 @@ pub struct AuditSettings {
     pub sink: AuditSink,
     /// Refuse a request whose event cannot be written.
     pub fail_closed: bool,
+    /// The permissions a new audit file is created with (whatever the
+    /// umask); `0o600` unless a group of operators is to read it.
+    pub file_mode: u32,
 }
 
 impl Default for AuditSettings {
@@ -62,7 +65,34 @@ impl Default for AuditSettings {
         Self {
             sink: AuditSink::Off,
             fail_closed: true,
+            file_mode: 0o600,
         }
+    }
+}
+
+/// Opens `path` for appending, creating it with exactly `mode` (the
+/// umask does not widen or narrow it: the file is chmod-ed after creation).
+fn open_append(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+    {
+        Ok(file) => {
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            Ok(file)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            let file = std::fs::OpenOptions::new().append(true).open(path)?;
+            let existing = file.metadata()?.permissions().mode() & 0o777;
+            if file.metadata()?.is_file() && existing & !mode & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), mode = format!("{existing:o}"), wanted = format!("{mode:o}"), "the audit log is readable by more users than --audit-file-mode allows; chmod it");
+            }
+            Ok(file)
+        }
+        Err(err) => Err(err),
     }
 }
 
@@ -158,12 +188,7 @@ impl AuditLog {
             AuditSink::Off => None,
             AuditSink::Stdout => Some(Box::new(std::io::stdout())),
             AuditSink::Stderr => Some(Box::new(std::io::stderr())),
-            AuditSink::File(path) => Some(Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            )),
+            AuditSink::File(path) => Some(Box::new(open_append(path, settings.file_mode)?)),
         };
         Ok(Self::with_writer(writer, settings.fail_closed))
     }
@@ -405,7 +430,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&AuditSettings {
             sink: AuditSink::File(path.clone()),
-            fail_closed: true,
+            ..AuditSettings::default()
         })
         .unwrap();
         let ctx = EncryptionContext::from_pairs([("tenant", "acme")]).unwrap();
@@ -418,6 +443,10 @@ mod tests {
             ..AuditEvent::default()
         })
         .unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(value["principal"], "app");
@@ -426,7 +455,7 @@ mod tests {
 
         let full = AuditSettings {
             sink: AuditSink::File("/dev/full".into()),
-            fail_closed: true,
+            ..AuditSettings::default()
         };
         let event = AuditEvent {
             principal: "app",

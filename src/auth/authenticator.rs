@@ -148,8 +148,21 @@ impl Authenticator {
         if !self.required {
             return Ok(Arc::clone(&self.anonymous));
         }
-        if let Some(principal) = cert_common_names.iter().find_map(|cn| self.certs.get(cn)) {
-            return Ok(Arc::clone(principal));
+        match cert_common_names {
+            [] => {}
+            [cn] => {
+                if let Some(principal) = self.certs.get(cn) {
+                    return Ok(Arc::clone(principal));
+                }
+            }
+            // Which of several names would be "the" identity is a guess an
+            // attacker can steer (`CN=nobody, CN=ops-admin`): refuse.
+            several => {
+                return Err(AuthError::Denied(format!(
+                    "the client certificate's subject has {} common names; keyward maps a certificate by exactly one",
+                    several.len()
+                )))
+            }
         }
         let Some(header) = authorization else {
             return Err(AuthError::Unauthenticated(

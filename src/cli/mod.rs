@@ -78,6 +78,8 @@ struct GlobalArgs {
     #[arg(
         long,
         env = "DATABASE_URL",
+        // The URL may hold a password: --help must not print it.
+        hide_env_values = true,
         default_value = "sqlite://keyward.db",
         global = true
     )]
@@ -116,6 +118,22 @@ struct AuditArgs {
         global = true
     )]
     audit_fail_open: bool,
+    /// Permissions (octal) of an audit file keyward creates: 600 by default;
+    /// 640 lets the file's group of operators read it.
+    #[arg(long, env = "KEYWARD_AUDIT_FILE_MODE", default_value = "600", value_parser = parse_file_mode, global = true)]
+    audit_file_mode: u32,
+}
+
+/// An octal permission mode of at most `0o777` that the owner can write.
+fn parse_file_mode(text: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{text:?} is not an octal mode such as 600 or 640"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "{text}: the mode must be at most 777 and let the owner read and write (e.g. 600, 640)"
+        ));
+    }
+    Ok(mode)
 }
 
 impl AuditArgs {
@@ -128,6 +146,7 @@ impl AuditArgs {
                 path => AuditSink::File(PathBuf::from(path)),
             },
             fail_closed: !self.audit_fail_open,
+            file_mode: self.audit_file_mode,
         }
     }
 }
@@ -505,6 +524,11 @@ struct ServeArgs {
     /// Requests a principal may make in a burst above its rate (default: one second's worth).
     #[arg(long, env = "KEYWARD_RATE_LIMIT_BURST")]
     rate_limit_burst: Option<u32>,
+    /// Serve gRPC without TLS, or metrics, on an address other than
+    /// loopback (behind a mesh or proxy that terminates TLS); without it
+    /// such a server refuses to start.
+    #[arg(long, env = "KEYWARD_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
 }
 
 impl ServeArgs {
@@ -523,6 +547,20 @@ impl ServeArgs {
                 self.listen
             ))
             .into());
+        }
+        let exposed = plaintext_exposure(self.listen, self.metrics_listen, self.tls_cert.is_some());
+        if let Some(first) = exposed.first() {
+            if !self.insecure_plaintext {
+                return Err(ConfigError(format!(
+                    "{first} would carry tokens and plaintext secrets unencrypted over the network: \
+                     give --tls-cert and --tls-key, listen on 127.0.0.1, or pass --insecure-plaintext \
+                     (KEYWARD_INSECURE_PLAINTEXT=true) when a mesh or proxy terminates TLS in front of keyward"
+                ))
+                .into());
+            }
+            for exposure in &exposed {
+                tracing::warn!("INSECURE: {exposure} without TLS (--insecure-plaintext): anyone on that network path sees tokens and secrets unless something in front of keyward encrypts it");
+            }
         }
         let cert_principals = match &self.mtls_principals {
             None => Vec::new(),
@@ -658,8 +696,9 @@ enum TokenCommand {
     },
     /// List tokens (names, roles, scopes; never the tokens).
     List,
-    /// Revoke a token by name (servers stop accepting it on their next
-    /// reload, at most --catalog-refresh-secs later).
+    /// Revoke a token by name (servers stop accepting it within a catalog
+    /// poll, --catalog-poll-ms; at once on PostgreSQL with LISTEN; at the
+    /// latest --catalog-refresh-secs later).
     Revoke { name: String },
 }
 
@@ -887,7 +926,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let (auth, audit, tls) = args.security(&global.audit)?;
+    let (mut auth, audit, tls) = args.security(&global.audit)?;
+    if !auth.required && args.dev && !args.insecure_no_auth && has_live_tokens(global).await? {
+        tracing::warn!("--dev: this database holds api tokens, so authentication stays on (pass --insecure-no-auth to turn it off)");
+        auth.required = true;
+    }
+    warn_about_dot_env();
+    if let Some(tls) = &tls {
+        warn_if_others_can_read(&tls.key, "TLS private key");
+    }
     let master = match master_secrets(global)? {
         Some(master) => master,
         None if args.dev => dev_master_secret(&global.database_url).await?,
@@ -1097,6 +1144,7 @@ fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<MasterSecrets>> 
 }
 
 fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    warn_if_others_can_read(path, "master key file");
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_owned())
         .map_err(|e| {
@@ -1106,6 +1154,51 @@ fn read_secret_file(path: &Path) -> anyhow::Result<String> {
             ))
             .into()
         })
+}
+
+/// Whether the database already has live api tokens: a `serve --dev`
+/// pointed at a database someone secured keeps authentication on.
+async fn has_live_tokens(global: &GlobalArgs) -> anyhow::Result<bool> {
+    let store = crate::store::Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    let live = store
+        .list_tokens()
+        .await?
+        .iter()
+        .any(|t| t.revoked_at.is_none());
+    store.close().await;
+    Ok(live)
+}
+
+/// Warns when a file holding key material can be read by users other than
+/// its owner (group or world bits set): keyward cannot fix that for the
+/// operator, but must not accept it silently.
+fn warn_if_others_can_read(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the {what} can be read by other users: chmod 600 it");
+        }
+    }
+}
+
+/// A `.env` in the working directory (how the runbook's Node services and
+/// compose files pass ENCRYPTION_MASTER_KEY) that holds a master secret is
+/// key material too.
+fn warn_about_dot_env() {
+    let path = Path::new(".env");
+    let holds_secret = std::fs::read_to_string(path).is_ok_and(|text| {
+        text.lines().any(|line| {
+            let line = line.trim_start().trim_start_matches("export ");
+            ["ENCRYPTION_MASTER_KEY", "LOCAL_KMS_SECRET"]
+                .iter()
+                .any(|name| line.starts_with(name))
+        })
+    });
+    if holds_secret {
+        warn_if_others_can_read(path, ".env file (it holds a master secret)");
+    }
 }
 
 /// `serve --dev`: reuse or create a 0600 master secret file. A new secret
@@ -1148,6 +1241,24 @@ async fn dev_master_secret(database_url: &str) -> anyhow::Result<MasterSecrets> 
     };
     MasterSecrets::parse(&secret, &[])
         .map_err(|e| ConfigError(format!("{}: {e}", path.display())).into())
+}
+
+/// The listeners that would serve plaintext beyond this machine: gRPC on a
+/// non-loopback address without TLS, and metrics (always plain HTTP) on a
+/// non-loopback address.
+fn plaintext_exposure(
+    listen: std::net::SocketAddr,
+    metrics_listen: Option<std::net::SocketAddr>,
+    tls: bool,
+) -> Vec<String> {
+    let mut exposed = Vec::new();
+    if !tls && !listen.ip().is_loopback() {
+        exposed.push(format!("gRPC on {listen}"));
+    }
+    if let Some(metrics) = metrics_listen.filter(|m| !m.ip().is_loopback()) {
+        exposed.push(format!("metrics on {metrics}"));
+    }
+    exposed
 }
 
 fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -1571,14 +1682,31 @@ fn print_jobs(jobs: &[RotationJob]) {
 
 /// A database URL without its password, for logs.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
+            let userinfo = &base[scheme + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..scheme], user, &url[at + 1..])
+            format!("{}://{}:***@{}", &base[..scheme], user, &base[at + 1..])
         }
-        _ => url.to_owned(),
+        _ => base.to_owned(),
+    };
+    // libpq also takes the password as a parameter (`?password=…`).
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -1586,9 +1714,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_loopback_or_tls_listeners_are_not_exposed() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(plaintext_exposure(addr("127.0.0.1:1"), None, false).is_empty());
+        assert!(plaintext_exposure(addr("[::1]:1"), Some(addr("127.0.0.1:2")), false).is_empty());
+        assert!(plaintext_exposure(addr("0.0.0.0:1"), None, true).is_empty());
+        assert_eq!(
+            plaintext_exposure(addr("0.0.0.0:1"), Some(addr("10.0.0.1:9")), false),
+            ["gRPC on 0.0.0.0:1", "metrics on 10.0.0.1:9"]
+        );
+        assert_eq!(
+            plaintext_exposure(addr("0.0.0.0:1"), Some(addr("0.0.0.0:9")), true),
+            ["metrics on 0.0.0.0:9"]
+        );
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("sqlite://keyward.db"), "sqlite://keyward.db");
+        assert_eq!(
+            redact_url("postgres://h/db?sslmode=require&password=pw"),
+            "postgres://h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db?PASSWORD=x"),
+            "postgres://u:***@h/db?PASSWORD=***"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     crypto::CryptoService,
-    probes::{KeyFault, KeyProofs},
+    probes::{KeyFault, KeyProofs, Vacant},
     replica,
 };
 use crate::{
@@ -273,10 +273,30 @@ impl KeyAdmin {
         if new.status == KeyStatus::Active {
             self.check_usable(&new).await?;
         }
-        let record = self.store.insert_key(&new).await.map_err(|err| match err {
-            StoreError::Conflict(_) => Error::KeyExists(key_id),
-            other => Error::Store(other),
-        })?;
+        // The creator defines what the key's data decrypts with: its probe
+        // goes in with the record. A pending key whose KMS cannot be reached
+        // yet is registered without one; its activation writes it.
+        let probe = match replica::seal_probe(&self.crypto, &new.record()).await {
+            Ok(probe) => Some(probe),
+            Err(err) if new.status == KeyStatus::Pending => {
+                tracing::warn!(key_id = %key_id, error = %err, "no probe sealed for the new key; its activation writes one");
+                None
+            }
+            Err(err) => {
+                return Err(Error::KeyUnusable {
+                    key_id,
+                    source: Box::new(err),
+                })
+            }
+        };
+        let record = self
+            .store
+            .insert_key(&new, probe.as_deref())
+            .await
+            .map_err(|err| match err {
+                StoreError::Conflict(_) => Error::KeyExists(key_id),
+                other => Error::Store(other),
+            })?;
         self.refresh().await?;
         tracing::info!(key_id = %record.key_id, id = %record.id, provider = %record.provider, status = %record.status, "key registered");
         Ok(record)
@@ -305,13 +325,25 @@ impl KeyAdmin {
             }
             KeyStatus::Pending | KeyStatus::Rotating => {}
         }
-        self.crypto
-            .round_trip(&Arc::new(key.clone()))
-            .await
-            .map_err(|err| Error::KeyUnusable {
-                key_id: key.key_id.clone(),
-                source: Box::new(err),
-            })?;
+        let record = Arc::new(key.clone());
+        let unusable = |err: Error| Error::KeyUnusable {
+            key_id: key.key_id.clone(),
+            source: Box::new(err),
+        };
+        self.crypto.round_trip(&record).await.map_err(unusable)?;
+        // This process must open the key's probe; a key without one gets it
+        // here (after a sample of its rows decrypted, if it has rows).
+        let probe = self.store.key_probe(&key.id).await?;
+        super::probes::prove_key(
+            &self.crypto,
+            &self.store,
+            &self.targets,
+            &record,
+            probe.as_deref(),
+            Vacant::WriteProbe,
+        )
+        .await
+        .map_err(|fault| unusable(fault.into()))?;
         let confirmed = match staging {
             Staging::Immediate => Vec::new(),
             Staging::Staged { timeout } => self.stage(&key, timeout).await?,
@@ -341,27 +373,11 @@ impl KeyAdmin {
     /// the catalog version), then waits until every live replica has
     /// loaded that version and decrypted the probe.
     async fn stage(&self, key: &KeyRecord, timeout: Duration) -> Result<Vec<ReplicaRecord>> {
-        // The key's probe (written now if it has none) must open here first.
-        let probe = self.store.key_probe(&key.id).await?;
-        let key = Arc::new(key.clone());
-        if let Err(fault) = super::probes::prove_key(
-            &self.crypto,
-            &self.store,
-            &self.targets,
-            &key,
-            probe.as_deref(),
-        )
-        .await
-        {
-            return Err(Error::KeyUnusable {
-                key_id: key.key_id.clone(),
-                source: Box::new(Error::from(fault)),
-            });
-        }
-        // Touching the key moves the catalog version: every replica loads
-        // it and checks the probe again before it confirms.
+        // The key has its probe (activate_key saw to it). Touching the key
+        // moves the catalog version: every replica loads it and opens the
+        // probe before it confirms.
         let version = self.store.touch_key(&key.id).await?;
-        replica::await_confirmations(&self.store, &key, version, timeout).await
+        replica::await_confirmations(&self.store, key, version, timeout).await
     }
 
     /// Every process that heartbeats into this database (live or gone
@@ -680,20 +696,8 @@ impl KeyAdmin {
 
     /// Checks a key that is about to become active can round-trip.
     async fn check_usable(&self, new: &NewKey) -> Result<()> {
-        let now = chrono::Utc::now();
-        let probe = Arc::new(KeyRecord {
-            id: "keyward:probe".into(),
-            key_id: new.key_id.clone(),
-            kms_key_arn: new.kms_key_arn.clone(),
-            alias: None,
-            provider: new.provider,
-            status: KeyStatus::Pending,
-            created_at: now,
-            updated_at: now,
-            rotated_at: None,
-        });
         self.crypto
-            .round_trip(&probe)
+            .round_trip(&Arc::new(new.record()))
             .await
             .map_err(|err| Error::KeyUnusable {
                 key_id: new.key_id.clone(),
@@ -816,6 +820,7 @@ fn validate_new_key(req: CreateKey) -> Result<NewKey> {
         .map(|a| a.trim().to_owned())
         .filter(|a| !a.is_empty());
     Ok(NewKey {
+        id: uuid::Uuid::new_v4().to_string(),
         key_id,
         kms_key_arn,
         alias,

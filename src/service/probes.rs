@@ -11,11 +11,14 @@
 //! self-test decrypt.
 //!
 //! Who writes a key's probe decides what is true for it, so the first
-//! process to start does not get to: a key that already has rows gets its
-//! probe only from a process that has decrypted a sample of those rows; a
-//! key without rows (new, or inserted by hand) gets its probe from the first
-//! process that checks it, usually the one that created or activated it. A
-//! probe is never replaced (`Store::insert_key_probe` keeps the first one).
+//! process to notice a key does not get to: a key created through keyward
+//! gets its probe in the transaction that inserts it (no other process ever
+//! sees it without one); a key that has rows but no probe (older than
+//! probes, or inserted by the runbook's SQL) gets one only from a process
+//! that has decrypted a sample of those rows; a key with neither gets one
+//! when it is activated. A process that only looks (readiness, heartbeat,
+//! self-test) never writes a probe for a key without rows. A probe is never
+//! replaced (`Store::insert_key_probe` keeps the first one).
 //! A process that cannot open a key's probe, or none of its sampled rows,
 //! has the wrong configuration: [`KeyFault::Foreign`], which makes it
 //! NOT_SERVING. Any other failure ([`KeyFault::Unchecked`]: the KMS is
@@ -126,14 +129,28 @@ fn foreign(key: &KeyRecord, evidence: &str) -> KeyFault {
     ))
 }
 
+/// What to do with a key that has neither a probe nor rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vacant {
+    /// Write its probe: this process creates or activates the key, and so
+    /// defines what its data decrypts with.
+    WriteProbe,
+    /// Leave it: nothing written under it can be misread yet, and a process
+    /// that merely looks at the key must not define its truth (the first
+    /// replica to notice it could be the misconfigured one).
+    Leave,
+}
+
 /// Checks one key: opens its probe, or when it has none, decrypts a sample
-/// of its rows and then writes its probe.
+/// of its rows and then writes its probe (for a key without rows, only as
+/// `vacant` says).
 pub(crate) async fn prove_key(
     crypto: &CryptoService,
     store: &Store,
     targets: &[RotationTarget],
     key: &Arc<KeyRecord>,
     probe: Option<&[u8]>,
+    vacant: Vacant,
 ) -> std::result::Result<(), KeyFault> {
     if let Some(probe) = probe {
         return open_probe(crypto, key, probe).await;
@@ -166,6 +183,7 @@ pub(crate) async fn prove_key(
             ))
         }
         SampleVerdict::Unchecked(reason) => return Err(KeyFault::Unchecked(reason)),
+        SampleVerdict::Proven if outcomes.is_empty() && vacant == Vacant::Leave => return Ok(()),
         SampleVerdict::Proven => {}
     }
     let sealed = seal_probe(crypto, key).await.map_err(unchecked)?;
@@ -235,19 +253,21 @@ impl KeyProofs {
                 results.insert(key.id.clone(), None);
                 continue;
             }
-            let fault = prove_key(crypto, store, targets, key, probe).await.err();
+            let fault = prove_key(crypto, store, targets, key, probe, Vacant::Leave)
+                .await
+                .err();
             match &fault {
                 None => {
-                    // A probe written just now is checked against on the
-                    // next look, by its bytes.
+                    // Remembered by the probe's bytes: one written just now
+                    // counts from the next look; a key still without one
+                    // (no rows yet) is looked at again every time.
                     let probe = match probe {
                         Some(probe) => Some(probe.to_vec()),
                         None => store.key_probe(&key.id).await?,
                     };
-                    checked.insert(
-                        key.id.clone(),
-                        fingerprint(&key.kms_key_arn, probe.as_deref()),
-                    );
+                    if let Some(probe) = probe {
+                        checked.insert(key.id.clone(), fingerprint(&key.kms_key_arn, Some(&probe)));
+                    }
                 }
                 Some(fault) => {
                     checked.remove(&key.id);

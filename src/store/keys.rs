@@ -55,11 +55,32 @@ impl TryFrom<KeyRow> for KeyRecord {
 /// A key record to insert.
 #[derive(Debug, Clone)]
 pub struct NewKey {
+    /// The record's `id` (a UUID), chosen before the insert so the key's
+    /// probe can be sealed under it and inserted in the same transaction.
+    pub id: String,
     pub key_id: String,
     pub kms_key_arn: String,
     pub alias: Option<String>,
     pub provider: ProviderKind,
     pub status: KeyStatus,
+}
+
+impl NewKey {
+    /// The record as it will be once inserted (timestamps now).
+    pub fn record(&self) -> KeyRecord {
+        let now = Utc::now();
+        KeyRecord {
+            id: self.id.clone(),
+            key_id: self.key_id.clone(),
+            kms_key_arn: self.kms_key_arn.clone(),
+            alias: self.alias.clone(),
+            provider: self.provider,
+            status: self.status,
+            created_at: now,
+            updated_at: now,
+            rotated_at: None,
+        }
+    }
 }
 
 /// What `retire_key` did.
@@ -100,8 +121,15 @@ impl Store {
 
     /// Inserts a key record. An `active` insert demotes the current active
     /// key to `rotating` in the same transaction.
-    pub async fn insert_key(&self, new: &NewKey) -> Result<KeyRecord, StoreError> {
-        let id = uuid::Uuid::new_v4().to_string();
+    /// Inserts a key record, with its probe (`service::probes`) in the same
+    /// transaction when there is one: no other process ever sees the key
+    /// without it, so none can write a probe of its own first.
+    pub async fn insert_key(
+        &self,
+        new: &NewKey,
+        probe: Option<&[u8]>,
+    ) -> Result<KeyRecord, StoreError> {
+        let id = &new.id;
         let now = Utc::now();
         let insert = format!(
             "INSERT INTO encryption_keys (id, key_id, kms_key_arn, alias, provider, status, created_at, updated_at) \
@@ -112,12 +140,12 @@ impl Store {
             if new.status == KeyStatus::Active {
                 sqlx::query(DEMOTE_ACTIVE)
                     .bind(now)
-                    .bind(&id)
+                    .bind(id)
                     .execute(&mut *tx)
                     .await?;
             }
             let row = sqlx::query_as(&insert)
-                .bind(&id)
+                .bind(id)
                 .bind(&new.key_id)
                 .bind(&new.kms_key_arn)
                 .bind(&new.alias)
@@ -126,6 +154,16 @@ impl Store {
                 .bind(now)
                 .fetch_one(&mut *tx)
                 .await?;
+            if let Some(probe) = probe {
+                sqlx::query(
+                    "INSERT INTO keyward_key_probes (key_id, probe, created_at) VALUES ($1, $2, $3)",
+                )
+                .bind(id)
+                .bind(probe)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(row)
         })?;

@@ -122,6 +122,24 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Creates a missing SQLite database file readable by its owner only (it
+/// holds wrapped keys, token hashes and, in `connections`, ciphertexts);
+/// SQLite gives its WAL and shared-memory files the same mode. An existing
+/// file is left as it is; an in-memory database has no file.
+fn create_private(path: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if path.as_os_str().is_empty() || path == std::path::Path::new(":memory:") {
+        return;
+    }
+    // AlreadyExists is the common case; any other failure is SQLite's to
+    // report when it opens the file.
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 /// Opens a transaction that is going to write.
 ///
 /// On SQLite a plain `BEGIN` takes the write lock only at the first write.
@@ -166,7 +184,11 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
-                .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+                .map_err(|e| StoreError::InvalidUrl(e.to_string()))?;
+            if !url.contains("mode=memory") {
+                create_private(options.get_filename());
+            }
+            let options = options
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10))

@@ -32,7 +32,7 @@ async fn audited_app(sink: AuditSink) -> TestApp {
             },
             audit: AuditSettings {
                 sink,
-                fail_closed: true,
+                ..AuditSettings::default()
             },
             ..Options::default()
         },

@@ -46,7 +46,7 @@ async fn scoped_principals_open_legacy_rows_only_when_granted() {
             },
             audit: AuditSettings {
                 sink: AuditSink::File(audit.clone()),
-                fail_closed: true,
+                ..AuditSettings::default()
             },
             ..Options::default()
         },

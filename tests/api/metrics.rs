@@ -156,7 +156,7 @@ async fn metrics_follow_traffic_rotation_and_audit(backend: Backend) {
             metrics: true,
             audit: AuditSettings {
                 sink: AuditSink::File(dir.path().join("audit.log")),
-                fail_closed: true,
+                ..AuditSettings::default()
             },
             kms: KmsSettings {
                 cache: CacheSettings {

@@ -412,7 +412,7 @@ async fn a_forced_retirement_is_audited_with_what_it_overrode(backend: Backend) 
         Options {
             audit: AuditSettings {
                 sink: AuditSink::File(audit.clone()),
-                fail_closed: true,
+                ..AuditSettings::default()
             },
             ..Options::default()
         },

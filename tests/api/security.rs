@@ -56,6 +56,10 @@ impl Pki {
             std::fs::write(pki.path(&format!("{cn}.pem")), cert).unwrap();
             std::fs::write(pki.path(&format!("{cn}.key")), key).unwrap();
         }
+        // Two common names, the mapped one second (`CN=nobody, CN=ops-admin`).
+        let (cert, key) = Self::leaf_with(&ca, &["nobody", "ops-admin"]);
+        std::fs::write(pki.path("two-names.pem"), cert).unwrap();
+        std::fs::write(pki.path("two-names.key"), key).unwrap();
         // The same common name, from a CA the server does not trust.
         let rogue_key = rcgen::KeyPair::generate().unwrap();
         let mut rogue_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -77,6 +81,27 @@ impl Pki {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A client certificate whose subject holds every name in `cns` as a
+    /// common name, in order (rcgen keeps one value per attribute type, so
+    /// the later ones go in under the CN's OID as a custom type).
+    fn leaf_with(
+        issuer: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+        cns: &[&str],
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cns[0]);
+        for cn in &cns[1..] {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CustomDnType(vec![2, 5, 4, 3]), *cn);
+        }
         let cert = params.signed_by(&key, issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -194,7 +219,7 @@ fn secured(pki: &Pki, audit: AuditSink) -> Options {
         },
         audit: AuditSettings {
             sink: audit,
-            fail_closed: true,
+            ..AuditSettings::default()
         },
         tls: Some(pki.server()),
         ..Options::default()
@@ -650,4 +675,27 @@ async fn each_principal_has_its_own_rate_limit() {
         .encrypt(with_token(encrypt_request(b"x", &pairs), &second))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_with_several_common_names_is_refused() {
+    let (pki, app, audit) = secured_app().await;
+    let channel = pki.channel(&app, Some("two-names")).await;
+    assert_eq!(
+        call(&channel, "/keyward.v1.Admin/ListKeys", None).await,
+        Code::PermissionDenied
+    );
+    // The same CA's single-name certificate still maps.
+    let admin = pki.channel(&app, Some("ops-admin")).await;
+    assert_eq!(
+        call(&admin, "/keyward.v1.Admin/ListKeys", None).await,
+        Code::Ok
+    );
+    let events = json_lines(&std::fs::read_to_string(&audit).unwrap());
+    assert!(
+        events
+            .iter()
+            .any(|e| e["result"] == "PERMISSION_DENIED" && e["rpc"] == "keyward.v1.Admin/ListKeys"),
+        "{events:#?}"
+    );
 }
