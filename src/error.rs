@@ -108,6 +108,11 @@ pub enum Error {
     /// secret (or KMS key) is not the one that wrote it.
     #[error("{0}")]
     ForeignKey(String),
+    /// This server will not write: its configuration cannot open the keys'
+    /// data (another master secret wrote it), so nothing it encrypted could
+    /// be read by the other replicas.
+    #[error("this server does not encrypt: {0}; send the call to another replica")]
+    NotServing(String),
     /// A key's probe could not be checked (the KMS failed, …).
     #[error("the key could not be checked: {0}")]
     KeyUnchecked(String),

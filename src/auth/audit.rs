@@ -86,8 +86,9 @@ fn open_append(path: &std::path::Path, mode: u32) -> std::io::Result<std::fs::Fi
         }
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
             let file = std::fs::OpenOptions::new().append(true).open(path)?;
-            let existing = file.metadata()?.permissions().mode() & 0o777;
-            if file.metadata()?.is_file() && existing & !mode & 0o077 != 0 {
+            let meta = file.metadata()?;
+            let existing = meta.permissions().mode() & 0o777;
+            if meta.is_file() && existing & !mode & 0o077 != 0 {
                 tracing::warn!(path = %path.display(), mode = format!("{existing:o}"), wanted = format!("{mode:o}"), "the audit log is readable by more users than --audit-file-mode allows; chmod it");
             }
             Ok(file)

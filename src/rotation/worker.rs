@@ -42,6 +42,10 @@ pub enum Step {
     Abandoned { job_id: String, rows: usize },
     /// A job started a new pass or ended.
     Advanced(RotationJob),
+    /// Nothing was claimed: this process cannot open some key's data
+    /// (another master secret wrote it), so it would only fail rows that a
+    /// rightly configured worker can rotate.
+    Held(String),
 }
 
 /// Worker tuning.
@@ -109,6 +113,10 @@ impl Worker {
         while !stop.is_cancelled() {
             let pause = match self.step(&stop).await {
                 Ok(Step::Idle) => self.options.idle_poll,
+                Ok(Step::Held(reason)) => {
+                    tracing::warn!(worker = %self.id, %reason, "this worker claims no rotation batch while its configuration cannot open the keys' data");
+                    self.options.idle_poll.max(Duration::from_secs(5))
+                }
                 Ok(Step::Waiting) => Duration::from_millis(100),
                 Ok(Step::Batch { .. }) => Duration::ZERO,
                 Ok(Step::Abandoned { job_id, rows }) => {
@@ -149,6 +157,9 @@ impl Worker {
     /// One step that gives up its batch when `stop` has been cancelled for
     /// longer than the batch grace.
     async fn step(&self, stop: &CancellationToken) -> Result<Step> {
+        if let Some(reason) = self.admin.misconfigured() {
+            return Ok(Step::Held(reason));
+        }
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
         let claim = match self

@@ -215,6 +215,14 @@ impl KeyAdmin {
         }
     }
 
+    /// Why this process cannot open what another process wrote under some
+    /// key (another master secret), as of the last check; `None` when it
+    /// can open every key's data. Such a process is not ready, refuses
+    /// Encrypt, and its worker claims no rows (it would only fail them).
+    pub fn misconfigured(&self) -> Option<String> {
+        self.crypto.foreign()
+    }
+
     /// Whether this process can use each non-retired key of `catalog`
     /// (`None`: it can): it opens the key's probe, or proves itself on a
     /// sample of the key's rows and writes the probe. Proven keys are not
@@ -224,9 +232,17 @@ impl KeyAdmin {
         catalog: &Catalog,
         fresh: bool,
     ) -> Result<std::collections::BTreeMap<String, Option<KeyFault>>> {
-        self.proofs
+        let faults = self
+            .proofs
             .check(&self.crypto, &self.store, &self.targets, catalog, fresh)
-            .await
+            .await?;
+        let foreign = faults
+            .values()
+            .flatten()
+            .find(|f| f.is_foreign())
+            .map(|f| f.reason().to_owned());
+        self.crypto.set_foreign(foreign);
+        Ok(faults)
     }
 
     /// Reloads the catalog because a ciphertext names `record_id`, which
@@ -726,25 +742,13 @@ impl KeyAdmin {
     /// this process cannot open (another master secret wrote it). Uses the
     /// self-test's result when there is one, else probes the keys.
     async fn publish_readiness(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
-        let foreign = match report {
-            Some(report) => report
-                .keys
-                .iter()
-                .find(|c| c.foreign)
-                .and_then(|c| c.error.clone()),
-            None => match self.key_faults(catalog, false).await {
-                Ok(faults) => faults
-                    .into_values()
-                    .flatten()
-                    .find(KeyFault::is_foreign)
-                    .map(|f| f.reason().to_owned()),
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot check the keys' probes; readiness from the active key's round trip only");
-                    None
-                }
-            },
-        };
-        let readiness = match (catalog.active(), foreign) {
+        // A self-test has just checked every key (fresh).
+        if report.is_none() {
+            if let Err(err) = self.key_faults(catalog, false).await {
+                tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
+            }
+        }
+        let readiness = match (catalog.active(), self.misconfigured()) {
             (_, Some(reason)) => Readiness::NotReady(reason),
             (None, None) => Readiness::NotReady("no active key".into()),
             (Some(active), None) => {

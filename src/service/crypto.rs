@@ -111,6 +111,10 @@ pub struct CryptoService {
     /// not know yet (another replica created it moments ago). Weak: the
     /// admin service holds this one.
     read_through: std::sync::OnceLock<std::sync::Weak<super::admin::KeyAdmin>>,
+    /// Set while this process cannot open what another process wrote under
+    /// some key (`service::probes`): Encrypt is refused, since whatever it
+    /// wrote no other replica could read.
+    foreign: arc_swap::ArcSwapOption<String>,
 }
 
 impl CryptoService {
@@ -129,7 +133,21 @@ impl CryptoService {
             cache,
             cache_epoch: std::sync::Mutex::default(),
             read_through: std::sync::OnceLock::new(),
+            foreign: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Why this process cannot open some key's data (another master secret
+    /// wrote it), as the last key check found; `None` when it can.
+    pub fn foreign(&self) -> Option<String> {
+        self.foreign
+            .load_full()
+            .map(|reason| String::clone(&reason))
+    }
+
+    /// Records the last key check's finding (`service::probes`).
+    pub fn set_foreign(&self, reason: Option<String>) {
+        self.foreign.store(reason.map(Arc::new));
     }
 
     /// Lets an unknown key id reload the catalog through `admin` (once,
@@ -248,6 +266,9 @@ impl CryptoService {
         allowed: impl Fn(&KeyRecord) -> bool,
     ) -> Result<Sealed> {
         self.check_plaintext(plaintext)?;
+        if let Some(reason) = self.foreign.load().as_deref() {
+            return Err(Error::NotServing(reason.clone()));
+        }
         let key = self.catalog.active().ok_or(Error::NoActiveKey)?;
         if !allowed(&key) {
             return Err(crate::auth::AuthError::Denied(

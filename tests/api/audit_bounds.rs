@@ -22,7 +22,8 @@ const FLOOD_PATH_BYTES: usize = 3_900;
 /// The bound the security review set for that flood.
 const FLOOD_BUDGET_BYTES: u64 = 5 * 1024 * 1024;
 
-async fn audited_app(sink: AuditSink) -> TestApp {
+/// A SQLite server requiring authentication, auditing fail-closed to `sink`.
+pub(crate) async fn audited_app(sink: AuditSink) -> TestApp {
     spawn_with(
         Backend::Sqlite,
         Options {

@@ -7,18 +7,16 @@ use keyward::{
     api::proto::{
         batch_decrypt_result::Result as Item, BatchDecryptRequest, DecryptResponse, Envelope,
     },
-    auth::{
-        audit::{AuditSettings, AuditSink},
-        AuthSettings, Role, Scope,
-    },
+    auth::{audit::AuditSink, Role, Scope},
     crypto::{legacy::encrypt_legacy, secret::MasterSecret},
 };
 use prost::Message;
 use tonic::Code;
 
 use crate::{
+    audit_bounds::audited_app,
     grpc_web::{frames, grpc_web},
-    helpers::{assert_code, json_lines, spawn_with, Backend, Options, MASTER},
+    helpers::{assert_code, json_lines, MASTER},
     security::{decrypt_request, issue, with_token},
 };
 
@@ -37,22 +35,7 @@ fn legacy_envelope(plaintext: &[u8]) -> Envelope {
 async fn scoped_principals_open_legacy_rows_only_when_granted() {
     let dir = tempfile::tempdir().unwrap();
     let audit = dir.path().join("audit.log");
-    let app = spawn_with(
-        Backend::Sqlite,
-        Options {
-            auth: AuthSettings {
-                required: true,
-                ..AuthSettings::default()
-            },
-            audit: AuditSettings {
-                sink: AuditSink::File(audit.clone()),
-                ..AuditSettings::default()
-            },
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let app = audited_app(AuditSink::File(audit.clone())).await;
     let decrypting = [Role::Decrypt];
     let tenant = |legacy| Scope {
         context: [("tenant".to_owned(), "acme".to_owned())].into(),

@@ -2,12 +2,16 @@
 //! it cannot open the keys' probes (or, for a key without one, any of a
 //! sample of the key's rows), so it is NOT_SERVING saying why, its
 //! self-test fails, the right replicas' self-tests name it, and it never
-//! writes the probe that would make its secret the truth. `serve --dev`
-//! refuses such a database.
+//! writes the probe that would make its secret the truth; its rotation
+//! worker claims nothing. `serve --dev` refuses such a database.
 
 use std::time::Duration;
 
-use keyward::{api::proto::ListReplicasRequest, service::admin::Readiness};
+use keyward::{
+    api::proto::ListReplicasRequest,
+    rotation::worker::{Step, WorkerOptions},
+    service::admin::Readiness,
+};
 
 use crate::{
     cli::{keyward, run, stderr},
@@ -60,6 +64,19 @@ async fn a_replica_with_another_master_secret_is_not_serving(backend: Backend) {
     assert!(reason.contains(WRONG_SECRET), "{reason}");
     wrong.wait_for_health(2).await;
     assert_eq!(right.health_status().await, 1);
+    // Nothing it encrypted could be read elsewhere: it refuses to write.
+    let refused = wrong
+        .crypto
+        .clone()
+        .encrypt(keyward::api::proto::EncryptRequest {
+            plaintext: b"x".to_vec().into(),
+            context: crate::helpers::ctx(&[("connection_id", "9")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains(WRONG_SECRET), "{refused:?}");
 
     // Its self-test fails, saying so; the right replica's names it too.
     let report = wrong.services.admin.self_test().await.unwrap();
@@ -104,6 +121,13 @@ async fn a_replica_with_another_master_secret_is_not_serving(backend: Backend) {
     assert!(reasons[0].contains(WRONG_SECRET));
     let stored = right.services.store.key_probes().await.unwrap();
     assert_eq!(stored.len(), 1);
+
+    // Its rotation worker claims nothing: it would only fail the rows.
+    let worker = wrong.services.worker(WorkerOptions::default());
+    match worker.try_execute_task().await.unwrap() {
+        Step::Held(reason) => assert!(reason.contains(WRONG_SECRET), "{reason}"),
+        other => panic!("a worker with another master secret stepped: {other:?}"),
+    }
 }
 
 async fn the_first_replica_to_start_does_not_define_a_keys_truth(backend: Backend) {
