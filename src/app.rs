@@ -201,7 +201,8 @@ impl Services {
             Arc::clone(&crypto),
             Arc::clone(&targets),
         ));
-        crypto.set_read_through(&admin);
+        let source: Arc<dyn crate::service::crypto::ReadThrough> = Arc::<KeyAdmin>::clone(&admin);
+        crypto.set_read_through(Arc::downgrade(&source));
         admin.refresh().await?;
         let rotations = Arc::new(Rotations::new(
             store.clone(),

@@ -132,20 +132,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error and its sources by their `Display`, joined by ": ", for logs
-/// and for wrapping a foreign error's story into a message. A cause whose
-/// text is already included (SDK errors often repeat their source) is
-/// skipped.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
+/// An error and its causes as one line (`report::chain`), here as well for
+/// the callers that handle the domain error.
+pub use crate::report::chain;

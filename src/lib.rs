@@ -9,6 +9,7 @@
 //! - [`service`]: the operations, transport-free;
 //! - [`crypto`]: envelope format, AES-256-GCM, KMS providers, secrets;
 //! - [`keys`]: key records and the in-memory catalog;
+//! - [`report`]: an error and its causes as one line (a leaf);
 //! - [`store`]: the database (SQLite or PostgreSQL), the only place with SQL;
 //! - [`app`]: wiring and the server's lifecycle;
 //! - [`metrics`]: the Prometheus endpoint;
@@ -36,6 +37,7 @@ pub mod crypto;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod report;
 pub mod rotation;
 pub mod service;
 pub mod store;

@@ -3,8 +3,8 @@
 //!
 //! One [`Metrics`] per server, with its own registry (no global recorder,
 //! so servers in one process — the tests — never mix their figures):
-//! - RPCs by service, method and code, with latency (fed by
-//!   `api::observe`);
+//! - RPCs by service, method and code, with latency (families the gRPC
+//!   layer owns and feeds, `api::observe::RpcMetrics`, registered here);
 //! - KMS calls by provider, operation and outcome, with latency (read from
 //!   the registry's [`KmsCallStats`] at scrape time);
 //! - data-key cache hits, misses and evictions ([`CacheStats`]);
@@ -19,20 +19,14 @@ use std::{fmt, sync::Arc, time::Duration};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet},
-    metrics::{
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-        MetricType,
-    },
+    metrics::{counter::ConstCounter, family::Family, gauge::Gauge, MetricType},
     registry::Registry,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::observe::{code_label, Method},
+    api::observe::RpcMetrics,
     auth::audit::AuditLog,
     crypto::{
         cache::CacheStats,
@@ -42,45 +36,6 @@ use crate::{
     service::{admin::KeyAdmin, rotation::Progress},
     store::Store,
 };
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct RpcLabels {
-    grpc_service: &'static str,
-    grpc_method: &'static str,
-    grpc_code: &'static str,
-}
-
-/// RPC counters and latency histograms, fed by `api::observe`.
-#[derive(Debug)]
-pub struct RpcMetrics {
-    requests: Family<RpcLabels, Counter>,
-    duration: Family<RpcLabels, Histogram>,
-}
-
-impl RpcMetrics {
-    fn new() -> Self {
-        Self {
-            requests: Family::default(),
-            // 50 µs to about 3 s.
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
-            }),
-        }
-    }
-
-    /// Counts one finished call.
-    pub fn observe(&self, method: Method, code: tonic::Code, elapsed: Duration) {
-        let labels = RpcLabels {
-            grpc_service: method.service,
-            grpc_method: method.name,
-            grpc_code: code_label(code),
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StatusLabels {
@@ -142,17 +97,9 @@ impl Metrics {
         audit: Arc<AuditLog>,
     ) -> Self {
         let mut registry = Registry::with_prefix("keyward");
-        let rpc = Arc::new(RpcMetrics::new());
-        registry.register(
-            "rpc_requests",
-            "gRPC calls finished, by service, method and code",
-            rpc.requests.clone(),
-        );
-        registry.register(
-            "rpc_duration_seconds",
-            "gRPC call latency, from request to the code, by service, method and code",
-            rpc.duration.clone(),
-        );
+        // The gRPC layer owns its families; this endpoint only serves them.
+        let rpc = Arc::new(RpcMetrics::default());
+        rpc.register(&mut registry);
         let rotation = Arc::new(RotationGauges::default());
         registry.register(
             "rotation_jobs",

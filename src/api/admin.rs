@@ -6,10 +6,10 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::{
-    auth::{code_name, Caller},
+    auth::Caller,
     convert,
     proto::{self, admin_server::Admin},
-    status::code_of,
+    status::{code_name, code_of},
 };
 use crate::{
     auth::audit::{AuditEvent, AuditLog},

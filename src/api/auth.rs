@@ -17,7 +17,7 @@ use tonic::transport::server::TcpConnectInfo;
 use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
-use super::status::to_status;
+use super::status::{code_name, to_status};
 use crate::{
     auth::{
         audit::{AuditEvent, AuditLog},
@@ -196,28 +196,5 @@ fn common_names(der: &[u8]) -> Vec<String> {
             .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
             .collect(),
         Err(_) => Vec::new(),
-    }
-}
-
-/// The canonical name of a gRPC code, as audit events record results.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::Ok => "ok",
-        tonic::Code::Cancelled => "CANCELLED",
-        tonic::Code::Unknown => "UNKNOWN",
-        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
-        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        tonic::Code::NotFound => "NOT_FOUND",
-        tonic::Code::AlreadyExists => "ALREADY_EXISTS",
-        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
-        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        tonic::Code::FailedPrecondition => "FAILED_PRECONDITION",
-        tonic::Code::Aborted => "ABORTED",
-        tonic::Code::OutOfRange => "OUT_OF_RANGE",
-        tonic::Code::Unimplemented => "UNIMPLEMENTED",
-        tonic::Code::Internal => "INTERNAL",
-        tonic::Code::Unavailable => "UNAVAILABLE",
-        tonic::Code::DataLoss => "DATA_LOSS",
-        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }

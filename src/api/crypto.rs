@@ -6,11 +6,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{
-    auth::{code_name, Caller},
+    auth::Caller,
     convert,
     observe::note_key_id,
     proto::{self, crypto_server::Crypto},
-    status::{code_of, to_status},
+    status::{code_name, code_of, to_status},
 };
 use crate::{
     auth::{

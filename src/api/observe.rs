@@ -31,8 +31,17 @@ use prost::Message as _;
 use tower::{Layer, Service};
 use tracing::{field::Empty, Instrument as _, Level, Span};
 
-use super::{auth::code_name, proto::FILE_DESCRIPTOR_SET};
-use crate::metrics::RpcMetrics;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use super::{proto::FILE_DESCRIPTOR_SET, status::code_label};
 
 /// A gRPC method this server knows, with the names metrics label it by.
 /// Paths outside the descriptors are all `unknown`, so a caller cannot
@@ -243,15 +252,6 @@ where
     }
 }
 
-/// The canonical name of a gRPC code as metrics and logs show it (`OK`,
-/// `INVALID_ARGUMENT`, …).
-pub fn code_label(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::Ok => "OK",
-        other => code_name(other),
-    }
-}
-
 /// A gRPC call (gRPC-Web is translated to gRPC before this layer).
 pub fn is_grpc<B>(request: &http::Request<B>) -> bool {
     request
@@ -373,6 +373,63 @@ impl Body for ObservedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RpcLabels {
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+/// RPC counters and latency histograms: this layer owns them and feeds
+/// them; the metrics endpoint registers and serves them.
+#[derive(Debug)]
+pub struct RpcMetrics {
+    requests: Family<RpcLabels, Counter>,
+    duration: Family<RpcLabels, Histogram>,
+}
+
+impl Default for RpcMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            // 50 µs to about 3 s.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+            }),
+        }
+    }
+}
+
+impl RpcMetrics {
+    /// Registers the families (`keyward_rpc_requests_total`,
+    /// `keyward_rpc_duration_seconds`) with a server's registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rpc_requests",
+            "gRPC calls finished, by service, method and code",
+            self.requests.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency, from request to the code, by service, method and code",
+            self.duration.clone(),
+        );
+    }
+
+    /// Counts one finished call.
+    pub fn observe(&self, method: Method, code: tonic::Code, elapsed: std::time::Duration) {
+        let labels = RpcLabels {
+            grpc_service: method.service,
+            grpc_method: method.name,
+            grpc_code: code_label(code),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 }
 

@@ -247,7 +247,7 @@ impl KeyAdmin {
 
     /// Reloads the catalog because a ciphertext names `record_id`, which
     /// this process does not know: once, rate-limited.
-    pub async fn read_through(&self, record_id: &str) {
+    async fn reload_for(&self, record_id: &str) {
         let mut last = self.last_read_through.lock().await;
         if self.catalog.get(record_id).is_some()
             || last.is_some_and(|t| t.elapsed() < READ_THROUGH_EVERY)
@@ -779,6 +779,13 @@ impl KeyAdmin {
                 true
             }
         });
+    }
+}
+
+#[async_trait::async_trait]
+impl super::crypto::ReadThrough for KeyAdmin {
+    async fn read_through(&self, record_id: &str) {
+        self.reload_for(record_id).await;
     }
 }
 

@@ -30,6 +30,16 @@ use crate::{
     keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
 };
 
+/// Whoever can reload the key catalog when a ciphertext names a key record
+/// this process has not loaded (the admin service). A trait, so this
+/// service does not depend on the one that owns it.
+#[async_trait::async_trait]
+pub trait ReadThrough: Send + Sync {
+    /// Reloads the catalog because `record_id` is unknown here (at most
+    /// once per short interval, however many callers ask).
+    async fn read_through(&self, record_id: &str);
+}
+
 /// Request-size limits of the crypto service.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -109,8 +119,8 @@ pub struct CryptoService {
     cache_epoch: std::sync::Mutex<Vec<(String, String, KeyStatus)>>,
     /// Reloads the catalog when a ciphertext names a key this process does
     /// not know yet (another replica created it moments ago). Weak: the
-    /// admin service holds this one.
-    read_through: std::sync::OnceLock<std::sync::Weak<super::admin::KeyAdmin>>,
+    /// catalog's owner (the admin service) holds this service.
+    read_through: std::sync::OnceLock<std::sync::Weak<dyn ReadThrough>>,
     /// Set while this process cannot open what another process wrote under
     /// some key (`service::probes`): Encrypt is refused, since whatever it
     /// wrote no other replica could read.
@@ -150,10 +160,11 @@ impl CryptoService {
         self.foreign.store(reason.map(Arc::new));
     }
 
-    /// Lets an unknown key id reload the catalog through `admin` (once,
-    /// rate-limited) before a Decrypt fails with NOT_FOUND.
-    pub fn set_read_through(&self, admin: &Arc<super::admin::KeyAdmin>) {
-        let _ = self.read_through.set(Arc::downgrade(admin));
+    /// Lets an unknown key id reload the catalog through `source` (the
+    /// admin service: once, rate-limited) before a Decrypt fails with
+    /// NOT_FOUND.
+    pub fn set_read_through(&self, source: std::sync::Weak<dyn ReadThrough>) {
+        let _ = self.read_through.set(source);
     }
 
     /// A key record by `encryption_keys.id`; an id this process does not
@@ -162,8 +173,8 @@ impl CryptoService {
         if let Some(key) = self.catalog.get(id) {
             return Some(key);
         }
-        let admin = self.read_through.get().and_then(std::sync::Weak::upgrade)?;
-        admin.read_through(id).await;
+        let source = self.read_through.get().and_then(std::sync::Weak::upgrade)?;
+        source.read_through(id).await;
         self.catalog.get(id)
     }
 

@@ -25,5 +25,6 @@ mod replicas;
 mod rotation;
 mod scale_out;
 mod security;
+mod tidy;
 mod transport;
 mod workers;

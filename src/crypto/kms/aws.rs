@@ -77,7 +77,7 @@ impl AwsKms {
                         reason: format!(
                             "no AWS credentials could be loaded (environment, profile, web identity, \
                              instance role): {}",
-                            crate::error::chain(&err)
+                            crate::report::chain(&err)
                         ),
                     })?;
                 Ok(Client::new(&config))
@@ -148,7 +148,7 @@ where
     KmsError::Unavailable {
         reason: format!(
             "calling kms for key {key} failed after retries: {}",
-            crate::error::chain(&err)
+            crate::report::chain(&err)
         ),
     }
 }
