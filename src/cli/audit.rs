@@ -11,7 +11,8 @@
 
 use std::future::Future;
 
-use crate::auth::audit::{AuditError, AuditEvent, AuditLog, AuditSettings};
+use super::GlobalArgs;
+use crate::auth::audit::{AuditError, AuditEvent, AuditLog, AuditSettings, AuditSink};
 
 /// The audit log as the operator commands write it.
 pub struct OperatorAudit {
@@ -74,5 +75,34 @@ impl OperatorAudit {
             detail,
             ..AuditEvent::default()
         })
+    }
+}
+
+/// The audit log of the operator commands (`-` is standard error here).
+pub(super) fn operator_audit(global: &GlobalArgs) -> anyhow::Result<OperatorAudit> {
+    OperatorAudit::open(&global.audit.settings(AuditSink::Stderr))
+}
+
+/// [`operator_audit`] for a command that `changes` something; a read-only
+/// command neither opens nor needs the log.
+pub(super) fn operator_audit_if(
+    global: &GlobalArgs,
+    changes: bool,
+) -> anyhow::Result<Option<OperatorAudit>> {
+    changes.then(|| operator_audit(global)).transpose()
+}
+
+/// Runs a change through the operator audit log; every command that
+/// changes something opens one, so `None` only means nothing to audit.
+pub(super) async fn audited<T, E: Into<anyhow::Error>>(
+    audit: &Option<OperatorAudit>,
+    command: &'static str,
+    key_id: Option<&str>,
+    detail: String,
+    change: impl std::future::Future<Output = Result<T, E>>,
+) -> anyhow::Result<T> {
+    match audit {
+        Some(audit) => audit.audited(command, key_id, Some(detail), change).await,
+        None => change.await.map_err(Into::into),
     }
 }

@@ -1,0 +1,224 @@
+//! `keyward rotate …` and `prune-tokens`: re-encryption jobs (runbook
+//! §1.4, §1.5) and the clean-up after them (§1.6).
+
+use std::process::ExitCode;
+
+use anyhow::bail;
+use clap::{Subcommand, ValueEnum};
+
+use super::{
+    audit::{audited, operator_audit_if},
+    open, GlobalArgs,
+};
+use crate::{
+    rotation::{JobStatus, Mode, RotationJob},
+    service::rotation::{Rotations, StartRotation},
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum RotateCommand {
+    /// Queue a job moving every connections row to the target key.
+    Start {
+        /// Target key (key_id or id); default the active key.
+        #[arg(long)]
+        target: Option<String>,
+        /// reencrypt (fresh data key) or rewrap (data key re-wrapped only).
+        #[arg(long, value_enum, default_value_t = RotateMode::Reencrypt)]
+        mode: RotateMode,
+        /// Decrypt-verify every row and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per batch (1..10000).
+        #[arg(long, default_value_t = 500)]
+        batch_size: i64,
+        /// Rows per second per worker; 0 = unthrottled.
+        #[arg(long, default_value_t = 0)]
+        max_rows_per_second: i64,
+        /// Follow progress until the job ends; exit 0 only if it completed cleanly.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow a job's progress until it ends.
+    Watch { job_id: String },
+    /// Show one job.
+    Status { job_id: String },
+    /// List jobs, newest first.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Cancel a job (a running one stops between batches).
+    Cancel { job_id: String },
+    /// Put a failed or cancelled job back in the queue.
+    Requeue { job_id: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum RotateMode {
+    Reencrypt,
+    Rewrap,
+}
+
+pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitCode> {
+    let changes = matches!(
+        cmd,
+        RotateCommand::Start { .. } | RotateCommand::Cancel { .. } | RotateCommand::Requeue { .. }
+    );
+    let audit = operator_audit_if(global, changes)?;
+    let services = open(global).await?;
+    let rotations = &services.rotations;
+    match cmd {
+        RotateCommand::Start {
+            target,
+            mode,
+            dry_run,
+            batch_size,
+            max_rows_per_second,
+            watch,
+        } => {
+            let target = target.unwrap_or_default();
+            let detail = format!("mode={mode:?} dry_run={dry_run}");
+            let start = rotations.start(StartRotation {
+                target: target.clone(),
+                mode: Some(match mode {
+                    RotateMode::Reencrypt => Mode::Reencrypt,
+                    RotateMode::Rewrap => Mode::Rewrap,
+                }),
+                dry_run,
+                batch_size,
+                max_rows_per_second,
+            });
+            let key_id = Some(target.as_str()).filter(|t| !t.is_empty());
+            let job = audited(&audit, "cli/rotate start", key_id, detail, start).await?;
+            println!("Rotation job started: {}", job.id);
+            if watch {
+                return watch_job(rotations, &job.id).await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Watch { job_id } => watch_job(rotations, &job_id).await,
+        RotateCommand::Status { job_id } => {
+            print_jobs(&[rotations.get(&job_id).await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::List { limit } => {
+            print_jobs(&rotations.list(limit).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Cancel { job_id } => {
+            let cancel = rotations.cancel(&job_id);
+            let job = audited(
+                &audit,
+                "cli/rotate cancel",
+                None,
+                format!("job_id={job_id}"),
+                cancel,
+            );
+            print_jobs(&[job.await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+        RotateCommand::Requeue { job_id } => {
+            let requeue = rotations.requeue(&job_id);
+            let job = audited(
+                &audit,
+                "cli/rotate requeue",
+                None,
+                format!("job_id={job_id}"),
+                requeue,
+            );
+            print_jobs(&[job.await?]);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A live progress bar until the job ends; the exit status says whether
+/// it completed cleanly.
+pub(super) async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Result<ExitCode> {
+    use futures::StreamExt;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} rows  {msg}")?
+            .progress_chars("=> "),
+    );
+    let mut events = Box::pin(rotations.watch(job_id).await?);
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        let progress = event?;
+        let job = &progress.job;
+        bar.set_length(job.counts.total.max(job.counts.processed).max(0) as u64);
+        bar.set_position(job.counts.processed.max(0) as u64);
+        let eta = progress
+            .eta_seconds
+            .map(|s| format!("eta {s:.0}s"))
+            .unwrap_or_else(|| "eta -".into());
+        bar.set_message(format!(
+            "{} pass {}  {:.0} rows/s  {eta}  failed {}",
+            job.status, job.pass, progress.rows_per_second, job.counts.failed
+        ));
+        last = Some(progress);
+    }
+    bar.finish();
+    let Some(last) = last else {
+        bail!("the watch ended without an event");
+    };
+    let job = last.job;
+    println!(
+        "job {}: {} — total {}, processed {}, succeeded {}, failed {}, skipped {}, late {}{}",
+        job.id,
+        job.status,
+        job.counts.total,
+        job.counts.processed,
+        job.counts.succeeded,
+        job.counts.failed,
+        job.counts.skipped,
+        job.counts.late,
+        job.last_error
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    );
+    Ok(if job.status == JobStatus::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub(super) fn print_jobs(jobs: &[RotationJob]) {
+    println!(
+        "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {:>5}  LAST_ERROR",
+        "ID",
+        "STATUS",
+        "MODE",
+        "PASS",
+        "TOTAL",
+        "PROCESSED",
+        "SUCCEEDED",
+        "FAILED",
+        "SKIPPED",
+        "LATE"
+    );
+    for j in jobs {
+        println!(
+            "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {:>5}  {}",
+            j.id,
+            format!("{}{}", j.status, if j.dry_run { " (dry run)" } else { "" }),
+            j.mode.as_str(),
+            j.pass,
+            j.counts.total,
+            j.counts.processed,
+            j.counts.succeeded,
+            j.counts.failed,
+            j.counts.skipped,
+            j.counts.late,
+            j.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub(super) async fn prune_tokens(global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let services = open(global).await?;
+    let removed = services.rotations.prune_scoped_tokens().await?;
+    println!("removed {removed} expired or used scoped tokens");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,289 @@
+//! `keyward serve`: the gRPC server (with its in-process rotation worker),
+//! and the checks made before it binds: authentication, TLS and plaintext
+//! exposure, a development secret, files holding secrets.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{
+    redact_url, rotation_targets,
+    secrets::{dev_master_secret, master_secrets, warn_about_dot_env, warn_if_others_can_read},
+    shutdown_signal,
+    worker::{ReplicaArgs, WorkerArgs},
+    AuditArgs, ConfigError, GlobalArgs,
+};
+use crate::{
+    app::Application,
+    auth::{
+        audit::{AuditSettings, AuditSink},
+        AuthSettings,
+    },
+    config::{Settings, TlsSettings},
+    service::crypto::Limits,
+};
+
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Address to serve Prometheus metrics on (GET /metrics); off when unset.
+    #[arg(long, env = "KEYWARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Zero-setup sandbox: create a master secret file if none is configured,
+    /// and seed an active local key if there is none.
+    #[arg(long, env = "KEYWARD_DEV", value_parser = clap::builder::BoolishValueParser::new())]
+    dev: bool,
+    /// Largest plaintext Encrypt accepts, in bytes.
+    #[arg(long, env = "KEYWARD_MAX_PLAINTEXT_BYTES", default_value_t = 65536)]
+    max_plaintext_bytes: usize,
+    /// Most items in one BatchEncrypt / BatchDecrypt.
+    #[arg(long, env = "KEYWARD_MAX_BATCH_ITEMS", default_value_t = 1000)]
+    max_batch_items: usize,
+    /// Largest gRPC request message, in bytes.
+    #[arg(long, env = "KEYWARD_MAX_REQUEST_BYTES", default_value_t = crate::config::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Seconds between reloads of the key catalog from the database.
+    #[arg(long, env = "KEYWARD_CATALOG_REFRESH_SECS", default_value_t = 30)]
+    catalog_refresh_secs: u64,
+    /// Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+    /// Do not run a rotation worker in this process (run `keyward worker`).
+    #[arg(long, env = "KEYWARD_NO_WORKER", value_parser = clap::builder::BoolishValueParser::new())]
+    no_worker: bool,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    /// Most encryption-context entries per request (at most 64).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = 64)]
+    max_context_entries: usize,
+    /// Most encryption-context bytes per request, keys and values (at most 8192).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = 8192)]
+    max_context_bytes: usize,
+    /// Most concurrent RPCs (HTTP/2 streams) per connection.
+    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    max_concurrent_streams: u32,
+    /// Browser origin (e.g. https://ops.example.com) allowed to call keyward
+    /// over gRPC-Web; comma-separated for several. Default: none.
+    #[arg(long, env = "KEYWARD_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    cors_allowed_origins: Vec<String>,
+    /// Serve this directory (the built dashboard, clients/dashboard/dist)
+    /// on the gRPC address for browser GET requests.
+    #[arg(long, env = "KEYWARD_DASHBOARD_DIR")]
+    dashboard_dir: Option<PathBuf>,
+    /// Serve without authentication on any address (every caller may do
+    /// everything). `--dev` on a loopback address needs no such flag.
+    #[arg(long, env = "KEYWARD_INSECURE_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_no_auth: bool,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "KEYWARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "KEYWARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose client certificates are accepted (mutual TLS).
+    #[arg(long, env = "KEYWARD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// JSON file mapping client-certificate common names to principals:
+    /// [{"common_name": "payments", "roles": ["encrypt","decrypt"], "keys": [], "context": {}}].
+    #[arg(long, env = "KEYWARD_MTLS_PRINCIPALS")]
+    mtls_principals: Option<PathBuf>,
+    /// Requests per second each principal may make; 0 = unlimited.
+    #[arg(long, env = "KEYWARD_RATE_LIMIT_PER_SECOND", default_value_t = 0)]
+    rate_limit_per_second: u32,
+    /// Requests a principal may make in a burst above its rate (default: one second's worth).
+    #[arg(long, env = "KEYWARD_RATE_LIMIT_BURST")]
+    rate_limit_burst: Option<u32>,
+    /// Serve gRPC without TLS, or metrics, on an address other than
+    /// loopback (behind a mesh or proxy that terminates TLS); without it
+    /// such a server refuses to start.
+    #[arg(long, env = "KEYWARD_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
+}
+
+impl ServeArgs {
+    /// Authentication, audit and TLS settings; refuses `--dev` (which
+    /// serves without authentication) on a non-loopback address unless
+    /// `--insecure-no-auth` says so.
+    pub(super) fn security(
+        &self,
+        audit: &AuditArgs,
+    ) -> anyhow::Result<(AuthSettings, AuditSettings, Option<TlsSettings>)> {
+        let loopback = self.listen.ip().is_loopback();
+        if self.dev && !loopback && !self.insecure_no_auth {
+            return Err(ConfigError(format!(
+                "--dev serves without authentication, which is allowed on loopback only, not on {}; \
+                 listen on 127.0.0.1, or pass --insecure-no-auth to accept anyone on the network",
+                self.listen
+            ))
+            .into());
+        }
+        let exposed = plaintext_exposure(self.listen, self.metrics_listen, self.tls_cert.is_some());
+        if let Some(first) = exposed.first() {
+            if !self.insecure_plaintext {
+                return Err(ConfigError(format!(
+                    "{first} would carry tokens and plaintext secrets unencrypted over the network: \
+                     give --tls-cert and --tls-key, listen on 127.0.0.1, or pass --insecure-plaintext \
+                     (KEYWARD_INSECURE_PLAINTEXT=true) when a mesh or proxy terminates TLS in front of keyward"
+                ))
+                .into());
+            }
+            for exposure in &exposed {
+                tracing::warn!("INSECURE: {exposure} without TLS (--insecure-plaintext): anyone on that network path sees tokens and secrets unless something in front of keyward encrypts it");
+            }
+        }
+        let cert_principals = match &self.mtls_principals {
+            None => Vec::new(),
+            Some(path) => {
+                if self.tls_client_ca.is_none() {
+                    return Err(ConfigError(
+                        "--mtls-principals needs --tls-client-ca (and --tls-cert, --tls-key)"
+                            .into(),
+                    )
+                    .into());
+                }
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --mtls-principals {}", path.display()))?;
+                serde_json::from_str(&text).map_err(|e| {
+                    ConfigError(format!("--mtls-principals {}: {e}", path.display()))
+                })?
+            }
+        };
+        let rate_limit = std::num::NonZeroU32::new(self.rate_limit_per_second).map(|rate| {
+            let burst = self
+                .rate_limit_burst
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(rate);
+            (rate, burst)
+        });
+        let auth = AuthSettings {
+            required: !(self.insecure_no_auth || (self.dev && loopback)),
+            cert_principals,
+            rate_limit,
+        };
+        let audit = audit.settings(AuditSink::Stdout);
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        Ok((auth, audit, tls))
+    }
+}
+
+pub(super) async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (mut auth, audit, tls) = args.security(&global.audit)?;
+    if !auth.required && args.dev && !args.insecure_no_auth && has_live_tokens(global).await? {
+        tracing::warn!("--dev: this database holds api tokens, so authentication stays on (pass --insecure-no-auth to turn it off)");
+        auth.required = true;
+    }
+    warn_about_dot_env();
+    if let Some(tls) = &tls {
+        warn_if_others_can_read(&tls.key, "TLS private key");
+    }
+    let master = match master_secrets(global)? {
+        Some(master) => master,
+        None if args.dev => dev_master_secret(&global.database_url).await?,
+        None => {
+            return Err(ConfigError(
+                "no master secret: set ENCRYPTION_MASTER_KEY (or LOCAL_KMS_SECRET, or --master-key-file), \
+                 or run `keyward serve --dev` for a local sandbox"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    let settings = Settings {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        limits: Limits {
+            max_plaintext_bytes: args.max_plaintext_bytes,
+            max_batch_items: args.max_batch_items,
+            max_context_entries: args.max_context_entries,
+            max_context_bytes: args.max_context_bytes,
+        },
+        max_request_bytes: args.max_request_bytes,
+        max_concurrent_streams: args.max_concurrent_streams.max(1),
+        cors_allowed_origins: args.cors_allowed_origins,
+        dashboard_dir: args.dashboard_dir,
+        secret_files: global.master_key_file.iter().cloned().collect(),
+        auth,
+        audit,
+        tls,
+        catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
+        replica: args.replica.options(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        seed_dev_key: args.dev,
+        worker: (!args.no_worker).then(|| {
+            args.worker
+                .options(Duration::from_secs(args.shutdown_grace_secs))
+        }),
+        rotation_targets: rotation_targets(global)?,
+        kms: global.kms.settings(),
+        ..Settings::for_database(global.database_url.clone(), Some(master))
+    };
+    let app = Application::build(settings).await?;
+    tracing::info!(addr = %app.local_addr()?, database = %redact_url(&global.database_url), "keyward listening");
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the database already has live api tokens: a `serve --dev`
+/// pointed at a database someone secured keeps authentication on.
+pub(super) async fn has_live_tokens(global: &GlobalArgs) -> anyhow::Result<bool> {
+    let store = crate::store::Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    let live = store
+        .list_tokens()
+        .await?
+        .iter()
+        .any(|t| t.revoked_at.is_none());
+    store.close().await;
+    Ok(live)
+}
+
+/// The listeners that would serve plaintext beyond this machine: gRPC on a
+/// non-loopback address without TLS, and metrics (always plain HTTP) on a
+/// non-loopback address.
+pub(super) fn plaintext_exposure(
+    listen: std::net::SocketAddr,
+    metrics_listen: Option<std::net::SocketAddr>,
+    tls: bool,
+) -> Vec<String> {
+    let mut exposed = Vec::new();
+    if !tls && !listen.ip().is_loopback() {
+        exposed.push(format!("gRPC on {listen}"));
+    }
+    if let Some(metrics) = metrics_listen.filter(|m| !m.ip().is_loopback()) {
+        exposed.push(format!("metrics on {metrics}"));
+    }
+    exposed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_or_tls_listeners_are_not_exposed() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(plaintext_exposure(addr("127.0.0.1:1"), None, false).is_empty());
+        assert!(plaintext_exposure(addr("[::1]:1"), Some(addr("127.0.0.1:2")), false).is_empty());
+        assert!(plaintext_exposure(addr("0.0.0.0:1"), None, true).is_empty());
+        assert_eq!(
+            plaintext_exposure(addr("0.0.0.0:1"), Some(addr("10.0.0.1:9")), false),
+            ["gRPC on 0.0.0.0:1", "metrics on 10.0.0.1:9"]
+        );
+        assert_eq!(
+            plaintext_exposure(addr("0.0.0.0:1"), Some(addr("0.0.0.0:9")), true),
+            ["metrics on 0.0.0.0:9"]
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! `keyward worker`: the rotation worker alone, and the worker and replica
+//! settings `serve` shares with it.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Args;
+
+use super::{open, shutdown_signal, GlobalArgs};
+use crate::{
+    rotation::worker::WorkerOptions, service::replica::ReplicaOptions, store::replicas::ReplicaKind,
+};
+
+/// The rotation worker's tuning, in `serve` (its in-process worker) and
+/// `worker`.
+#[derive(Debug, Args)]
+pub(super) struct WorkerArgs {
+    /// Seconds a claimed batch stays this worker's; a crashed worker's
+    /// batch is taken over after this.
+    #[arg(long, env = "KEYWARD_WORKER_LEASE_SECS", default_value_t = 30)]
+    lease_secs: u64,
+    /// Milliseconds between polls of an empty queue.
+    #[arg(long, env = "KEYWARD_WORKER_POLL_MS", default_value_t = 500)]
+    poll_ms: u64,
+}
+
+/// Heartbeat and catalog following, in `serve` and `worker`.
+#[derive(Debug, Args)]
+pub(super) struct ReplicaArgs {
+    /// Seconds between this process's heartbeats into keyward_replicas; it
+    /// counts as gone after three missed.
+    #[arg(long, env = "KEYWARD_HEARTBEAT_SECS", default_value_t = 5)]
+    heartbeat_secs: u64,
+    /// Milliseconds between checks of the catalog version (PostgreSQL also
+    /// announces changes at once with LISTEN/NOTIFY).
+    #[arg(long, env = "KEYWARD_CATALOG_POLL_MS", default_value_t = 1000)]
+    catalog_poll_ms: u64,
+    /// Do not LISTEN for catalog changes on PostgreSQL (e.g. behind a
+    /// connection pooler in transaction mode); the version poll remains.
+    #[arg(long, env = "KEYWARD_NO_CATALOG_LISTEN", value_parser = clap::builder::BoolishValueParser::new())]
+    no_catalog_listen: bool,
+}
+
+impl ReplicaArgs {
+    pub(super) fn options(&self) -> ReplicaOptions {
+        ReplicaOptions {
+            heartbeat: Duration::from_secs(self.heartbeat_secs.max(1)),
+            catalog_poll: Duration::from_millis(self.catalog_poll_ms.max(50)),
+            listen: !self.no_catalog_listen,
+        }
+    }
+}
+
+impl WorkerArgs {
+    /// On shutdown a batch in flight gets half the grace period to finish;
+    /// the other half is for abandoning it (releasing its lease) and the
+    /// rest of the shutdown.
+    pub(super) fn options(&self, shutdown_grace: Duration) -> WorkerOptions {
+        WorkerOptions {
+            lease: Duration::from_secs(self.lease_secs.max(1)),
+            idle_poll: Duration::from_millis(self.poll_ms.max(10)),
+            batch_grace: shutdown_grace / 2,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(super) struct StandaloneWorkerArgs {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    /// Seconds the worker gets to stop after SIGTERM/SIGINT: the batch in
+    /// flight finishes within half of it or is abandoned, and the lease is
+    /// released at once either way.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+    #[command(flatten)]
+    replica: ReplicaArgs,
+}
+
+pub(super) async fn worker(
+    global: &GlobalArgs,
+    args: StandaloneWorkerArgs,
+) -> anyhow::Result<ExitCode> {
+    let services = open(global).await?;
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let worker = services.worker(args.worker.options(grace));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_stop.cancel();
+    });
+    let agent = services.replica_agent(ReplicaKind::Worker, None, args.replica.options());
+    let agent = tokio::spawn(agent.run(stop.clone()));
+    worker.run(stop).await;
+    let _ = agent.await;
+    services.store.close().await;
+    Ok(ExitCode::SUCCESS)
+}
