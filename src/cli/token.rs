@@ -9,7 +9,10 @@ use super::{
     audit::{audited, operator_audit_if},
     ConfigError, GlobalArgs,
 };
-use crate::auth::{Role, Scope};
+use crate::{
+    auth::Role,
+    service::tokens::{self, TokenRequest, Tokens},
+};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum TokenCommand {
@@ -48,6 +51,7 @@ pub(super) async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Res
     let audit = operator_audit_if(global, changes)?;
     let store = crate::store::Store::connect(&global.database_url).await?;
     store.migrate().await?;
+    let tokens = Tokens::new(store.clone());
     match cmd {
         TokenCommand::Create {
             name,
@@ -56,48 +60,35 @@ pub(super) async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Res
             context,
             legacy,
         } => {
-            if name.trim().is_empty() || name.len() > 128 {
-                return Err(ConfigError("--name must be 1 to 128 characters".into()).into());
-            }
-            let roles = roles
-                .iter()
-                .map(|r| {
-                    Role::parse(r).ok_or_else(|| {
-                        ConfigError(format!("unknown role {r:?}: use encrypt, decrypt or admin"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let context = context
-                .iter()
-                .map(|pair| {
-                    pair.split_once('=')
-                        .filter(|(k, _)| !k.is_empty())
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| ConfigError(format!("--context {pair:?}: use KEY=VALUE")))
-                })
-                .collect::<Result<_, _>>()?;
-            let scope = Scope {
+            let token = tokens::validate(TokenRequest {
+                name,
+                roles,
                 keys,
                 context,
                 legacy,
-            };
-            let secret = crate::auth::token::generate();
-            let mut detail = format!("name={name} roles={}", role_list(&roles));
-            if scope.legacy {
+            })
+            .map_err(|err| ConfigError(err.to_string()))?;
+            let mut detail = format!("name={} roles={}", token.name, role_list(&token.roles));
+            if token.scope.legacy {
                 detail.push_str(" legacy");
             }
-            let hash = crate::auth::token::hash(&secret);
-            let insert = store.insert_token(&name, &hash, &roles, &scope);
-            let record = audited(&audit, "cli/token create", None, detail, insert).await?;
+            let issued = audited(
+                &audit,
+                "cli/token create",
+                None,
+                detail,
+                tokens.create(&token),
+            )
+            .await?;
             eprintln!(
                 "token {} created with roles {}; it is shown once, store it now:",
-                record.name,
-                role_list(&record.roles)
+                issued.record.name,
+                role_list(&issued.record.roles)
             );
-            println!("{}", secret.as_str());
+            println!("{}", issued.secret.as_str());
         }
         TokenCommand::List => {
-            for t in store.list_tokens().await? {
+            for t in tokens.list().await? {
                 let state = match t.revoked_at {
                     Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M")),
                     None => "live".to_owned(),
@@ -133,7 +124,7 @@ pub(super) async fn token(global: &GlobalArgs, cmd: TokenCommand) -> anyhow::Res
             }
         }
         TokenCommand::Revoke { name } => {
-            let revoke = store.revoke_token(&name);
+            let revoke = tokens.revoke(&name);
             if !audited(
                 &audit,
                 "cli/token revoke",

@@ -6,3 +6,4 @@ pub mod crypto;
 pub mod probes;
 pub mod replica;
 pub mod rotation;
+pub mod tokens;
