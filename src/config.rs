@@ -111,6 +111,15 @@ pub struct Settings {
     pub rotation_targets: Vec<RotationTarget>,
 }
 
+/// Where `keyward serve` listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// How often the whole key catalog is reloaded by default.
+pub const DEFAULT_CATALOG_REFRESH: Duration = Duration::from_secs(30);
+/// How long in-flight work may run after a shutdown signal by default.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Most concurrent RPCs per HTTP/2 connection by default.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
 /// The largest gRPC request message `keyward serve` accepts by default.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
@@ -126,16 +135,16 @@ impl Settings {
             kms: KmsSettings::default(),
             limits: Limits::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_concurrent_streams: 256,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             cors_allowed_origins: Vec::new(),
             dashboard_dir: None,
             secret_files: Vec::new(),
             auth: AuthSettings::default(),
             audit: AuditSettings::default(),
             tls: None,
-            catalog_refresh_interval: Duration::from_secs(30),
+            catalog_refresh_interval: DEFAULT_CATALOG_REFRESH,
             replica: crate::service::replica::ReplicaOptions::default(),
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             seed_dev_key: false,
             worker: Some(WorkerOptions::default()),
             rotation_targets: Vec::new(),

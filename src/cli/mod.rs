@@ -49,6 +49,11 @@ use crate::{
     service::crypto::Limits,
 };
 
+/// A duration in whole milliseconds, as the `…_ms` flags take it.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Exit status for invalid configuration (sysexits' EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -157,7 +162,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_AWS_KMS_MAX_ATTEMPTS",
-        default_value_t = 3,
+        default_value_t = crate::crypto::kms::AwsKmsSettings::default().max_attempts,
         global = true
     )]
     aws_kms_max_attempts: u32,
@@ -165,7 +170,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_AWS_KMS_INITIAL_BACKOFF_MS",
-        default_value_t = 100,
+        default_value_t = millis(crate::crypto::kms::AwsKmsSettings::default().initial_backoff),
         global = true
     )]
     aws_kms_initial_backoff_ms: u64,
@@ -173,7 +178,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_AWS_KMS_CONNECT_TIMEOUT_MS",
-        default_value_t = 3000,
+        default_value_t = millis(crate::crypto::kms::AwsKmsSettings::default().connect_timeout),
         global = true
     )]
     aws_kms_connect_timeout_ms: u64,
@@ -181,7 +186,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_AWS_KMS_ATTEMPT_TIMEOUT_MS",
-        default_value_t = 5000,
+        default_value_t = millis(crate::crypto::kms::AwsKmsSettings::default().attempt_timeout),
         global = true
     )]
     aws_kms_attempt_timeout_ms: u64,
@@ -189,7 +194,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_AWS_KMS_TIMEOUT_MS",
-        default_value_t = 15000,
+        default_value_t = millis(crate::crypto::kms::AwsKmsSettings::default().operation_timeout),
         global = true
     )]
     aws_kms_timeout_ms: u64,
@@ -200,7 +205,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS",
-        default_value_t = 300,
+        default_value_t = crate::crypto::cache::CacheSettings::default().max_age.as_secs(),
         global = true
     )]
     data_key_cache_max_age_secs: u64,
@@ -208,18 +213,18 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES",
-        default_value_t = 4096,
+        default_value_t = crate::crypto::cache::CacheSettings::default().max_messages,
         global = true
     )]
     data_key_cache_max_messages: u64,
     /// Most plaintext bytes encrypted under one cached data key.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = 256 * 1024 * 1024, global = true)]
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = crate::crypto::cache::CacheSettings::default().max_bytes, global = true)]
     data_key_cache_max_bytes: u64,
     /// Most (key, encryption context) entries in the Encrypt cache.
     #[arg(
         long,
         env = "KEYWARD_DATA_KEY_CACHE_ENTRIES",
-        default_value_t = 1000,
+        default_value_t = crate::crypto::cache::CacheSettings::default().encrypt_capacity,
         global = true
     )]
     data_key_cache_entries: u64,
@@ -227,7 +232,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_DECRYPT_CACHE_ENTRIES",
-        default_value_t = 10_000,
+        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_capacity,
         global = true
     )]
     decrypt_cache_entries: u64,
@@ -235,7 +240,7 @@ struct KmsArgs {
     #[arg(
         long,
         env = "KEYWARD_DECRYPT_CACHE_TTL_SECS",
-        default_value_t = 300,
+        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_ttl.as_secs(),
         global = true
     )]
     decrypt_cache_ttl_secs: u64,

@@ -20,14 +20,14 @@ use crate::{
         audit::{AuditSettings, AuditSink},
         AuthSettings,
     },
-    config::{Settings, TlsSettings},
+    config::{MasterSecrets, Settings, TlsSettings},
     service::crypto::Limits,
 };
 
 #[derive(Debug, Args)]
 pub(super) struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "KEYWARD_LISTEN", default_value = crate::config::DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// Address to serve Prometheus metrics on (GET /metrics); off when unset.
     #[arg(long, env = "KEYWARD_METRICS_LISTEN")]
@@ -37,19 +37,19 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "KEYWARD_DEV", value_parser = clap::builder::BoolishValueParser::new())]
     dev: bool,
     /// Largest plaintext Encrypt accepts, in bytes.
-    #[arg(long, env = "KEYWARD_MAX_PLAINTEXT_BYTES", default_value_t = 65536)]
+    #[arg(long, env = "KEYWARD_MAX_PLAINTEXT_BYTES", default_value_t = crate::service::crypto::Limits::default().max_plaintext_bytes)]
     max_plaintext_bytes: usize,
     /// Most items in one BatchEncrypt / BatchDecrypt.
-    #[arg(long, env = "KEYWARD_MAX_BATCH_ITEMS", default_value_t = 1000)]
+    #[arg(long, env = "KEYWARD_MAX_BATCH_ITEMS", default_value_t = crate::service::crypto::Limits::default().max_batch_items)]
     max_batch_items: usize,
     /// Largest gRPC request message, in bytes.
     #[arg(long, env = "KEYWARD_MAX_REQUEST_BYTES", default_value_t = crate::config::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
     /// Seconds between reloads of the key catalog from the database.
-    #[arg(long, env = "KEYWARD_CATALOG_REFRESH_SECS", default_value_t = 30)]
+    #[arg(long, env = "KEYWARD_CATALOG_REFRESH_SECS", default_value_t = crate::config::DEFAULT_CATALOG_REFRESH.as_secs())]
     catalog_refresh_secs: u64,
     /// Seconds in-flight RPCs get to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = crate::config::DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_secs: u64,
     /// Do not run a rotation worker in this process (run `keyward worker`).
     #[arg(long, env = "KEYWARD_NO_WORKER", value_parser = clap::builder::BoolishValueParser::new())]
@@ -59,13 +59,13 @@ pub(super) struct ServeArgs {
     #[command(flatten)]
     replica: ReplicaArgs,
     /// Most encryption-context entries per request (at most 64).
-    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = 64)]
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = crate::service::crypto::Limits::default().max_context_entries)]
     max_context_entries: usize,
     /// Most encryption-context bytes per request, keys and values (at most 8192).
-    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = 8192)]
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = crate::service::crypto::Limits::default().max_context_bytes)]
     max_context_bytes: usize,
     /// Most concurrent RPCs (HTTP/2 streams) per connection.
-    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = crate::config::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
     /// Browser origin (e.g. https://ops.example.com) allowed to call keyward
     /// over gRPC-Web; comma-separated for several. Default: none.
@@ -200,39 +200,55 @@ pub(super) async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Resul
             .into())
         }
     };
-    let settings = Settings {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        limits: Limits {
-            max_plaintext_bytes: args.max_plaintext_bytes,
-            max_batch_items: args.max_batch_items,
-            max_context_entries: args.max_context_entries,
-            max_context_bytes: args.max_context_bytes,
-        },
-        max_request_bytes: args.max_request_bytes,
-        max_concurrent_streams: args.max_concurrent_streams.max(1),
-        cors_allowed_origins: args.cors_allowed_origins,
-        dashboard_dir: args.dashboard_dir,
-        secret_files: global.master_key_file.iter().cloned().collect(),
-        auth,
-        audit,
-        tls,
-        catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
-        replica: args.replica.options(),
-        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
-        seed_dev_key: args.dev,
-        worker: (!args.no_worker).then(|| {
-            args.worker
-                .options(Duration::from_secs(args.shutdown_grace_secs))
-        }),
-        rotation_targets: rotation_targets(global)?,
-        kms: global.kms.settings(),
-        ..Settings::for_database(global.database_url.clone(), Some(master))
-    };
+    let settings = args.settings(global, master, auth, audit, tls)?;
     let app = Application::build(settings).await?;
     tracing::info!(addr = %app.local_addr()?, database = %redact_url(&global.database_url), "keyward listening");
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+impl ServeArgs {
+    /// The server's settings from these flags, with the security settings
+    /// and master secret decided by the caller.
+    fn settings(
+        self,
+        global: &GlobalArgs,
+        master: MasterSecrets,
+        auth: AuthSettings,
+        audit: AuditSettings,
+        tls: Option<TlsSettings>,
+    ) -> anyhow::Result<Settings> {
+        let args = self;
+        Ok(Settings {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            limits: Limits {
+                max_plaintext_bytes: args.max_plaintext_bytes,
+                max_batch_items: args.max_batch_items,
+                max_context_entries: args.max_context_entries,
+                max_context_bytes: args.max_context_bytes,
+            },
+            max_request_bytes: args.max_request_bytes,
+            max_concurrent_streams: args.max_concurrent_streams.max(1),
+            cors_allowed_origins: args.cors_allowed_origins,
+            dashboard_dir: args.dashboard_dir,
+            secret_files: global.master_key_file.iter().cloned().collect(),
+            auth,
+            audit,
+            tls,
+            catalog_refresh_interval: Duration::from_secs(args.catalog_refresh_secs.max(1)),
+            replica: args.replica.options(),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+            seed_dev_key: args.dev,
+            worker: (!args.no_worker).then(|| {
+                args.worker
+                    .options(Duration::from_secs(args.shutdown_grace_secs))
+            }),
+            rotation_targets: rotation_targets(global)?,
+            kms: global.kms.settings(),
+            ..Settings::for_database(global.database_url.clone(), Some(master))
+        })
+    }
 }
 
 /// Whether the database already has live api tokens: a `serve --dev`
@@ -269,7 +285,75 @@ pub(super) fn plaintext_exposure(
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+
     use super::*;
+    use crate::{
+        config::KmsSettings, crypto::secret::MasterSecret, rotation::worker::WorkerOptions,
+        service::replica::ReplicaOptions,
+    };
+
+    /// `keyward ARGS` as clap parses it with no environment variable
+    /// consulted (every `env = …` is dropped from the command), no
+    /// `--config` file and no `.env` (keyward reads none).
+    fn parse_without_env(args: &[&str]) -> super::super::Cli {
+        fn strip(command: clap::Command) -> clap::Command {
+            command
+                .mut_args(|arg| arg.env(None::<&str>))
+                .mut_subcommands(strip)
+        }
+        let matches = strip(super::super::Cli::command())
+            .try_get_matches_from(args)
+            .unwrap();
+        super::super::Cli::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn serve_without_flags_has_the_library_defaults() {
+        let cli = parse_without_env(&["keyward", "serve"]);
+        let super::super::Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let audit = cli
+            .global
+            .audit
+            .settings(crate::auth::audit::AuditSink::Stdout);
+        let master = MasterSecrets {
+            current: MasterSecret::new("0123456789abcdef0123456789abcdef").unwrap(),
+            previous: Vec::new(),
+        };
+        let settings = args
+            .settings(
+                &cli.global,
+                master,
+                AuthSettings::default(),
+                audit.clone(),
+                None,
+            )
+            .unwrap();
+        let library = Settings::for_database("sqlite://keyward.db", None);
+        assert_eq!(settings.database_url, library.database_url);
+        assert_eq!(settings.listen.to_string(), crate::config::DEFAULT_LISTEN);
+        assert_eq!(settings.metrics_listen, None);
+        assert_eq!(settings.limits, Limits::default());
+        assert_eq!(settings.max_request_bytes, library.max_request_bytes);
+        assert_eq!(
+            settings.max_concurrent_streams,
+            library.max_concurrent_streams
+        );
+        assert_eq!(
+            settings.catalog_refresh_interval,
+            library.catalog_refresh_interval
+        );
+        assert_eq!(settings.shutdown_grace, library.shutdown_grace);
+        assert_eq!(settings.replica, ReplicaOptions::default());
+        assert_eq!(settings.worker, Some(WorkerOptions::default()));
+        assert_eq!(settings.kms, KmsSettings::default());
+        assert_eq!(audit.fail_closed, AuditSettings::default().fail_closed);
+        assert_eq!(audit.file_mode, AuditSettings::default().file_mode);
+        assert!(!settings.seed_dev_key);
+        assert!(settings.rotation_targets.is_empty());
+    }
 
     #[test]
     fn only_loopback_or_tls_listeners_are_not_exposed() {

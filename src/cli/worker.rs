@@ -16,10 +16,10 @@ use crate::{
 pub(super) struct WorkerArgs {
     /// Seconds a claimed batch stays this worker's; a crashed worker's
     /// batch is taken over after this.
-    #[arg(long, env = "KEYWARD_WORKER_LEASE_SECS", default_value_t = 30)]
+    #[arg(long, env = "KEYWARD_WORKER_LEASE_SECS", default_value_t = crate::rotation::worker::WorkerOptions::default().lease.as_secs())]
     lease_secs: u64,
     /// Milliseconds between polls of an empty queue.
-    #[arg(long, env = "KEYWARD_WORKER_POLL_MS", default_value_t = 500)]
+    #[arg(long, env = "KEYWARD_WORKER_POLL_MS", default_value_t = super::millis(crate::rotation::worker::WorkerOptions::default().idle_poll))]
     poll_ms: u64,
 }
 
@@ -28,11 +28,11 @@ pub(super) struct WorkerArgs {
 pub(super) struct ReplicaArgs {
     /// Seconds between this process's heartbeats into keyward_replicas; it
     /// counts as gone after three missed.
-    #[arg(long, env = "KEYWARD_HEARTBEAT_SECS", default_value_t = 5)]
+    #[arg(long, env = "KEYWARD_HEARTBEAT_SECS", default_value_t = crate::service::replica::ReplicaOptions::default().heartbeat.as_secs())]
     heartbeat_secs: u64,
     /// Milliseconds between checks of the catalog version (PostgreSQL also
     /// announces changes at once with LISTEN/NOTIFY).
-    #[arg(long, env = "KEYWARD_CATALOG_POLL_MS", default_value_t = 1000)]
+    #[arg(long, env = "KEYWARD_CATALOG_POLL_MS", default_value_t = super::millis(crate::service::replica::ReplicaOptions::default().catalog_poll))]
     catalog_poll_ms: u64,
     /// Do not LISTEN for catalog changes on PostgreSQL (e.g. behind a
     /// connection pooler in transaction mode); the version poll remains.
@@ -70,7 +70,7 @@ pub(super) struct StandaloneWorkerArgs {
     /// Seconds the worker gets to stop after SIGTERM/SIGINT: the batch in
     /// flight finishes within half of it or is abandoned, and the lease is
     /// released at once either way.
-    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_SECS", default_value_t = crate::config::DEFAULT_SHUTDOWN_GRACE.as_secs())]
     shutdown_grace_secs: u64,
     #[command(flatten)]
     replica: ReplicaArgs,

@@ -49,7 +49,7 @@ pub enum Step {
 }
 
 /// Worker tuning.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerOptions {
     /// How long a claimed batch stays ours without being finished.
     pub lease: Duration,

@@ -41,7 +41,7 @@ pub trait ReadThrough: Send + Sync {
 }
 
 /// Request-size limits of the crypto service.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest plaintext Encrypt accepts.
     pub max_plaintext_bytes: usize,

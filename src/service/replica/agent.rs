@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// How often a replica looks at the database.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaOptions {
     /// Between heartbeats; a replica counts as gone after three missed.
     pub heartbeat: Duration,
