@@ -69,7 +69,8 @@ impl Role {
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, so a width in the format string (the CLI's tables) applies.
+        f.pad(self.as_str())
     }
 }
 

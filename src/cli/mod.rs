@@ -92,6 +92,11 @@ struct GlobalArgs {
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Log at INFO as `serve` and `worker` do; other commands log only
+    /// warnings and errors by default, so their output is what was asked
+    /// for (`RUST_LOG` overrides both).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(flatten)]
     kms: KmsArgs,
     #[command(flatten)]
@@ -356,7 +361,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(cli.global.log_format);
+    let level = if cli.global.verbose || cli.command.is_service() {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(cli.global.log_format, level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -376,6 +386,23 @@ pub fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+impl Command {
+    /// A long-running process whose log is its output (`serve`, `worker`,
+    /// the benchmarks), rather than a command that prints an answer.
+    fn is_service(&self) -> bool {
+        match self {
+            Command::Serve(_)
+            | Command::Worker(_)
+            | Command::Bench(_)
+            | Command::BenchRotation(_)
+            | Command::BenchSoak(_) => true,
+            #[cfg(feature = "aws-kms")]
+            Command::BenchKmsCache(_) => true,
+            _ => false,
         }
     }
 }
@@ -416,8 +443,9 @@ fn parse(argv: Vec<OsString>) -> Result<Cli, Invalid> {
 #[error("{0}")]
 pub struct ConfigError(String);
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr, filtered by `RUST_LOG`, else at `level`.
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

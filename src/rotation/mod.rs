@@ -61,7 +61,8 @@ impl JobStatus {
 
 impl fmt::Display for JobStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, so a width in the format string (the CLI's tables) applies.
+        f.pad(self.as_str())
     }
 }
 

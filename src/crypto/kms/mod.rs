@@ -57,7 +57,8 @@ impl ProviderKind {
 
 impl fmt::Display for ProviderKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, so a width in the format string (the CLI's tables) applies.
+        f.pad(self.as_str())
     }
 }
 
