@@ -14,17 +14,17 @@ use chrono::{DateTime, Duration, Utc};
 use super::{on_pool, BeginWrite, Pool, Store, StoreError};
 use crate::{
     crypto::envelope::Envelope,
-    rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob},
+    rotation::{
+        pass::{pass_end, PassEnd, PassFacts},
+        target::RotationTarget,
+        Counts, JobStatus, Mode, NewJob, RotationJob,
+    },
 };
 
 const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
      replicas_waited_since";
-
-/// How long a job that has reached its end waits for `serve` replicas that
-/// still encrypt with another key before it completes anyway (saying so).
-pub const STALE_REPLICA_WAIT: Duration = Duration::seconds(120);
 
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -522,69 +522,54 @@ impl Store {
                     .fetch_all(&mut *$tx)
                     .await?
                 };
-                let give_up = waited_since.is_some_and(|since| now - since >= STALE_REPLICA_WAIT);
-                if remaining == 0 && !behind.is_empty() && !give_up {
-                    wait_at_pass_end!(Some(now));
-                }
-                // After waiting for replicas, one more (final) pass catches
-                // what they wrote before they switched.
-                let final_pass = remaining == 0 && behind.is_empty() && waited_since.is_some();
-                // Past the wait, a replica that never switches cannot keep
-                // the job from ending: it ends, naming the replicas.
-                let gave_up = give_up && !behind.is_empty();
-                if (remaining == 0 && !final_pass) || job.dry_run || gave_up {
-                    let status = if job.counts.failed > 0 || (gave_up && remaining > 0) {
-                        JobStatus::CompletedWithErrors
-                    } else {
-                        JobStatus::Completed
-                    };
-                    let stale = (!behind.is_empty()).then(|| {
-                        format!(
-                            "replicas still encrypt with another key after {}s: {}; {remaining} rows are off the target key, and rows they write stay off it (see keyward replicas list and keyward keys usage)",
-                            STALE_REPLICA_WAIT.num_seconds(),
-                            behind.iter().map(|(id, host)| format!("{id} on {host}")).collect::<Vec<_>>().join(", ")
+                // What happens now is decided from these facts alone.
+                let facts = PassFacts {
+                    now,
+                    remaining,
+                    behind: &behind,
+                    waited_since,
+                    dry_run: job.dry_run,
+                    total: job.counts.total,
+                    processed: job.counts.processed,
+                    failed: job.counts.failed,
+                };
+                match pass_end(&facts) {
+                    PassEnd::WaitForReplicas => wait_at_pass_end!(Some(now)),
+                    PassEnd::Complete { status, last_error } => {
+                        sqlx::query(
+                            "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
+                             lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
+                             last_error = COALESCE($4, last_error) WHERE id = $1",
                         )
-                    });
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
-                         lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
-                         last_error = COALESCE($4, last_error) WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(status.as_str())
-                    .bind(now)
-                    .bind(&stale)
-                    .execute(&mut *$tx)
-                    .await?;
-                    if let Some(stale) = stale {
-                        job.last_error = Some(stale);
+                        .bind(&job.id)
+                        .bind(status.as_str())
+                        .bind(now)
+                        .bind(&last_error)
+                        .execute(&mut *$tx)
+                        .await?;
+                        if let Some(last_error) = last_error {
+                            job.last_error = Some(last_error);
+                        }
+                        job.status = status;
+                        job.completed_at = Some(now);
                     }
-                    job.status = status;
-                    job.completed_at = Some(now);
-                } else {
-                    // Rows off target again: late rows (written under an
-                    // older key during the pass) and rows of batches that
-                    // dead workers dropped (`total - processed`). Another
-                    // pass.
-                    let dropped = (job.counts.total - job.counts.processed).max(0);
-                    let late = (remaining - dropped).max(0);
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
-                         total_rows = processed_rows + $2, late_rows = late_rows + $4, \
-                         replicas_waited_since = $5, updated_at = $3 WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(remaining)
-                    .bind(now)
-                    .bind(late)
-                    // Still waiting for replicas: the wait's clock keeps
-                    // running across passes.
-                    .bind(if behind.is_empty() { None } else { waited_since })
-                    .execute(&mut *$tx)
-                    .await?;
-                    job.pass += 1;
-                    job.counts.total = job.counts.processed + remaining;
-                    job.counts.late += late;
+                    PassEnd::NextPass { late, waited_since, .. } => {
+                        sqlx::query(
+                            "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
+                             total_rows = processed_rows + $2, late_rows = late_rows + $4, \
+                             replicas_waited_since = $5, updated_at = $3 WHERE id = $1",
+                        )
+                        .bind(&job.id)
+                        .bind(remaining)
+                        .bind(now)
+                        .bind(late)
+                        .bind(waited_since)
+                        .execute(&mut *$tx)
+                        .await?;
+                        job.pass += 1;
+                        job.counts.total = job.counts.processed + remaining;
+                        job.counts.late += late;
+                    }
                 }
                 $tx.commit().await?;
                 Ok(ClaimOutcome::Advanced(job))
