@@ -13,8 +13,9 @@ use crate::{
     keys::{Catalog, KeyRecord, KeyStatus},
     rotation::{JobStatus, Mode, RotationJob},
     service::{
-        admin::{KeyUsageReport, RetirePlan},
+        admin::KeyUsageReport,
         crypto::{Ciphertext, Limits, Sealed},
+        retirement::RetirePlan,
         rotation::Progress,
     },
     store::replicas::{KeyUsage, ReplicaRecord},

@@ -13,6 +13,7 @@ use super::{
     crypto::CryptoService,
     probes::{KeyFault, KeyProofs, Vacant},
     replica,
+    retirement::{self, RetireFacts, RetirePlan},
 };
 use crate::{
     crypto::kms::ProviderKind,
@@ -65,28 +66,6 @@ pub struct Retirement {
     pub referencing_rows: i64,
     /// With force: the blockers that were overridden.
     pub overridden: Vec<String>,
-}
-
-/// What stands between a key and its retirement, and what to do about it.
-#[derive(Debug, Clone)]
-pub struct RetirePlan {
-    pub key: KeyRecord,
-    /// Rows still on the key, per rotation target (targets with none left out).
-    pub rows: Vec<KeyUsage>,
-    /// Rotation jobs still pending or running.
-    pub jobs: Vec<RotationJob>,
-    /// Live `serve` replicas that still encrypt with the key.
-    pub replicas: Vec<ReplicaRecord>,
-    /// Each reason the key cannot be retired now; empty: it can.
-    pub blockers: Vec<String>,
-    /// What to run next, in order.
-    pub next_steps: Vec<String>,
-}
-
-impl RetirePlan {
-    pub fn rows_total(&self) -> i64 {
-        self.rows.iter().map(|u| u.rows).sum()
-    }
 }
 
 /// Rows on one key (or legacy rows) across the rotation targets.
@@ -478,72 +457,13 @@ impl KeyAdmin {
             .filter(|j| !j.status.is_terminal())
             .collect();
         let replicas = replica::encrypting_with(&self.store, &key).await?;
-        let active = self.catalog.active().map(|k| k.key_id.clone());
-        let mut blockers = Vec::new();
-        let mut next_steps = Vec::new();
-        match key.status {
-            KeyStatus::Rotating => {}
-            KeyStatus::Retired => blockers.push("the key is already retired".to_owned()),
-            KeyStatus::Active => {
-                blockers.push("the key is active: new Encrypts use it".to_owned());
-                next_steps.push("register its successor and activate that: keyward keys create --key-id NEW, then keyward keys activate NEW --staged".to_owned());
-            }
-            KeyStatus::Pending => blockers.push(
-                "the key is pending: only a rotating key (a former active key) is retired"
-                    .to_owned(),
-            ),
-        }
-        for replica in &replicas {
-            blockers.push(format!(
-                "replica {} still encrypts with it (catalog version {})",
-                replica::describe(replica),
-                replica.catalog_version
-            ));
-        }
-        if !replicas.is_empty() {
-            next_steps.push("let those replicas reload the catalog (keyward keys refresh against each, or wait for their refresh timer); check with keyward replicas list".to_owned());
-        }
-        let total: i64 = rows.iter().map(|u| u.rows).sum();
-        if total > 0 {
-            let per_target: Vec<String> = rows
-                .iter()
-                .map(|u| format!("{} in {}", u.rows, u.target))
-                .collect();
-            blockers.push(format!(
-                "{total} rows are still on it ({})",
-                per_target.join(", ")
-            ));
-        }
-        for job in &jobs {
-            blockers.push(format!("rotation job {} is {}", job.id, job.status));
-        }
-        match (jobs.first(), total > 0) {
-            (Some(job), _) => next_steps.push(format!(
-                "wait for the rotation job to finish: keyward rotate watch {}",
-                job.id
-            )),
-            (None, true) => next_steps.push(format!(
-                "re-encrypt them to the active key: keyward rotate start{}",
-                active.map(|a| format!(" --target {a}")).unwrap_or_default()
-            )),
-            (None, false) => {}
-        }
-        if blockers.is_empty() {
-            next_steps.push(format!("keyward keys retire {}", key.key_id));
-        } else if key.status == KeyStatus::Rotating {
-            next_steps.push(format!(
-                "then: keyward keys retire {} --dry-run, and retire it once nothing blocks",
-                key.key_id
-            ));
-        }
-        Ok(RetirePlan {
+        Ok(retirement::plan(RetireFacts {
             key,
             rows,
             jobs,
             replicas,
-            blockers,
-            next_steps,
-        })
+            active_key_id: self.catalog.active().map(|k| k.key_id.clone()),
+        }))
     }
 
     /// Retires a `rotating` key (runbook §1.6). Anything in its

@@ -5,5 +5,6 @@ pub mod admin;
 pub mod crypto;
 pub mod probes;
 pub mod replica;
+pub mod retirement;
 pub mod rotation;
 pub mod tokens;
