@@ -12,10 +12,11 @@ use super::{
     status::{code_name, code_of},
 };
 use crate::{
-    auth::audit::{AuditEvent, AuditLog},
+    auth::audit::AuditLog,
     error::Error,
     service::{
         admin::{CreateKey, KeyAdmin, Staging},
+        audited::{audited, record_forced_retirement, Actor, Change},
         rotation::{Rotations, StartRotation},
     },
 };
@@ -24,13 +25,6 @@ pub struct AdminApi {
     admin: Arc<KeyAdmin>,
     rotations: Arc<Rotations>,
     audit: Arc<AuditLog>,
-}
-
-/// What an audited admin change is about.
-struct Change<'a> {
-    rpc: &'static str,
-    key_id: Option<&'a str>,
-    detail: Option<String>,
 }
 
 impl AdminApi {
@@ -42,9 +36,8 @@ impl AdminApi {
         }
     }
 
-    /// Runs an audited change: a `requested` event first (fail-closed: no
-    /// event, no change), then the outcome (best effort: the change is
-    /// done by then).
+    /// Runs an audited change of `caller`'s (`service::audited`); a
+    /// failure's outcome is its gRPC code name.
     async fn audited<T>(
         &self,
         caller: &Caller,
@@ -56,28 +49,20 @@ impl AdminApi {
         if let Some(key_id) = change.key_id {
             super::observe::note_key_id(key_id);
         }
-        let event = AuditEvent {
-            principal: &caller.principal.name,
-            rpc: change.rpc,
-            key_id: change.key_id,
-            peer: caller.peer_string(),
-            detail: change.detail,
-            ..AuditEvent::default()
-        };
-        let outcome = |result: &Result<T, Error>| match result {
-            Ok(_) => "ok",
-            Err(err) => code_name(code_of(err)),
-        };
-        let result = self
-            .audit
-            .audit_change(event, outcome, run)
-            .await
-            .map_err(Error::from)?;
-        Ok(result?)
+        Ok(audited(&self.audit, &actor(caller), change, run).await?)
     }
 
     fn job(&self, job: &crate::rotation::RotationJob) -> proto::RotationJob {
         convert::rotation_job(job, &self.admin.catalog_snapshot())
+    }
+}
+
+/// A caller as the audited path records it.
+fn actor(caller: &Caller) -> Actor {
+    Actor {
+        principal: caller.principal.name.clone(),
+        peer: caller.peer_string(),
+        failure: |err| code_name(code_of(err)),
     }
 }
 
@@ -191,21 +176,12 @@ impl Admin for AdminApi {
                 self.admin.retire_key(&req.key_id, req.force),
             )
             .await?;
-        if !retirement.overridden.is_empty() {
-            // A forced retirement says exactly what it overrode.
-            let event = AuditEvent {
-                principal: &caller.principal.name,
-                rpc: "keyward.v1.Admin/RetireKey",
-                key_id: Some(&retirement.key.key_id),
-                context: None,
-                result: "forced",
-                peer: caller.peer_string(),
-                detail: Some(format!("overridden: {}", retirement.overridden.join("; "))),
-            };
-            if let Err(err) = self.audit.record(&event) {
-                tracing::warn!(error = %err, "audit event of a forced retirement lost");
-            }
-        }
+        record_forced_retirement(
+            &self.audit,
+            &actor(&caller),
+            "keyward.v1.Admin/RetireKey",
+            &retirement,
+        );
         Ok(Response::new(proto::RetireKeyResponse {
             key: Some(convert::key(&retirement.key)),
             referencing_rows: retirement.referencing_rows,

@@ -5,19 +5,25 @@
 //! made from the command line (the runbook's `keys retire --force`, a
 //! `token create`) go to the same log (`--audit-log`), with `cli:` and the
 //! operating-system user as the principal, so the log holds every key
-//! change whichever way it was made. Same rules as the API: a `requested`
-//! event first, and no change when it cannot be written (fail-closed);
-//! then the outcome.
+//! change whichever way it was made. Both go through one path,
+//! `service::audited`: a `requested` event first, and no change when it
+//! cannot be written (fail-closed); then the outcome.
 
 use std::future::Future;
 
 use super::GlobalArgs;
-use crate::auth::audit::{AuditError, AuditEvent, AuditLog, AuditSettings, AuditSink};
+use crate::{
+    auth::audit::{AuditLog, AuditSettings, AuditSink},
+    service::{
+        admin::Retirement,
+        audited::{self, Actor, Change},
+    },
+};
 
 /// The audit log as the operator commands write it.
 pub struct OperatorAudit {
     log: AuditLog,
-    principal: String,
+    actor: Actor,
 }
 
 impl OperatorAudit {
@@ -33,48 +39,35 @@ impl OperatorAudit {
             .unwrap_or_else(|| "unknown".to_owned());
         Ok(Self {
             log,
-            principal: format!("cli:{user}"),
+            actor: Actor {
+                principal: format!("cli:{user}"),
+                peer: None,
+                failure: |_| "error",
+            },
         })
     }
 
     /// Runs `change` between a `requested` event and its outcome (`ok` or
     /// `error`). When `requested` cannot be written and the log is
     /// fail-closed, `change` does not run.
-    pub async fn audited<T, E: Into<anyhow::Error>>(
+    pub async fn audited<T>(
         &self,
         command: &'static str,
         key_id: Option<&str>,
         detail: Option<String>,
-        change: impl Future<Output = Result<T, E>>,
+        run: impl Future<Output = crate::error::Result<T>>,
     ) -> anyhow::Result<T> {
-        let change = async { change.await.map_err(Into::into) };
-        let event = AuditEvent {
-            principal: &self.principal,
+        let change = Change {
             rpc: command,
             key_id,
             detail,
-            ..AuditEvent::default()
         };
-        let outcome = |result: &anyhow::Result<T>| if result.is_ok() { "ok" } else { "error" };
-        self.log.audit_change(event, outcome, change).await?
+        Ok(audited::audited(&self.log, &self.actor, change, run).await?)
     }
 
-    /// Writes one event.
-    pub fn record(
-        &self,
-        command: &'static str,
-        key_id: Option<&str>,
-        result: &str,
-        detail: Option<String>,
-    ) -> Result<(), AuditError> {
-        self.log.record(&AuditEvent {
-            principal: &self.principal,
-            rpc: command,
-            key_id,
-            result,
-            detail,
-            ..AuditEvent::default()
-        })
+    /// After `keys retire --force`: what it overrode.
+    pub fn record_forced_retirement(&self, retirement: &Retirement) {
+        audited::record_forced_retirement(&self.log, &self.actor, "cli/keys retire", retirement);
     }
 }
 
@@ -94,12 +87,12 @@ pub(super) fn operator_audit_if(
 
 /// Runs a change through the operator audit log; every command that
 /// changes something opens one, so `None` only means nothing to audit.
-pub(super) async fn audited<T, E: Into<anyhow::Error>>(
+pub(super) async fn audited<T>(
     audit: &Option<OperatorAudit>,
     command: &'static str,
     key_id: Option<&str>,
     detail: String,
-    change: impl std::future::Future<Output = Result<T, E>>,
+    change: impl std::future::Future<Output = crate::error::Result<T>>,
 ) -> anyhow::Result<T> {
     match audit {
         Some(audit) => audit.audited(command, key_id, Some(detail), change).await,

@@ -172,14 +172,8 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
             let detail = format!("force={force}");
             let retirement =
                 audited(&audit, "cli/keys retire", Some(&key_id), detail, retire).await?;
-            if let (Some(audit), false) = (&audit, retirement.overridden.is_empty()) {
-                // A forced retirement says exactly what it overrode.
-                let detail = format!("overridden: {}", retirement.overridden.join("; "));
-                if let Err(err) =
-                    audit.record("cli/keys retire", Some(&key_id), "forced", Some(detail))
-                {
-                    tracing::warn!(error = %err, "audit event of a forced retirement lost");
-                }
+            if let Some(audit) = &audit {
+                audit.record_forced_retirement(&retirement);
             }
             print_keys(&[retirement.key]);
             for overridden in &retirement.overridden {

@@ -2,6 +2,7 @@
 //! no SQL (that is `store`). The gRPC layer and the CLI both call into this.
 
 pub mod admin;
+pub mod audited;
 pub mod crypto;
 pub mod probes;
 pub mod replica;
