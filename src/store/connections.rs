@@ -1,4 +1,5 @@
-//! `connections`: the application's table of stored credentials.
+//! `connections`: the application's table of stored credentials, and the
+//! runbook's `connection_scoped_tokens` beside it.
 
 use super::{on_pool, Store, StoreError};
 
@@ -35,5 +36,20 @@ impl Store {
         .await
         .map(|_| ()))?;
         Ok(())
+    }
+
+    /// Deletes `connection_scoped_tokens` that expired or were used.
+    pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
+        let now = chrono::Utc::now();
+        let removed = on_pool!(self, |pool| {
+            sqlx::query(
+            "DELETE FROM connection_scoped_tokens WHERE expires_at <= $1 OR used_at IS NOT NULL"
+        )
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected())
+        })?;
+        Ok(removed)
     }
 }

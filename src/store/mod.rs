@@ -9,6 +9,7 @@
 
 mod bench;
 mod connections;
+mod jobs;
 mod keys;
 pub mod replicas;
 pub mod rotation;

@@ -1,5 +1,5 @@
-//! `encryption_rotation_jobs`, `encryption_rotation_claims` and the
-//! `connections` reads and writes a rotation makes.
+//! `encryption_rotation_claims` and the rows a rotation reads and writes
+//! (the jobs themselves are `store::jobs`).
 //!
 //! A worker's step is: [`Store::claim_batch`] (short transaction: pick the
 //! oldest live job, advance its keyset cursor by one batch, record a lease),
@@ -11,82 +11,18 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::{on_pool, BeginWrite, Pool, Store, StoreError};
+use super::{
+    jobs::{JobRow, JOB_COLUMNS},
+    on_pool, BeginWrite, Pool, Store, StoreError,
+};
 use crate::{
     crypto::envelope::Envelope,
     rotation::{
         pass::{pass_end, PassEnd, PassFacts},
         target::RotationTarget,
-        Counts, JobStatus, Mode, NewJob, RotationJob,
+        JobStatus, RotationJob,
     },
 };
-
-const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
-     total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
-     target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
-     replicas_waited_since";
-
-#[derive(sqlx::FromRow)]
-struct JobRow {
-    id: String,
-    status: String,
-    target_key_id: String,
-    mode: String,
-    dry_run: bool,
-    batch_size: i64,
-    max_rows_per_second: Option<i64>,
-    total_rows: i64,
-    processed_rows: i64,
-    succeeded_rows: i64,
-    failed_rows: i64,
-    skipped_rows: i64,
-    pass: i64,
-    last_error: Option<String>,
-    cursor: Option<String>,
-    target_index: i64,
-    cancel_requested: bool,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    started_at: Option<DateTime<Utc>>,
-    completed_at: Option<DateTime<Utc>>,
-    late_rows: i64,
-    replicas_waited_since: Option<DateTime<Utc>>,
-}
-
-impl TryFrom<JobRow> for RotationJob {
-    type Error = StoreError;
-
-    fn try_from(row: JobRow) -> Result<Self, StoreError> {
-        Ok(RotationJob {
-            status: JobStatus::parse(&row.status).ok_or_else(|| {
-                StoreError::Corrupt(format!("job {} has status {:?}", row.id, row.status))
-            })?,
-            mode: Mode::parse(&row.mode).ok_or_else(|| {
-                StoreError::Corrupt(format!("job {} has mode {:?}", row.id, row.mode))
-            })?,
-            id: row.id,
-            target_key_id: row.target_key_id,
-            dry_run: row.dry_run,
-            batch_size: row.batch_size,
-            max_rows_per_second: row.max_rows_per_second,
-            counts: Counts {
-                total: row.total_rows,
-                processed: row.processed_rows,
-                succeeded: row.succeeded_rows,
-                failed: row.failed_rows,
-                skipped: row.skipped_rows,
-                late: row.late_rows,
-            },
-            pass: row.pass,
-            last_error: row.last_error,
-            cancel_requested: row.cancel_requested,
-            created_at: row.created_at,
-            updated_at: row.updated_at,
-            started_at: row.started_at,
-            completed_at: row.completed_at,
-        })
-    }
-}
 
 /// A row of a rotation target, as the rotation reads it.
 #[derive(Debug, Clone)]
@@ -188,164 +124,6 @@ pub struct BatchCounts {
 }
 
 impl Store {
-    pub async fn insert_job(&self, new: &NewJob) -> Result<RotationJob, StoreError> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let now = Utc::now();
-        let sql = format!(
-            "INSERT INTO encryption_rotation_jobs (id, status, target_key_id, mode, dry_run, batch_size, \
-             max_rows_per_second, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7) \
-             RETURNING {JOB_COLUMNS}"
-        );
-        let row: JobRow = super::on_pool!(self, |pool| sqlx::query_as(&sql)
-            .bind(&id)
-            .bind(&new.target_key_id)
-            .bind(new.mode.as_str())
-            .bind(new.dry_run)
-            .bind(new.batch_size)
-            .bind(new.max_rows_per_second)
-            .bind(now)
-            .fetch_one(pool)
-            .await)?;
-        row.try_into()
-    }
-
-    pub async fn get_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE id = $1");
-        let row: Option<JobRow> = super::on_pool!(self, |pool| sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(pool)
-            .await)?;
-        row.map(RotationJob::try_from).transpose()
-    }
-
-    /// The newest jobs first.
-    pub async fn list_jobs(&self, limit: i64) -> Result<Vec<RotationJob>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs ORDER BY created_at DESC, id LIMIT $1"
-        );
-        let rows: Vec<JobRow> = super::on_pool!(self, |pool| sqlx::query_as(&sql)
-            .bind(limit)
-            .fetch_all(pool)
-            .await)?;
-        rows.into_iter().map(RotationJob::try_from).collect()
-    }
-
-    /// How many jobs are in each status (statuses with none are left out).
-    pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows: Vec<(String, i64)> = super::on_pool!(self, |pool| sqlx::query_as(
-            "SELECT status, COUNT(*) FROM encryption_rotation_jobs GROUP BY status"
-        )
-        .fetch_all(pool)
-        .await)?;
-        rows.into_iter()
-            .map(|(status, n)| {
-                JobStatus::parse(&status)
-                    .map(|s| (s, n))
-                    .ok_or_else(|| StoreError::Corrupt(format!("a job has status {status:?}")))
-            })
-            .collect()
-    }
-
-    /// Jobs a worker is running now, oldest first.
-    pub async fn running_jobs(&self) -> Result<Vec<RotationJob>, StoreError> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status = 'running' \
-             ORDER BY created_at, id LIMIT 100"
-        );
-        let rows: Vec<JobRow> =
-            super::on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
-        rows.into_iter().map(RotationJob::try_from).collect()
-    }
-
-    /// Cancels a job: a pending one at once, a running one between batches.
-    /// Returns the job as it now stands; `None` if there is no such job.
-    pub async fn cancel_job(&self, id: &str) -> Result<Option<RotationJob>, StoreError> {
-        let now = Utc::now();
-        super::on_pool!(self, |pool| {
-            sqlx::query(
-                "UPDATE encryption_rotation_jobs SET status = 'cancelled', completed_at = $2, updated_at = $2 \
-                 WHERE id = $1 AND status = 'pending'",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(pool)
-            .await?;
-            sqlx::query(
-                "UPDATE encryption_rotation_jobs SET cancel_requested = TRUE, updated_at = $2 \
-                 WHERE id = $1 AND status = 'running'",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
-        self.get_job(id).await
-    }
-
-    /// Puts a failed or cancelled job back in the queue from the start
-    /// (rows already rotated are not off target any more, so nothing is
-    /// redone). `None` if the job is in another state or does not exist.
-    pub async fn requeue_job(
-        &self,
-        id: &str,
-        targets: &[RotationTarget],
-    ) -> Result<Option<RotationJob>, StoreError> {
-        let now = Utc::now();
-        let done = super::on_pool!(self, |pool| {
-            sqlx::query(
-            "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, target_index = 0, pass = 0, \
-             cancel_requested = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
-             processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, late_rows = 0, \
-             replicas_waited_since = NULL, updated_at = $2 \
-             WHERE id = $1 AND status IN ('failed', 'cancelled')"
-        )
-        .bind(id)
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected())
-        })?;
-        if done == 0 {
-            return Ok(None);
-        }
-        super::on_pool!(self, |pool| sqlx::query(
-            "DELETE FROM encryption_rotation_claims WHERE job_id = $1"
-        )
-        .bind(id)
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
-        // A requeued job may retry the rows it failed before.
-        for target in targets {
-            let sql = target.clear_failures_sql();
-            super::on_pool!(self, |pool| sqlx::query(&sql)
-                .bind(id)
-                .execute(pool)
-                .await
-                .map(|_| ()))?;
-        }
-        self.get_job(id).await
-    }
-
-    /// Marks a job failed outright (its target key cannot be used).
-    pub async fn fail_job(&self, id: &str, error: &str) -> Result<(), StoreError> {
-        let now = Utc::now();
-        super::on_pool!(self, |pool| {
-            sqlx::query(
-            "UPDATE encryption_rotation_jobs SET status = 'failed', last_error = $2, completed_at = $3, \
-             updated_at = $3 WHERE id = $1 AND status IN ('pending', 'running')"
-        )
-        .bind(id)
-        .bind(error)
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|_| ())
-        })?;
-        Ok(())
-    }
-
     /// Claims the next batch of the oldest live job for `worker_id`,
     /// walking `targets` in order within each pass.
     pub async fn claim_batch(
@@ -781,20 +559,5 @@ impl Store {
             sample.extend(rows.into_iter().map(|row| (index, row)));
         }
         Ok(sample)
-    }
-
-    /// Deletes `connection_scoped_tokens` that expired or were used.
-    pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
-        let now = Utc::now();
-        let removed = super::on_pool!(self, |pool| {
-            sqlx::query(
-            "DELETE FROM connection_scoped_tokens WHERE expires_at <= $1 OR used_at IS NOT NULL"
-        )
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected())
-        })?;
-        Ok(removed)
     }
 }

@@ -422,13 +422,17 @@ impl TestApp {
     pub async fn insert_connections(&self, rows: &[(String, keyward::api::proto::Envelope)]) {
         const SQL: &str = "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, \
              data_key_iv, payload_ciphertext, payload_iv, name) VALUES ($1, $2, $3, $4, $5, $6, $1)";
+        // One transaction: the rows appear together, as one application
+        // write would make them (a rotation never sees half of them).
         on_db!(self, |pool| {
+            let mut tx = pool.begin().await.unwrap();
             for (id, envelope) in rows {
                 bind_envelope!(sqlx::query(SQL), id, envelope)
-                    .execute(&pool)
+                    .execute(&mut *tx)
                     .await
                     .unwrap();
             }
+            tx.commit().await.unwrap();
         });
     }
 }

@@ -483,15 +483,20 @@ async fn a_stale_replica_does_not_stall_rotation(backend: Backend) {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // B has not loaded the activation: it still writes under primary.
+    // B has not loaded the activation: it still writes under primary. The
+    // five rows land in one transaction, so the job's pass end sees all of
+    // them late or none (one by one, a pass end between two inserts counted
+    // only the first ones late, and the pass went on to the rest).
     let primary = key_record_id(&a, "primary");
+    let mut late = Vec::new();
     for i in 0..5 {
         let id = format!("z-late-{i}");
         let sealed = b.encrypt(b"late", &[("connection_id", id.as_str())]).await;
         let envelope = sealed.envelope.unwrap();
         assert_eq!(envelope.encryption_key_id, primary);
-        b.insert_connection(&id, &envelope).await;
+        late.push((id, envelope));
     }
+    b.insert_connections(&late).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let waiting = job(&a).await;
     assert_eq!(
