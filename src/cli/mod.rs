@@ -41,10 +41,7 @@ use crate::{
     auth::audit::{AuditSettings, AuditSink},
     bench::BenchArgs,
     config::{load_rotation_targets, KmsSettings},
-    crypto::{
-        cache::{CacheMode, CacheSettings},
-        kms::AwsKmsSettings,
-    },
+    crypto::{cache::CacheSettings, kms::AwsKmsSettings},
     rotation::target::RotationTarget,
     service::crypto::Limits,
 };
@@ -98,7 +95,7 @@ struct GlobalArgs {
     #[arg(short, long, global = true)]
     verbose: bool,
     #[command(flatten)]
-    kms: KmsArgs,
+    aws: AwsArgs,
     #[command(flatten)]
     audit: AuditArgs,
 }
@@ -154,9 +151,9 @@ impl AuditArgs {
     }
 }
 
-/// AWS KMS and the data-key cache: used by every command that touches keys.
+/// AWS KMS: used by every command that opens the key catalog.
 #[derive(Debug, Args)]
-struct KmsArgs {
+struct AwsArgs {
     /// AWS region for aws-kms keys (default: the standard AWS chain).
     #[arg(long, env = "AWS_REGION", global = true)]
     aws_region: Option<String>,
@@ -203,87 +200,29 @@ struct KmsArgs {
         global = true
     )]
     aws_kms_timeout_ms: u64,
-    /// Data-key cache: auto (remote KMS providers only), on (all), off.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE", value_enum, default_value_t = CacheModeArg::Auto, global = true)]
-    data_key_cache: CacheModeArg,
-    /// Longest an Encrypt data key is reused, in seconds.
-    #[arg(
-        long,
-        env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS",
-        default_value_t = crate::crypto::cache::CacheSettings::default().max_age.as_secs(),
-        global = true
-    )]
-    data_key_cache_max_age_secs: u64,
-    /// Most messages encrypted under one cached data key.
-    #[arg(
-        long,
-        env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES",
-        default_value_t = crate::crypto::cache::CacheSettings::default().max_messages,
-        global = true
-    )]
-    data_key_cache_max_messages: u64,
-    /// Most plaintext bytes encrypted under one cached data key.
-    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = crate::crypto::cache::CacheSettings::default().max_bytes, global = true)]
-    data_key_cache_max_bytes: u64,
-    /// Most (key, encryption context) entries in the Encrypt cache.
-    #[arg(
-        long,
-        env = "KEYWARD_DATA_KEY_CACHE_ENTRIES",
-        default_value_t = crate::crypto::cache::CacheSettings::default().encrypt_capacity,
-        global = true
-    )]
-    data_key_cache_entries: u64,
-    /// Most unwrapped data keys in the Decrypt cache.
-    #[arg(
-        long,
-        env = "KEYWARD_DECRYPT_CACHE_ENTRIES",
-        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_capacity,
-        global = true
-    )]
-    decrypt_cache_entries: u64,
-    /// Longest an unwrapped data key stays in the Decrypt cache, in seconds.
-    #[arg(
-        long,
-        env = "KEYWARD_DECRYPT_CACHE_TTL_SECS",
-        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_ttl.as_secs(),
-        global = true
-    )]
-    decrypt_cache_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum CacheModeArg {
-    Auto,
-    On,
-    Off,
-}
-
-impl KmsArgs {
-    fn settings(&self) -> KmsSettings {
+impl AwsArgs {
+    fn settings(&self) -> AwsKmsSettings {
         let ms = Duration::from_millis;
+        AwsKmsSettings {
+            region: self.aws_region.clone().filter(|r| !r.is_empty()),
+            endpoint: self.aws_kms_endpoint.clone().filter(|e| !e.is_empty()),
+            max_attempts: self.aws_kms_max_attempts.max(1),
+            initial_backoff: ms(self.aws_kms_initial_backoff_ms),
+            connect_timeout: ms(self.aws_kms_connect_timeout_ms),
+            attempt_timeout: ms(self.aws_kms_attempt_timeout_ms),
+            operation_timeout: ms(self.aws_kms_timeout_ms),
+        }
+    }
+
+    /// The KMS settings of a command that serves no API call: AWS as
+    /// configured, the data-key cache at its defaults (only `serve`'s API
+    /// path uses the cache; rotation and the self-test bypass it).
+    fn kms_settings(&self) -> KmsSettings {
         KmsSettings {
-            aws: AwsKmsSettings {
-                region: self.aws_region.clone().filter(|r| !r.is_empty()),
-                endpoint: self.aws_kms_endpoint.clone().filter(|e| !e.is_empty()),
-                max_attempts: self.aws_kms_max_attempts.max(1),
-                initial_backoff: ms(self.aws_kms_initial_backoff_ms),
-                connect_timeout: ms(self.aws_kms_connect_timeout_ms),
-                attempt_timeout: ms(self.aws_kms_attempt_timeout_ms),
-                operation_timeout: ms(self.aws_kms_timeout_ms),
-            },
-            cache: CacheSettings {
-                mode: match self.data_key_cache {
-                    CacheModeArg::Auto => CacheMode::Auto,
-                    CacheModeArg::On => CacheMode::On,
-                    CacheModeArg::Off => CacheMode::Off,
-                },
-                max_age: Duration::from_secs(self.data_key_cache_max_age_secs),
-                max_messages: self.data_key_cache_max_messages,
-                max_bytes: self.data_key_cache_max_bytes,
-                encrypt_capacity: self.data_key_cache_entries,
-                decrypt_capacity: self.decrypt_cache_entries,
-                decrypt_ttl: Duration::from_secs(self.decrypt_cache_ttl_secs),
-            },
+            aws: self.settings(),
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -486,7 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         #[cfg(feature = "aws-kms")]
         Command::BenchKmsCache(args) => {
-            crate::bench_kms_cache::run(global.kms.settings(), args).await?;
+            crate::bench_kms_cache::run(global.aws.kms_settings(), args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchRotation(args) => {
@@ -533,7 +472,7 @@ async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     Ok(Services::open_with_targets(
         &global.database_url,
         master.as_ref(),
-        &global.kms.settings(),
+        &global.aws.kms_settings(),
         Limits::default(),
         rotation_targets(global)?,
     )

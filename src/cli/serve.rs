@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::{
     redact_url, rotation_targets,
@@ -20,7 +20,8 @@ use crate::{
         audit::{AuditSettings, AuditSink},
         AuthSettings,
     },
-    config::{MasterSecrets, Settings, TlsSettings},
+    config::{KmsSettings, MasterSecrets, Settings, TlsSettings},
+    crypto::cache::{CacheMode, CacheSettings},
     service::crypto::Limits,
 };
 
@@ -64,6 +65,8 @@ pub(super) struct ServeArgs {
     /// Most encryption-context bytes per request, keys and values (at most 8192).
     #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = crate::service::crypto::Limits::default().max_context_bytes)]
     max_context_bytes: usize,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// Most concurrent RPCs (HTTP/2 streams) per connection.
     #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = crate::config::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
@@ -245,7 +248,10 @@ impl ServeArgs {
                     .options(Duration::from_secs(args.shutdown_grace_secs))
             }),
             rotation_targets: rotation_targets(global)?,
-            kms: global.kms.settings(),
+            kms: KmsSettings {
+                aws: global.aws.settings(),
+                cache: args.cache.settings(),
+            },
             ..Settings::for_database(global.database_url.clone(), Some(master))
         })
     }
@@ -289,7 +295,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::KmsSettings, crypto::secret::MasterSecret, rotation::worker::WorkerOptions,
+        crypto::secret::MasterSecret, rotation::worker::WorkerOptions,
         service::replica::ReplicaOptions,
     };
 
@@ -369,5 +375,77 @@ mod tests {
             plaintext_exposure(addr("0.0.0.0:1"), Some(addr("0.0.0.0:9")), true),
             ["metrics on 0.0.0.0:9"]
         );
+    }
+}
+
+/// The data-key cache of `serve`'s API path (Encrypt reuses a data key
+/// within bounds, Decrypt keeps unwrapped ones); only `serve` reads these.
+#[derive(Debug, Args)]
+pub(super) struct CacheArgs {
+    /// Data-key cache: auto (remote KMS providers only), on (all), off.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE", value_enum, default_value_t = CacheModeArg::Auto)]
+    data_key_cache: CacheModeArg,
+    /// Longest an Encrypt data key is reused, in seconds.
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_MAX_AGE_SECS",
+        default_value_t = crate::crypto::cache::CacheSettings::default().max_age.as_secs(),
+    )]
+    data_key_cache_max_age_secs: u64,
+    /// Most messages encrypted under one cached data key.
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_MAX_MESSAGES",
+        default_value_t = crate::crypto::cache::CacheSettings::default().max_messages,
+    )]
+    data_key_cache_max_messages: u64,
+    /// Most plaintext bytes encrypted under one cached data key.
+    #[arg(long, env = "KEYWARD_DATA_KEY_CACHE_MAX_BYTES", default_value_t = crate::crypto::cache::CacheSettings::default().max_bytes)]
+    data_key_cache_max_bytes: u64,
+    /// Most (key, encryption context) entries in the Encrypt cache.
+    #[arg(
+        long,
+        env = "KEYWARD_DATA_KEY_CACHE_ENTRIES",
+        default_value_t = crate::crypto::cache::CacheSettings::default().encrypt_capacity,
+    )]
+    data_key_cache_entries: u64,
+    /// Most unwrapped data keys in the Decrypt cache.
+    #[arg(
+        long,
+        env = "KEYWARD_DECRYPT_CACHE_ENTRIES",
+        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_capacity,
+    )]
+    decrypt_cache_entries: u64,
+    /// Longest an unwrapped data key stays in the Decrypt cache, in seconds.
+    #[arg(
+        long,
+        env = "KEYWARD_DECRYPT_CACHE_TTL_SECS",
+        default_value_t = crate::crypto::cache::CacheSettings::default().decrypt_ttl.as_secs(),
+    )]
+    decrypt_cache_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CacheModeArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl CacheArgs {
+    fn settings(&self) -> CacheSettings {
+        CacheSettings {
+            mode: match self.data_key_cache {
+                CacheModeArg::Auto => CacheMode::Auto,
+                CacheModeArg::On => CacheMode::On,
+                CacheModeArg::Off => CacheMode::Off,
+            },
+            max_age: Duration::from_secs(self.data_key_cache_max_age_secs),
+            max_messages: self.data_key_cache_max_messages,
+            max_bytes: self.data_key_cache_max_bytes,
+            encrypt_capacity: self.data_key_cache_entries,
+            decrypt_capacity: self.decrypt_cache_entries,
+            decrypt_ttl: Duration::from_secs(self.decrypt_cache_ttl_secs),
+        }
     }
 }
