@@ -1,6 +1,8 @@
 //! Key administration (runbook §1.2, §1.3, §1.6, §2.3): the key catalog's
-//! writes, its refresh, the self-test, and the readiness signal that health
-//! reporting follows.
+//! writes and its refresh, usage and retirement. Readiness, the keys'
+//! probes and the self-test are `service::readiness` (a [`KeyHealth`] this
+//! service owns and calls after every reload); the retirement plan's
+//! decision is `service::retirement`.
 
 use std::{
     sync::Arc,
@@ -9,9 +11,11 @@ use std::{
 
 use tokio::sync::watch;
 
+pub use super::readiness::{KeyCheck, Readiness, SelfTestReport};
 use super::{
     crypto::CryptoService,
-    probes::{KeyFault, KeyProofs, Vacant},
+    probes::{KeyFault, Vacant},
+    readiness::KeyHealth,
     replica,
     retirement::{self, RetireFacts, RetirePlan},
 };
@@ -99,71 +103,19 @@ pub struct RefreshSummary {
     pub active_key_id: Option<String>,
 }
 
-/// One key's self-test result.
-#[derive(Debug, Clone)]
-pub struct KeyCheck {
-    pub key: Arc<KeyRecord>,
-    /// `None` when this process round-tripped the key and opened its probe;
-    /// the failure's message otherwise.
-    pub error: Option<String>,
-    /// The failure is that this process cannot open the key's data (its
-    /// master secret or KMS key is not the one that wrote it).
-    pub foreign: bool,
-    /// Other live replicas that report they cannot use the key (a replica
-    /// with another master secret shows here on every replica's self-test).
-    pub replicas: Vec<String>,
-}
-
-impl KeyCheck {
-    /// Everything that is wrong with the key, here and on other replicas.
-    pub fn problems(&self) -> Option<String> {
-        let mut all: Vec<String> = self.error.iter().cloned().collect();
-        all.extend(self.replicas.iter().cloned());
-        (!all.is_empty()).then(|| all.join("; "))
-    }
-}
-
-/// The whole self-test.
-#[derive(Debug, Clone)]
-pub struct SelfTestReport {
-    pub keys: Vec<KeyCheck>,
-}
-
-impl SelfTestReport {
-    /// Passed when there is an active key and every non-retired key worked,
-    /// here and on every live replica.
-    pub fn passed(&self) -> bool {
-        self.keys.iter().any(|c| c.key.status == KeyStatus::Active)
-            && self
-                .keys
-                .iter()
-                .all(|c| c.error.is_none() && c.replicas.is_empty())
-    }
-}
-
-/// Whether this process can serve Encrypt: the catalog is loaded, there is
-/// an active key, and that key passed a round trip through its KMS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    Starting,
-    Ready,
-    NotReady(String),
-}
-
 pub struct KeyAdmin {
     store: Store,
     catalog: Arc<KeyCatalog>,
     crypto: Arc<CryptoService>,
     targets: Arc<[RotationTarget]>,
-    readiness: watch::Sender<Readiness>,
+    /// Readiness, the self-test and the keys' probes.
+    health: KeyHealth,
     /// The catalog version of each reload, so this process's replica agent
     /// heartbeats a change made here at once.
     loaded: watch::Sender<i64>,
     /// When the last read-through reload ran (at most one per
     /// [`READ_THROUGH_EVERY`]; concurrent misses wait for it and share it).
     last_read_through: tokio::sync::Mutex<Option<Instant>>,
-    /// Which keys this process has proven it can open (`service::probes`).
-    proofs: KeyProofs,
 }
 
 /// Longest `key_id` accepted.
@@ -180,48 +132,41 @@ impl KeyAdmin {
         crypto: Arc<CryptoService>,
         targets: Arc<[RotationTarget]>,
     ) -> Self {
-        let (readiness, _) = watch::channel(Readiness::Starting);
         let (loaded, _) = watch::channel(0);
+        let health = KeyHealth::new(store.clone(), Arc::clone(&crypto), Arc::clone(&targets));
         Self {
             store,
             catalog,
             crypto,
             targets,
-            readiness,
+            health,
             loaded,
             last_read_through: tokio::sync::Mutex::new(None),
-            proofs: KeyProofs::default(),
         }
     }
 
     /// Why this process cannot open what another process wrote under some
-    /// key (another master secret), as of the last check; `None` when it
-    /// can open every key's data. Such a process is not ready, refuses
-    /// Encrypt, and its worker claims no rows (it would only fail them).
+    /// key (another master secret), as of the last check; see
+    /// [`KeyHealth::misconfigured`].
     pub fn misconfigured(&self) -> Option<String> {
-        self.crypto.foreign()
+        self.health.misconfigured()
     }
 
-    /// Whether this process can use each non-retired key of `catalog`
-    /// (`None`: it can): it opens the key's probe, or proves itself on a
-    /// sample of the key's rows and writes the probe. Proven keys are not
-    /// checked again until their KMS key or probe changes, unless `fresh`.
+    /// Whether this process can use each non-retired key of `catalog`; see
+    /// [`KeyHealth::key_faults`].
     pub async fn key_faults(
         &self,
         catalog: &Catalog,
         fresh: bool,
     ) -> Result<std::collections::BTreeMap<String, Option<KeyFault>>> {
-        let faults = self
-            .proofs
-            .check(&self.crypto, &self.store, &self.targets, catalog, fresh)
-            .await?;
-        let foreign = faults
-            .values()
-            .flatten()
-            .find(|f| f.is_foreign())
-            .map(|f| f.reason().to_owned());
-        self.crypto.set_foreign(foreign);
-        Ok(faults)
+        self.health.key_faults(catalog, fresh).await
+    }
+
+    /// Reloads the catalog, then round-trips every non-retired key and opens
+    /// its probe (runbook §2.3); see [`KeyHealth::self_test`].
+    pub async fn self_test(&self) -> Result<SelfTestReport> {
+        let catalog = self.refresh_catalog_only().await?;
+        self.health.self_test(&catalog).await
     }
 
     /// Reloads the catalog because a ciphertext names `record_id`, which
@@ -254,7 +199,7 @@ impl KeyAdmin {
 
     /// Follows readiness changes (health reporting subscribes here).
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
-        self.readiness.subscribe()
+        self.health.readiness()
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
@@ -540,53 +485,6 @@ impl KeyAdmin {
         })
     }
 
-    /// Round-trips every non-retired key through its KMS and opens its
-    /// probe (runbook §2.3), and reports what the other live replicas say
-    /// they cannot use.
-    pub async fn self_test(&self) -> Result<SelfTestReport> {
-        let catalog = self.refresh_catalog_only().await?;
-        let mut faults = self.key_faults(&catalog, true).await?;
-        let now = chrono::Utc::now();
-        let others: Vec<ReplicaRecord> = self
-            .store
-            .list_replicas()
-            .await?
-            .into_iter()
-            .filter(|r| r.is_live(now) && r.catalog_version >= catalog.version())
-            .collect();
-        let mut keys = Vec::new();
-        for key in catalog
-            .keys()
-            .iter()
-            .filter(|k| k.status != KeyStatus::Retired)
-        {
-            let fault = faults.remove(&key.id).flatten();
-            let foreign = fault.as_ref().is_some_and(KeyFault::is_foreign);
-            let error = match self.crypto.round_trip(key).await {
-                Err(err) if !foreign => Some(err.to_string()),
-                _ => fault.map(|fault| fault.reason().to_owned()),
-            };
-            // This process's own heartbeat row says what `error` says.
-            let replicas = others
-                .iter()
-                .filter_map(|r| {
-                    let reason = r.key_readiness.get(&key.id)?.as_ref()?;
-                    (error.as_deref() != Some(reason.as_str()))
-                        .then(|| format!("replica {}: {reason}", replica::describe(r)))
-                })
-                .collect();
-            keys.push(KeyCheck {
-                key: Arc::clone(key),
-                error,
-                foreign,
-                replicas,
-            });
-        }
-        let report = SelfTestReport { keys };
-        self.publish_readiness(&catalog, Some(&report)).await;
-        Ok(report)
-    }
-
     /// Upserts the active key, as the runbook's `seed:encryption-key` does.
     /// An existing record with the same `key_id` is (re)activated; one with
     /// a different `kms_key_arn` is refused rather than silently repointed,
@@ -643,7 +541,7 @@ impl KeyAdmin {
 
     async fn refresh_catalog(&self) -> Result<Arc<Catalog>> {
         let catalog = self.refresh_catalog_only().await?;
-        self.publish_readiness(&catalog, None).await;
+        self.health.publish(&catalog, None).await;
         Ok(catalog)
     }
 
@@ -656,49 +554,6 @@ impl KeyAdmin {
         self.crypto.catalog_changed(&catalog);
         self.loaded.send_replace(version);
         Ok(catalog)
-    }
-
-    /// Ready means: an active key that round-trips, and no key whose data
-    /// this process cannot open (another master secret wrote it). Uses the
-    /// self-test's result when there is one, else probes the keys.
-    async fn publish_readiness(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
-        // A self-test has just checked every key (fresh).
-        if report.is_none() {
-            if let Err(err) = self.key_faults(catalog, false).await {
-                tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
-            }
-        }
-        let readiness = match (catalog.active(), self.misconfigured()) {
-            (_, Some(reason)) => Readiness::NotReady(reason),
-            (None, None) => Readiness::NotReady("no active key".into()),
-            (Some(active), None) => {
-                let result =
-                    match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
-                        Some(check) => check.error.clone(),
-                        None => self
-                            .crypto
-                            .round_trip(active)
-                            .await
-                            .err()
-                            .map(|e| e.to_string()),
-                    };
-                match result {
-                    None => Readiness::Ready,
-                    Some(reason) => Readiness::NotReady(format!(
-                        "active key {} failed its self-test: {reason}",
-                        active.key_id
-                    )),
-                }
-            }
-        };
-        self.readiness.send_if_modified(|current| {
-            if *current == readiness {
-                false
-            } else {
-                *current = readiness;
-                true
-            }
-        });
     }
 }
 

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audited;
 pub mod crypto;
 pub mod probes;
+pub mod readiness;
 pub mod replica;
 pub mod retirement;
 pub mod rotation;

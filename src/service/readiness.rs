@@ -1,0 +1,219 @@
+//! Whether this process can serve, and the self-test that says why not:
+//! readiness (published on a watch channel that health follows), the
+//! keys' probes (`service::probes`), and the self-test's report, which also
+//! names other live replicas that cannot use a key. The admin service owns
+//! one [`KeyHealth`] and calls it after every catalog reload.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use tokio::sync::watch;
+
+use super::{
+    crypto::CryptoService,
+    probes::{KeyFault, KeyProofs},
+    replica,
+};
+use crate::{
+    error::Result,
+    keys::{Catalog, KeyRecord, KeyStatus},
+    rotation::target::RotationTarget,
+    store::{replicas::ReplicaRecord, Store},
+};
+
+/// One key's self-test result.
+#[derive(Debug, Clone)]
+pub struct KeyCheck {
+    pub key: Arc<KeyRecord>,
+    /// `None` when this process round-tripped the key and opened its probe;
+    /// the failure's message otherwise.
+    pub error: Option<String>,
+    /// The failure is that this process cannot open the key's data (its
+    /// master secret or KMS key is not the one that wrote it).
+    pub foreign: bool,
+    /// Other live replicas that report they cannot use the key (a replica
+    /// with another master secret shows here on every replica's self-test).
+    pub replicas: Vec<String>,
+}
+
+impl KeyCheck {
+    /// Everything that is wrong with the key, here and on other replicas.
+    pub fn problems(&self) -> Option<String> {
+        let mut all: Vec<String> = self.error.iter().cloned().collect();
+        all.extend(self.replicas.iter().cloned());
+        (!all.is_empty()).then(|| all.join("; "))
+    }
+}
+
+/// The whole self-test.
+#[derive(Debug, Clone)]
+pub struct SelfTestReport {
+    pub keys: Vec<KeyCheck>,
+}
+
+impl SelfTestReport {
+    /// Passed when there is an active key and every non-retired key worked,
+    /// here and on every live replica.
+    pub fn passed(&self) -> bool {
+        self.keys.iter().any(|c| c.key.status == KeyStatus::Active)
+            && self
+                .keys
+                .iter()
+                .all(|c| c.error.is_none() && c.replicas.is_empty())
+    }
+}
+
+/// Whether this process can serve Encrypt: the catalog is loaded, there is
+/// an active key, and that key passed a round trip through its KMS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Starting,
+    Ready,
+    NotReady(String),
+}
+
+/// Readiness, probes and the self-test of one process.
+pub struct KeyHealth {
+    store: Store,
+    crypto: Arc<CryptoService>,
+    targets: Arc<[RotationTarget]>,
+    readiness: watch::Sender<Readiness>,
+    /// Which keys this process has proven it can open (`service::probes`).
+    proofs: KeyProofs,
+}
+
+impl KeyHealth {
+    pub fn new(store: Store, crypto: Arc<CryptoService>, targets: Arc<[RotationTarget]>) -> Self {
+        let (readiness, _) = watch::channel(Readiness::Starting);
+        Self {
+            store,
+            crypto,
+            targets,
+            readiness,
+            proofs: KeyProofs::default(),
+        }
+    }
+
+    /// Follows readiness changes.
+    pub fn readiness(&self) -> watch::Receiver<Readiness> {
+        self.readiness.subscribe()
+    }
+
+    /// Why this process cannot open what another process wrote under some
+    /// key (another master secret), as of the last check; `None` when it
+    /// can open every key's data. Such a process is not ready, refuses
+    /// Encrypt, and its worker claims no rows (it would only fail them).
+    pub fn misconfigured(&self) -> Option<String> {
+        self.crypto.foreign()
+    }
+
+    /// Whether this process can use each non-retired key of `catalog`
+    /// (`None`: it can): it opens the key's probe, or proves itself on a
+    /// sample of the key's rows and writes the probe. Proven keys are not
+    /// checked again until their KMS key or probe changes, unless `fresh`.
+    pub async fn key_faults(
+        &self,
+        catalog: &Catalog,
+        fresh: bool,
+    ) -> Result<BTreeMap<String, Option<KeyFault>>> {
+        let faults = self
+            .proofs
+            .check(&self.crypto, &self.store, &self.targets, catalog, fresh)
+            .await?;
+        let foreign = faults
+            .values()
+            .flatten()
+            .find(|f| f.is_foreign())
+            .map(|f| f.reason().to_owned());
+        self.crypto.set_foreign(foreign);
+        Ok(faults)
+    }
+
+    /// Round-trips every non-retired key through its KMS and opens its
+    /// probe (runbook §2.3), and reports what the other live replicas say
+    /// they cannot use.
+    pub async fn self_test(&self, catalog: &Catalog) -> Result<SelfTestReport> {
+        let mut faults = self.key_faults(catalog, true).await?;
+        let now = chrono::Utc::now();
+        let others: Vec<ReplicaRecord> = self
+            .store
+            .list_replicas()
+            .await?
+            .into_iter()
+            .filter(|r| r.is_live(now) && r.catalog_version >= catalog.version())
+            .collect();
+        let mut keys = Vec::new();
+        for key in catalog
+            .keys()
+            .iter()
+            .filter(|k| k.status != KeyStatus::Retired)
+        {
+            let fault = faults.remove(&key.id).flatten();
+            let foreign = fault.as_ref().is_some_and(KeyFault::is_foreign);
+            let error = match self.crypto.round_trip(key).await {
+                Err(err) if !foreign => Some(err.to_string()),
+                _ => fault.map(|fault| fault.reason().to_owned()),
+            };
+            // This process's own heartbeat row says what `error` says.
+            let replicas = others
+                .iter()
+                .filter_map(|r| {
+                    let reason = r.key_readiness.get(&key.id)?.as_ref()?;
+                    (error.as_deref() != Some(reason.as_str()))
+                        .then(|| format!("replica {}: {reason}", replica::describe(r)))
+                })
+                .collect();
+            keys.push(KeyCheck {
+                key: Arc::clone(key),
+                error,
+                foreign,
+                replicas,
+            });
+        }
+        let report = SelfTestReport { keys };
+        self.publish(catalog, Some(&report)).await;
+        Ok(report)
+    }
+
+    /// Ready means: an active key that round-trips, and no key whose data
+    /// this process cannot open (another master secret wrote it). Uses the
+    /// self-test's result when there is one, else probes the keys.
+    pub async fn publish(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
+        // A self-test has just checked every key (fresh).
+        if report.is_none() {
+            if let Err(err) = self.key_faults(catalog, false).await {
+                tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
+            }
+        }
+        let readiness = match (catalog.active(), self.misconfigured()) {
+            (_, Some(reason)) => Readiness::NotReady(reason),
+            (None, None) => Readiness::NotReady("no active key".into()),
+            (Some(active), None) => {
+                let result =
+                    match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
+                        Some(check) => check.error.clone(),
+                        None => self
+                            .crypto
+                            .round_trip(active)
+                            .await
+                            .err()
+                            .map(|e| e.to_string()),
+                    };
+                match result {
+                    None => Readiness::Ready,
+                    Some(reason) => Readiness::NotReady(format!(
+                        "active key {} failed its self-test: {reason}",
+                        active.key_id
+                    )),
+                }
+            }
+        };
+        self.readiness.send_if_modified(|current| {
+            if *current == readiness {
+                false
+            } else {
+                *current = readiness;
+                true
+            }
+        });
+    }
+}
