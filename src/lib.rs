@@ -15,9 +15,6 @@
 //! - [`metrics`]: the Prometheus endpoint;
 //! - [`transport`]: write coalescing for the gRPC connections;
 //! - [`cli`]: the `keyward` command line (the binary's edge, uses `anyhow`);
-//! - [`bench`], [`bench_rotation`], [`bench_kms_cache`], [`bench_soak`]:
-//!   the `keyward bench`, `bench-rotation`, `bench-kms-cache` and
-//!   `bench-soak` measurements.
 //!
 //! See `ARCHITECTURE.md` for the map and the invariants.
 
@@ -26,11 +23,6 @@
 pub mod api;
 pub mod app;
 pub mod auth;
-pub mod bench;
-#[cfg(feature = "aws-kms")]
-pub mod bench_kms_cache;
-pub mod bench_rotation;
-pub mod bench_soak;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -7,7 +7,7 @@
 //! (fallback `LOCAL_KMS_SECRET`), `ENCRYPTION_MASTER_KEY_PREVIOUS`
 //! (comma-separated), or `--master-key-file`.
 //!
-//! Operator commands other than `serve` and `bench` work on the database
+//! Operator commands other than `serve` work on the database
 //! directly, like the runbook's scripts; a running server picks their
 //! changes up on its catalog refresh timer or on `RefreshKeyMetadata`.
 //!
@@ -39,7 +39,6 @@ use self::secrets::master_secrets;
 use crate::{
     app::Services,
     auth::audit::{AuditSettings, AuditSink},
-    bench::BenchArgs,
     config::{load_rotation_targets, KmsSettings},
     crypto::{cache::CacheSettings, kms::AwsKmsSettings},
     rotation::target::RotationTarget,
@@ -265,21 +264,6 @@ enum Command {
     /// Print a commented configuration file listing every setting with its
     /// default (the repository's keyward.example.toml).
     ConfigExample,
-    /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
-    Bench(BenchArgs),
-    /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
-    /// p99 during a rotation against idle (use an empty PostgreSQL database).
-    BenchRotation(crate::bench_rotation::RotationBenchArgs),
-    /// Soak a `keyward serve` child process on PostgreSQL: mixed
-    /// Encrypt/Decrypt load while it rotates --rows rows, then read every
-    /// row back; reports errors, p50/p99 over time and peak RSS (use an
-    /// empty database). Exit 0 only if it passed.
-    BenchSoak(crate::bench_soak::SoakArgs),
-    #[cfg(feature = "aws-kms")]
-    /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
-    /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
-    /// KMS-compatible server, or use AWS).
-    BenchKmsCache(crate::bench_kms_cache::KmsCacheBenchArgs),
 }
 
 /// Parses arguments, runs the command on a Tokio runtime, maps the outcome
@@ -330,19 +314,10 @@ pub fn main() -> ExitCode {
 }
 
 impl Command {
-    /// A long-running process whose log is its output (`serve`, `worker`,
-    /// the benchmarks), rather than a command that prints an answer.
+    /// A long-running process whose log is its output (`serve`, `worker`),
+    /// rather than a command that prints an answer.
     fn is_service(&self) -> bool {
-        match self {
-            Command::Serve(_)
-            | Command::Worker(_)
-            | Command::Bench(_)
-            | Command::BenchRotation(_)
-            | Command::BenchSoak(_) => true,
-            #[cfg(feature = "aws-kms")]
-            Command::BenchKmsCache(_) => true,
-            _ => false,
-        }
+        matches!(self, Command::Serve(_) | Command::Worker(_))
     }
 }
 
@@ -419,27 +394,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::PruneTokens => rotate::prune_tokens(&global).await,
-        Command::Bench(args) => {
-            crate::bench::run(args).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        #[cfg(feature = "aws-kms")]
-        Command::BenchKmsCache(args) => {
-            crate::bench_kms_cache::run(global.aws.kms_settings(), args).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::BenchRotation(args) => {
-            crate::bench_rotation::run(&global.database_url, args).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::BenchSoak(args) => {
-            let passed = crate::bench_soak::run(&global.database_url, args).await?;
-            Ok(if passed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
     }
 }
 

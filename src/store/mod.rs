@@ -7,7 +7,6 @@
 //! is configured (`on_pool!`). Where the dialects differ, the code matches
 //! on the backend explicitly.
 
-mod bench;
 mod connections;
 mod jobs;
 mod keys;

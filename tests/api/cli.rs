@@ -854,40 +854,6 @@ async fn replica_usage_and_retirement_commands() {
     assert!(stdout(&retired).contains("retired"));
 }
 
-/// `keyward bench` runs every phase against its own server and reports each
-/// against the floor (what it measures is not asserted: that is the
-/// benchmark's job, not a test's).
-#[test]
-fn bench_reports_every_phase_against_the_floor() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = run(keyward(dir.path()).args([
-        "bench",
-        "--seconds",
-        "0.6",
-        "--rounds",
-        "2",
-        "--concurrency",
-        "4",
-        "--batch-size",
-        "10",
-        "--batch-concurrency",
-        "2",
-    ]));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report = stdout(&out);
-    for line in [
-        "Health/Check (floor)",
-        "Encrypt ",
-        "Decrypt ",
-        "BatchEncrypt",
-        "Encrypt/floor by round: min",
-        "Decrypt/floor by round: min",
-        "(2 rounds)",
-    ] {
-        assert!(report.contains(line), "no {line:?} in:\n{report}");
-    }
-}
-
 /// Key, rotation and token changes made from the command line go to the
 /// audit log as the API's do: `requested`, then the outcome, with `cli:`
 /// and the user as the principal; a forced retirement says what it

@@ -17,7 +17,6 @@ use std::{
 /// cycle, checked separately) and of the entries below it, never above.
 const LAYERS: &[(&str, &[&str])] = &[
     ("cli", &["main.rs", "cli/"]),
-    ("bench", &["bench", "store/bench.rs"]),
     ("app", &["app.rs"]),
     ("config", &["config.rs"]),
     ("metrics", &["metrics.rs"]),

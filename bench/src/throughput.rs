@@ -1,4 +1,4 @@
-//! `keyward bench`: drives Encrypt, Decrypt and BatchEncrypt against a
+//! `keyward-bench throughput`: drives Encrypt, Decrypt and BatchEncrypt against a
 //! server and reports them beside the `grpc.health.v1.Health/Check` floor,
 //! measured on the same channel at the same concurrency in the same run, so
 //! the ratios mean something on a noisy machine.
@@ -27,20 +27,21 @@ use tonic_health::pb::{
     health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
 };
 
-use crate::{
-    api::proto::{
-        batch_encrypt_result, crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest,
-        BatchEncryptResponse, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse,
-        EnvelopeForm,
-    },
-    app::{Application, Services, HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
-    config::{KmsSettings, MasterSecrets, Settings, DEFAULT_MAX_REQUEST_BYTES},
-    crypto::secret::MasterSecret,
+use keyward::{
+    app::{HTTP2_CONNECTION_WINDOW, HTTP2_STREAM_WINDOW},
+    config::{KmsSettings, DEFAULT_MAX_REQUEST_BYTES},
     transport::connect_channel,
 };
+use keyward_client::proto::{
+    batch_encrypt_result, crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest,
+    BatchEncryptResponse, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse,
+    EnvelopeForm,
+};
+
+use crate::server::InProcessServer;
 
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+pub struct ThroughputArgs {
     /// Server to measure (e.g. http://127.0.0.1:50051); default: start one
     /// in-process on a temporary SQLite database.
     #[arg(long, env = "KEYWARD_BENCH_TARGET")]
@@ -100,7 +101,7 @@ pub struct PhaseResult {
     pub p99: Duration,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
+pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
     let mut _server = None;
     let target = match &args.target {
         Some(target) => target.clone(),
@@ -131,7 +132,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<PhaseResult>> {
     };
 
     println!(
-        "keyward bench: target {target}, concurrency {}, payload {} bytes, form {:?}, \
+        "keyward-bench throughput: target {target}, concurrency {}, payload {} bytes, form {:?}, \
          {rounds} interleaved rounds of {:.2} s per operation",
         args.concurrency,
         args.payload_bytes,
@@ -418,7 +419,7 @@ impl Decoder for RawCodec {
 }
 
 /// Calls, time and latencies of one operation, summed over slices.
-pub(crate) struct Totals {
+struct Totals {
     calls: u64,
     elapsed: Duration,
     /// CPU time of this process over the slices, if it could be read.
@@ -464,7 +465,7 @@ impl Totals {
 
 /// Runs `concurrency` loops of `call` for `duration`; every call must
 /// succeed (a benchmark that counted failures as throughput would lie).
-pub(crate) async fn run_slice<F, Fut>(
+async fn run_slice<F, Fut>(
     concurrency: usize,
     duration: Duration,
     call: F,
@@ -519,52 +520,6 @@ fn process_cpu_time() -> Option<Duration> {
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(Duration::from_nanos(total))
-}
-
-/// A server on a temporary SQLite database with an active local key,
-/// stopped on drop.
-pub(crate) struct InProcessServer {
-    pub url: String,
-    #[cfg_attr(not(feature = "aws-kms"), allow(dead_code))] // read by bench-kms-cache
-    pub services: Services,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl InProcessServer {
-    pub async fn start(kms: KmsSettings) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let db = dir.path().join("bench.db");
-        let master = MasterSecrets {
-            current: MasterSecret::new(MasterSecret::generate_hex().as_bytes())?,
-            previous: vec![],
-        };
-        let mut settings =
-            Settings::for_database(format!("sqlite://{}", db.display()), Some(master));
-        settings.seed_dev_key = true;
-        settings.kms = kms;
-        let app = Application::build(settings).await?;
-        let url = format!("http://{}", app.local_addr()?);
-        let services = app.services().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        tokio::spawn(app.run_until_stopped(async {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            url,
-            services,
-            _dir: dir,
-            stop: Some(stop),
-        })
-    }
-}
-
-impl Drop for InProcessServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
-//! `keyward bench-soak`: a bounded soak of a real `keyward serve` process.
+//! `keyward-bench soak`: a bounded soak of a real `keyward serve` process.
 //!
 //! On the database given by `--database-url` (an empty PostgreSQL database
 //! is the intended target) it:
 //! 1. writes `--rows` connections under a fresh key, each with its own
 //!    plaintext and its row's context;
-//! 2. starts `keyward serve` (this binary) as a child process, with its
+//! 2. starts `keyward serve` (`--server`, by default the `keyward` beside
+//!    this binary) as a child process, with its
 //!    in-process rotation worker and an audit log file;
 //! 3. activates a second key and starts a rotation of those rows through
 //!    the Admin API, and for `--duration-secs` runs `--concurrency` callers
@@ -34,21 +35,28 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use crate::{
-    api::proto::{
-        admin_client::AdminClient, batch_decrypt_result, crypto_client::CryptoClient,
-        decrypt_request, BatchDecryptRequest, CreateKeyRequest, DecryptRequest, EncryptRequest,
-        EnvelopeForm, GetRotationJobRequest, RotationStatus, StartRotationRequest,
-    },
+use keyward::{
     app::Services,
-    bench_rotation::write_rows,
     config::MasterSecrets,
     crypto::secret::MasterSecret,
     service::{admin::CreateKey, crypto::Limits},
 };
+use keyward_client::proto::{
+    admin_client::AdminClient, batch_decrypt_result, crypto_client::CryptoClient, decrypt_request,
+    BatchDecryptRequest, CreateKeyRequest, DecryptRequest, EncryptRequest, EnvelopeForm,
+    GetRotationJobRequest, RotationStatus, StartRotationRequest,
+};
+
+use crate::{rows::Rows, DatabaseArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct SoakArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The `keyward` binary to run as `keyward serve`; default: the one
+    /// beside this binary, else `keyward` on PATH.
+    #[arg(long, env = "KEYWARD_BIN")]
+    pub server: Option<PathBuf>,
     /// Rows written, then rotated during the soak.
     #[arg(long, default_value_t = 200_000)]
     pub rows: usize,
@@ -136,15 +144,16 @@ fn row_plaintext(id: &str) -> Vec<u8> {
     format!("soak credential for {id}").into_bytes()
 }
 
-pub async fn run(database_url: &str, args: SoakArgs) -> anyhow::Result<bool> {
+pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
+    let database_url = args.database.database_url.as_str();
     if !database_url.starts_with("postgres") {
-        bail!(
-            "bench-soak runs on PostgreSQL: pass --database-url postgres://… (an empty database)"
-        );
+        bail!("the soak runs on PostgreSQL: pass --database-url postgres://… (an empty database)");
     }
+    let server_bin = server_binary(args.server.clone())?;
     let master_hex = MasterSecret::generate_hex().to_string();
     let master = MasterSecrets::parse(&master_hex, &[])?;
     let services = Services::open(database_url, Some(&master), Limits::default()).await?;
+    let rows = Rows::connect(database_url).await?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let prefix = format!("soak-{run_id}-");
     let old_key = services
@@ -156,11 +165,12 @@ pub async fn run(database_url: &str, args: SoakArgs) -> anyhow::Result<bool> {
         })
         .await?;
     println!(
-        "keyward bench-soak: {} rows, {} s of load from {} callers, reports every {} s",
+        "keyward-bench soak: {} rows, {} s of load from {} callers, reports every {} s",
         args.rows, args.duration_secs, args.concurrency, args.report_every_secs
     );
     let started = Instant::now();
-    write_rows(&services, &old_key, &prefix, args.rows, row_plaintext).await?;
+    rows.write(&services, &old_key, &prefix, args.rows, row_plaintext)
+        .await?;
     println!(
         "wrote {} rows in {:.1} s",
         args.rows,
@@ -168,9 +178,10 @@ pub async fn run(database_url: &str, args: SoakArgs) -> anyhow::Result<bool> {
     );
 
     let workdir = tempfile::tempdir()?;
-    let mut server = ServerProcess::start(database_url, &master_hex, workdir.path()).await?;
+    let mut server =
+        ServerProcess::start(&server_bin, database_url, &master_hex, workdir.path()).await?;
     let mut soaked = Soaked::default();
-    let outcome = soak(&services, &server, &prefix, &args, &mut soaked).await;
+    let outcome = soak(&rows, &server, &prefix, &args, &mut soaked).await;
     let stopped = server.stop().await;
     if outcome.is_err() {
         eprintln!("server log:\n{}", server.log_tail());
@@ -178,9 +189,7 @@ pub async fn run(database_url: &str, args: SoakArgs) -> anyhow::Result<bool> {
     let keys: Vec<&str> = std::iter::once(old_key.id.as_str())
         .chain(soaked.new_key_id.as_deref())
         .collect();
-    services
-        .store
-        .delete_bench_data(&prefix, soaked.job_id.as_deref().unwrap_or_default(), &keys)
+    rows.delete(&prefix, soaked.job_id.as_deref().unwrap_or_default(), &keys)
         .await?;
     let report = outcome?;
     let peak_kib = stopped?;
@@ -204,7 +213,7 @@ struct Soaked {
 
 /// Steps 3 to 5; returns whether they passed.
 async fn soak(
-    services: &Services,
+    rows: &Rows,
     server: &ServerProcess,
     prefix: &str,
     args: &SoakArgs,
@@ -286,11 +295,8 @@ async fn soak(
         .unwrap_or_default();
 
     // Every row reads back through the server.
-    let (verified, wrong) = verify_rows(services, &channel, prefix).await?;
-    let off_key = services
-        .store
-        .count_bench_rows_off_key(prefix, &new_key.id)
-        .await?;
+    let (verified, wrong) = verify_rows(rows, &channel, prefix).await?;
+    let off_key = rows.count_off_key(prefix, &new_key.id).await?;
 
     print_windows(&observed);
     let rotated_ok = final_job.status() == RotationStatus::Completed
@@ -445,16 +451,12 @@ fn print_windows(observed: &Observed) {
 
 /// Reads every row back and BatchDecrypts it through the server; returns
 /// (rows compared, rows that failed or differed).
-async fn verify_rows(
-    services: &Services,
-    channel: &Channel,
-    prefix: &str,
-) -> anyhow::Result<(u64, u64)> {
+async fn verify_rows(table: &Rows, channel: &Channel, prefix: &str) -> anyhow::Result<(u64, u64)> {
     let mut client = CryptoClient::new(channel.clone());
     let (mut verified, mut wrong) = (0u64, 0u64);
     let mut after = String::new();
     loop {
-        let rows = services.store.bench_rows_page(prefix, &after, 1000).await?;
+        let rows = table.page(prefix, &after, 1000).await?;
         let Some((last, _)) = rows.last() else {
             break;
         };
@@ -464,7 +466,7 @@ async fn verify_rows(
             .map(|(id, envelope)| DecryptRequest {
                 context: [("connection_id".to_owned(), id.clone())].into(),
                 ciphertext: Some(decrypt_request::Ciphertext::Envelope(
-                    crate::api::proto::Envelope {
+                    keyward_client::proto::Envelope {
                         encryption_key_id: envelope.encryption_key_id.clone(),
                         data_key_ciphertext: envelope.data_key_ciphertext.clone().into(),
                         data_key_iv: envelope.data_key_iv.clone().into(),
@@ -506,13 +508,18 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    async fn start(database_url: &str, master_hex: &str, dir: &Path) -> anyhow::Result<Self> {
+    async fn start(
+        bin: &Path,
+        database_url: &str,
+        master_hex: &str,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
         let log = dir.join("server.log");
-        let child = tokio::process::Command::new(std::env::current_exe()?)
+        let child = tokio::process::Command::new(bin)
             .args(["serve", "--listen", &addr, "--insecure-no-auth"])
             .arg("--audit-log")
             .arg(dir.join("audit.log"))
@@ -525,7 +532,7 @@ impl ServerProcess {
             .stderr(std::fs::File::create(&log)?)
             .kill_on_drop(true)
             .spawn()
-            .context("starting keyward serve")?;
+            .with_context(|| format!("starting {} serve", bin.display()))?;
         let pid = child.id().context("the server exited at once")?;
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
         let started = Instant::now();
@@ -573,4 +580,22 @@ impl ServerProcess {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+}
+
+/// `--server`, else the `keyward` beside this binary (cargo builds both into
+/// one target directory), else `keyward` on PATH.
+fn server_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let beside = std::env::current_exe()?.with_file_name("keyward");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("keyward"))
+        .find(|path| path.is_file())
+        .context("no keyward binary beside keyward-bench or on PATH: pass --server")
 }

@@ -1,4 +1,4 @@
-//! `keyward bench-kms-cache`: what the data-key cache saves on a remote KMS.
+//! `keyward-bench kms-cache`: what the data-key cache saves on a remote KMS.
 //!
 //! Against an AWS KMS endpoint (moto's server stands in for AWS), it starts
 //! an in-process server twice, once with the cache on and once off, each
@@ -7,7 +7,7 @@
 //! just written (warm: as the writer reads back; cold: after the cache is
 //! emptied, as another replica would); and reports requests/s and the KMS
 //! calls keyward made for each, counted by keyward itself
-//! ([`crate::crypto::kms::KmsCallStats`]).
+//! (`keyward::crypto::kms::KmsCallStats`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,22 +22,29 @@ use anyhow::Context as _;
 use clap::Args;
 use tonic::transport::Endpoint;
 
-use crate::{
-    api::proto::{
-        crypto_client::CryptoClient, decrypt_request, DecryptRequest, EncryptRequest, EnvelopeForm,
-    },
-    bench::InProcessServer,
+use keyward::{
     config::KmsSettings,
     crypto::{
         blob,
         cache::CacheMode,
-        kms::{KmsOperation, ProviderKind},
+        kms::{AwsKmsSettings, KmsOperation, ProviderKind},
     },
     service::admin::CreateKey,
 };
+use keyward_client::proto::{
+    crypto_client::CryptoClient, decrypt_request, DecryptRequest, EncryptRequest, EnvelopeForm,
+};
+
+use crate::server::InProcessServer;
 
 #[derive(Debug, Clone, Args)]
-pub struct KmsCacheBenchArgs {
+pub struct KmsCacheArgs {
+    /// AWS region (default: the standard AWS chain).
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// Endpoint of a KMS-compatible server instead of AWS's (e.g. moto).
+    #[arg(long, env = "KEYWARD_AWS_KMS_ENDPOINT")]
+    pub aws_kms_endpoint: Option<String>,
     /// Encrypts (then as many Decrypts) per run.
     #[arg(long, default_value_t = 10_000)]
     pub requests: usize,
@@ -66,14 +73,22 @@ struct RunResult {
     distinct_data_keys: usize,
 }
 
-pub async fn run(kms: KmsSettings, args: KmsCacheBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
+    let kms = KmsSettings {
+        aws: AwsKmsSettings {
+            region: args.aws_region.clone().filter(|r| !r.is_empty()),
+            endpoint: args.aws_kms_endpoint.clone().filter(|e| !e.is_empty()),
+            ..AwsKmsSettings::default()
+        },
+        ..KmsSettings::default()
+    };
     let endpoint = kms.aws.endpoint.clone();
     let arn = match &args.kms_key_arn {
         Some(arn) => arn.clone(),
         None => create_kms_key(&kms).await?,
     };
     println!(
-        "keyward bench-kms-cache: KMS {}, key {arn}, {} Encrypts then {} Decrypts of {} bytes, concurrency {}",
+        "keyward-bench kms-cache: KMS {}, key {arn}, {} Encrypts then {} Decrypts of {} bytes, concurrency {}",
         endpoint.as_deref().unwrap_or("(AWS)"),
         args.requests,
         args.requests,
@@ -125,11 +140,11 @@ pub async fn run(kms: KmsSettings, args: KmsCacheBenchArgs) -> anyhow::Result<()
 }
 
 async fn create_kms_key(kms: &KmsSettings) -> anyhow::Result<String> {
-    let config = crate::crypto::kms::aws::load_sdk_config(&kms.aws).await;
+    let config = keyward::crypto::kms::aws::load_sdk_config(&kms.aws).await;
     let client = aws_sdk_kms::Client::new(&config);
     let out = client
         .create_key()
-        .description("keyward bench-kms-cache")
+        .description("keyward-bench kms-cache")
         .send()
         .await
         .context("creating a KMS key (give --kms-key-arn to use an existing one)")?;
@@ -142,7 +157,7 @@ async fn run_once(
     kms: KmsSettings,
     arn: &str,
     label: &'static str,
-    args: &KmsCacheBenchArgs,
+    args: &KmsCacheArgs,
 ) -> anyhow::Result<RunResult> {
     let server = InProcessServer::start(kms).await?;
     server

@@ -1,4 +1,4 @@
-//! `keyward bench-rotation`: how fast a rotation moves rows, against the
+//! `keyward-bench rotation`: how fast a rotation moves rows, against the
 //! database's own floor, and what it does to Encrypt latency meanwhile.
 //!
 //! On the database given by `--database-url` (an empty PostgreSQL database
@@ -14,7 +14,7 @@
 //! 5. verifies every row is on the new key and a sample decrypts, and
 //!    removes what it wrote.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -22,18 +22,25 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    api::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm},
-    app::{Application, Services},
+use keyward::{
+    app::Application,
     config::{MasterSecrets, Settings},
     crypto::{context::EncryptionContext, secret::MasterSecret},
-    keys::KeyRecord,
     rotation::{worker::WorkerOptions, JobStatus, Mode},
-    service::{admin::CreateKey, crypto::Ciphertext, rotation::StartRotation},
+    service::{
+        admin::{CreateKey, Staging},
+        crypto::Ciphertext,
+        rotation::StartRotation,
+    },
 };
+use keyward_client::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm};
+
+use crate::{rows::Rows, DatabaseArgs};
 
 #[derive(Debug, Clone, Args)]
-pub struct RotationBenchArgs {
+pub struct RotationArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// Rows to write and rotate.
     #[arg(long, default_value_t = 1_000_000)]
     pub rows: usize,
@@ -54,7 +61,8 @@ pub struct RotationBenchArgs {
     pub idle_seconds: f64,
 }
 
-pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
+    let database_url = args.database.database_url.as_str();
     let master = MasterSecrets {
         current: MasterSecret::new(MasterSecret::generate_hex().as_bytes())?,
         previous: vec![],
@@ -63,6 +71,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     settings.worker = None;
     let app = Application::build(settings).await?;
     let services = app.services().clone();
+    let rows = Rows::connect(database_url).await?;
     let addr = app.local_addr()?;
     let stop_server = CancellationToken::new();
     let server = tokio::spawn({
@@ -80,7 +89,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         })
         .await?;
     println!(
-        "keyward bench-rotation: {} rows of {} bytes, batch {}, {} workers, {:?} backend",
+        "keyward-bench rotation: {} rows of {} bytes, batch {}, {} workers, {:?} backend",
         args.rows,
         args.payload_bytes,
         args.batch_size,
@@ -91,7 +100,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     // 1. The table.
     let started = Instant::now();
     let plaintext = vec![0x42u8; args.payload_bytes.max(1)];
-    write_rows(&services, &old_key, &prefix, args.rows, |_| {
+    rows.write(&services, &old_key, &prefix, args.rows, |_| {
         plaintext.clone()
     })
     .await?;
@@ -113,17 +122,11 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         })
         .await?;
     let started = Instant::now();
-    let touched = services
-        .store
-        .rewrite_envelopes_in_place(&prefix, &new_key.id)
-        .await?;
+    let touched = rows.rewrite_in_place(&prefix, &new_key.id).await?;
     let floor_secs = started.elapsed().as_secs_f64();
     let floor_rate = touched as f64 / floor_secs;
-    services
-        .store
-        .rewrite_envelopes_in_place(&prefix, &old_key.id)
-        .await?;
-    services.store.vacuum_connections().await?;
+    rows.rewrite_in_place(&prefix, &old_key.id).await?;
+    rows.vacuum().await?;
 
     // 3. Idle Encrypt latency.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
@@ -140,7 +143,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     // 4. Rotate under load.
     let new_key = services
         .admin
-        .activate_key(&new_key.id, crate::service::admin::Staging::Immediate)
+        .activate_key(&new_key.id, Staging::Immediate)
         .await?
         .activated;
     let job = services
@@ -195,17 +198,13 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     let rotation_rate = final_job.counts.succeeded as f64 / rotation_secs;
 
     // 5. Verify and clean up.
-    let remaining = services
-        .store
-        .count_bench_rows_off_key(&prefix, &new_key.id)
-        .await?;
+    let remaining = rows.count_off_key(&prefix, &new_key.id).await?;
     if remaining != 0 {
         bail!("{remaining} rows are not on the new key");
     }
     let sample = format!("{prefix}{:09}", args.rows / 2);
-    let row = services
-        .store
-        .bench_row_envelope(&sample)
+    let row = rows
+        .envelope(&sample)
         .await?
         .context("sample row missing")?;
     let context = EncryptionContext::from_pairs([("connection_id", sample.as_str())])?;
@@ -216,9 +215,7 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
     if opened.plaintext.as_bytes() != plaintext.as_slice() {
         bail!("the sample row decrypted to something else");
     }
-    services
-        .store
-        .delete_bench_data(&prefix, &job.id, &[&old_key.id, &new_key.id])
+    rows.delete(&prefix, &job.id, &[&old_key.id, &new_key.id])
         .await?;
     stop_server.cancel();
     server.await??;
@@ -252,35 +249,6 @@ pub async fn run(database_url: &str, args: RotationBenchArgs) -> anyhow::Result<
         "rotation passes / rows processed",
         format!("{} / {}", final_job.pass, final_job.counts.processed)
     );
-    Ok(())
-}
-
-/// Writes `rows` connections `{prefix}{n:09}` under `key`, each encrypted
-/// with its row's context `{"connection_id": id}`, in bulk statements.
-pub(crate) async fn write_rows(
-    services: &Services,
-    key: &KeyRecord,
-    prefix: &str,
-    rows: usize,
-    plaintext: impl Fn(&str) -> Vec<u8>,
-) -> anyhow::Result<()> {
-    let key = Arc::new(key.clone());
-    let mut written = 0usize;
-    while written < rows {
-        let n = (rows - written).min(5000);
-        let mut batch = Vec::with_capacity(n);
-        for i in written..written + n {
-            let id = format!("{prefix}{i:09}");
-            let context = EncryptionContext::from_pairs([("connection_id", id.as_str())])?;
-            let sealed = services
-                .crypto
-                .encrypt_with(&key, &plaintext(&id), &context)
-                .await?;
-            batch.push((id, sealed.envelope));
-        }
-        services.store.bulk_insert_connections(&batch).await?;
-        written += n;
-    }
     Ok(())
 }
 

@@ -1,0 +1,102 @@
+//! `keyward-bench`: keyward's benchmarks, a binary of their own (as
+//! `redis-benchmark` and `vault-benchmark` are), built on the `keyward`
+//! library and the `keyward-client` stubs. The server binary carries none
+//! of this.
+//!
+//! - `throughput` ([`throughput`]): Encrypt, Decrypt and BatchEncrypt
+//!   against the `Health/Check` floor, on one channel, in one run;
+//! - `rotation` ([`rotation`]): rotation rows/s against a one-`UPDATE`
+//!   floor, and Encrypt p99 during a rotation against idle;
+//! - `soak` ([`soak`]): a bounded soak of a real `keyward serve` process;
+//! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS.
+//!
+//! [`server`] starts the in-process server the first two measure; [`rows`]
+//! writes, reads and removes the benchmark's own rows (every statement
+//! scoped to the run's id prefix).
+
+#[cfg(feature = "aws-kms")]
+mod kms_cache;
+mod rotation;
+mod rows;
+mod server;
+mod soak;
+mod throughput;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "keyward-bench", version, about = "Benchmarks of keyward")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
+    Throughput(throughput::ThroughputArgs),
+    /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
+    /// p99 during a rotation against idle (use an empty PostgreSQL database).
+    Rotation(rotation::RotationArgs),
+    /// Soak a `keyward serve` child process on PostgreSQL: mixed
+    /// Encrypt/Decrypt load while it rotates --rows rows, then read every
+    /// row back; reports errors, p50/p99 over time and peak RSS (use an
+    /// empty database). Exit 0 only if it passed.
+    Soak(soak::SoakArgs),
+    #[cfg(feature = "aws-kms")]
+    /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
+    /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
+    /// KMS-compatible server, or use AWS).
+    KmsCache(kms_cache::KmsCacheArgs),
+}
+
+/// The database a benchmark writes to: its own rows, keys and job, removed
+/// when it ends.
+#[derive(Debug, Clone, clap::Args)]
+struct DatabaseArgs {
+    /// Database to benchmark on (an empty PostgreSQL database is the
+    /// intended target).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The benchmarks report on stdout; the in-process server's INFO lines
+    // would interleave with the tables (RUST_LOG still turns them on).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("keyward-bench: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("keyward-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one benchmark; `false` when it ran and failed its own checks.
+async fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Throughput(args) => throughput::run(args).await.map(|_| true),
+        Command::Rotation(args) => rotation::run(args).await.map(|()| true),
+        Command::Soak(args) => soak::run(args).await,
+        #[cfg(feature = "aws-kms")]
+        Command::KmsCache(args) => kms_cache::run(args).await.map(|()| true),
+    }
+}

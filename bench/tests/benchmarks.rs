@@ -1,0 +1,183 @@
+//! The benchmarks run briefly, as their users run them: the real
+//! `keyward-bench` binary, with what each one checks of its own results
+//! (every call succeeds, every rotated row reads back). What they measure is
+//! not asserted: that is the benchmarks' job, not a test's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
+
+// keyward's throwaway PostgreSQL cluster, shared with its end-to-end tests.
+#[path = "../../tests/api/postgres.rs"]
+mod postgres;
+
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward-bench");
+
+fn bench(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// stdout, after checking the benchmark exited 0.
+fn passed(out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+fn assert_lines(report: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(report.contains(line), "no {line:?} in:\n{report}");
+    }
+}
+
+/// A database of its own on the test cluster; `None` (skipped) when there
+/// is no PostgreSQL, except in CI, where that fails.
+async fn fresh_postgres() -> Option<String> {
+    let server = match postgres::server_url() {
+        Ok(server) => server,
+        Err(reason) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL is required in CI but unavailable: {reason}"
+            );
+            eprintln!("SKIPPED (PostgreSQL unavailable: {reason})");
+            return None;
+        }
+    };
+    let name = format!("kwb_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    Some(format!("{server}/{name}"))
+}
+
+/// `throughput` runs every phase against its own in-process server and
+/// reports each against the floor.
+#[test]
+fn throughput_reports_every_phase_against_the_floor() {
+    let report = passed(
+        bench(&[
+            "throughput",
+            "--seconds",
+            "0.6",
+            "--rounds",
+            "2",
+            "--concurrency",
+            "4",
+            "--batch-size",
+            "10",
+            "--batch-concurrency",
+            "2",
+        ])
+        .output()
+        .unwrap(),
+    );
+    assert_lines(
+        &report,
+        &[
+            "Health/Check (floor)",
+            "Encrypt ",
+            "Decrypt ",
+            "BatchEncrypt",
+            "Encrypt/floor by round: min",
+            "Decrypt/floor by round: min",
+            "(2 rounds)",
+        ],
+    );
+}
+
+/// `rotation` on the embedded default (SQLite): its rows, the floor, a
+/// rotation under Encrypt load, the check that every row moved, and its
+/// clean-up, which leaves no row, key or job behind.
+#[tokio::test]
+async fn rotation_moves_every_row_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let report = passed(
+        bench(&[
+            "rotation",
+            "--rows",
+            "1500",
+            "--batch-size",
+            "200",
+            "--idle-seconds",
+            "0.3",
+        ])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap(),
+    );
+    assert_lines(
+        &report,
+        &[
+            "wrote 1500 rows",
+            "rotation / floor",
+            "p99 during / idle",
+            "rotation passes / rows processed",
+        ],
+    );
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for table in ["connections", "encryption_keys", "encryption_rotation_jobs"] {
+        let left: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{table} keeps {left} rows of the benchmark");
+    }
+}
+
+/// `soak`, briefly: a real `keyward serve` child, load, a rotation and the
+/// read-back, with zero errors. The child is the `keyward` beside
+/// `keyward-bench`, which `cargo test --workspace` (scripts/test) builds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_passes() {
+    let server = std::path::Path::new(BIN).with_file_name("keyward");
+    assert!(
+        server.is_file(),
+        "{} is not built: run the workspace's tests (cargo test --workspace) or cargo build -p keyward first",
+        server.display()
+    );
+    let Some(url) = fresh_postgres().await else {
+        return;
+    };
+    let report = passed(
+        bench(&[
+            "soak",
+            "--rows",
+            "2000",
+            "--duration-secs",
+            "3",
+            "--report-every-secs",
+            "1",
+            "--concurrency",
+            "4",
+            // A debug build: the RSS target is for release builds.
+            "--max-rss-mib",
+            "512",
+        ])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap(),
+    );
+    assert_lines(
+        &report,
+        &[
+            "rows read back and compared                        2000",
+            "errors: load calls                                    0",
+            "errors: rows that did not read back                   0",
+            "soak PASSED",
+        ],
+    );
+}
