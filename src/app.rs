@@ -201,7 +201,7 @@ impl Services {
             Arc::clone(&crypto),
             Arc::clone(&targets),
         ));
-        let source: Arc<dyn crate::service::crypto::ReadThrough> = Arc::<KeyAdmin>::clone(&admin);
+        let source: Arc<dyn crate::service::crypto::ReadThrough> = admin.catalog().clone();
         crypto.set_read_through(Arc::downgrade(&source));
         admin.refresh().await?;
         let rotations = Arc::new(Rotations::new(

@@ -1,18 +1,17 @@
 //! Key administration (runbook §1.2, §1.3, §1.6, §2.3): the key catalog's
-//! writes and its refresh, usage and retirement. Readiness, the keys'
-//! probes and the self-test are `service::readiness` (a [`KeyHealth`] this
-//! service owns and calls after every reload); the retirement plan's
-//! decision is `service::retirement`.
+//! writes (create, activate, seed, retire), usage and the retirement plan.
+//! Loading the catalog is `service::catalog` (a [`CatalogLoader`] this
+//! service holds and reloads after every change); readiness, the keys'
+//! probes and the self-test are `service::readiness` (the loader's
+//! [`KeyHealth`]); the retirement plan's decision is `service::retirement`.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 
 pub use super::readiness::{KeyCheck, Readiness, SelfTestReport};
 use super::{
+    catalog::CatalogLoader,
     crypto::CryptoService,
     probes::{KeyFault, Vacant},
     readiness::KeyHealth,
@@ -105,25 +104,13 @@ pub struct RefreshSummary {
 
 pub struct KeyAdmin {
     store: Store,
-    catalog: Arc<KeyCatalog>,
+    catalog: Arc<CatalogLoader>,
     crypto: Arc<CryptoService>,
     targets: Arc<[RotationTarget]>,
-    /// Readiness, the self-test and the keys' probes.
-    health: KeyHealth,
-    /// The catalog version of each reload, so this process's replica agent
-    /// heartbeats a change made here at once.
-    loaded: watch::Sender<i64>,
-    /// When the last read-through reload ran (at most one per
-    /// [`READ_THROUGH_EVERY`]; concurrent misses wait for it and share it).
-    last_read_through: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Longest `key_id` accepted.
 const MAX_KEY_ID_LEN: usize = 128;
-
-/// The least time between two read-through reloads: ciphertexts naming
-/// made-up key ids cannot turn into a database query each.
-const READ_THROUGH_EVERY: Duration = Duration::from_secs(1);
 
 impl KeyAdmin {
     pub fn new(
@@ -132,24 +119,31 @@ impl KeyAdmin {
         crypto: Arc<CryptoService>,
         targets: Arc<[RotationTarget]>,
     ) -> Self {
-        let (loaded, _) = watch::channel(0);
         let health = KeyHealth::new(store.clone(), Arc::clone(&crypto), Arc::clone(&targets));
+        let catalog = Arc::new(CatalogLoader::new(
+            store.clone(),
+            catalog,
+            Arc::clone(&crypto),
+            health,
+        ));
         Self {
             store,
             catalog,
             crypto,
             targets,
-            health,
-            loaded,
-            last_read_through: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The catalog's loader: the crypto service's read-through source.
+    pub fn catalog(&self) -> &Arc<CatalogLoader> {
+        &self.catalog
     }
 
     /// Why this process cannot open what another process wrote under some
     /// key (another master secret), as of the last check; see
     /// [`KeyHealth::misconfigured`].
     pub fn misconfigured(&self) -> Option<String> {
-        self.health.misconfigured()
+        self.catalog.health().misconfigured()
     }
 
     /// Whether this process can use each non-retired key of `catalog`; see
@@ -159,32 +153,14 @@ impl KeyAdmin {
         catalog: &Catalog,
         fresh: bool,
     ) -> Result<std::collections::BTreeMap<String, Option<KeyFault>>> {
-        self.health.key_faults(catalog, fresh).await
+        self.catalog.health().key_faults(catalog, fresh).await
     }
 
     /// Reloads the catalog, then round-trips every non-retired key and opens
     /// its probe (runbook §2.3); see [`KeyHealth::self_test`].
     pub async fn self_test(&self) -> Result<SelfTestReport> {
-        let catalog = self.refresh_catalog_only().await?;
-        self.health.self_test(&catalog).await
-    }
-
-    /// Reloads the catalog because a ciphertext names `record_id`, which
-    /// this process does not know: once, rate-limited.
-    async fn reload_for(&self, record_id: &str) {
-        let mut last = self.last_read_through.lock().await;
-        if self.catalog.get(record_id).is_some()
-            || last.is_some_and(|t| t.elapsed() < READ_THROUGH_EVERY)
-        {
-            return;
-        }
-        *last = Some(Instant::now());
-        match self.refresh_catalog().await {
-            Ok(_) => tracing::debug!(%record_id, "catalog reloaded for an unknown key id"),
-            Err(err) => {
-                tracing::warn!(error = %err, "read-through catalog reload failed")
-            }
-        }
+        let catalog = self.catalog.load().await?;
+        self.catalog.health().self_test(&catalog).await
     }
 
     /// The key catalog as this process has it now.
@@ -194,12 +170,12 @@ impl KeyAdmin {
 
     /// Follows catalog reloads (the replica agent subscribes here).
     pub fn catalog_loads(&self) -> watch::Receiver<i64> {
-        self.loaded.subscribe()
+        self.catalog.loads()
     }
 
     /// Follows readiness changes (health reporting subscribes here).
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
-        self.health.readiness()
+        self.catalog.health().readiness()
     }
 
     pub async fn list_keys(&self) -> Result<Vec<KeyRecord>> {
@@ -295,7 +271,7 @@ impl KeyAdmin {
             .into_iter()
             .find(|k| k.status == KeyStatus::Active);
         self.store.activate_key(&key.id).await?;
-        let catalog = self.refresh_catalog().await?;
+        let catalog = self.catalog.reload().await?;
         let activated = catalog
             .get(&key.id)
             .map(|k| KeyRecord::clone(k))
@@ -407,7 +383,7 @@ impl KeyAdmin {
             rows,
             jobs,
             replicas,
-            active_key_id: self.catalog.active().map(|k| k.key_id.clone()),
+            active_key_id: self.catalog.snapshot().active().map(|k| k.key_id.clone()),
         }))
     }
 
@@ -478,7 +454,7 @@ impl KeyAdmin {
     /// Reloads the catalog from the database and re-evaluates readiness
     /// (runbook §1.3).
     pub async fn refresh(&self) -> Result<RefreshSummary> {
-        let catalog = self.refresh_catalog().await?;
+        let catalog = self.catalog.reload().await?;
         Ok(RefreshSummary {
             key_count: catalog.keys().len(),
             active_key_id: catalog.active().map(|k| k.key_id.clone()),
@@ -537,30 +513,6 @@ impl KeyAdmin {
                 key_id: new.key_id.clone(),
                 source: Box::new(err),
             })
-    }
-
-    async fn refresh_catalog(&self) -> Result<Arc<Catalog>> {
-        let catalog = self.refresh_catalog_only().await?;
-        self.health.publish(&catalog, None).await;
-        Ok(catalog)
-    }
-
-    async fn refresh_catalog_only(&self) -> Result<Arc<Catalog>> {
-        // The version first: a change between the two reads makes the
-        // next version check reload again, never miss it.
-        let version = self.store.catalog_version().await?;
-        let records = self.store.list_keys().await?;
-        let catalog = self.catalog.replace(records, version);
-        self.crypto.catalog_changed(&catalog);
-        self.loaded.send_replace(version);
-        Ok(catalog)
-    }
-}
-
-#[async_trait::async_trait]
-impl super::crypto::ReadThrough for KeyAdmin {
-    async fn read_through(&self, record_id: &str) {
-        self.reload_for(record_id).await;
     }
 }
 

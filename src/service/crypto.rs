@@ -31,8 +31,8 @@ use crate::{
 };
 
 /// Whoever can reload the key catalog when a ciphertext names a key record
-/// this process has not loaded (the admin service). A trait, so this
-/// service does not depend on the one that owns it.
+/// this process has not loaded (`service::catalog::CatalogLoader`). A
+/// trait, so this service does not depend on the one that owns it.
 #[async_trait::async_trait]
 pub trait ReadThrough: Send + Sync {
     /// Reloads the catalog because `record_id` is unknown here (at most

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod audited;
+pub mod catalog;
 pub mod crypto;
 pub mod probes;
 pub mod readiness;
