@@ -8,8 +8,16 @@
 //! change whichever way it was made. Both go through one path,
 //! `service::audited`: a `requested` event first, and no change when it
 //! cannot be written (fail-closed); then the outcome.
+//!
+//! Where the events go when no `--audit-log` is configured: not into the
+//! operator's terminal around the command's own output, and not nowhere,
+//! but appended to the operator's state directory
+//! (`$XDG_STATE_HOME/keyward/audit.log`, else
+//! `~/.local/state/keyward/audit.log`), with one warning naming the file
+//! and how to share the server's log instead. Without a home directory
+//! (a container's job) they go to standard error, as `-` says.
 
-use std::future::Future;
+use std::{future::Future, path::PathBuf};
 
 use super::GlobalArgs;
 use crate::{
@@ -73,7 +81,45 @@ impl OperatorAudit {
 
 /// The audit log of the operator commands (`-` is standard error here).
 pub(super) fn operator_audit(global: &GlobalArgs) -> anyhow::Result<OperatorAudit> {
-    OperatorAudit::open(&global.audit.settings(AuditSink::Stderr))
+    OperatorAudit::open(&global.audit.settings(AuditSink::Stderr, unconfigured_sink))
+}
+
+/// The sink of an operator command run without `--audit-log`.
+fn unconfigured_sink() -> AuditSink {
+    let env = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    match default_audit_file(env("XDG_STATE_HOME"), env("HOME")) {
+        Some(path) => {
+            tracing::warn!(
+                "no --audit-log configured: this change is audited to {} \
+                 (point --audit-log or KEYWARD_AUDIT_LOG at the server's audit file to keep one log)",
+                path.display()
+            );
+            AuditSink::File(path)
+        }
+        None => AuditSink::Stderr,
+    }
+}
+
+/// `$XDG_STATE_HOME/keyward/audit.log`, else `$HOME/.local/state/…`, as
+/// the XDG base-directory specification places a program's state; the
+/// directory is created (700) if missing. `None` without either variable
+/// or when the directory cannot be made.
+fn default_audit_file(
+    state_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    let state = match (state_home, home) {
+        (Some(state), _) => PathBuf::from(state),
+        (None, Some(home)) => PathBuf::from(home).join(".local/state"),
+        (None, None) => return None,
+    };
+    let dir = state.join("keyward");
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(&dir).ok()?;
+    Some(dir.join("audit.log"))
 }
 
 /// [`operator_audit`] for a command that `changes` something; a read-only
@@ -97,5 +143,27 @@ pub(super) async fn audited<T>(
     match audit {
         Some(audit) => audit.audited(command, key_id, Some(detail), change).await,
         None => change.await.map_err(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unconfigured_audit_file_follows_the_xdg_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let home = dir.path().join("home");
+        assert_eq!(
+            default_audit_file(Some(state.clone().into()), Some(home.clone().into())),
+            Some(state.join("keyward/audit.log"))
+        );
+        assert_eq!(
+            default_audit_file(None, Some(home.clone().into())),
+            Some(home.join(".local/state/keyward/audit.log"))
+        );
+        assert!(home.join(".local/state/keyward").is_dir());
+        assert_eq!(default_audit_file(None, None), None);
     }
 }

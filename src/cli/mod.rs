@@ -105,9 +105,11 @@ struct GlobalArgs {
 struct AuditArgs {
     /// Audit log: `-` for standard output (`serve`; other commands use
     /// standard error, their output being on standard output), a file path
-    /// (appended), or `off`.
-    #[arg(long, env = "KEYWARD_AUDIT_LOG", default_value = "-", global = true)]
-    audit_log: String,
+    /// (appended), or `off`. Unset: `serve` writes to standard output, the
+    /// commands that change keys, rotations or tokens append to
+    /// $XDG_STATE_HOME/keyward/audit.log (~/.local/state/…), and say so.
+    #[arg(long, env = "KEYWARD_AUDIT_LOG", global = true)]
+    audit_log: Option<String>,
     /// Let requests and commands through when their audit event cannot be
     /// written (default: fail closed, refusing them).
     #[arg(
@@ -136,13 +138,15 @@ fn parse_file_mode(text: &str) -> Result<u32, String> {
 }
 
 impl AuditArgs {
-    /// The settings, with `-` meaning `dash`.
-    fn settings(&self, dash: AuditSink) -> AuditSettings {
+    /// The settings, with `-` meaning `dash` and no `--audit-log` at all
+    /// meaning `unset`.
+    fn settings(&self, dash: AuditSink, unset: impl FnOnce() -> AuditSink) -> AuditSettings {
         AuditSettings {
-            sink: match self.audit_log.as_str() {
-                "-" => dash,
-                "off" | "" => AuditSink::Off,
-                path => AuditSink::File(PathBuf::from(path)),
+            sink: match self.audit_log.as_deref() {
+                None => unset(),
+                Some("-") => dash,
+                Some("off" | "") => AuditSink::Off,
+                Some(path) => AuditSink::File(PathBuf::from(path)),
             },
             fail_closed: !self.audit_fail_open,
             file_mode: self.audit_file_mode,

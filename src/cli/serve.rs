@@ -168,7 +168,7 @@ impl ServeArgs {
             cert_principals,
             rate_limit,
         };
-        let audit = audit.settings(AuditSink::Stdout);
+        let audit = audit.settings(AuditSink::Stdout, || AuditSink::Stdout);
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsSettings {
                 cert: cert.clone(),
@@ -323,7 +323,7 @@ mod tests {
         let audit = cli
             .global
             .audit
-            .settings(crate::auth::audit::AuditSink::Stdout);
+            .settings(AuditSink::Stdout, || AuditSink::Stdout);
         let master = MasterSecrets {
             current: MasterSecret::new("0123456789abcdef0123456789abcdef").unwrap(),
             previous: Vec::new(),

@@ -854,6 +854,34 @@ async fn replica_usage_and_retirement_commands() {
     assert!(stdout(&retired).contains("retired"));
 }
 
+/// With no audit log configured, an operator command prints only what was
+/// asked for: its events go to the operator's state directory, which one
+/// warning names, never into stdout and never nowhere.
+#[test]
+fn unconfigured_operator_audit_goes_to_the_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let out = run(with_secret(dir.path())
+        .env("HOME", &home)
+        .env("USER", "bob")
+        .args(["keys", "create", "--key-id", "next"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = home.join(".local/state/keyward/audit.log");
+    assert!(!stdout(&out).contains("\"principal\""), "{}", stdout(&out));
+    let warned = stderr(&out);
+    assert_eq!(warned.lines().count(), 1, "{warned}");
+    assert!(warned.contains(&file.display().to_string()), "{warned}");
+    let events = json_lines(&std::fs::read_to_string(&file).unwrap());
+    let results: Vec<_> = events.iter().map(|e| e["result"].clone()).collect();
+    assert_eq!(results, ["requested", "ok"], "{events:?}");
+    assert!(events.iter().all(|e| e["principal"] == "cli:bob"));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(file.parent().unwrap()), 0o700);
+}
+
 /// Key, rotation and token changes made from the command line go to the
 /// audit log as the API's do: `requested`, then the outcome, with `cli:`
 /// and the user as the principal; a forced retirement says what it
