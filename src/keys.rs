@@ -149,14 +149,13 @@ impl KeyCatalog {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(id: &str, status: KeyStatus) -> KeyRecord {
-        KeyRecord {
+impl KeyRecord {
+    /// A local key record `id` named `key_id`, for unit tests.
+    pub(crate) fn local_for_test(id: &str, key_id: &str, status: KeyStatus) -> Self {
+        Self {
             id: id.into(),
-            key_id: format!("k-{id}"),
-            kms_key_arn: format!("local:{id}"),
+            key_id: key_id.into(),
+            kms_key_arn: format!("local:{key_id}"),
             alias: None,
             provider: ProviderKind::Local,
             status,
@@ -164,6 +163,15 @@ mod tests {
             updated_at: Utc::now(),
             rotated_at: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, status: KeyStatus) -> KeyRecord {
+        KeyRecord::local_for_test(id, &format!("k-{id}"), status)
     }
 
     #[test]

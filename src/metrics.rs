@@ -106,30 +106,34 @@ impl Metrics {
             "Rotation jobs by status",
             rotation.jobs.clone(),
         );
-        registry.register(
-            "rotation_job_rows_total",
-            "Rows a running rotation job has to move (grows when a pass finds late rows)",
-            rotation.rows_total.clone(),
-        );
-        registry.register(
-            "rotation_job_rows_processed",
-            "Rows a running rotation job has processed",
-            rotation.rows_processed.clone(),
-        );
-        registry.register(
-            "rotation_job_rows_failed",
-            "Rows a running rotation job could not rotate",
-            rotation.rows_failed.clone(),
-        );
+        for (name, help, family) in [
+            (
+                "rotation_job_rows_total",
+                "Rows a running rotation job has to move (grows when a pass finds late rows)",
+                &rotation.rows_total,
+            ),
+            (
+                "rotation_job_rows_processed",
+                "Rows a running rotation job has processed",
+                &rotation.rows_processed,
+            ),
+            (
+                "rotation_job_rows_failed",
+                "Rows a running rotation job could not rotate",
+                &rotation.rows_failed,
+            ),
+            (
+                "rotation_job_rows_late",
+                "Rows a running rotation job's later passes caught, written off target while it ran",
+                &rotation.rows_late,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "rotation_job_rows_per_second",
             "Rows per second of a running rotation job since it started (as WatchRotation reports)",
             rotation.rows_per_second.clone(),
-        );
-        registry.register(
-            "rotation_job_rows_late",
-            "Rows a running rotation job's later passes caught, written off target while it ran",
-            rotation.rows_late.clone(),
         );
         let usage = Arc::new(UsageGauges::default());
         registry.register(

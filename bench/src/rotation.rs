@@ -35,7 +35,10 @@ use keyward::{
 };
 use keyward_client::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm};
 
-use crate::{rows::Rows, DatabaseArgs};
+use crate::{
+    rows::{Rows, Run},
+    DatabaseArgs,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct RotationArgs {
@@ -78,16 +81,11 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
         let stop = stop_server.clone();
         app.run_until_stopped(async move { stop.cancelled().await })
     });
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let prefix = format!("bench-{run_id}-");
-    let old_key = services
-        .admin
-        .create_key(CreateKey {
-            key_id: format!("bench-old-{run_id}"),
-            activate: true,
-            ..CreateKey::default()
-        })
-        .await?;
+    let Run {
+        id: run_id,
+        prefix,
+        old_key,
+    } = Run::begin(&services, "bench").await?;
     println!(
         "keyward-bench rotation: {} rows of {} bytes, batch {}, {} workers, {:?} backend",
         args.rows,

@@ -11,7 +11,10 @@
 use std::sync::Arc;
 
 use keyward::{
-    app::Services, crypto::context::EncryptionContext, crypto::envelope::Envelope, keys::KeyRecord,
+    app::Services,
+    crypto::{context::EncryptionContext, envelope::Envelope},
+    keys::KeyRecord,
+    service::admin::CreateKey,
 };
 use sqlx::{any::AnyPoolOptions, AnyPool};
 
@@ -27,6 +30,35 @@ type EnvelopeColumns = (
     Option<Vec<u8>>,
     Option<Vec<u8>>,
 );
+
+/// One benchmark run: its id, the prefix of its rows' ids, and the key it
+/// first writes them under (created active).
+pub struct Run {
+    pub id: String,
+    pub prefix: String,
+    pub old_key: KeyRecord,
+}
+
+impl Run {
+    /// A new run labelled `label` (`bench`, `soak`): rows `{label}-{id}-…`
+    /// under key `{label}-old-{id}`.
+    pub async fn begin(services: &Services, label: &str) -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let old_key = services
+            .admin
+            .create_key(CreateKey {
+                key_id: format!("{label}-old-{id}"),
+                activate: true,
+                ..CreateKey::default()
+            })
+            .await?;
+        Ok(Self {
+            prefix: format!("{label}-{id}-"),
+            id,
+            old_key,
+        })
+    }
+}
 
 /// A pool on the benchmark's database, for its own rows.
 pub struct Rows {

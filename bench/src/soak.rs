@@ -36,10 +36,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use keyward::{
-    app::Services,
-    config::MasterSecrets,
-    crypto::secret::MasterSecret,
-    service::{admin::CreateKey, crypto::Limits},
+    app::Services, config::MasterSecrets, crypto::secret::MasterSecret, service::crypto::Limits,
 };
 use keyward_client::proto::{
     admin_client::AdminClient, batch_decrypt_result, crypto_client::CryptoClient, decrypt_request,
@@ -47,7 +44,10 @@ use keyward_client::proto::{
     GetRotationJobRequest, RotationStatus, StartRotationRequest,
 };
 
-use crate::{rows::Rows, DatabaseArgs};
+use crate::{
+    rows::{Rows, Run},
+    DatabaseArgs,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct SoakArgs {
@@ -154,16 +154,9 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
     let master = MasterSecrets::parse(&master_hex, &[])?;
     let services = Services::open(database_url, Some(&master), Limits::default()).await?;
     let rows = Rows::connect(database_url).await?;
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let prefix = format!("soak-{run_id}-");
-    let old_key = services
-        .admin
-        .create_key(CreateKey {
-            key_id: format!("soak-old-{run_id}"),
-            activate: true,
-            ..CreateKey::default()
-        })
-        .await?;
+    let Run {
+        prefix, old_key, ..
+    } = Run::begin(&services, "soak").await?;
     println!(
         "keyward-bench soak: {} rows, {} s of load from {} callers, reports every {} s",
         args.rows, args.duration_secs, args.concurrency, args.report_every_secs

@@ -51,16 +51,7 @@ async fn fresh_postgres() -> Option<String> {
             return None;
         }
     };
-    let name = format!("kwb_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    Some(format!("{server}/{name}"))
+    Some(postgres::create_database(server, "kwb").await)
 }
 
 /// `throughput` runs every phase against its own in-process server and

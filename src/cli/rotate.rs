@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::{Subcommand, ValueEnum};
 
 use super::{
-    audit::{audited, operator_audit_if},
+    audit::{audited, operator_audit_if, OperatorAudit},
     open, GlobalArgs,
 };
 use crate::{
@@ -107,29 +107,25 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
         }
         RotateCommand::Cancel { job_id } => {
             let cancel = rotations.cancel(&job_id);
-            let job = audited(
-                &audit,
-                "cli/rotate cancel",
-                None,
-                format!("job_id={job_id}"),
-                cancel,
-            );
-            print_jobs(&[job.await?]);
-            Ok(ExitCode::SUCCESS)
+            print_changed_job(&audit, "cli/rotate cancel", &job_id, cancel).await
         }
         RotateCommand::Requeue { job_id } => {
             let requeue = rotations.requeue(&job_id);
-            let job = audited(
-                &audit,
-                "cli/rotate requeue",
-                None,
-                format!("job_id={job_id}"),
-                requeue,
-            );
-            print_jobs(&[job.await?]);
-            Ok(ExitCode::SUCCESS)
+            print_changed_job(&audit, "cli/rotate requeue", &job_id, requeue).await
         }
     }
+}
+
+/// Runs an audited change of job `job_id` and prints the job it leaves.
+async fn print_changed_job(
+    audit: &Option<OperatorAudit>,
+    command: &'static str,
+    job_id: &str,
+    change: impl std::future::Future<Output = crate::error::Result<RotationJob>>,
+) -> anyhow::Result<ExitCode> {
+    let job = audited(audit, command, None, format!("job_id={job_id}"), change).await?;
+    print_jobs(&[job]);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A live progress bar until the job ends; the exit status says whether

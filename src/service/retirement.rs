@@ -126,23 +126,10 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::{
-        crypto::kms::ProviderKind,
-        rotation::{Counts, JobStatus, Mode},
-    };
+    use crate::rotation::{Counts, JobStatus, Mode};
 
     fn key(status: KeyStatus) -> KeyRecord {
-        KeyRecord {
-            id: "rec-old".into(),
-            key_id: "old".into(),
-            kms_key_arn: "local:old".into(),
-            alias: None,
-            provider: ProviderKind::Local,
-            status,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            rotated_at: None,
-        }
+        KeyRecord::local_for_test("rec-old", "old", status)
     }
 
     fn facts(status: KeyStatus) -> RetireFacts {

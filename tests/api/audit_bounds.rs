@@ -7,13 +7,13 @@
 
 use keyward::auth::{
     audit::{AuditSettings, AuditSink},
-    AuthSettings, Role, Scope,
+    AuthSettings, Role,
 };
 use tonic::Code;
 
 use crate::{
     helpers::{assert_code, json_lines, spawn_with, Backend, Options, TestApp},
-    security::{call, decrypt_request, encrypt_request, issue, with_token},
+    security::{call, decrypt_request, encrypt_request, issue_unscoped, with_token},
 };
 
 /// Refused calls in the flood, and the length of each one's path.
@@ -107,13 +107,7 @@ async fn a_flood_of_refused_calls_cannot_fill_the_audit_disk() {
 async fn an_unwritable_fail_closed_audit_log_turns_health_not_serving() {
     let app = audited_app(AuditSink::File("/dev/full".into())).await;
     assert_eq!(app.health_status().await, 1);
-    let token = issue(
-        &app,
-        "app",
-        &[Role::Encrypt, Role::Decrypt],
-        Scope::default(),
-    )
-    .await;
+    let token = issue_unscoped(&app, "app", &[Role::Encrypt, Role::Decrypt]).await;
     let pairs = [("connection_id", "1")];
     let mut client = app.crypto.clone();
     let envelope = client

@@ -4,10 +4,10 @@
 //! a stream.
 
 use futures::StreamExt;
-use keyward::auth::{Role, Scope};
+use keyward::auth::Role;
 use keyward_client::{context, proto, Ciphertext, Client, Error};
 
-use crate::security::{issue, secured_app, Pki};
+use crate::security::{issue_unscoped, secured_app, Pki};
 
 fn builder(pki: &Pki, port: u16) -> keyward_client::ClientBuilder {
     Client::builder(format!("https://127.0.0.1:{port}"))
@@ -19,13 +19,7 @@ fn builder(pki: &Pki, port: u16) -> keyward_client::ClientBuilder {
 async fn rust_client_encrypts_decrypts_batches_and_watches() {
     let (pki, app, _audit) = secured_app().await;
     let port = app.addr.port();
-    let token = issue(
-        &app,
-        "billing",
-        &[Role::Encrypt, Role::Decrypt],
-        Scope::default(),
-    )
-    .await;
+    let token = issue_unscoped(&app, "billing", &[Role::Encrypt, Role::Decrypt]).await;
     let client = builder(&pki, port).token(&token).connect().await.unwrap();
 
     let row = context([("connection_id", "42")]);

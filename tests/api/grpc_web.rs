@@ -7,14 +7,14 @@ use keyward::{
         EncryptRequest, EncryptResponse, ListRotationJobsRequest, RotationProgress,
         StartRotationRequest, WatchRotationRequest,
     },
-    auth::{AuthSettings, Role, Scope},
+    auth::{AuthSettings, Role},
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     helpers::{ctx, spawn_with, Backend, Options, TestApp},
-    security::issue,
+    security::issue_unscoped,
 };
 
 const ORIGIN: &str = "http://dashboard.example";
@@ -101,13 +101,7 @@ async fn browsers_call_over_grpc_web_from_allowed_origins() {
     )
     .await
     .unwrap();
-    let ops = issue(
-        &app,
-        "dashboard",
-        &[Role::Admin, Role::Encrypt],
-        Scope::default(),
-    )
-    .await;
+    let ops = issue_unscoped(&app, "dashboard", &[Role::Admin, Role::Encrypt]).await;
 
     // CORS: the allowed origin's preflight is answered; another origin's is not.
     let preflight = |origin: &str| {

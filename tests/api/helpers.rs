@@ -123,18 +123,7 @@ pub async fn fresh_database(backend: Backend, dir: &tempfile::TempDir) -> Option
             dir.path().join("keyward.db").display()
         )),
         Backend::Postgres => match postgres::server_url() {
-            Ok(server) => {
-                let name = format!("kw_{}", uuid::Uuid::new_v4().simple());
-                let admin = PgPool::connect(&format!("{server}/postgres"))
-                    .await
-                    .unwrap();
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-                Some(format!("{server}/{name}"))
-            }
+            Ok(server) => Some(postgres::create_database(server, "kw").await),
             Err(reason) => {
                 if std::env::var("CI").as_deref() == Ok("true") {
                     panic!("PostgreSQL is required in CI but unavailable: {reason}");

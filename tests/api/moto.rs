@@ -100,16 +100,7 @@ fn start_moto() -> Result<String, String> {
 
 /// Stops moto once this test process is gone.
 fn spawn_reaper(moto_pid: u32) {
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; kill {moto_pid} 2>/dev/null",
-        pid = std::process::id(),
-    );
-    let _ = Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    crate::postgres::after_this_process(&format!("kill {moto_pid} 2>/dev/null"));
 }
 
 /// keyward's KMS settings for `endpoint`: quick retries so outage tests

@@ -26,6 +26,21 @@ pub fn server_url() -> Result<&'static str, &'static str> {
         .map_err(|e| e.as_str())
 }
 
+/// Creates a database of its own (`{prefix}_<uuid>`) on `server` and
+/// returns its URL.
+pub async fn create_database(server: &str, prefix: &str) -> String {
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    format!("{server}/{name}")
+}
+
 fn find_bin_dir() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("PATH") {
         for dir in std::env::split_paths(&path) {
@@ -147,10 +162,18 @@ fn spawn_reaper(bin: &Path, data: &Path, dir: &Path, root: bool) {
             data.display()
         )
     };
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
-        pid = std::process::id(),
+    after_this_process(&format!(
+        "{stop} >/dev/null 2>&1; rm -rf {dir}",
         dir = dir.display()
+    ));
+}
+
+/// Runs shell `commands` once this test process has exited, from a
+/// detached session (the test cluster's and moto's reapers).
+pub fn after_this_process(commands: &str) {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {commands}",
+        pid = std::process::id(),
     );
     let _ = Command::new("setsid")
         .args(["sh", "-c", &script])

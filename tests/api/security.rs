@@ -149,6 +149,11 @@ impl Pki {
 }
 
 /// Creates a token the way `keyward token create` does; returns it.
+/// [`issue`] with no scope: every key and context.
+pub(crate) async fn issue_unscoped(app: &TestApp, name: &str, roles: &[Role]) -> String {
+    issue(app, name, roles, Scope::default()).await
+}
+
 pub(crate) async fn issue(app: &TestApp, name: &str, roles: &[Role], scope: Scope) -> String {
     let secret = token::generate();
     app.services
@@ -408,13 +413,7 @@ async fn scoped_tokens_stay_within_their_keys_and_contexts() {
         acme_scope,
     )
     .await;
-    let any = issue(
-        &app,
-        "platform",
-        &[Role::Encrypt, Role::Decrypt],
-        Scope::default(),
-    )
-    .await;
+    let any = issue_unscoped(&app, "platform", &[Role::Encrypt, Role::Decrypt]).await;
     let mut client = CryptoClient::new(pki.channel(&app, None).await);
     let tenant = [("tenant", "acme"), ("connection_id", "7")];
 
