@@ -162,11 +162,16 @@ impl Services {
         limits: Limits,
         extra_targets: Vec<RotationTarget>,
     ) -> Result<Self, StartupError> {
-        let targets: Arc<[RotationTarget]> = std::iter::once(RotationTarget::connections())
-            .chain(extra_targets)
-            .collect();
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
+        let targets: Arc<[RotationTarget]> = store
+            .resolve_id_types(
+                std::iter::once(RotationTarget::connections())
+                    .chain(extra_targets)
+                    .collect(),
+            )
+            .await?
+            .into();
         #[allow(unused_mut)] // only the aws-kms build adds a provider here
         let mut kms = KmsRegistry::default();
         // The AWS client is built on first use, so registering it costs a

@@ -65,7 +65,8 @@ pub fn code_of(err: &Error) -> Code {
             StoreError::InvalidUrl(_)
             | StoreError::Query(_)
             | StoreError::Corrupt(_)
-            | StoreError::Migrate(_) => Code::Internal,
+            | StoreError::Migrate(_)
+            | StoreError::Adopt(_) => Code::Internal,
         },
     }
 }

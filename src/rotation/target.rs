@@ -96,6 +96,32 @@ pub struct RotationTarget {
     /// A timestamp column the application sets on each write (for the age
     /// of the oldest row on a key); `updated_at` for `connections`.
     pub updated_at: Option<Ident>,
+    /// The id column's own type on PostgreSQL (`uuid`, `bigint`, `text`…),
+    /// read from the database at startup: rows are paged and matched by the
+    /// id in that type, so the primary key's index serves both. `None`
+    /// (SQLite): ids are compared as text.
+    pub id_type: Option<SqlType>,
+}
+
+/// A column type, as PostgreSQL spells it, that an id may have: only
+/// letters, digits, spaces and parentheses (`character varying(36)`), so
+/// it can stand in a `CAST` as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlType(String);
+
+impl SqlType {
+    pub fn parse(name: &str) -> Option<Self> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '(' | ')' | '_'));
+        ok.then(|| Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl RotationTarget {
@@ -109,6 +135,7 @@ impl RotationTarget {
             legacy: Some((id("encrypted_credentials"), id("credentials_iv"))),
             context: vec![(CONNECTION_CONTEXT_KEY.to_owned(), id("id"))],
             updated_at: Some(id("updated_at")),
+            id_type: None,
         }
     }
 
@@ -150,7 +177,17 @@ impl RotationTarget {
                 .map(|(key, column)| Ok((key.clone(), Ident::parse(column)?)))
                 .collect::<Result<_, TargetError>>()?,
             updated_at: updated_at.map(Ident::parse).transpose()?,
+            id_type: None,
         })
+    }
+
+    /// `id = value`: in the id's own type where it is known (an index
+    /// lookup), else as text.
+    fn id_is(&self, id: &str, value: &str) -> String {
+        match &self.id_type {
+            Some(t) => format!("{id} = CAST({value} AS {})", t.as_str()),
+            None => format!("CAST({id} AS TEXT) = {value}"),
+        }
     }
 
     /// The encryption context of a row, from its context column values.
@@ -230,13 +267,21 @@ impl RotationTarget {
         }
     }
 
-    /// The next batch after a cursor; binds $1 key, $2 job, $3 cursor, $4 limit.
-    /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the context).
-    pub fn select_batch_sql(&self) -> String {
+    /// The next batch after a cursor (`first`: the cursor is empty, the
+    /// target's first batch); binds $1 key, $2 job, $3 cursor, $4 limit.
+    /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the
+    /// context). With the id's type known, rows are paged in that type, so
+    /// the primary key's index serves the page.
+    pub fn select_batch_sql(&self, first: bool) -> String {
+        let id = self.id.q();
+        let after = match (&self.id_type, first) {
+            (Some(_), true) => format!("$3 = '' ORDER BY {id}"),
+            (Some(t), false) => format!("{id} > CAST($3 AS {}) ORDER BY {id}", t.as_str()),
+            (None, _) => format!("CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT)"),
+        };
         format!(
-            "{} WHERE {pred} AND CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT) LIMIT $4",
+            "{} WHERE {pred} AND {after} LIMIT $4",
             self.select_rows(),
-            id = self.id.q(),
             pred = self.off_target(),
         )
     }
@@ -323,12 +368,12 @@ impl RotationTarget {
             "UPDATE {t} SET {set} \
              FROM UNNEST($2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
                          $8::bytea[], $9::bytea[]) AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
-             WHERE CAST({t}.{id} AS TEXT) = u.id AND {t}.{k} IS NOT DISTINCT FROM u.old_key \
+             WHERE {id_is} AND {t}.{k} IS NOT DISTINCT FROM u.old_key \
                AND {t}.{ct} IS NOT DISTINCT FROM u.old_ct{legacy}",
             set = self.set_envelope("$1", "u.dk", "u.dk_iv", "u.ct", "u.iv"),
             k = self.columns.encryption_key_id.q(),
             ct = self.columns.payload_ciphertext.q(),
-            id = self.id.q(),
+            id_is = self.id_is(&format!("{t}.{}", self.id.q()), "u.id"),
             legacy = self.legacy_cas("u.old_legacy"),
         )
     }
@@ -337,12 +382,12 @@ impl RotationTarget {
     /// $7 old key, $8 old ct, $9 old legacy.
     pub fn write_row_sql_sqlite(&self) -> String {
         format!(
-            "UPDATE {t} SET {set} WHERE CAST({id} AS TEXT) = $6 AND {k} IS $7 AND {ct} IS $8{legacy}",
+            "UPDATE {t} SET {set} WHERE {id_is} AND {k} IS $7 AND {ct} IS $8{legacy}",
             t = self.table.q(),
             set = self.set_envelope("$1", "$2", "$3", "$4", "$5"),
             k = self.columns.encryption_key_id.q(),
             ct = self.columns.payload_ciphertext.q(),
-            id = self.id.q(),
+            id_is = self.id_is(&self.id.q(), "$6"),
             legacy = self.legacy_cas("$9"),
         )
     }
@@ -350,11 +395,11 @@ impl RotationTarget {
     /// Records a failed row. Binds $1 id, $2 message, $3 job.
     pub fn fail_row_sql(&self) -> String {
         format!(
-            "UPDATE {} SET {} = $2, {} = $3 WHERE CAST({} AS TEXT) = $1",
+            "UPDATE {} SET {} = $2, {} = $3 WHERE {}",
             self.table.q(),
             self.columns.last_error.q(),
             self.columns.last_error_job_id.q(),
-            self.id.q()
+            self.id_is(&self.id.q(), "$1")
         )
     }
 
@@ -395,7 +440,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(t.select_batch_sql().contains("FROM \"api_tokens\""));
+        assert!(t.select_batch_sql(true).contains("FROM \"api_tokens\""));
         assert!(!t.write_row_sql_sqlite().contains("encrypted_credentials"));
     }
 

@@ -7,6 +7,7 @@
 //! is configured (`on_pool!`). Where the dialects differ, the code matches
 //! on the backend explicitly.
 
+pub mod adopt;
 mod connections;
 mod jobs;
 mod keys;
@@ -60,6 +61,9 @@ pub enum StoreError {
     /// Applying migrations failed.
     #[error("applying database migrations failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// An application's database could not be adopted (see [`adopt`]).
+    #[error("adopting the application's database failed: {0}")]
+    Adopt(#[source] adopt::AdoptError),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -223,13 +227,57 @@ impl Store {
         }
     }
 
-    /// Applies the migrations of this backend that have not run yet.
+    /// Applies the migrations of this backend that have not run yet; on
+    /// an application's PostgreSQL database, adopts it first (see
+    /// [`adopt`]). Statements on PostgreSQL wait at most
+    /// [`adopt::LOCK_TIMEOUT`] for a lock (the tables may be live), and a
+    /// migration that timed out is rolled back and tried again.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.pool {
-            Pool::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
-            Pool::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+            Pool::Sqlite(pool) => SQLITE_MIGRATIONS
+                .run(pool)
+                .await
+                .map_err(StoreError::Migrate),
+            Pool::Postgres(pool) => {
+                if let Some(plan) = self.adoption_plan().await? {
+                    let first = POSTGRES_MIGRATIONS
+                        .iter()
+                        .next()
+                        .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))?;
+                    adopt::apply(pool, &plan, first)
+                        .await
+                        .map_err(StoreError::Adopt)?;
+                }
+                let mut attempts = 0;
+                loop {
+                    let mut conn = pool.acquire().await?;
+                    adopt::set_lock_timeout(&mut conn).await?;
+                    match POSTGRES_MIGRATIONS.run(&mut *conn).await {
+                        Err(sqlx::migrate::MigrateError::Execute(err))
+                            if adopt::is_lock_timeout(&err) && attempts < 60 =>
+                        {
+                            attempts += 1;
+                            tokio::time::sleep(adopt::LOCK_TIMEOUT).await;
+                        }
+                        other => break other.map_err(StoreError::Migrate),
+                    }
+                }
+            }
         }
-        .map_err(StoreError::Migrate)
+    }
+
+    /// What adopting this database would take; `None` where there is
+    /// nothing to adopt (SQLite, a new database, keyward's own).
+    pub async fn adoption_plan(&self) -> Result<Option<adopt::AdoptPlan>, StoreError> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let first = POSTGRES_MIGRATIONS
+            .iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))?;
+        let found = adopt::inspect(pool).await?;
+        Ok(adopt::plan(&found, &first.sql))
     }
 
     /// Checks that the database answers.

@@ -19,7 +19,7 @@ use crate::{
     crypto::envelope::Envelope,
     rotation::{
         pass::{pass_end, PassEnd, PassFacts},
-        target::RotationTarget,
+        target::{RotationTarget, SqlType},
         JobStatus, RotationJob,
     },
 };
@@ -124,6 +124,28 @@ pub struct BatchCounts {
 }
 
 impl Store {
+    /// Gives each target the type of its id column on PostgreSQL (see
+    /// [`RotationTarget::id_type`]); ids of a type keyward does not page
+    /// natively (or a table not there yet) stay compared as text.
+    pub async fn resolve_id_types(
+        &self,
+        targets: Vec<RotationTarget>,
+    ) -> Result<Vec<RotationTarget>, StoreError> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(targets);
+        };
+        let mut resolved = Vec::with_capacity(targets.len());
+        for mut target in targets {
+            let found =
+                super::adopt::column_type(pool, target.table.as_str(), target.id.as_str()).await?;
+            target.id_type = found
+                .filter(|t| super::adopt::is_id_type(t))
+                .and_then(|t| SqlType::parse(&t));
+            resolved.push(target);
+        }
+        Ok(resolved)
+    }
+
     /// Claims the next batch of the oldest live job for `worker_id`,
     /// walking `targets` in order within each pass.
     pub async fn claim_batch(
@@ -199,7 +221,7 @@ impl Store {
                 // The next batch: after the cursor in the current target,
                 // else from the start of the following targets.
                 while let Some(target) = targets.get(index) {
-                    let rows: Vec<RotationRow> = sqlx::query(&target.select_batch_sql())
+                    let rows: Vec<RotationRow> = sqlx::query(&target.select_batch_sql(cursor.is_empty()))
                         .bind(&job.target_key_id)
                         .bind(&job.id)
                         .bind(&cursor)

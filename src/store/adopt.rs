@@ -1,0 +1,742 @@
+//! Adopting an application's existing PostgreSQL database.
+//!
+//! keyward's first migration (`0001_schema.sql`) was written for a database
+//! keyward creates: it gives `connections` a `TEXT` id and creates the
+//! runbook's tables outright. An application's database already has
+//! `connections` (Drizzle's `uuid` ids, NOT NULL columns of its own, rows
+//! in use) and may have some of the runbook's tables, with its own types.
+//! There `migrate` first *adopts* the database instead of running 0001:
+//!
+//! 1. [`inspect`] reads what exists ([`Found`]);
+//! 2. [`plan`], a pure function, says what to add ([`Step`]s) and what it
+//!    refuses ([`Refusal`]s: a column keyward needs that exists with a type
+//!    it cannot use). With any refusal nothing is changed;
+//! 3. [`apply`] runs the steps on the live table without long locks: each
+//!    statement under a short `lock_timeout`, retried; the index built
+//!    `CONCURRENTLY`; the foreign key added `NOT VALID`, then validated; the
+//!    payload mirror backfilled in batches. Then 0001 is recorded as applied
+//!    (its checksum, as sqlx would), and the later migrations run as usual.
+//!
+//! Every step is idempotent and the plan is recomputed from the database
+//! each time, so a run stopped halfway is finished by the next one. keyward
+//! adds only what is missing: it never drops, renames or retypes the
+//! application's columns, and a foreign key to an application column takes
+//! that column's type.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use sqlx::{migrate::Migrate as _, PgPool, Row as _};
+
+/// The longest any adoption statement waits for a lock before it gives up
+/// and retries: what a writer queued behind it can stall.
+pub const LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Attempts of one statement that keeps timing out on its lock.
+const LOCK_ATTEMPTS: u32 = 120;
+/// Rows per batch of the payload-mirror backfill.
+const BACKFILL_BATCH: i64 = 1000;
+
+/// A column as the database declares it (`format_type`'s spelling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub sql_type: String,
+}
+
+/// What the database holds of the tables keyward's first migration makes
+/// or adopts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// Table name → its columns, for the tables in [`ADOPTED_TABLES`].
+    pub tables: BTreeMap<String, Vec<Column>>,
+    /// keyward's migrations have run here (0001 is recorded).
+    pub keyward_schema: bool,
+    /// The index on `connections.encryption_key_id` exists and is valid;
+    /// `Some(false)`: a build that failed left it invalid.
+    pub key_index_valid: Option<bool>,
+    /// The foreign key from `connections.encryption_key_id` exists.
+    pub key_foreign_key: bool,
+}
+
+impl Found {
+    fn column(&self, table: &str, column: &str) -> Option<&Column> {
+        self.tables.get(table)?.iter().find(|c| c.name == column)
+    }
+}
+
+/// The tables adoption looks at.
+pub const ADOPTED_TABLES: [&str; 4] = [
+    "connections",
+    "encryption_keys",
+    "encryption_rotation_jobs",
+    "connection_scoped_tokens",
+];
+
+/// How keyward reads a column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Text,
+    Bytes,
+    Uuid,
+    Integer,
+    Timestamp,
+    Boolean,
+    Other,
+}
+
+impl Family {
+    fn of(sql_type: &str) -> Self {
+        match sql_type {
+            "text" | "character varying" => Family::Text,
+            t if t.starts_with("character varying(") => Family::Text,
+            "bytea" => Family::Bytes,
+            "uuid" => Family::Uuid,
+            "bigint" | "integer" | "smallint" => Family::Integer,
+            "boolean" => Family::Boolean,
+            t if t.starts_with("timestamp") => Family::Timestamp,
+            _ => Family::Other,
+        }
+    }
+}
+
+/// A column keyward needs, as 0001 declares it.
+struct Wanted {
+    name: &'static str,
+    family: Family,
+    /// The declaration `ADD COLUMN` uses when the column is missing.
+    declaration: &'static str,
+}
+
+const fn wanted(name: &'static str, family: Family, declaration: &'static str) -> Wanted {
+    Wanted {
+        name,
+        family,
+        declaration,
+    }
+}
+
+/// The columns keyward adds to the application's `connections` (besides
+/// `encryption_key_id`, whose type follows `encryption_keys.id`).
+const CONNECTION_COLUMNS: [Wanted; 9] = [
+    wanted("data_key_ciphertext", Family::Bytes, "BYTEA"),
+    wanted("data_key_iv", Family::Bytes, "BYTEA"),
+    wanted("payload_ciphertext", Family::Bytes, "BYTEA"),
+    wanted("payload_iv", Family::Bytes, "BYTEA"),
+    wanted("last_error", Family::Text, "TEXT"),
+    wanted("last_error_job_id", Family::Text, "TEXT"),
+    wanted("encrypted_credentials", Family::Bytes, "BYTEA"),
+    wanted("credentials_iv", Family::Bytes, "BYTEA"),
+    wanted("updated_at", Family::Timestamp, "TIMESTAMPTZ DEFAULT now()"),
+];
+
+/// The columns of the runbook's own tables, when the application created
+/// them: each must be there with a type keyward reads, or be addable.
+const KEY_COLUMNS: [Wanted; 10] = [
+    wanted("id", Family::Text, ""),
+    wanted("key_id", Family::Text, ""),
+    wanted("kms_key_arn", Family::Text, ""),
+    wanted("alias", Family::Text, "TEXT"),
+    wanted(
+        "provider",
+        Family::Text,
+        "TEXT CHECK (provider IS NULL OR provider IN ('local', 'aws-kms'))",
+    ),
+    wanted("status", Family::Text, ""),
+    wanted("derived_key", Family::Text, "TEXT"),
+    wanted(
+        "created_at",
+        Family::Timestamp,
+        "TIMESTAMPTZ NOT NULL DEFAULT now()",
+    ),
+    wanted(
+        "updated_at",
+        Family::Timestamp,
+        "TIMESTAMPTZ NOT NULL DEFAULT now()",
+    ),
+    wanted("rotated_at", Family::Timestamp, "TIMESTAMPTZ"),
+];
+
+const JOB_COLUMNS: [Wanted; 22] = [
+    wanted("id", Family::Text, ""),
+    wanted("status", Family::Text, ""),
+    wanted("target_key_id", Family::Text, ""),
+    wanted("mode", Family::Text, "TEXT NOT NULL DEFAULT 'reencrypt'"),
+    wanted("dry_run", Family::Boolean, "BOOLEAN NOT NULL DEFAULT FALSE"),
+    wanted("batch_size", Family::Integer, "BIGINT NOT NULL DEFAULT 500"),
+    wanted("max_rows_per_second", Family::Integer, "BIGINT"),
+    wanted("total_rows", Family::Integer, "BIGINT NOT NULL DEFAULT 0"),
+    wanted(
+        "processed_rows",
+        Family::Integer,
+        "BIGINT NOT NULL DEFAULT 0",
+    ),
+    wanted(
+        "succeeded_rows",
+        Family::Integer,
+        "BIGINT NOT NULL DEFAULT 0",
+    ),
+    wanted("failed_rows", Family::Integer, "BIGINT NOT NULL DEFAULT 0"),
+    wanted("skipped_rows", Family::Integer, "BIGINT NOT NULL DEFAULT 0"),
+    wanted("last_error", Family::Text, "TEXT"),
+    wanted("cursor", Family::Text, "TEXT"),
+    wanted("pass", Family::Integer, "BIGINT NOT NULL DEFAULT 0"),
+    wanted(
+        "cancel_requested",
+        Family::Boolean,
+        "BOOLEAN NOT NULL DEFAULT FALSE",
+    ),
+    wanted("lease_owner", Family::Text, "TEXT"),
+    wanted("lease_expires_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted(
+        "created_at",
+        Family::Timestamp,
+        "TIMESTAMPTZ NOT NULL DEFAULT now()",
+    ),
+    wanted(
+        "updated_at",
+        Family::Timestamp,
+        "TIMESTAMPTZ NOT NULL DEFAULT now()",
+    ),
+    wanted("started_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted("completed_at", Family::Timestamp, "TIMESTAMPTZ"),
+];
+
+const SCOPED_TOKEN_COLUMNS: [Wanted; 6] = [
+    wanted("id", Family::Text, ""),
+    wanted("token_hash", Family::Text, ""),
+    wanted("scope", Family::Text, "TEXT"),
+    wanted("expires_at", Family::Timestamp, ""),
+    wanted("used_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted(
+        "created_at",
+        Family::Timestamp,
+        "TIMESTAMPTZ NOT NULL DEFAULT now()",
+    ),
+];
+
+/// One change adoption makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// One statement, under the lock timeout.
+    Sql { why: String, sql: String },
+    /// `CREATE INDEX CONCURRENTLY` (outside a transaction); an invalid
+    /// index a failed build left is dropped first.
+    Index {
+        why: String,
+        name: String,
+        sql: String,
+    },
+    /// A foreign key added `NOT VALID`, then validated (which takes no lock
+    /// that blocks writes).
+    ForeignKey {
+        why: String,
+        table: String,
+        name: String,
+        definition: String,
+    },
+    /// Legacy rows' payload mirror, in batches by `connections.id`.
+    BackfillMirror { id_type: String },
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Sql { why, sql } => write!(f, "{why}:\n    {sql}"),
+            Step::Index { why, sql, .. } => write!(f, "{why}:\n    {sql}"),
+            Step::ForeignKey {
+                why,
+                table,
+                name,
+                definition,
+            } => write!(
+                f,
+                "{why}:\n    ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID\n    \
+                 ALTER TABLE {table} VALIDATE CONSTRAINT {name}"
+            ),
+            Step::BackfillMirror { .. } => write!(
+                f,
+                "copy legacy rows' ciphertext into the payload mirror, {BACKFILL_BATCH} rows at a time:\n    \
+                 UPDATE connections SET payload_ciphertext = encrypted_credentials, payload_iv = credentials_iv \
+                 WHERE payload_ciphertext IS NULL AND encrypted_credentials IS NOT NULL"
+            ),
+        }
+    }
+}
+
+/// A column keyward needs that exists with a type it cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub table: String,
+    pub column: String,
+    pub found: String,
+    pub expected: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{} is {}; keyward needs {}",
+            self.table, self.column, self.found, self.expected
+        )
+    }
+}
+
+/// What adopting this database takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdoptPlan {
+    pub steps: Vec<Step>,
+    pub refusals: Vec<Refusal>,
+}
+
+/// Why adoption did not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdoptError {
+    /// Columns keyward cannot use; nothing was changed.
+    #[error("this database cannot be adopted as it is; nothing was changed:\n  {}", list(.0))]
+    Incompatible(Vec<Refusal>),
+    /// A statement kept timing out on its lock (the table is busy).
+    #[error("could not take a lock for {LOCK_ATTEMPTS} attempts of {} ms: {sql}", LOCK_TIMEOUT.as_millis())]
+    Busy { sql: String },
+    #[error("an adoption statement failed")]
+    Database(#[from] sqlx::Error),
+    #[error("recording the first migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+fn list(refusals: &[Refusal]) -> String {
+    refusals
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+fn expected(family: Family) -> &'static str {
+    match family {
+        Family::Text => "text or varchar",
+        Family::Bytes => "bytea (text-encoded ciphertext columns are not supported yet)",
+        Family::Uuid => "uuid",
+        Family::Integer => "an integer type",
+        Family::Timestamp => "a timestamp",
+        Family::Boolean => "boolean",
+        Family::Other => "a known type",
+    }
+}
+
+/// Checks `columns` of an existing `table`: a present column of another
+/// family is refused, a missing one is added when it has a declaration.
+fn check_columns(
+    found: &Found,
+    table: &str,
+    columns: &[Wanted],
+    plan: &mut AdoptPlan,
+    add: &mut Vec<String>,
+) {
+    for want in columns {
+        match found.column(table, want.name) {
+            Some(col) if Family::of(&col.sql_type) == want.family => {}
+            Some(col) => plan.refusals.push(Refusal {
+                table: table.to_owned(),
+                column: want.name.to_owned(),
+                found: col.sql_type.clone(),
+                expected: expected(want.family).to_owned(),
+            }),
+            None if want.declaration.is_empty() => plan.refusals.push(Refusal {
+                table: table.to_owned(),
+                column: want.name.to_owned(),
+                found: "missing".to_owned(),
+                expected: format!(
+                    "{} (keyward cannot add it to a table with rows)",
+                    expected(want.family)
+                ),
+            }),
+            None => add.push(format!(
+                "ADD COLUMN IF NOT EXISTS {} {}",
+                want.name, want.declaration
+            )),
+        }
+    }
+}
+
+/// The adoption of an application's database, or `None` where there is
+/// nothing to adopt: keyward's migrations already ran, or there is no
+/// `connections` table (a new database, which 0001 creates). `schema` is
+/// 0001's text: its statements for keyward's own tables are used as they
+/// are.
+pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
+    if found.keyward_schema {
+        return None;
+    }
+    let connections = found.tables.get("connections")?;
+    let mut plan = AdoptPlan::default();
+    let id_type = match connections.iter().find(|c| c.name == "id") {
+        Some(id) if is_id_type(&id.sql_type) => id.sql_type.clone(),
+        other => {
+            plan.refusals.push(Refusal {
+                table: "connections".to_owned(),
+                column: "id".to_owned(),
+                found: other.map_or("missing".to_owned(), |c| c.sql_type.clone()),
+                expected: "uuid, text, varchar or an integer type".to_owned(),
+            });
+            return Some(plan);
+        }
+    };
+    let statements = statements(schema);
+
+    // encryption_keys: keyward's, or the application's if it has one.
+    let key_id_type = match found.column("encryption_keys", "id") {
+        None => {
+            plan.steps
+                .extend(created(&statements, "encryption_keys", "the key catalog"));
+            "text".to_owned()
+        }
+        Some(id) => {
+            let mut add = Vec::new();
+            check_columns(found, "encryption_keys", &KEY_COLUMNS, &mut plan, &mut add);
+            push_alter(&mut plan, "encryption_keys", add);
+            id.sql_type.clone()
+        }
+    };
+
+    // The envelope columns of connections.
+    let mut add = Vec::new();
+    match found.column("connections", "encryption_key_id") {
+        None => add.push(format!(
+            "ADD COLUMN IF NOT EXISTS encryption_key_id {key_id_type}"
+        )),
+        Some(col) if Family::of(&col.sql_type) == Family::of(&key_id_type) => {}
+        Some(col) => plan.refusals.push(Refusal {
+            table: "connections".to_owned(),
+            column: "encryption_key_id".to_owned(),
+            found: col.sql_type.clone(),
+            expected: format!("{key_id_type}, the type of encryption_keys.id"),
+        }),
+    }
+    check_columns(
+        found,
+        "connections",
+        &CONNECTION_COLUMNS,
+        &mut plan,
+        &mut add,
+    );
+    push_alter(&mut plan, "connections", add);
+    if !found.key_foreign_key {
+        plan.steps.push(Step::ForeignKey {
+            why: "the foreign key from connections to the key catalog".to_owned(),
+            table: "connections".to_owned(),
+            name: "connections_encryption_key_id_fkey".to_owned(),
+            definition: "FOREIGN KEY (encryption_key_id) REFERENCES encryption_keys (id)"
+                .to_owned(),
+        });
+    }
+    if found.key_index_valid != Some(true) {
+        plan.steps.push(Step::Index {
+            why: "the index rotation and usage read rows by key through".to_owned(),
+            name: "connections_encryption_key_id_idx".to_owned(),
+            sql: "CREATE INDEX CONCURRENTLY IF NOT EXISTS connections_encryption_key_id_idx \
+                  ON connections (encryption_key_id)"
+                .to_owned(),
+        });
+    }
+    plan.steps.push(Step::BackfillMirror {
+        id_type: id_type.clone(),
+    });
+
+    // The rotation queue.
+    if found.tables.contains_key("encryption_rotation_jobs") {
+        let mut add = Vec::new();
+        check_columns(
+            found,
+            "encryption_rotation_jobs",
+            &JOB_COLUMNS,
+            &mut plan,
+            &mut add,
+        );
+        push_alter(&mut plan, "encryption_rotation_jobs", add);
+    } else {
+        plan.steps.extend(created(
+            &statements,
+            "encryption_rotation_jobs",
+            "the rotation queue",
+        ));
+    }
+
+    // Scoped tokens, whose connection_id takes the type of connections.id.
+    if found.tables.contains_key("connection_scoped_tokens") {
+        let mut add = Vec::new();
+        match found.column("connection_scoped_tokens", "connection_id") {
+            Some(col) if Family::of(&col.sql_type) == Family::of(&id_type) => {}
+            other => plan.refusals.push(Refusal {
+                table: "connection_scoped_tokens".to_owned(),
+                column: "connection_id".to_owned(),
+                found: other.map_or("missing".to_owned(), |c| c.sql_type.clone()),
+                expected: format!("{id_type}, the type of connections.id"),
+            }),
+        }
+        check_columns(
+            found,
+            "connection_scoped_tokens",
+            &SCOPED_TOKEN_COLUMNS,
+            &mut plan,
+            &mut add,
+        );
+        push_alter(&mut plan, "connection_scoped_tokens", add);
+    } else {
+        plan.steps.extend(
+            created(&statements, "connection_scoped_tokens", "scoped tokens").map(
+                |step| match step {
+                    Step::Sql { why, sql } => Step::Sql {
+                        why,
+                        sql: sql.replace(
+                            "connection_id TEXT NOT NULL",
+                            &format!("connection_id {id_type} NOT NULL"),
+                        ),
+                    },
+                    other => other,
+                },
+            ),
+        );
+    }
+    Some(plan)
+}
+
+fn push_alter(plan: &mut AdoptPlan, table: &str, add: Vec<String>) {
+    if !add.is_empty() {
+        plan.steps.push(Step::Sql {
+            why: format!("the columns keyward needs in {table}"),
+            sql: format!("ALTER TABLE {table} {}", add.join(", ")),
+        });
+    }
+}
+
+/// 0001's statements, comments dropped.
+fn statements(schema: &str) -> Vec<String> {
+    let code: String = schema
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';')
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// 0001's statements that create `table` and its indexes.
+fn created<'a>(
+    statements: &'a [String],
+    table: &'a str,
+    what: &'a str,
+) -> impl Iterator<Item = Step> + 'a {
+    statements
+        .iter()
+        .filter(move |s| {
+            s.starts_with(&format!("CREATE TABLE {table} "))
+                || (s.starts_with("CREATE ") && s.contains(&format!(" ON {table} (")))
+        })
+        .map(move |sql| Step::Sql {
+            why: format!("{what} ({table})"),
+            sql: sql.clone(),
+        })
+}
+
+/// Whether an id column of `sql_type` is paged in its own type.
+pub fn is_id_type(sql_type: &str) -> bool {
+    matches!(
+        Family::of(sql_type),
+        Family::Text | Family::Uuid | Family::Integer
+    )
+}
+
+/// The type of `table.column` in the current schema, if both exist.
+pub async fn column_type(
+    pool: &PgPool,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+         WHERE a.attrelid = to_regclass(quote_ident($1)) AND a.attname = $2 \
+           AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(table)
+    .bind(column)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Reads what the database holds of the adopted tables.
+pub async fn inspect(pool: &PgPool) -> Result<Found, sqlx::Error> {
+    let mut found = Found::default();
+    let rows = sqlx::query(
+        "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+         WHERE c.relnamespace = to_regnamespace(current_schema())::oid AND c.relkind IN ('r', 'p') \
+           AND c.relname = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+    )
+    .bind(ADOPTED_TABLES.to_vec())
+    .fetch_all(pool)
+    .await?;
+    for row in rows {
+        let (table, name, sql_type): (String, String, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        found
+            .tables
+            .entry(table)
+            .or_default()
+            .push(Column { name, sql_type });
+    }
+    found.keyward_schema =
+        sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await?
+            && sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = 1 AND success)",
+            )
+            .fetch_one(pool)
+            .await?;
+    found.key_index_valid = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relname = 'connections_encryption_key_id_idx' \
+           AND c.relnamespace = to_regnamespace(current_schema())::oid",
+    )
+    .fetch_optional(pool)
+    .await?;
+    found.key_foreign_key = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'connections_encryption_key_id_fkey' \
+           AND conrelid = to_regclass('connections'))",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(found)
+}
+
+/// Runs `plan` (refusing it whole if it has refusals), then records the
+/// first migration, `first`, as applied.
+pub async fn apply(
+    pool: &PgPool,
+    plan: &AdoptPlan,
+    first: &sqlx::migrate::Migration,
+) -> Result<(), AdoptError> {
+    if !plan.refusals.is_empty() {
+        return Err(AdoptError::Incompatible(plan.refusals.clone()));
+    }
+    let mut conn = pool.acquire().await?;
+    set_lock_timeout(&mut conn).await?;
+    for step in &plan.steps {
+        tracing::info!(step = %step, "adopting the application's database");
+        match step {
+            Step::Sql { sql, .. } => patient(&mut conn, sql, None).await?,
+            Step::Index { name, sql, .. } => {
+                let invalid: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                     WHERE c.relname = $1 AND NOT i.indisvalid)",
+                )
+                .bind(name)
+                .fetch_one(&mut *conn)
+                .await?;
+                if invalid {
+                    let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
+                    patient(&mut conn, &drop, None).await?;
+                }
+                patient(&mut conn, sql, None).await?;
+            }
+            Step::ForeignKey {
+                table,
+                name,
+                definition,
+                ..
+            } => {
+                let add =
+                    format!("ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID");
+                patient(&mut conn, &add, None).await?;
+                let validate = format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}");
+                patient(&mut conn, &validate, None).await?;
+            }
+            Step::BackfillMirror { id_type } => backfill_mirror(&mut conn, id_type).await?,
+        }
+    }
+    conn.ensure_migrations_table().await?;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ($1, $2, TRUE, $3, 0)",
+    )
+    .bind(first.version)
+    .bind(first.description.as_ref())
+    .bind(first.checksum.as_ref())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Bounds every lock wait of this session by [`LOCK_TIMEOUT`].
+pub async fn set_lock_timeout(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "SET lock_timeout = '{}ms'",
+        LOCK_TIMEOUT.as_millis()
+    ))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Whether `err` is a lock wait that ran out of [`LOCK_TIMEOUT`].
+pub fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// Runs `sql` (binding `ids` if given), retrying while it times out
+/// waiting for a lock.
+async fn patient(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    ids: Option<&[String]>,
+) -> Result<(), AdoptError> {
+    for _ in 0..LOCK_ATTEMPTS {
+        let query = sqlx::query(sql);
+        let query = match ids {
+            Some(ids) => query.bind(ids),
+            None => query,
+        };
+        match query.execute(&mut *conn).await {
+            Ok(_) => return Ok(()),
+            Err(err) if is_lock_timeout(&err) => tokio::time::sleep(LOCK_TIMEOUT / 2).await,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(AdoptError::Busy {
+        sql: sql.to_owned(),
+    })
+}
+
+/// Copies the legacy ciphertext of rows without a payload into the mirror,
+/// a batch of ids at a time in `connections.id` order (its own type, so
+/// the primary key's index pages through the table).
+async fn backfill_mirror(conn: &mut sqlx::PgConnection, id_type: &str) -> Result<(), AdoptError> {
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = format!(
+            "SELECT CAST(id AS TEXT) FROM connections {} ORDER BY id LIMIT {BACKFILL_BATCH}",
+            if cursor.is_some() {
+                format!("WHERE id > CAST($1 AS {id_type})")
+            } else {
+                "WHERE $1::text IS NULL".to_owned()
+            }
+        );
+        let ids: Vec<String> = sqlx::query_scalar(&page)
+            .bind(&cursor)
+            .fetch_all(&mut *conn)
+            .await?;
+        let Some(last) = ids.last().cloned() else {
+            return Ok(());
+        };
+        let update = format!(
+            "UPDATE connections SET payload_ciphertext = encrypted_credentials, \
+             payload_iv = credentials_iv WHERE id = ANY(CAST($1 AS {id_type}[])) \
+             AND payload_ciphertext IS NULL AND encrypted_credentials IS NOT NULL"
+        );
+        patient(conn, &update, Some(&ids)).await?;
+        cursor = Some(last);
+    }
+}
