@@ -15,7 +15,7 @@
 //! global flags, the [`Command`] enum and the dispatcher; each command
 //! family owns its `Args` and its `run` in a file of its own — `serve`,
 //! `worker` (with the worker and replica flags `serve` shares), `keys`
-//! (`seed-key`, `keys`, `replicas`, `self-test`), `rotate` (with
+//! (`seed-key`, `keys`, `replicas`, `self-test`), `migrate`, `rotate` (with
 //! `prune-tokens`), `token`, `legacy`; `secrets` reads master secrets and
 //! checks key files; `audit` writes the operator commands' audit events;
 //! `config_file` turns `--config` into flags.
@@ -24,6 +24,7 @@ mod audit;
 mod config_file;
 mod keys;
 mod legacy;
+mod migrate;
 mod rotate;
 mod secrets;
 mod serve;
@@ -240,8 +241,9 @@ enum LogFormat {
 enum Command {
     /// Serve keyward.v1.Crypto, keyward.v1.Admin, health and reflection.
     Serve(Box<serve::ServeArgs>),
-    /// Apply database migrations and exit.
-    Migrate,
+    /// Apply database migrations and exit; on an application's existing
+    /// database, adopt it first (--dry-run prints what that takes).
+    Migrate(migrate::MigrateArgs),
     /// Upsert the active key (the runbook's `npm run seed:encryption-key`).
     SeedKey(keys::SeedArgs),
     /// List, create, activate or retire key records.
@@ -379,12 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Serve(args) => serve::serve(&global, *args).await,
-        Command::Migrate => {
-            let store = crate::store::Store::connect(&global.database_url).await?;
-            store.migrate().await?;
-            println!("migrations applied to {}", redact_url(&global.database_url));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Migrate(args) => migrate::migrate(&global, args).await,
         Command::SeedKey(args) => keys::seed_key(&global, args).await,
         Command::Keys(cmd) => keys::keys(&global, cmd).await,
         Command::Replicas(cmd) => keys::replicas(&global, cmd).await,

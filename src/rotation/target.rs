@@ -273,7 +273,9 @@ impl RotationTarget {
     /// context). With the id's type known, rows are paged in that type, so
     /// the primary key's index serves the page.
     pub fn select_batch_sql(&self, first: bool) -> String {
-        let id = self.id.q();
+        // Qualified: a bare `id` in ORDER BY would name the select list's
+        // `CAST(id AS TEXT) AS id` and sort by text.
+        let id = format!("{}.{}", self.table.q(), self.id.q());
         let after = match (&self.id_type, first) {
             (Some(_), true) => format!("$3 = '' ORDER BY {id}"),
             (Some(t), false) => format!("{id} > CAST($3 AS {}) ORDER BY {id}", t.as_str()),

@@ -717,9 +717,10 @@ async fn backfill_mirror(conn: &mut sqlx::PgConnection, id_type: &str) -> Result
     let mut cursor: Option<String> = None;
     loop {
         let page = format!(
-            "SELECT CAST(id AS TEXT) FROM connections {} ORDER BY id LIMIT {BACKFILL_BATCH}",
+            "SELECT CAST(connections.id AS TEXT) FROM connections {} \
+             ORDER BY connections.id LIMIT {BACKFILL_BATCH}",
             if cursor.is_some() {
-                format!("WHERE id > CAST($1 AS {id_type})")
+                format!("WHERE connections.id > CAST($1 AS {id_type})")
             } else {
                 "WHERE $1::text IS NULL".to_owned()
             }
@@ -738,5 +739,162 @@ async fn backfill_mirror(conn: &mut sqlx::PgConnection, id_type: &str) -> Result
         );
         patient(conn, &update, Some(&ids)).await?;
         cursor = Some(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &str = include_str!("../../migrations/postgres/0001_schema.sql");
+
+    fn table(columns: &[(&str, &str)]) -> Vec<Column> {
+        columns
+            .iter()
+            .map(|(name, sql_type)| Column {
+                name: (*name).to_owned(),
+                sql_type: (*sql_type).to_owned(),
+            })
+            .collect()
+    }
+
+    /// The runbook's platform before keyward: connections only.
+    fn application() -> Found {
+        let mut found = Found::default();
+        found.tables.insert(
+            "connections".into(),
+            table(&[
+                ("id", "uuid"),
+                ("workspace_id", "uuid"),
+                ("name", "character varying(255)"),
+                ("encrypted_credentials", "bytea"),
+                ("credentials_iv", "bytea"),
+                ("updated_at", "timestamp without time zone"),
+            ]),
+        );
+        found
+    }
+
+    fn sql(plan: &AdoptPlan) -> Vec<String> {
+        plan.steps.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn nothing_to_adopt_on_a_new_or_keyward_database() {
+        assert_eq!(plan(&Found::default(), SCHEMA), None);
+        let mut ours = application();
+        ours.keyward_schema = true;
+        assert_eq!(plan(&ours, SCHEMA), None);
+    }
+
+    #[test]
+    fn an_application_database_gets_what_is_missing_in_its_own_types() {
+        let plan = plan(&application(), SCHEMA).unwrap();
+        assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);
+        let steps = sql(&plan).join("\n");
+        assert!(steps.contains("CREATE TABLE encryption_keys ("), "{steps}");
+        assert!(
+            steps.contains("CREATE UNIQUE INDEX encryption_keys_one_active"),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("CREATE TABLE encryption_rotation_jobs ("),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("connection_id uuid NOT NULL REFERENCES connections (id)"),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("ADD COLUMN IF NOT EXISTS encryption_key_id text"),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("ADD COLUMN IF NOT EXISTS payload_ciphertext BYTEA"),
+            "{steps}"
+        );
+        // The application's own columns are neither added nor touched.
+        assert!(!steps.contains("EXISTS encrypted_credentials"), "{steps}");
+        assert!(!steps.contains("EXISTS updated_at"), "{steps}");
+        assert!(
+            !steps.contains("CREATE TABLE IF NOT EXISTS connections"),
+            "{steps}"
+        );
+        assert!(steps.contains("NOT VALID"), "{steps}");
+        assert!(steps.contains("CREATE INDEX CONCURRENTLY"), "{steps}");
+        assert!(matches!(plan.steps.last(), Some(Step::Sql { .. })));
+        assert!(plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::BackfillMirror { id_type } if id_type == "uuid")));
+    }
+
+    #[test]
+    fn what_a_finished_adoption_left_is_not_done_again() {
+        let mut found = application();
+        found.key_foreign_key = true;
+        found.key_index_valid = Some(true);
+        let plan = plan(&found, SCHEMA).unwrap();
+        assert!(!plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::ForeignKey { .. } | Step::Index { .. })));
+        // An index a failed concurrent build left invalid is built again.
+        found.key_index_valid = Some(false);
+        let plan = super::plan(&found, SCHEMA).unwrap();
+        assert!(plan.steps.iter().any(|s| matches!(s, Step::Index { .. })));
+    }
+
+    #[test]
+    fn incompatible_columns_are_refused_by_name_and_type() {
+        let mut found = application();
+        if let Some(columns) = found.tables.get_mut("connections") {
+            columns.extend(table(&[("payload_ciphertext", "integer")]));
+        }
+        found.tables.insert(
+            "encryption_keys".into(),
+            table(&[("id", "uuid"), ("key_id", "text")]),
+        );
+        let refusals = plan(&found, SCHEMA).unwrap().refusals;
+        let text: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+        assert!(
+            text.contains(&"connections.payload_ciphertext is integer; keyward needs bytea (text-encoded ciphertext columns are not supported yet)".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"encryption_keys.id is uuid; keyward needs text or varchar".to_owned()),
+            "{text:?}"
+        );
+        assert!(text
+            .iter()
+            .any(|t| t.starts_with("encryption_keys.kms_key_arn is missing")));
+    }
+
+    #[test]
+    fn the_applications_own_runbook_tables_are_adopted_when_their_types_fit() {
+        let mut found = application();
+        found.tables.insert(
+            "encryption_keys".into(),
+            table(&[
+                ("id", "character varying(36)"),
+                ("key_id", "text"),
+                ("kms_key_arn", "text"),
+                ("status", "character varying(16)"),
+                ("created_at", "timestamp without time zone"),
+                ("updated_at", "timestamp without time zone"),
+            ]),
+        );
+        let plan = plan(&found, SCHEMA).unwrap();
+        assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);
+        let steps = sql(&plan).join("\n");
+        assert!(!steps.contains("CREATE TABLE encryption_keys"), "{steps}");
+        assert!(
+            steps.contains("ALTER TABLE encryption_keys ADD COLUMN IF NOT EXISTS alias TEXT"),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("ADD COLUMN IF NOT EXISTS encryption_key_id character varying(36)"),
+            "{steps}"
+        );
     }
 }

@@ -221,6 +221,13 @@ pub async fn spawn_with(backend: Backend, options: Options) -> Option<TestApp> {
     Some(start(backend, database_url, dir, options).await)
 }
 
+/// A server on an existing database (one a test prepared, such as an
+/// application's).
+pub async fn spawn_on(backend: Backend, database_url: String, options: Options) -> TestApp {
+    init_logs();
+    start(backend, database_url, tempfile::tempdir().unwrap(), options).await
+}
+
 async fn start(
     backend: Backend,
     database_url: String,
@@ -455,7 +462,7 @@ impl ConnectionRow {
 impl TestApp {
     /// Every `connections` row, ordered by id.
     pub async fn connections(&self) -> Vec<ConnectionRow> {
-        const SQL: &str = "SELECT id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
+        const SQL: &str = "SELECT CAST(id AS TEXT) AS id, encryption_key_id, data_key_ciphertext, data_key_iv, payload_ciphertext, \
              payload_iv, encrypted_credentials, credentials_iv, last_error FROM connections ORDER BY id";
         on_db!(self, |pool| sqlx::query_as(SQL).fetch_all(&pool).await).unwrap()
     }

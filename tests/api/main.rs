@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod admin;
+mod adoption;
 mod audit_bounds;
 mod aws_kms;
 mod cli;

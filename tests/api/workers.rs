@@ -171,7 +171,7 @@ impl Drop for WorkerProcess {
     }
 }
 
-async fn final_job(app: &TestApp, job_id: &str) -> keyward::api::proto::RotationJob {
+pub(crate) async fn final_job(app: &TestApp, job_id: &str) -> keyward::api::proto::RotationJob {
     let mut stream = app
         .admin
         .clone()
@@ -192,7 +192,11 @@ async fn final_job(app: &TestApp, job_id: &str) -> keyward::api::proto::Rotation
     last.unwrap()
 }
 
-async fn assert_all_rotated(app: &TestApp, target: &str, expected: &HashMap<String, String>) {
+pub(crate) async fn assert_all_rotated(
+    app: &TestApp,
+    target: &str,
+    expected: &HashMap<String, String>,
+) {
     let rows = app.connections().await;
     assert_eq!(rows.len(), expected.len());
     let mut client = app.crypto.clone();

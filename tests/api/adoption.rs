@@ -1,0 +1,296 @@
+//! keyward on an application's own PostgreSQL database (issue: adoption).
+//! The fixture is the runbook's platform as it stood before keyward: a
+//! Drizzle-made `connections` table with `uuid` (or `bigint` identity) ids,
+//! NOT NULL columns of its own and 300 rows the application encrypted in
+//! the legacy format. `keyward migrate` (the real binary, twice) adopts it
+//! without touching the application's columns; keyward then decrypts the
+//! legacy rows and rotates every row onto the active key, paging by the id
+//! in its own type.
+
+use std::collections::HashMap;
+
+use keyward::{
+    api::proto::{decrypt_request::Ciphertext, DecryptRequest, Envelope, StartRotationRequest},
+    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
+};
+use sqlx::PgPool;
+
+use crate::{
+    cli::{keyward, run, stderr, stdout},
+    helpers::{ctx, spawn_on, Backend, Options, MASTER, PRIMARY},
+    postgres,
+};
+
+/// The application's schema, as its Drizzle migrations made it.
+fn app_schema(id: &str) -> String {
+    format!(
+        "CREATE TABLE workspaces (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name varchar(255) NOT NULL);
+         CREATE TABLE connections (
+             id {id} PRIMARY KEY,
+             workspace_id uuid NOT NULL REFERENCES workspaces (id),
+             name varchar(255) NOT NULL,
+             type varchar(64) NOT NULL,
+             encrypted_credentials bytea,
+             credentials_iv bytea,
+             created_at timestamp DEFAULT now() NOT NULL,
+             updated_at timestamp DEFAULT now() NOT NULL
+         );"
+    )
+}
+
+/// The application's own columns, every row, as one text.
+const APP_COLUMNS: &str =
+    "SELECT string_agg(ROW(id, workspace_id, name, type, encrypted_credentials, \
+     credentials_iv, created_at, updated_at)::text, '|' ORDER BY id) FROM connections";
+
+/// A database of its own holding the application's schema and `rows`
+/// legacy rows; returns its URL and each row's plaintext by id.
+async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<String, String>)> {
+    let server = match postgres::server_url() {
+        Ok(server) => server,
+        Err(reason) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL is required in CI but unavailable: {reason}"
+            );
+            eprintln!("SKIPPED (PostgreSQL unavailable: {reason})");
+            return None;
+        }
+    };
+    let url = postgres::create_database(server, "app").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(&app_schema(id)).execute(&pool).await.unwrap();
+    let workspace: String = sqlx::query_scalar(
+        "INSERT INTO workspaces (name) VALUES ('acme') RETURNING CAST(id AS TEXT)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let master = MasterSecret::new(MASTER).unwrap();
+    let mut plaintexts = HashMap::new();
+    for n in 0..rows {
+        let plaintext = format!("{{\"password\":\"secret-{n}\"}}");
+        let (iv, ct) = encrypt_legacy(&master, plaintext.as_bytes());
+        let row_id: String = sqlx::query_scalar(
+            "INSERT INTO connections (workspace_id, name, type, encrypted_credentials, credentials_iv) \
+             VALUES (CAST($1 AS uuid), $2, 'postgres', $3, $4) RETURNING CAST(id AS TEXT)",
+        )
+        .bind(&workspace)
+        .bind(format!("db-{n}"))
+        .bind(ct)
+        .bind(iv.to_vec())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        plaintexts.insert(row_id, plaintext);
+    }
+    pool.close().await;
+    Some((url, plaintexts))
+}
+
+fn migrate(url: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    run(keyward(dir.path())
+        .env("DATABASE_URL", url)
+        .arg("migrate")
+        .args(args))
+}
+
+async fn scalar<T>(pool: &PgPool, sql: &str) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn adopts_and_rotates(id: &str, id_type: &str) {
+    let Some((url, plaintexts)) = application_database(id, 300).await else {
+        return;
+    };
+    let pool = PgPool::connect(&url).await.unwrap();
+    let before: String = scalar(&pool, APP_COLUMNS).await;
+
+    let plan = migrate(&url, &["--dry-run"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan = stdout(&plan);
+    assert!(plan.contains("is an application's database"), "{plan}");
+    assert!(plan.contains("CREATE INDEX CONCURRENTLY"), "{plan}");
+    assert!(
+        plan.contains(&format!("connection_id {id_type} NOT NULL")),
+        "{plan}"
+    );
+    let untouched: bool = scalar(&pool, "SELECT to_regclass('encryption_keys') IS NULL").await;
+    assert!(untouched, "the dry run changed the database");
+
+    for _ in 0..2 {
+        let out = migrate(&url, &[]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    }
+    let after: String = scalar(&pool, APP_COLUMNS).await;
+    assert_eq!(before, after, "the application's columns changed");
+    let migrations: i64 =
+        scalar(&pool, "SELECT COUNT(*) FROM _sqlx_migrations WHERE success").await;
+    assert_eq!(migrations, 6);
+    let token_fk: String = scalar(
+        &pool,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'connection_scoped_tokens'::regclass AND attname = 'connection_id'",
+    )
+    .await;
+    assert_eq!(token_fk, id_type);
+    let valid: bool = scalar(
+        &pool,
+        "SELECT bool_and(convalidated) FROM pg_constraint WHERE conrelid = 'connections'::regclass \
+         AND contype = 'f'",
+    )
+    .await;
+    assert!(valid, "a foreign key was left NOT VALID");
+    let index_valid: bool = scalar(
+        &pool,
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'connections_encryption_key_id_idx'::regclass",
+    )
+    .await;
+    assert!(index_valid);
+    let mirrored: i64 = scalar(
+        &pool,
+        "SELECT COUNT(*) FROM connections WHERE payload_ciphertext = encrypted_credentials",
+    )
+    .await;
+    assert_eq!(mirrored, 300, "the payload mirror was not backfilled");
+
+    let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    let target = app
+        .services
+        .admin
+        .catalog_snapshot()
+        .active()
+        .unwrap()
+        .id
+        .clone();
+    let mut client = app.crypto.clone();
+    let rows = app.connections().await;
+    assert_eq!(rows.len(), 300);
+    // Legacy rows decrypt, with or without their context.
+    for row in rows.iter().take(20) {
+        let opened = client
+            .decrypt(DecryptRequest {
+                context: ctx(&[("connection_id", row.id.as_str())]),
+                ciphertext: Some(Ciphertext::Envelope(Envelope {
+                    payload_ciphertext: row.encrypted_credentials.clone().unwrap().into(),
+                    payload_iv: row.credentials_iv.clone().unwrap().into(),
+                    ..Envelope::default()
+                })),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(opened.legacy);
+        assert_eq!(&opened.plaintext[..], plaintexts[&row.id].as_bytes());
+    }
+
+    // Rotation pages through the table by its own id type, so the primary
+    // key's index can serve the page (with sequential scans off, as on a
+    // table large enough for the planner to prefer the index; a CAST of
+    // the id to text could not use it at all).
+    let target_sql = &app.services.targets[0];
+    assert_eq!(
+        target_sql.id_type.as_ref().map(|t| t.as_str()),
+        Some(id_type)
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let explain: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN {}",
+        target_sql
+            .select_batch_sql(false)
+            .replace("$1", "'k'")
+            .replace("$2", "'j'")
+            .replace(
+                "$3",
+                "(SELECT CAST(c.id AS TEXT) FROM connections c ORDER BY c.id LIMIT 1)"
+            )
+            .replace("$4", "100")
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    let explain = explain.join("\n");
+    assert!(
+        explain.contains(&format!("Index Cond: (id > ($0)::{id_type})"))
+            && explain.contains("connections_pkey")
+            && !explain.contains("Sort Key: ((connections.id)::text)"),
+        "{explain}"
+    );
+
+    let job = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let job = crate::workers::final_job(&app, &job.id).await;
+    assert_eq!(
+        (job.total_rows, job.succeeded_rows, job.failed_rows),
+        (300, 300, 0),
+        "{job:?}"
+    );
+    crate::workers::assert_all_rotated(&app, &target, &plaintexts).await;
+    assert_eq!(
+        app.services
+            .admin
+            .catalog_snapshot()
+            .active()
+            .unwrap()
+            .key_id,
+        PRIMARY
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_database_with_uuid_ids_is_adopted() {
+    adopts_and_rotates("uuid DEFAULT gen_random_uuid()", "uuid").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_database_with_bigint_ids_is_adopted() {
+    adopts_and_rotates("bigint GENERATED ALWAYS AS IDENTITY", "bigint").await;
+}
+
+/// A column keyward needs that the application declared with another type
+/// is refused before anything changes, naming table, column and types.
+#[tokio::test]
+async fn an_incompatible_column_is_refused_and_nothing_changes() {
+    let Some((url, _)) = application_database("uuid DEFAULT gen_random_uuid()", 3).await else {
+        return;
+    };
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE connections ADD COLUMN payload_ciphertext integer")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before: String = scalar(&pool, APP_COLUMNS).await;
+    let out = migrate(&url, &[]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains("connections.payload_ciphertext is integer; keyward needs bytea"),
+        "{message}"
+    );
+    assert!(message.contains("nothing was changed"), "{message}");
+    let nothing: bool = scalar(
+        &pool,
+        "SELECT to_regclass('encryption_keys') IS NULL AND to_regclass('_sqlx_migrations') IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM information_schema.columns \
+                         WHERE table_name = 'connections' AND column_name = 'data_key_ciphertext')",
+    )
+    .await;
+    assert!(nothing, "a refused adoption changed the database");
+    assert_eq!(before, scalar::<String>(&pool, APP_COLUMNS).await);
+    let dry = stdout(&migrate(&url, &["--dry-run"]));
+    assert!(dry.contains("and refuses it (exit status 65"), "{dry}");
+}
