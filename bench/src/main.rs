@@ -8,12 +8,14 @@
 //! - `rotation` ([`rotation`]): rotation rows/s against a one-`UPDATE`
 //!   floor, and Encrypt p99 during a rotation against idle;
 //! - `soak` ([`soak`]): a bounded soak of a real `keyward serve` process;
+//! - `adopt` ([`adopt`]): `migrate` adopting an application's live table;
 //! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS.
 //!
 //! [`server`] starts the in-process server the first two measure; [`rows`]
 //! writes, reads and removes the benchmark's own rows (every statement
 //! scoped to the run's id prefix).
 
+mod adopt;
 #[cfg(feature = "aws-kms")]
 mod kms_cache;
 mod rotation;
@@ -41,6 +43,10 @@ enum Command {
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
     /// p99 during a rotation against idle (use an empty PostgreSQL database).
     Rotation(rotation::RotationArgs),
+    /// Adopt an application's live `connections` table (--rows rows, uuid
+    /// ids) on PostgreSQL while writers update it: migrate's wall time and
+    /// the writers' longest stall (in a schema of its own, dropped after).
+    Adopt(adopt::AdoptArgs),
     /// Soak a `keyward serve` child process on PostgreSQL: mixed
     /// Encrypt/Decrypt load while it rotates --rows rows, then read every
     /// row back; reports errors, p50/p99 over time and peak RSS (use an
@@ -96,6 +102,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Throughput(args) => throughput::run(args).await.map(|_| true),
         Command::Rotation(args) => rotation::run(args).await.map(|()| true),
         Command::Soak(args) => soak::run(args).await,
+        Command::Adopt(args) => adopt::run(args).await.map(|()| true),
         #[cfg(feature = "aws-kms")]
         Command::KmsCache(args) => kms_cache::run(args).await.map(|()| true),
     }

@@ -172,3 +172,35 @@ async fn a_short_soak_passes() {
         ],
     );
 }
+
+/// `adopt`, briefly: an application's live table adopted while writers
+/// update it; the benchmark checks the adoption finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopting_a_live_table_reports_the_writers_stall() {
+    let Some(url) = fresh_postgres().await else {
+        return;
+    };
+    let report = passed(
+        bench(&[
+            "adopt",
+            "--rows",
+            "5000",
+            "--writers",
+            "2",
+            "--idle-seconds",
+            "0.5",
+        ])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap(),
+    );
+    assert_lines(
+        &report,
+        &[
+            "5000 application rows written",
+            "migrate (adoption) wall time, s",
+            "writer longest stall during migrate, ms",
+            "writer p99 during / before migrate",
+        ],
+    );
+}
