@@ -19,7 +19,7 @@ use super::{
     retirement::{self, RetireFacts, RetirePlan},
 };
 use crate::{
-    crypto::kms::ProviderKind,
+    crypto::kms::{provider_of_new_key, ProviderKind},
     error::{Error, Result},
     keys::{Catalog, KeyCatalog, KeyRecord, KeyStatus},
     rotation::{target::RotationTarget, RotationJob},
@@ -549,9 +549,21 @@ fn validate_new_key(req: CreateKey) -> Result<NewKey> {
                 "an aws-kms key needs its KMS key ARN, id or alias",
             ))
         }
-        (Some(kind), false) => (kind, arn),
         (_, true) => (ProviderKind::Local, format!("local:{key_id}")),
-        (None, false) => (ProviderKind::infer(&arn), arn),
+        (explicit, false) => {
+            let named =
+                provider_of_new_key(&arn).map_err(|e| invalid("kms_key_arn", &e.to_string()))?;
+            if explicit.is_some_and(|kind| kind != named) {
+                return Err(invalid(
+                    "provider",
+                    &format!(
+                        "kms_key_arn {arn:?} names an {named} key, not {}",
+                        explicit.map_or("", |k| k.as_str())
+                    ),
+                ));
+            }
+            (named, arn)
+        }
     };
     let alias = req
         .alias
@@ -605,6 +617,40 @@ mod tests {
         assert_eq!(new.provider, ProviderKind::AwsKms);
         assert!(validate_new_key(req("k", "", "aws-kms")).is_err());
         assert!(validate_new_key(req("k", "", "gcp")).is_err());
+        assert!(validate_new_key(req("k", "local:k", "aws-kms")).is_err());
+        assert!(validate_new_key(req("k", "alias/app", "local")).is_err());
+    }
+
+    #[test]
+    fn a_key_reference_keyward_cannot_use_is_refused_with_the_accepted_forms() {
+        for (arn, says) in [
+            ("my-key", "not a key reference keyward understands"),
+            ("local:", "not a key reference keyward understands"),
+            (
+                "projects/p/locations/global/keyRings/r/cryptoKeys/k",
+                "Google Cloud KMS key; that provider is not in this build",
+            ),
+            ("pkcs11:token=t;object=k", "PKCS#11 key"),
+        ] {
+            let Err(Error::InvalidField { field, reason }) = validate_new_key(req("k", arn, ""))
+            else {
+                panic!("{arn} accepted");
+            };
+            assert_eq!(field, "kms_key_arn");
+            assert!(
+                reason.contains(says) && reason.contains("alias/"),
+                "{reason}"
+            );
+        }
+        for arn in [
+            "arn:aws:kms:us-east-1:123456789012:key/runbook-example",
+            "arn:aws-cn:kms:cn-north-1:1:alias/x",
+            "alias/app/2025-03",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "local:2025-03",
+        ] {
+            assert!(validate_new_key(req("k", arn, "")).is_ok(), "{arn}");
+        }
     }
 
     #[test]

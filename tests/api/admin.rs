@@ -375,7 +375,47 @@ async fn health_turns_serving_when_a_key_is_activated(backend: Backend) {
     app.wait_for_health(1).await;
 }
 
+/// A `kms_key_arn` keyward cannot use is refused by name, listing the
+/// forms it accepts; nothing is registered.
+async fn unknown_key_references_are_refused(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let mut admin = app.admin.clone();
+    for (arn, says) in [
+        ("my-key", "not a key reference keyward understands"),
+        (
+            "projects/p/locations/global/keyRings/r/cryptoKeys/k",
+            "Google Cloud KMS key; that provider is not in this build",
+        ),
+    ] {
+        let status = assert_code(
+            admin
+                .create_key(CreateKeyRequest {
+                    key_id: "refused".into(),
+                    kms_key_arn: arn.into(),
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+        );
+        assert!(
+            status.message().contains(says) && status.message().contains("local:NAME"),
+            "{}",
+            status.message()
+        );
+    }
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert!(keys.iter().all(|k| k.key_id != "refused"));
+}
+
 crate::on_both_backends!(
+    unknown_key_references_are_refused,
     activation_demotes_the_previous_key,
     retire_refuses_while_rows_reference_the_key,
     retire_succeeds_once_no_row_references_the_key,

@@ -62,6 +62,54 @@ impl fmt::Display for ProviderKind {
     }
 }
 
+/// The forms a new key record's `kms_key_arn` may take, for messages.
+pub const ACCEPTED_KEY_REFS: &str =
+    "an AWS KMS key ARN (arn:aws:kms:…), an AWS key id, an AWS alias \
+     (alias/…), or a local key name (local:NAME)";
+
+/// Why a `kms_key_arn` names nothing this build can use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyRefError {
+    #[error("{0:?} looks like a {1} key; that provider is not in this build (accepted: {ACCEPTED_KEY_REFS})")]
+    OtherProvider(String, &'static str),
+    #[error("{0:?} is not a key reference keyward understands; give {ACCEPTED_KEY_REFS}")]
+    Unknown(String),
+}
+
+/// The provider a new key record's `kms_key_arn` names. Unlike
+/// [`ProviderKind::infer`] (for rows already stored, which may name a
+/// local key by a bare word), nothing is guessed: a bare word, or another
+/// cloud's key name, is refused. Any `arn:aws…:kms:` string is AWS's to
+/// judge when the key is first used.
+pub fn provider_of_new_key(kms_key_arn: &str) -> Result<ProviderKind, KeyRefError> {
+    let arn = kms_key_arn.trim();
+    let is_aws_arn = arn.starts_with("arn:aws") && arn.contains(":kms:");
+    if is_aws_arn || arn.starts_with("alias/") || looks_like_aws_key_id(arn) {
+        return Ok(ProviderKind::AwsKms);
+    }
+    if arn
+        .strip_prefix("local:")
+        .is_some_and(|name| !name.trim().is_empty())
+    {
+        return Ok(ProviderKind::Local);
+    }
+    let other = if arn.starts_with("projects/") && arn.contains("/cryptoKeys/") {
+        Some("Google Cloud KMS")
+    } else if arn.contains(".vault.azure.net/") {
+        Some("Azure Key Vault")
+    } else if arn.starts_with("pkcs11:") {
+        Some("PKCS#11")
+    } else if arn.starts_with("vault:") || arn.starts_with("transit/") {
+        Some("HashiCorp Vault")
+    } else {
+        None
+    };
+    Err(match other {
+        Some(provider) => KeyRefError::OtherProvider(arn.to_owned(), provider),
+        None => KeyRefError::Unknown(arn.to_owned()),
+    })
+}
+
 /// AWS key ids are UUIDs (or `mrk-` + 32 hex digits for multi-Region keys).
 fn looks_like_aws_key_id(s: &str) -> bool {
     let hex_dash = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
