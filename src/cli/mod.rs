@@ -275,6 +275,10 @@ enum Command {
 /// Parses arguments, runs the command on a Tokio runtime, maps the outcome
 /// to an exit status.
 pub fn main() -> ExitCode {
+    // The runbook's services read `.env` in their working directory; so
+    // does keyward, before anything reads the environment. Variables the
+    // environment already has win, and flags win over both.
+    let dot_env = dotenvy::from_path(".env");
     let cli = match parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(Invalid::Clap(err)) => {
@@ -296,6 +300,7 @@ pub fn main() -> ExitCode {
         "warn"
     };
     init_logging(cli.global.log_format, level);
+    report_dot_env(dot_env);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -316,6 +321,19 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Says why `.env` was not (wholly) read, never what it holds: a parse
+/// error's text would quote the line, which may be a master secret.
+fn report_dot_env(loaded: dotenvy::Result<()>) {
+    match loaded {
+        Ok(_) => {}
+        Err(err) if err.not_found() => {}
+        Err(dotenvy::Error::Io(err)) => tracing::warn!(error = %err, "cannot read .env"),
+        Err(_) => tracing::warn!(
+            "a line of .env cannot be parsed (KEY=VALUE expected): it and the lines after it were not read"
+        ),
     }
 }
 

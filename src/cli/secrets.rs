@@ -17,10 +17,10 @@ pub(super) fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<Maste
     let from_env = ["ENCRYPTION_MASTER_KEY", "LOCAL_KMS_SECRET"]
         .iter()
         .find_map(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()));
-    let current = match (from_env, &global.master_key_file) {
-        (Some(secret), _) => Some(secret),
-        (None, Some(path)) => Some(read_secret_file(path)?),
-        (None, None) => None,
+    // A flag wins over the environment (and `.env`), as for every setting.
+    let current = match (&global.master_key_file, from_env) {
+        (Some(path), _) => Some(read_secret_file(path)?),
+        (None, from_env) => from_env,
     };
     let previous: Vec<String> = std::env::var("ENCRYPTION_MASTER_KEY_PREVIOUS")
         .map(|v| v.split(',').map(str::to_owned).collect())

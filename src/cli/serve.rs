@@ -301,7 +301,7 @@ mod tests {
 
     /// `keyward ARGS` as clap parses it with no environment variable
     /// consulted (every `env = …` is dropped from the command), no
-    /// `--config` file and no `.env` (keyward reads none).
+    /// `--config` file and no `.env` (only `cli::main` loads one).
     fn parse_without_env(args: &[&str]) -> super::super::Cli {
         fn strip(command: clap::Command) -> clap::Command {
             command

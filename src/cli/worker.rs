@@ -7,7 +7,9 @@ use clap::Args;
 
 use super::{open, shutdown_signal, GlobalArgs};
 use crate::{
-    rotation::worker::WorkerOptions, service::replica::ReplicaOptions, store::replicas::ReplicaKind,
+    rotation::worker::WorkerOptions,
+    service::{readiness::Readiness, replica::ReplicaOptions},
+    store::replicas::ReplicaKind,
 };
 
 /// The rotation worker's tuning, in `serve` (its in-process worker) and
@@ -89,10 +91,27 @@ pub(super) async fn worker(
         shutdown_signal().await;
         signal_stop.cancel();
     });
+    announce_when_ready(services.admin.readiness());
     let agent = services.replica_agent(ReplicaKind::Worker, None, args.replica.options());
     let agent = tokio::spawn(agent.run(stop.clone()));
     worker.run(stop).await;
     let _ = agent.await;
     services.store.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs the runbook's start-up line (§2.2) once this worker can use the
+/// keys, as `serve` does: the line operators look for in every pod.
+fn announce_when_ready(mut readiness: tokio::sync::watch::Receiver<Readiness>) {
+    tokio::spawn(async move {
+        loop {
+            if *readiness.borrow_and_update() == Readiness::Ready {
+                tracing::info!("🔐 Encryption service initialized successfully");
+                return;
+            }
+            if readiness.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }

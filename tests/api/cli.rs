@@ -854,6 +854,48 @@ async fn replica_usage_and_retirement_commands() {
     assert!(stdout(&retired).contains("retired"));
 }
 
+/// `.env` in the working directory is read, as the runbook's services read
+/// it; the real environment wins over it; a line that cannot be parsed is
+/// reported without its text (it may hold a secret).
+#[test]
+fn dot_env_in_the_working_directory_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let dot_env = dir.path().join(".env");
+    std::fs::write(
+        &dot_env,
+        format!("ENCRYPTION_MASTER_KEY={SECRET}\nDEFAULT_ENCRYPTION_KEY_ID=from-dotenv\n"),
+    )
+    .unwrap();
+    let out = run(keyward(dir.path()).arg("seed-key"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(keyward(dir.path())
+        .env("DEFAULT_ENCRYPTION_KEY_ID", "from-env")
+        .arg("seed-key"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let keys = stdout(&run(keyward(dir.path()).args(["keys", "list"])));
+    assert!(
+        keys.contains("from-dotenv") && keys.contains("from-env"),
+        "{keys}"
+    );
+
+    std::fs::write(
+        &dot_env,
+        format!("ENCRYPTION_MASTER_KEY={SECRET}\nnot a setting 'secret-tail\n"),
+    )
+    .unwrap();
+    let out = run(keyward(dir.path()).args(["keys", "list"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let warned = stderr(&out);
+    assert!(
+        warned.contains("a line of .env cannot be parsed"),
+        "{warned}"
+    );
+    assert!(
+        !warned.contains("secret-tail") && !warned.contains(SECRET),
+        "{warned}"
+    );
+}
+
 /// With no audit log configured, an operator command prints only what was
 /// asked for: its events go to the operator's state directory, which one
 /// warning names, never into stdout and never nowhere.

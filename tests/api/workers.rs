@@ -57,7 +57,10 @@ pub(crate) struct WorkerProcess {
 
 impl WorkerProcess {
     fn start(database_url: &str, lease_secs: u64) -> Self {
-        Self::start_with(database_url, &["--lease-secs", &lease_secs.to_string()])
+        let worker = Self::start_with(database_url, &["--lease-secs", &lease_secs.to_string()]);
+        // Runbook §2.2: every pod that can use the keys says so.
+        worker.wait_for_log("🔐 Encryption service initialized successfully");
+        worker
     }
 
     /// A worker polling every 50 ms, with further `worker` flags.
