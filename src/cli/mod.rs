@@ -262,8 +262,9 @@ enum Command {
     /// Start, watch, inspect, cancel or requeue re-encryption jobs.
     #[command(subcommand)]
     Rotate(rotate::RotateCommand),
-    /// Remove expired or used connection_scoped_tokens.
-    PruneTokens,
+    /// Remove expired or used connection_scoped_tokens (--dry-run: list
+    /// them for review and remove nothing).
+    PruneTokens(rotate::PruneArgs),
     /// Create, list or revoke the bearer tokens callers authenticate with.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -412,7 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", config_file::example(&Cli::command()));
             Ok(ExitCode::SUCCESS)
         }
-        Command::PruneTokens => rotate::prune_tokens(&global).await,
+        Command::PruneTokens(args) => rotate::prune_tokens(&global, args).await,
     }
 }
 

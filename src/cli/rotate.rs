@@ -212,8 +212,36 @@ pub(super) fn print_jobs(jobs: &[RotationJob]) {
     }
 }
 
-pub(super) async fn prune_tokens(global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+#[derive(Debug, clap::Args)]
+pub(super) struct PruneArgs {
+    /// List the expired or used tokens a prune would remove; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub(super) async fn prune_tokens(global: &GlobalArgs, args: PruneArgs) -> anyhow::Result<ExitCode> {
     let services = open(global).await?;
+    if args.dry_run {
+        let aged = services.rotations.aged_scoped_tokens().await?;
+        println!(
+            "{:<38} {:<38} {:<34} {:<34}",
+            "ID", "CONNECTION_ID", "EXPIRES_AT", "USED_AT"
+        );
+        for token in &aged {
+            println!(
+                "{:<38} {:<38} {:<34} {:<34}",
+                token.id,
+                token.connection_id,
+                token.expires_at,
+                token.used_at.as_deref().unwrap_or("-")
+            );
+        }
+        println!(
+            "{} expired or used scoped tokens would be removed",
+            aged.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let removed = services.rotations.prune_scoped_tokens().await?;
     println!("removed {removed} expired or used scoped tokens");
     Ok(ExitCode::SUCCESS)

@@ -201,6 +201,11 @@ impl Rotations {
         Ok(progress_stream(store, id, first))
     }
 
+    /// The `connection_scoped_tokens` a prune would remove.
+    pub async fn aged_scoped_tokens(&self) -> Result<Vec<crate::store::AgedToken>> {
+        Ok(self.store.aged_scoped_tokens().await?)
+    }
+
     /// Removes expired or used `connection_scoped_tokens`.
     pub async fn prune_scoped_tokens(&self) -> Result<u64> {
         let removed = self.store.prune_scoped_tokens().await?;

@@ -40,16 +40,65 @@ impl Store {
 
     /// Deletes `connection_scoped_tokens` that expired or were used.
     pub async fn prune_scoped_tokens(&self) -> Result<u64, StoreError> {
+        let sql = format!(
+            "DELETE FROM connection_scoped_tokens WHERE {}",
+            self.aged_token()
+        );
         let now = chrono::Utc::now();
-        let removed = on_pool!(self, |pool| {
-            sqlx::query(
-            "DELETE FROM connection_scoped_tokens WHERE expires_at <= $1 OR used_at IS NOT NULL"
-        )
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected())
-        })?;
+        let removed = on_pool!(self, |pool| sqlx::query(&sql)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(removed)
     }
+
+    /// The `connection_scoped_tokens` [`Self::prune_scoped_tokens`] would
+    /// delete, for review (runbook §1.6.3), oldest expiry first.
+    pub async fn aged_scoped_tokens(&self) -> Result<Vec<AgedToken>, StoreError> {
+        let sql = format!(
+            "SELECT CAST(id AS TEXT), CAST(connection_id AS TEXT), CAST(expires_at AS TEXT), \
+             CAST(used_at AS TEXT) FROM connection_scoped_tokens WHERE {} ORDER BY expires_at",
+            self.aged_token()
+        );
+        let now = chrono::Utc::now();
+        let rows: Vec<(String, String, String, Option<String>)> =
+            on_pool!(self, |pool| sqlx::query_as(&sql)
+                .bind(now)
+                .fetch_all(pool)
+                .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, connection_id, expires_at, used_at)| AgedToken {
+                id,
+                connection_id,
+                expires_at,
+                used_at,
+            })
+            .collect())
+    }
+
+    /// A scoped token that expired by `$1` or was used. On SQLite the
+    /// times are compared as times, not text: the application may have
+    /// stored `2026-12-06 23:00:00` (a space) where keyward writes
+    /// `2026-12-06T23:00:00+00:00`, and as text every space-separated time
+    /// sorts before every `T` one of the same day.
+    fn aged_token(&self) -> &'static str {
+        match self.backend() {
+            super::Backend::Postgres => "expires_at <= $1 OR used_at IS NOT NULL",
+            super::Backend::Sqlite => {
+                "julianday(expires_at) <= julianday($1) OR used_at IS NOT NULL"
+            }
+        }
+    }
+}
+
+/// A scoped token due for pruning, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgedToken {
+    pub id: String,
+    pub connection_id: String,
+    pub expires_at: String,
+    /// Set when the token was used (then it is pruned whatever its expiry).
+    pub used_at: Option<String>,
 }

@@ -9,6 +9,7 @@
 
 pub mod adopt;
 mod connections;
+pub use connections::AgedToken;
 mod jobs;
 mod keys;
 pub mod replicas;

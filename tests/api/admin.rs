@@ -414,7 +414,55 @@ async fn unknown_key_references_are_refused(backend: Backend) {
     assert!(keys.iter().all(|k| k.key_id != "refused"));
 }
 
+/// Scoped tokens (runbook §1.6.3): expired and used ones are listed for
+/// review and pruned, live ones kept, whether the application wrote the
+/// time with a `T` or a space (as text, every space-separated time sorts
+/// before every `T` one of the same day).
+async fn aged_scoped_tokens_are_listed_then_pruned(backend: Backend) {
+    let Some(app) = spawn(backend).await else {
+        return;
+    };
+    let at = |hours: i64, sep: char| {
+        (chrono::Utc::now() + chrono::Duration::hours(hours))
+            .format(&format!("%Y-%m-%d{sep}%H:%M:%S+00:00"))
+            .to_string()
+    };
+    app.sql("INSERT INTO connections (id) VALUES ('conn-1')")
+        .await;
+    for (id, expires_at, used_at) in [
+        ("expired-t", at(-1, 'T'), None),
+        ("expired-space", at(-1, ' '), None),
+        ("used", at(1, 'T'), Some(at(-1, 'T'))),
+        ("live-t", at(1, 'T'), None),
+        ("live-space", at(1, ' '), None),
+    ] {
+        app.sql(&format!(
+            "INSERT INTO connection_scoped_tokens (id, connection_id, token_hash, expires_at, used_at) \
+             VALUES ('{id}', 'conn-1', 'hash-{id}', '{expires_at}', {})",
+            used_at.map_or("NULL".to_owned(), |u| format!("'{u}'"))
+        ))
+        .await;
+    }
+    let rotations = &app.services.rotations;
+    let mut aged: Vec<String> = rotations
+        .aged_scoped_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    aged.sort();
+    assert_eq!(aged, ["expired-space", "expired-t", "used"]);
+    assert_eq!(rotations.prune_scoped_tokens().await.unwrap(), 3);
+    let left = app
+        .count("SELECT COUNT(*) FROM connection_scoped_tokens WHERE id IN ('live-t', 'live-space')")
+        .await;
+    assert_eq!(left, 2);
+    assert!(rotations.aged_scoped_tokens().await.unwrap().is_empty());
+}
+
 crate::on_both_backends!(
+    aged_scoped_tokens_are_listed_then_pruned,
     unknown_key_references_are_refused,
     activation_demotes_the_previous_key,
     retire_refuses_while_rows_reference_the_key,
