@@ -513,4 +513,88 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+
+    /// Every command a retirement plan tells the operator to run exists
+    /// and takes the flags it is given.
+    #[test]
+    fn the_retirement_plan_names_only_commands_that_exist() {
+        use chrono::Utc;
+
+        use crate::{
+            keys::{KeyRecord, KeyStatus},
+            rotation::{Counts, JobStatus, Mode, RotationJob},
+            service::retirement::{commands, plan, RetireFacts},
+            store::replicas::{KeyUsage, ReplicaKind, ReplicaRecord},
+        };
+        let facts = |status| RetireFacts {
+            key: KeyRecord::local_for_test("rec-old", "old", status),
+            rows: Vec::new(),
+            jobs: Vec::new(),
+            replicas: Vec::new(),
+            active_key_id: Some("new".into()),
+        };
+        let rows = vec![KeyUsage {
+            target: "connections".into(),
+            key_record_id: Some("rec-old".into()),
+            rows: 3,
+            oldest_written_at: None,
+        }];
+        let job = RotationJob {
+            id: "job-1".into(),
+            status: JobStatus::Running,
+            target_key_id: "rec-new".into(),
+            mode: Mode::Reencrypt,
+            dry_run: false,
+            batch_size: 500,
+            max_rows_per_second: None,
+            counts: Counts::default(),
+            pass: 1,
+            last_error: None,
+            cancel_requested: false,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            started_at: None,
+            completed_at: None,
+        };
+        let replica = ReplicaRecord {
+            id: "r1".into(),
+            kind: ReplicaKind::Serve,
+            host: "h".into(),
+            pid: 1,
+            listen: Some("127.0.0.1:50051".into()),
+            version: "0".into(),
+            started_at: Utc::now(),
+            heartbeat_at: Utc::now(),
+            expires_at: Utc::now(),
+            catalog_version: 1,
+            active_key_id: Some("rec-old".into()),
+            active_since: None,
+            key_readiness: Default::default(),
+        };
+        let plans = [
+            plan(facts(KeyStatus::Rotating)),
+            plan(facts(KeyStatus::Active)),
+            plan(RetireFacts {
+                rows: rows.clone(),
+                ..facts(KeyStatus::Rotating)
+            }),
+            plan(RetireFacts {
+                rows,
+                jobs: vec![job],
+                ..facts(KeyStatus::Rotating)
+            }),
+            plan(RetireFacts {
+                replicas: vec![replica],
+                ..facts(KeyStatus::Rotating)
+            }),
+        ];
+        let named: Vec<String> = plans.iter().flat_map(commands).collect();
+        assert!(named.len() >= 8, "{named:?}");
+        for line in named {
+            let argv: Vec<OsString> = line.split_whitespace().map(OsString::from).collect();
+            if let Err(err) = Cli::try_parse_from(argv) {
+                panic!("the plan names {line:?}, which keyward refuses:\n{err}");
+            }
+        }
+    }
 }

@@ -76,7 +76,7 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
         ));
     }
     if !replicas.is_empty() {
-        next_steps.push("let those replicas reload the catalog (keyward keys refresh against each, or wait for their refresh timer); check with keyward replicas list".to_owned());
+        next_steps.push("let those replicas reload the catalog (call keyward.v1.Admin/RefreshKeyMetadata on each, or wait for their catalog refresh); check with: keyward replicas list".to_owned());
     }
     let total: i64 = rows.iter().map(|u| u.rows).sum();
     if total > 0 {
@@ -119,6 +119,22 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
         blockers,
         next_steps,
     }
+}
+
+/// The `keyward …` command lines `plan`'s next steps name (each up to the
+/// `,`, `;` or `)` that ends it), so a test can check that each exists.
+pub fn commands(plan: &RetirePlan) -> Vec<String> {
+    plan.next_steps
+        .iter()
+        .flat_map(|step| {
+            step.match_indices("keyward ")
+                .map(move |(at, _)| &step[at..])
+        })
+        .map(|tail| {
+            let end = tail.find([',', ';', ')']).unwrap_or(tail.len());
+            tail[..end].trim().to_owned()
+        })
+        .collect()
 }
 
 #[cfg(test)]
