@@ -40,8 +40,10 @@ pub(super) async fn migrate(global: &GlobalArgs, args: MigrateArgs) -> anyhow::R
             println!("migrations applied to {url}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(StoreError::Adopt(AdoptError::Incompatible(refusals))) => {
-            eprintln!("keyward: {}", AdoptError::Incompatible(refusals));
+        Err(StoreError::Adopt(
+            refused @ (AdoptError::Incompatible(_) | AdoptError::SqliteApplication),
+        )) => {
+            eprintln!("keyward: {refused}");
             Ok(ExitCode::from(EXIT_INCOMPATIBLE))
         }
         Err(err) => Err(err.into()),

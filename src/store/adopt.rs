@@ -298,6 +298,13 @@ pub enum AdoptError {
     /// A statement kept timing out on its lock (the table is busy).
     #[error("could not take a lock for {LOCK_ATTEMPTS} attempts of {} ms: {sql}", LOCK_TIMEOUT.as_millis())]
     Busy { sql: String },
+    /// An application's SQLite database (its own `connections`, no
+    /// keyward schema): not adopted yet.
+    #[error(
+        "this SQLite database already has the application's own connections table; adopting an \
+         application's SQLite database is not supported yet (PostgreSQL's is): nothing was changed"
+    )]
+    SqliteApplication,
     #[error("an adoption statement failed")]
     Database(#[from] sqlx::Error),
     #[error("recording the first migration failed")]
@@ -563,6 +570,17 @@ pub async fn column_type(
     .bind(table)
     .bind(column)
     .fetch_optional(pool)
+    .await
+}
+
+/// Whether a SQLite database is an application's: `connections` exists
+/// and keyward's first migration has not run.
+pub async fn sqlite_application_database(pool: &sqlx::SqlitePool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'connections') \
+         AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+    )
+    .fetch_one(pool)
     .await
 }
 

@@ -235,10 +235,15 @@ impl Store {
     /// migration that timed out is rolled back and tried again.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.pool {
-            Pool::Sqlite(pool) => SQLITE_MIGRATIONS
-                .run(pool)
-                .await
-                .map_err(StoreError::Migrate),
+            Pool::Sqlite(pool) => {
+                if adopt::sqlite_application_database(pool).await? {
+                    return Err(StoreError::Adopt(adopt::AdoptError::SqliteApplication));
+                }
+                SQLITE_MIGRATIONS
+                    .run(pool)
+                    .await
+                    .map_err(StoreError::Migrate)
+            }
             Pool::Postgres(pool) => {
                 if let Some(plan) = self.adoption_plan().await? {
                     let first = POSTGRES_MIGRATIONS

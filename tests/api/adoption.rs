@@ -294,3 +294,29 @@ async fn an_incompatible_column_is_refused_and_nothing_changes() {
     let dry = stdout(&migrate(&url, &["--dry-run"]));
     assert!(dry.contains("and refuses it (exit status 65"), "{dry}");
 }
+
+/// An application's SQLite database is not adopted yet: `migrate` says so
+/// and changes nothing (it used to stop at "table connections already
+/// exists").
+#[tokio::test]
+async fn an_application_sqlite_database_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE connections (id TEXT PRIMARY KEY, name TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let out = migrate(&url, &[]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("adopting an application's SQLite database is not supported yet"),
+        "{}",
+        stderr(&out)
+    );
+    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, 1, "a refused adoption created tables");
+}
