@@ -78,12 +78,21 @@ enum Family {
     Bytes,
     Uuid,
     Integer,
+    /// Either kind of timestamp (the application's own `updated_at`).
     Timestamp,
+    /// `timestamp with time zone`: the runbook tables' times, which keyward
+    /// reads as instants.
+    TimestampTz,
     Boolean,
     Other,
 }
 
 impl Family {
+    /// Whether a column of this family serves where `wanted` is needed.
+    fn fits(self, wanted: Family) -> bool {
+        self == wanted || (wanted == Family::Timestamp && self == Family::TimestampTz)
+    }
+
     fn of(sql_type: &str) -> Self {
         match sql_type {
             "text" | "character varying" => Family::Text,
@@ -92,6 +101,7 @@ impl Family {
             "uuid" => Family::Uuid,
             "bigint" | "integer" | "smallint" => Family::Integer,
             "boolean" => Family::Boolean,
+            t if t.starts_with("timestamp") && t.ends_with("with time zone") => Family::TimestampTz,
             t if t.starts_with("timestamp") => Family::Timestamp,
             _ => Family::Other,
         }
@@ -144,15 +154,15 @@ const KEY_COLUMNS: [Wanted; 10] = [
     wanted("derived_key", Family::Text, "TEXT"),
     wanted(
         "created_at",
-        Family::Timestamp,
+        Family::TimestampTz,
         "TIMESTAMPTZ NOT NULL DEFAULT now()",
     ),
     wanted(
         "updated_at",
-        Family::Timestamp,
+        Family::TimestampTz,
         "TIMESTAMPTZ NOT NULL DEFAULT now()",
     ),
-    wanted("rotated_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted("rotated_at", Family::TimestampTz, "TIMESTAMPTZ"),
 ];
 
 const JOB_COLUMNS: [Wanted; 22] = [
@@ -185,19 +195,19 @@ const JOB_COLUMNS: [Wanted; 22] = [
         "BOOLEAN NOT NULL DEFAULT FALSE",
     ),
     wanted("lease_owner", Family::Text, "TEXT"),
-    wanted("lease_expires_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted("lease_expires_at", Family::TimestampTz, "TIMESTAMPTZ"),
     wanted(
         "created_at",
-        Family::Timestamp,
+        Family::TimestampTz,
         "TIMESTAMPTZ NOT NULL DEFAULT now()",
     ),
     wanted(
         "updated_at",
-        Family::Timestamp,
+        Family::TimestampTz,
         "TIMESTAMPTZ NOT NULL DEFAULT now()",
     ),
-    wanted("started_at", Family::Timestamp, "TIMESTAMPTZ"),
-    wanted("completed_at", Family::Timestamp, "TIMESTAMPTZ"),
+    wanted("started_at", Family::TimestampTz, "TIMESTAMPTZ"),
+    wanted("completed_at", Family::TimestampTz, "TIMESTAMPTZ"),
 ];
 
 const SCOPED_TOKEN_COLUMNS: [Wanted; 6] = [
@@ -326,6 +336,7 @@ fn expected(family: Family) -> &'static str {
         Family::Uuid => "uuid",
         Family::Integer => "an integer type",
         Family::Timestamp => "a timestamp",
+        Family::TimestampTz => "timestamp with time zone (keyward reads these times as instants)",
         Family::Boolean => "boolean",
         Family::Other => "a known type",
     }
@@ -342,7 +353,7 @@ fn check_columns(
 ) {
     for want in columns {
         match found.column(table, want.name) {
-            Some(col) if Family::of(&col.sql_type) == want.family => {}
+            Some(col) if Family::of(&col.sql_type).fits(want.family) => {}
             Some(col) => plan.refusals.push(Refusal {
                 table: table.to_owned(),
                 column: want.name.to_owned(),
@@ -898,10 +909,20 @@ mod tests {
                 ("key_id", "text"),
                 ("kms_key_arn", "text"),
                 ("status", "character varying(16)"),
-                ("created_at", "timestamp without time zone"),
+                ("created_at", "timestamp with time zone"),
                 ("updated_at", "timestamp without time zone"),
             ]),
         );
+        let refused = super::plan(&found, SCHEMA).unwrap().refusals;
+        assert_eq!(
+            refused.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["encryption_keys.updated_at is timestamp without time zone; keyward needs timestamp \
+              with time zone (keyward reads these times as instants)"]
+        );
+        if let Some(keys) = found.tables.get_mut("encryption_keys") {
+            keys.pop();
+            keys.extend(table(&[("updated_at", "timestamp with time zone")]));
+        }
         let plan = plan(&found, SCHEMA).unwrap();
         assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);
         let steps = sql(&plan).join("\n");

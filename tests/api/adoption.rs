@@ -320,3 +320,91 @@ async fn an_application_sqlite_database_is_refused_and_nothing_changes() {
         .unwrap();
     assert_eq!(tables, 1, "a refused adoption created tables");
 }
+
+/// State (b): the application's own migrations already made the runbook's
+/// tables and columns (varchar ids, a smaller jobs table, uuid
+/// connection ids for its scoped tokens). keyward adds only what they
+/// lack, then works on them: a key is seeded and a new row round-trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_database_with_the_runbooks_tables_is_adopted() {
+    let Some((url, _)) = application_database("uuid DEFAULT gen_random_uuid()", 10).await else {
+        return;
+    };
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE encryption_keys (
+             id varchar(36) PRIMARY KEY DEFAULT gen_random_uuid()::text,
+             key_id varchar(255) NOT NULL UNIQUE,
+             kms_key_arn text NOT NULL,
+             alias varchar(255),
+             status varchar(16) NOT NULL DEFAULT 'pending',
+             created_at timestamp with time zone NOT NULL DEFAULT now(),
+             updated_at timestamp with time zone NOT NULL DEFAULT now()
+         );
+         ALTER TABLE connections
+             ADD COLUMN encryption_key_id varchar(36) REFERENCES encryption_keys (id),
+             ADD COLUMN data_key_ciphertext bytea,
+             ADD COLUMN data_key_iv bytea,
+             ADD COLUMN payload_ciphertext bytea,
+             ADD COLUMN payload_iv bytea;
+         CREATE TABLE encryption_rotation_jobs (
+             id text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+             status varchar(32) NOT NULL DEFAULT 'pending',
+             target_key_id varchar(36) NOT NULL REFERENCES encryption_keys (id),
+             created_at timestamp with time zone NOT NULL DEFAULT now(),
+             updated_at timestamp with time zone NOT NULL DEFAULT now()
+         );
+         CREATE TABLE connection_scoped_tokens (
+             id text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+             connection_id uuid NOT NULL REFERENCES connections (id) ON DELETE CASCADE,
+             token_hash text NOT NULL UNIQUE,
+             expires_at timestamp NOT NULL
+         );",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before: String = scalar(&pool, APP_COLUMNS).await;
+    for _ in 0..2 {
+        let out = migrate(&url, &[]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    }
+    assert_eq!(before, scalar::<String>(&pool, APP_COLUMNS).await);
+    let id_type: String = scalar(
+        &pool,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'encryption_keys'::regclass AND attname = 'id'",
+    )
+    .await;
+    assert_eq!(
+        id_type, "character varying(36)",
+        "the application's type was changed"
+    );
+
+    let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    let sealed = app
+        .encrypt(b"new credential", &[("connection_id", "n-1")])
+        .await;
+    assert_eq!(sealed.key_id, PRIMARY);
+    let opened = app
+        .crypto
+        .clone()
+        .decrypt(DecryptRequest {
+            context: ctx(&[("connection_id", "n-1")]),
+            ciphertext: Some(Ciphertext::Envelope(sealed.envelope.unwrap())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&opened.plaintext[..], b"new credential");
+    // Its legacy rows rotate onto the seeded key.
+    let job = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let job = crate::workers::final_job(&app, &job.id).await;
+    assert_eq!((job.succeeded_rows, job.failed_rows), (10, 0), "{job:?}");
+}
