@@ -790,3 +790,52 @@ async fn configured_tables_rotate_too(backend: Backend) {
         );
     }
 }
+
+/// The README's SQLite form of runbook §1.2 and §1.6, as written there:
+/// the new key becomes active, a rotation moves every row, the old key is
+/// retired, and every row still decrypts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_sqlite_runbook_sql_runs() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("<!-- sqlite-runbook:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- sqlite-runbook:end -->").next())
+        .expect("README.md has the SQLite runbook block");
+    let sql = block.replace("```sql", "").replace("```", "");
+    let (activate, retire) = sql
+        .split_once("-- §1.6")
+        .expect("the block has §1.2, then §1.6");
+    let Some(app) = spawn(Backend::Sqlite).await else {
+        return;
+    };
+    insert_row(&app, "conn-a", "alpha").await;
+    insert_legacy_row(&app, "conn-b", "beta", true).await;
+    app.sql(activate).await;
+    let mut admin = app.admin.clone();
+    let refreshed = admin
+        .refresh_key_metadata(keyward::api::proto::RefreshKeyMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refreshed.active_key_id, "2025-03-kms");
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
+    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
+    app.sql(&format!("-- §1.6{retire}")).await;
+    let keys = admin
+        .list_keys(ListKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let old = keys.iter().find(|k| k.key_id == PRIMARY).unwrap();
+    assert_eq!(old.status, keyward::api::proto::KeyStatus::Retired as i32);
+    assert!(old.rotated_at.is_some(), "{old:?}");
+    let plain = decrypt_all(&app).await;
+    assert_eq!(
+        (plain["conn-a"].as_str(), plain["conn-b"].as_str()),
+        ("alpha", "beta")
+    );
+}
