@@ -258,6 +258,18 @@ pub(super) fn print_keys(keys: &[KeyRecord]) {
             k.alias.as_deref().unwrap_or("")
         );
     }
+    note_local_by_guess(keys.iter());
+}
+
+/// A note under each key whose name was taken as a local key's.
+fn note_local_by_guess<'a>(keys: impl Iterator<Item = &'a KeyRecord>) {
+    for k in keys.filter(|k| k.local_by_guess()) {
+        println!(
+            "note: key {} has kms_key_arn {:?}, taken as a local key name; new records must say \
+             local:NAME (or name an AWS KMS key)",
+            k.key_id, k.kms_key_arn
+        );
+    }
 }
 
 pub(super) async fn seed_key(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<ExitCode> {
@@ -309,6 +321,7 @@ pub(super) async fn self_test(global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    note_local_by_guess(report.keys.iter().map(|c| c.key.as_ref()));
     if report.passed() {
         println!("Encryption self-test: ✅ passed");
         Ok(ExitCode::SUCCESS)

@@ -896,6 +896,39 @@ fn dot_env_in_the_working_directory_is_read() {
     );
 }
 
+/// A key record whose bare name was taken as a local key (made before
+/// such names were refused, or by the runbook's SQL) keeps working, and
+/// `keys list` and `self-test` point it out.
+#[tokio::test]
+async fn a_key_named_without_local_prefix_is_pointed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(run(with_secret(dir.path()).arg("migrate")).status.success());
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("keyward.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO encryption_keys (key_id, kms_key_arn, status) VALUES ('old-app', 'my-key', 'active')",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    let note = "note: key old-app has kms_key_arn \"my-key\", taken as a local key name";
+    let listed = run(with_secret(dir.path()).args(["keys", "list"]));
+    assert!(stdout(&listed).contains(note), "{}", stdout(&listed));
+    let tested = run(with_secret(dir.path()).arg("self-test"));
+    assert!(
+        tested.status.success(),
+        "{}{}",
+        stdout(&tested),
+        stderr(&tested)
+    );
+    assert!(stdout(&tested).contains(note), "{}", stdout(&tested));
+}
+
 /// With no audit log configured, an operator command prints only what was
 /// asked for: its events go to the operator's state directory, which one
 /// warning names, never into stdout and never nowhere.
