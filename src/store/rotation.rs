@@ -40,22 +40,30 @@ pub struct RotationRow {
 }
 
 impl RotationRow {
-    /// The row's ciphertext as an envelope: legacy rows (no key id) read the
-    /// payload mirror, or the legacy columns when the mirror is empty.
+    /// The row's ciphertext as an envelope. A legacy row (no key id) is read
+    /// from its legacy columns while they hold a ciphertext, else from the
+    /// payload mirror: the application's old pods write the legacy columns
+    /// only, so after the migration's backfill the mirror can be stale, and
+    /// the legacy copy is the one they last wrote.
     pub fn envelope(&self) -> Envelope {
-        let legacy = self.encryption_key_id.is_none();
-        let pick = |primary: &Option<Vec<u8>>, fallback: &Option<Vec<u8>>| {
-            primary
-                .clone()
-                .or_else(|| if legacy { fallback.clone() } else { None })
-                .unwrap_or_default()
+        let legacy_copy = match (&self.legacy_ciphertext, &self.legacy_iv) {
+            (Some(ct), Some(iv)) if self.encryption_key_id.is_none() && !ct.is_empty() => {
+                Some((ct.clone(), iv.clone()))
+            }
+            _ => None,
         };
+        let (payload_ciphertext, payload_iv) = legacy_copy.unwrap_or_else(|| {
+            (
+                self.payload_ciphertext.clone().unwrap_or_default(),
+                self.payload_iv.clone().unwrap_or_default(),
+            )
+        });
         Envelope {
             encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
             data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default(),
             data_key_iv: self.data_key_iv.clone().unwrap_or_default(),
-            payload_ciphertext: pick(&self.payload_ciphertext, &self.legacy_ciphertext),
-            payload_iv: pick(&self.payload_iv, &self.legacy_iv),
+            payload_ciphertext,
+            payload_iv,
         }
     }
 }
@@ -581,5 +589,44 @@ impl Store {
             sample.extend(rows.into_iter().map(|row| (index, row)));
         }
         Ok(sample)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: Option<&str>, mirror: Option<&[u8]>, legacy: Option<&[u8]>) -> RotationRow {
+        RotationRow {
+            id: "r".into(),
+            encryption_key_id: key.map(Into::into),
+            data_key_ciphertext: key.map(|_| b"dk".to_vec()),
+            data_key_iv: None,
+            payload_ciphertext: mirror.map(<[u8]>::to_vec),
+            payload_iv: mirror.map(|_| b"mirror-iv".to_vec()),
+            legacy_ciphertext: legacy.map(<[u8]>::to_vec),
+            legacy_iv: legacy.map(|_| b"legacy-iv".to_vec()),
+            context: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_legacy_row_is_read_from_what_the_old_pods_last_wrote() {
+        // An old pod rewrote the legacy copy after the backfill: the mirror
+        // is stale, the legacy copy wins.
+        let e = row(None, Some(b"stale"), Some(b"fresh")).envelope();
+        assert_eq!(
+            (e.payload_ciphertext, e.payload_iv),
+            (b"fresh".to_vec(), b"legacy-iv".to_vec())
+        );
+        // No legacy copy (cut over, or a mirror only): the mirror.
+        let e = row(None, Some(b"mirror"), None).envelope();
+        assert_eq!(e.payload_ciphertext, b"mirror".to_vec());
+        // An envelope row is read from its envelope whatever its legacy copy.
+        let e = row(Some("k"), Some(b"sealed"), Some(b"old")).envelope();
+        assert_eq!(
+            (e.payload_ciphertext, e.encryption_key_id),
+            (b"sealed".to_vec(), "k".to_owned())
+        );
     }
 }

@@ -104,7 +104,7 @@ where
 }
 
 async fn adopts_and_rotates(id: &str, id_type: &str) {
-    let Some((url, plaintexts)) = application_database(id, 300).await else {
+    let Some((url, mut plaintexts)) = application_database(id, 300).await else {
         return;
     };
     let pool = PgPool::connect(&url).await.unwrap();
@@ -225,6 +225,25 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
             && !explain.contains("Sort Key: ((connections.id)::text)"),
         "{explain}"
     );
+
+    // Old pods keep writing the legacy columns only: the mirror the
+    // migration filled goes stale, and rotation takes what they last wrote.
+    let master = MasterSecret::new(MASTER).unwrap();
+    for row in rows.iter().take(5) {
+        let newer = format!("{{\"password\":\"changed-by-an-old-pod-{}\"}}", row.id);
+        let (iv, ct) = encrypt_legacy(&master, newer.as_bytes());
+        sqlx::query(&format!(
+            "UPDATE connections SET encrypted_credentials = $2, credentials_iv = $3 \
+             WHERE id = CAST($1 AS {id_type})"
+        ))
+        .bind(&row.id)
+        .bind(ct)
+        .bind(iv.to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+        plaintexts.insert(row.id.clone(), newer);
+    }
 
     let job = app
         .admin
