@@ -45,19 +45,9 @@ pub struct AdoptArgs {
     pub idle_seconds: f64,
 }
 
-/// The application's schema (its Drizzle migrations' output).
-const APP_SCHEMA: &str = "
-CREATE TABLE workspaces (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name varchar(255) NOT NULL);
-CREATE TABLE connections (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    workspace_id uuid NOT NULL REFERENCES workspaces (id),
-    name varchar(255) NOT NULL,
-    type varchar(64) NOT NULL,
-    encrypted_credentials bytea,
-    credentials_iv bytea,
-    created_at timestamp DEFAULT now() NOT NULL,
-    updated_at timestamp DEFAULT now() NOT NULL
-);";
+/// The application's schema (its Drizzle migrations' output), shared with
+/// keyward's adoption tests.
+const APP_SCHEMA: &str = include_str!("../../tests/fixtures/application_schema.sql");
 
 pub async fn run(args: AdoptArgs) -> anyhow::Result<()> {
     let url = args.database.database_url.as_str();
@@ -91,7 +81,9 @@ async fn measure(url: &str, schema: &str, args: &AdoptArgs) -> anyhow::Result<()
         .max_connections(u32::try_from(args.writers + 2).unwrap_or(u32::MAX))
         .connect(&url)
         .await?;
-    sqlx::raw_sql(APP_SCHEMA).execute(&pool).await?;
+    sqlx::raw_sql(&APP_SCHEMA.replace("{ID}", "uuid DEFAULT gen_random_uuid()"))
+        .execute(&pool)
+        .await?;
     let started = Instant::now();
     sqlx::query(
         "WITH w AS (INSERT INTO workspaces (name) VALUES ('bench') RETURNING id) \

@@ -522,7 +522,7 @@ mod tests {
 
         use crate::{
             keys::{KeyRecord, KeyStatus},
-            rotation::{Counts, JobStatus, Mode, RotationJob},
+            rotation::RotationJob,
             service::retirement::{commands, plan, RetireFacts},
             store::replicas::{KeyUsage, ReplicaKind, ReplicaRecord},
         };
@@ -539,23 +539,7 @@ mod tests {
             rows: 3,
             oldest_written_at: None,
         }];
-        let job = RotationJob {
-            id: "job-1".into(),
-            status: JobStatus::Running,
-            target_key_id: "rec-new".into(),
-            mode: Mode::Reencrypt,
-            dry_run: false,
-            batch_size: 500,
-            max_rows_per_second: None,
-            counts: Counts::default(),
-            pass: 1,
-            last_error: None,
-            cancel_requested: false,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            started_at: None,
-            completed_at: None,
-        };
+        let job = RotationJob::running_for_test("job-1", "rec-new");
         let replica = ReplicaRecord {
             id: "r1".into(),
             kind: ReplicaKind::Serve,

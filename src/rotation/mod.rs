@@ -148,3 +148,28 @@ pub const MAX_BATCH_SIZE: i64 = 10_000;
 /// ciphertext copied into another row fails. Applications must encrypt
 /// connection credentials with exactly this context.
 pub const CONNECTION_CONTEXT_KEY: &str = "connection_id";
+
+#[cfg(test)]
+impl RotationJob {
+    /// A running REENCRYPT job `id` to key record `target_key_id`, for unit
+    /// tests.
+    pub(crate) fn running_for_test(id: &str, target_key_id: &str) -> Self {
+        Self {
+            id: id.into(),
+            status: JobStatus::Running,
+            target_key_id: target_key_id.into(),
+            mode: Mode::Reencrypt,
+            dry_run: false,
+            batch_size: 500,
+            max_rows_per_second: None,
+            counts: Counts::default(),
+            pass: 1,
+            last_error: None,
+            cancel_requested: false,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            started_at: None,
+            completed_at: None,
+        }
+    }
+}

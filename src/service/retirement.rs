@@ -139,10 +139,7 @@ pub fn commands(plan: &RetirePlan) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-
     use super::*;
-    use crate::rotation::{Counts, JobStatus, Mode};
 
     fn key(status: KeyStatus) -> KeyRecord {
         KeyRecord::local_for_test("rec-old", "old", status)
@@ -168,23 +165,7 @@ mod tests {
     }
 
     fn running_job() -> RotationJob {
-        RotationJob {
-            id: "job-1".into(),
-            status: JobStatus::Running,
-            target_key_id: "rec-new".into(),
-            mode: Mode::Reencrypt,
-            dry_run: false,
-            batch_size: 500,
-            max_rows_per_second: None,
-            counts: Counts::default(),
-            pass: 1,
-            last_error: None,
-            cancel_requested: false,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            started_at: None,
-            completed_at: None,
-        }
+        RotationJob::running_for_test("job-1", "rec-new")
     }
 
     #[test]

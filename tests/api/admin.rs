@@ -2,8 +2,8 @@
 //! refresh after out-of-band changes, self-test and health.
 
 use keyward::api::proto::{
-    ActivateKeyRequest, CreateKeyRequest, KeyStatus, ListKeysRequest, RefreshKeyMetadataRequest,
-    RetireKeyRequest, SelfTestRequest,
+    ActivateKeyRequest, CreateKeyRequest, KeyStatus, RefreshKeyMetadataRequest, RetireKeyRequest,
+    SelfTestRequest,
 };
 use tonic::Code;
 
@@ -47,12 +47,7 @@ async fn activation_demotes_the_previous_key(backend: Backend) {
     assert!(previous.rotated_at.is_some());
     assert_eq!(app.encrypt(b"x", CONN).await.key_id, "2025-03");
 
-    let keys = admin
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = crate::helpers::list_keys(&mut admin).await;
     let active: Vec<_> = keys
         .iter()
         .filter(|k| k.status == KeyStatus::Active as i32)
@@ -289,12 +284,7 @@ async fn refresh_picks_up_out_of_band_changes(backend: Backend) {
     assert_eq!(summary.key_count, 2);
     let sealed = app.encrypt(b"x", CONN).await;
     assert_eq!(sealed.key_id, "2025-03-kms");
-    let keys = admin
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = crate::helpers::list_keys(&mut admin).await;
     let inserted = keys.iter().find(|k| k.key_id == "2025-03-kms").unwrap();
     assert_eq!(
         inserted.provider, "local",
@@ -405,12 +395,7 @@ async fn unknown_key_references_are_refused(backend: Backend) {
             status.message()
         );
     }
-    let keys = admin
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = crate::helpers::list_keys(&mut admin).await;
     assert!(keys.iter().all(|k| k.key_id != "refused"));
 }
 

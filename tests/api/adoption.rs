@@ -17,25 +17,14 @@ use sqlx::PgPool;
 
 use crate::{
     cli::{keyward, run, stderr, stdout},
-    helpers::{ctx, spawn_on, Backend, Options, MASTER, PRIMARY},
+    helpers::{ctx, spawn_on, Backend, Options, TestApp, MASTER, PRIMARY},
     postgres,
 };
 
-/// The application's schema, as its Drizzle migrations made it.
+/// The application's schema, as its Drizzle migrations made it, with ids
+/// of type `id`.
 fn app_schema(id: &str) -> String {
-    format!(
-        "CREATE TABLE workspaces (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name varchar(255) NOT NULL);
-         CREATE TABLE connections (
-             id {id} PRIMARY KEY,
-             workspace_id uuid NOT NULL REFERENCES workspaces (id),
-             name varchar(255) NOT NULL,
-             type varchar(64) NOT NULL,
-             encrypted_credentials bytea,
-             credentials_iv bytea,
-             created_at timestamp DEFAULT now() NOT NULL,
-             updated_at timestamp DEFAULT now() NOT NULL
-         );"
-    )
+    include_str!("../fixtures/application_schema.sql").replace("{ID}", id)
 }
 
 /// The application's own columns, every row, as one text.
@@ -46,17 +35,7 @@ const APP_COLUMNS: &str =
 /// A database of its own holding the application's schema and `rows`
 /// legacy rows; returns its URL and each row's plaintext by id.
 async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<String, String>)> {
-    let server = match postgres::server_url() {
-        Ok(server) => server,
-        Err(reason) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "PostgreSQL is required in CI but unavailable: {reason}"
-            );
-            eprintln!("SKIPPED (PostgreSQL unavailable: {reason})");
-            return None;
-        }
-    };
+    let server = postgres::server_or_skip()?;
     let url = postgres::create_database(server, "app").await;
     let pool = PgPool::connect(&url).await.unwrap();
     sqlx::raw_sql(&app_schema(id)).execute(&pool).await.unwrap();
@@ -86,6 +65,18 @@ async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<
     }
     pool.close().await;
     Some((url, plaintexts))
+}
+
+/// Starts a rotation to the active key and waits for its end.
+async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
+    let job = app
+        .admin
+        .clone()
+        .start_rotation(StartRotationRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    crate::workers::final_job(app, &job.id).await
 }
 
 fn migrate(url: &str, args: &[&str]) -> std::process::Output {
@@ -245,14 +236,7 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
         plaintexts.insert(row.id.clone(), newer);
     }
 
-    let job = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let job = crate::workers::final_job(&app, &job.id).await;
+    let job = rotate_to_end(&app).await;
     assert_eq!(
         (job.total_rows, job.succeeded_rows, job.failed_rows),
         (300, 300, 0),
@@ -417,13 +401,6 @@ async fn an_application_database_with_the_runbooks_tables_is_adopted() {
         .into_inner();
     assert_eq!(&opened.plaintext[..], b"new credential");
     // Its legacy rows rotate onto the seeded key.
-    let job = app
-        .admin
-        .clone()
-        .start_rotation(StartRotationRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let job = crate::workers::final_job(&app, &job.id).await;
+    let job = rotate_to_end(&app).await;
     assert_eq!((job.succeeded_rows, job.failed_rows), (10, 0), "{job:?}");
 }

@@ -39,6 +39,13 @@ fn with_secret(dir: &Path) -> Command {
     cmd
 }
 
+/// A pool on the `keyward.db` a test's commands use in `dir`.
+async fn sqlite_db(dir: &Path) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("keyward.db").display()))
+        .await
+        .unwrap()
+}
+
 pub(crate) fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap()
 }
@@ -342,12 +349,7 @@ async fn legacy_fixture_rows_decrypt_through_the_server() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("keyward.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = sqlite_db(dir.path()).await;
     let (key, ct, iv, mirror): (Option<String>, Vec<u8>, Vec<u8>, Vec<u8>) = sqlx::query_as(
         "SELECT encryption_key_id, encrypted_credentials, credentials_iv, payload_ciphertext FROM connections WHERE id = 'conn-7'",
     )
@@ -573,12 +575,7 @@ async fn nothing_secret_reaches_logs_audit_or_errors() {
     ];
     let mut errors = Vec::new();
     let mut envelopes = Vec::new();
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("keyward.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = sqlite_db(dir.path()).await;
     for (i, plaintext) in plaintexts.iter().enumerate() {
         let id = format!("row-{i}");
         let env = crypto
@@ -753,12 +750,7 @@ async fn replica_usage_and_retirement_commands() {
         .unwrap()
         .into_inner();
     let envelope = sealed.envelope.unwrap();
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("keyward.db").display()
-    ))
-    .await
-    .unwrap();
+    let db = sqlite_db(dir.path()).await;
     sqlx::query(
         "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, data_key_iv, \
          payload_ciphertext, payload_iv) VALUES ('c-1', $1, $2, $3, $4, $5)",
@@ -903,12 +895,7 @@ fn dot_env_in_the_working_directory_is_read() {
 async fn a_key_named_without_local_prefix_is_pointed_out() {
     let dir = tempfile::tempdir().unwrap();
     assert!(run(with_secret(dir.path()).arg("migrate")).status.success());
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("keyward.db").display()
-    ))
-    .await
-    .unwrap();
+    let db = sqlite_db(dir.path()).await;
     sqlx::query(
         "INSERT INTO encryption_keys (key_id, kms_key_arn, status) VALUES ('old-app', 'my-key', 'active')",
     )

@@ -26,6 +26,22 @@ pub fn server_url() -> Result<&'static str, &'static str> {
         .map_err(|e| e.as_str())
 }
 
+/// The server URL, or `None` (the test is skipped, saying so) when there
+/// is no PostgreSQL, except in CI, where that fails the test.
+pub fn server_or_skip() -> Option<&'static str> {
+    match server_url() {
+        Ok(server) => Some(server),
+        Err(reason) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL is required in CI but unavailable: {reason}"
+            );
+            eprintln!("SKIPPED (PostgreSQL unavailable: {reason})");
+            None
+        }
+    }
+}
+
 /// Creates a database of its own (`{prefix}_<uuid>`) on `server` and
 /// returns its URL.
 pub async fn create_database(server: &str, prefix: &str) -> String {

@@ -603,29 +603,15 @@ crate::on_both_backends!(
     configured_tables_rotate_too,
 );
 
-/// Runbook §1.2 and §1.6 exactly as written (with a local KMS key name for
-/// the ARN), then RefreshKeyMetadata, then a rotation.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runbook_sql_runs_verbatim_on_postgres() {
-    let Some(app) = spawn(Backend::Postgres).await else {
+/// Runbook §1.2 by hand (`activate`), RefreshKeyMetadata, a rotation,
+/// §1.6 by hand (`retire`): the old key is retired and every row decrypts.
+async fn runbook_sql_runs(backend: Backend, activate: &str, retire: &str) {
+    let Some(app) = spawn(backend).await else {
         return;
     };
     insert_row(&app, "conn-a", "alpha").await;
     insert_legacy_row(&app, "conn-b", "beta", true).await;
-    app.sql(
-        "UPDATE encryption_keys
-SET status = 'rotating', rotated_at = NOW(), updated_at = NOW()
-WHERE status = 'active';
-
-INSERT INTO encryption_keys (key_id, kms_key_arn, alias, status)
-VALUES (
-  '2025-03-kms',
-  'local:app/master',
-  'prod/app/2025-03',
-  'active'
-);",
-    )
-    .await;
+    app.sql(activate).await;
     let mut admin = app.admin.clone();
     let refreshed = admin
         .refresh_key_metadata(keyward::api::proto::RefreshKeyMetadataRequest {})
@@ -638,25 +624,57 @@ VALUES (
     assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
     assert_eq!(job.target_key_id, "2025-03-kms");
     assert_eq!(job.succeeded_rows, 2);
-    app.sql(
-        "UPDATE encryption_keys
-SET status = 'retired', updated_at = NOW()
-WHERE status = 'rotating';",
-    )
-    .await;
-    let keys = admin
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    app.sql(retire).await;
+    let keys = crate::helpers::list_keys(&mut admin).await;
     let old = keys.iter().find(|k| k.key_id == PRIMARY).unwrap();
     assert_eq!(old.status, keyward::api::proto::KeyStatus::Retired as i32);
+    assert!(old.rotated_at.is_some(), "{old:?}");
     let plain = decrypt_all(&app).await;
     assert_eq!(
         (plain["conn-a"].as_str(), plain["conn-b"].as_str()),
         ("alpha", "beta")
     );
+}
+
+/// Runbook §1.2 and §1.6 exactly as written (with a local KMS key name for
+/// the ARN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_sql_runs_verbatim_on_postgres() {
+    runbook_sql_runs(
+        Backend::Postgres,
+        "UPDATE encryption_keys
+SET status = 'rotating', rotated_at = NOW(), updated_at = NOW()
+WHERE status = 'active';
+
+INSERT INTO encryption_keys (key_id, kms_key_arn, alias, status)
+VALUES (
+  '2025-03-kms',
+  'local:app/master',
+  'prod/app/2025-03',
+  'active'
+);",
+        "UPDATE encryption_keys
+SET status = 'retired', updated_at = NOW()
+WHERE status = 'rotating';",
+    )
+    .await;
+}
+
+/// The README's SQLite form of runbook §1.2 and §1.6, as written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_sqlite_runbook_sql_runs() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("<!-- sqlite-runbook:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- sqlite-runbook:end -->").next())
+        .expect("README.md has the SQLite runbook block");
+    let sql = block.replace("```sql", "").replace("```", "");
+    let (activate, retire) = sql
+        .split_once("-- §1.6")
+        .expect("the block has §1.2, then §1.6");
+    runbook_sql_runs(Backend::Sqlite, activate, &format!("-- §1.6{retire}")).await;
 }
 
 /// A deployment's own table of secrets, added by configuration, rotates in
@@ -789,53 +807,4 @@ async fn configured_tables_rotate_too(backend: Backend) {
             expected[&id].1
         );
     }
-}
-
-/// The README's SQLite form of runbook §1.2 and §1.6, as written there:
-/// the new key becomes active, a rotation moves every row, the old key is
-/// retired, and every row still decrypts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readmes_sqlite_runbook_sql_runs() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let block = readme
-        .split("<!-- sqlite-runbook:begin -->")
-        .nth(1)
-        .and_then(|rest| rest.split("<!-- sqlite-runbook:end -->").next())
-        .expect("README.md has the SQLite runbook block");
-    let sql = block.replace("```sql", "").replace("```", "");
-    let (activate, retire) = sql
-        .split_once("-- §1.6")
-        .expect("the block has §1.2, then §1.6");
-    let Some(app) = spawn(Backend::Sqlite).await else {
-        return;
-    };
-    insert_row(&app, "conn-a", "alpha").await;
-    insert_legacy_row(&app, "conn-b", "beta", true).await;
-    app.sql(activate).await;
-    let mut admin = app.admin.clone();
-    let refreshed = admin
-        .refresh_key_metadata(keyward::api::proto::RefreshKeyMetadataRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(refreshed.active_key_id, "2025-03-kms");
-    let job_id = start(&app, StartRotationRequest::default()).await;
-    let job = watch_all(&app, &job_id).await.pop().unwrap().job.unwrap();
-    assert_eq!(job.status, RotationStatus::Completed as i32, "{job:?}");
-    app.sql(&format!("-- §1.6{retire}")).await;
-    let keys = admin
-        .list_keys(ListKeysRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
-    let old = keys.iter().find(|k| k.key_id == PRIMARY).unwrap();
-    assert_eq!(old.status, keyward::api::proto::KeyStatus::Retired as i32);
-    assert!(old.rotated_at.is_some(), "{old:?}");
-    let plain = decrypt_all(&app).await;
-    assert_eq!(
-        (plain["conn-a"].as_str(), plain["conn-b"].as_str()),
-        ("alpha", "beta")
-    );
 }
