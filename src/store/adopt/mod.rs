@@ -11,7 +11,7 @@
 //! 2. [`plan`], a pure function, says what to add ([`Step`]s) and what it
 //!    refuses ([`Refusal`]s: a column keyward needs that exists with a type
 //!    it cannot use). With any refusal nothing is changed;
-//! 3. [`apply`] runs the steps on the live table without long locks: each
+//! 3. [`apply`] (`apply.rs`, with [`inspect`]: the SQL) runs the steps on the live table without long locks: each
 //!    statement under a short `lock_timeout`, retried; the index built
 //!    `CONCURRENTLY`; the foreign key added `NOT VALID`, then validated; the
 //!    payload mirror backfilled in batches. Then 0001 is recorded as applied
@@ -23,17 +23,21 @@
 //! application's columns, and a foreign key to an application column takes
 //! that column's type.
 
+mod apply;
+
 use std::{collections::BTreeMap, fmt, time::Duration};
 
-use sqlx::{migrate::Migrate as _, PgPool, Row as _};
+pub use apply::{
+    apply, column_type, inspect, is_lock_timeout, set_lock_timeout, sqlite_application_database,
+};
 
 /// The longest any adoption statement waits for a lock before it gives up
 /// and retries: what a writer queued behind it can stall.
 pub const LOCK_TIMEOUT: Duration = Duration::from_millis(500);
 /// Attempts of one statement that keeps timing out on its lock.
-const LOCK_ATTEMPTS: u32 = 120;
+pub(super) const LOCK_ATTEMPTS: u32 = 120;
 /// Rows per batch of the payload-mirror backfill.
-const BACKFILL_BATCH: i64 = 1000;
+pub(super) const BACKFILL_BATCH: i64 = 1000;
 
 /// A column as the database declares it (`format_type`'s spelling).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -567,215 +571,11 @@ pub fn is_id_type(sql_type: &str) -> bool {
     )
 }
 
-/// The type of `table.column` in the current schema, if both exist.
-pub async fn column_type(
-    pool: &PgPool,
-    table: &str,
-    column: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-         WHERE a.attrelid = to_regclass(quote_ident($1)) AND a.attname = $2 \
-           AND a.attnum > 0 AND NOT a.attisdropped",
-    )
-    .bind(table)
-    .bind(column)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Whether a SQLite database is an application's: `connections` exists
-/// and keyward's first migration has not run.
-pub async fn sqlite_application_database(pool: &sqlx::SqlitePool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'connections') \
-         AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
-    )
-    .fetch_one(pool)
-    .await
-}
-
-/// Reads what the database holds of the adopted tables.
-pub async fn inspect(pool: &PgPool) -> Result<Found, sqlx::Error> {
-    let mut found = Found::default();
-    let rows = sqlx::query(
-        "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) \
-         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-         WHERE c.relnamespace = to_regnamespace(current_schema())::oid AND c.relkind IN ('r', 'p') \
-           AND c.relname = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-    )
-    .bind(ADOPTED_TABLES.to_vec())
-    .fetch_all(pool)
-    .await?;
-    for row in rows {
-        let (table, name, sql_type): (String, String, String) =
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-        found
-            .tables
-            .entry(table)
-            .or_default()
-            .push(Column { name, sql_type });
-    }
-    found.keyward_schema =
-        sqlx::query_scalar::<_, bool>("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-            .fetch_one(pool)
-            .await?
-            && sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = 1 AND success)",
-            )
-            .fetch_one(pool)
-            .await?;
-    found.key_index_valid = sqlx::query_scalar(
-        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-         WHERE c.relname = 'connections_encryption_key_id_idx' \
-           AND c.relnamespace = to_regnamespace(current_schema())::oid",
-    )
-    .fetch_optional(pool)
-    .await?;
-    found.key_foreign_key = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'connections_encryption_key_id_fkey' \
-           AND conrelid = to_regclass('connections'))",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(found)
-}
-
-/// Runs `plan` (refusing it whole if it has refusals), then records the
-/// first migration, `first`, as applied.
-pub async fn apply(
-    pool: &PgPool,
-    plan: &AdoptPlan,
-    first: &sqlx::migrate::Migration,
-) -> Result<(), AdoptError> {
-    if !plan.refusals.is_empty() {
-        return Err(AdoptError::Incompatible(plan.refusals.clone()));
-    }
-    let mut conn = pool.acquire().await?;
-    set_lock_timeout(&mut conn).await?;
-    for step in &plan.steps {
-        tracing::info!(step = %step, "adopting the application's database");
-        match step {
-            Step::Sql { sql, .. } => patient(&mut conn, sql, None).await?,
-            Step::Index { name, sql, .. } => {
-                let invalid: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                     WHERE c.relname = $1 AND NOT i.indisvalid)",
-                )
-                .bind(name)
-                .fetch_one(&mut *conn)
-                .await?;
-                if invalid {
-                    let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
-                    patient(&mut conn, &drop, None).await?;
-                }
-                patient(&mut conn, sql, None).await?;
-            }
-            Step::ForeignKey {
-                table,
-                name,
-                definition,
-                ..
-            } => {
-                let add =
-                    format!("ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID");
-                patient(&mut conn, &add, None).await?;
-                let validate = format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}");
-                patient(&mut conn, &validate, None).await?;
-            }
-            Step::BackfillMirror { id_type } => backfill_mirror(&mut conn, id_type).await?,
-        }
-    }
-    conn.ensure_migrations_table().await?;
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES ($1, $2, TRUE, $3, 0)",
-    )
-    .bind(first.version)
-    .bind(first.description.as_ref())
-    .bind(first.checksum.as_ref())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Bounds every lock wait of this session by [`LOCK_TIMEOUT`].
-pub async fn set_lock_timeout(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "SET lock_timeout = '{}ms'",
-        LOCK_TIMEOUT.as_millis()
-    ))
-    .execute(conn)
-    .await
-    .map(drop)
-}
-
-/// Whether `err` is a lock wait that ran out of [`LOCK_TIMEOUT`].
-pub fn is_lock_timeout(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
-}
-
-/// Runs `sql` (binding `ids` if given), retrying while it times out
-/// waiting for a lock.
-async fn patient(
-    conn: &mut sqlx::PgConnection,
-    sql: &str,
-    ids: Option<&[String]>,
-) -> Result<(), AdoptError> {
-    for _ in 0..LOCK_ATTEMPTS {
-        let query = sqlx::query(sql);
-        let query = match ids {
-            Some(ids) => query.bind(ids),
-            None => query,
-        };
-        match query.execute(&mut *conn).await {
-            Ok(_) => return Ok(()),
-            Err(err) if is_lock_timeout(&err) => tokio::time::sleep(LOCK_TIMEOUT / 2).await,
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Err(AdoptError::Busy {
-        sql: sql.to_owned(),
-    })
-}
-
-/// Copies the legacy ciphertext of rows without a payload into the mirror,
-/// a batch of ids at a time in `connections.id` order (its own type, so
-/// the primary key's index pages through the table).
-async fn backfill_mirror(conn: &mut sqlx::PgConnection, id_type: &str) -> Result<(), AdoptError> {
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = format!(
-            "SELECT CAST(connections.id AS TEXT) FROM connections {} \
-             ORDER BY connections.id LIMIT {BACKFILL_BATCH}",
-            if cursor.is_some() {
-                format!("WHERE connections.id > CAST($1 AS {id_type})")
-            } else {
-                "WHERE $1::text IS NULL".to_owned()
-            }
-        );
-        let ids: Vec<String> = sqlx::query_scalar(&page)
-            .bind(&cursor)
-            .fetch_all(&mut *conn)
-            .await?;
-        let Some(last) = ids.last().cloned() else {
-            return Ok(());
-        };
-        let update = format!(
-            "UPDATE connections SET payload_ciphertext = encrypted_credentials, \
-             payload_iv = credentials_iv WHERE id = ANY(CAST($1 AS {id_type}[])) \
-             AND payload_ciphertext IS NULL AND encrypted_credentials IS NOT NULL"
-        );
-        patient(conn, &update, Some(&ids)).await?;
-        cursor = Some(last);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SCHEMA: &str = include_str!("../../migrations/postgres/0001_schema.sql");
+    const SCHEMA: &str = include_str!("../../../migrations/postgres/0001_schema.sql");
 
     fn table(columns: &[(&str, &str)]) -> Vec<Column> {
         columns
