@@ -256,9 +256,11 @@ impl Store {
                 }
                 let mut attempts = 0;
                 loop {
-                    let mut conn = pool.acquire().await?;
+                    // A connection of its own, closed when done: the pool's
+                    // must not keep the short lock timeout for later work.
+                    let mut conn = pool.acquire().await?.detach();
                     adopt::set_lock_timeout(&mut conn).await?;
-                    match POSTGRES_MIGRATIONS.run(&mut *conn).await {
+                    match POSTGRES_MIGRATIONS.run(&mut conn).await {
                         Err(sqlx::migrate::MigrateError::Execute(err))
                             if adopt::is_lock_timeout(&err) && attempts < 60 =>
                         {

@@ -93,7 +93,9 @@ pub async fn apply(
     if !plan.refusals.is_empty() {
         return Err(AdoptError::Incompatible(plan.refusals.clone()));
     }
-    let mut conn = pool.acquire().await?;
+    // A connection of its own, closed when done: the pool's must not keep
+    // the short lock timeout for later work.
+    let mut conn = pool.acquire().await?.detach();
     set_lock_timeout(&mut conn).await?;
     for step in &plan.steps {
         tracing::info!(step = %step, "adopting the application's database");
@@ -105,7 +107,7 @@ pub async fn apply(
                      WHERE c.relname = $1 AND NOT i.indisvalid)",
                 )
                 .bind(name)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut conn)
                 .await?;
                 if invalid {
                     let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {name}");
@@ -136,7 +138,7 @@ pub async fn apply(
     .bind(first.version)
     .bind(first.description.as_ref())
     .bind(first.checksum.as_ref())
-    .execute(&mut *conn)
+    .execute(&mut conn)
     .await?;
     Ok(())
 }
