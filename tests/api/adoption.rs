@@ -383,6 +383,12 @@ async fn an_application_database_with_the_runbooks_tables_is_adopted() {
         id_type, "character varying(36)",
         "the application's type was changed"
     );
+    let one_active: bool = scalar(
+        &pool,
+        "SELECT to_regclass('encryption_keys_one_active') IS NOT NULL",
+    )
+    .await;
+    assert!(one_active, "no unique index keeps one active key at most");
 
     let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
     let sealed = app

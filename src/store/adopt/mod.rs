@@ -417,6 +417,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             let mut add = Vec::new();
             check_columns(found, "encryption_keys", &KEY_COLUMNS, &mut plan, &mut add);
             push_alter(&mut plan, "encryption_keys", add);
+            plan.steps.extend(indexes(&statements, "encryption_keys"));
             id.sql_type.clone()
         }
     };
@@ -476,6 +477,8 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             &mut add,
         );
         push_alter(&mut plan, "encryption_rotation_jobs", add);
+        plan.steps
+            .extend(indexes(&statements, "encryption_rotation_jobs"));
     } else {
         plan.steps.extend(created(
             &statements,
@@ -504,6 +507,8 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             &mut add,
         );
         push_alter(&mut plan, "connection_scoped_tokens", add);
+        plan.steps
+            .extend(indexes(&statements, "connection_scoped_tokens"));
     } else {
         plan.steps.extend(
             created(&statements, "connection_scoped_tokens", "scoped tokens").map(
@@ -561,6 +566,29 @@ fn created<'a>(
             why: format!("{what} ({table})"),
             sql: sql.clone(),
         })
+}
+
+/// 0001's indexes on `table`, for a table the application created: made
+/// if missing (`IF NOT EXISTS`; the runbook's tables are small). Among
+/// them the unique index that allows one active key at most.
+fn indexes<'a>(statements: &'a [String], table: &'a str) -> impl Iterator<Item = Step> + 'a {
+    created(statements, table, "keyward's index").filter_map(|step| match step {
+        Step::Sql { why, sql }
+            if sql.starts_with("CREATE UNIQUE INDEX ") || sql.starts_with("CREATE INDEX ") =>
+        {
+            Some(Step::Sql {
+                why,
+                sql: sql
+                    .replacen(
+                        "CREATE UNIQUE INDEX ",
+                        "CREATE UNIQUE INDEX IF NOT EXISTS ",
+                        1,
+                    )
+                    .replacen("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1),
+            })
+        }
+        _ => None,
+    })
 }
 
 /// Whether an id column of `sql_type` is paged in its own type.
@@ -727,6 +755,10 @@ mod tests {
         assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);
         let steps = sql(&plan).join("\n");
         assert!(!steps.contains("CREATE TABLE encryption_keys"), "{steps}");
+        assert!(
+            steps.contains("CREATE UNIQUE INDEX IF NOT EXISTS encryption_keys_one_active"),
+            "{steps}"
+        );
         assert!(
             steps.contains("ALTER TABLE encryption_keys ADD COLUMN IF NOT EXISTS alias TEXT"),
             "{steps}"
