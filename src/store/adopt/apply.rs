@@ -74,11 +74,12 @@ pub async fn inspect(pool: &PgPool) -> Result<Found, sqlx::Error> {
     )
     .fetch_optional(pool)
     .await?;
-    found.key_foreign_key = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'connections_encryption_key_id_fkey' \
-           AND conrelid = to_regclass('connections'))",
+    found.key_foreign_key = sqlx::query_as(
+        "SELECT conname::text, convalidated FROM pg_constraint WHERE contype = 'f' \
+           AND conrelid = to_regclass('connections') AND confrelid = to_regclass('encryption_keys') \
+         ORDER BY convalidated DESC, conname LIMIT 1",
     )
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
     Ok(found)
 }
@@ -121,10 +122,14 @@ pub async fn apply(
                 definition,
                 ..
             } => {
-                let add =
-                    format!("ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID");
-                patient(&mut conn, &add, None).await?;
-                let validate = format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}");
+                if let Some(definition) = definition {
+                    let add =
+                        format!("ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID");
+                    patient(&mut conn, &add, None).await?;
+                }
+                // The name may be the application's: quoted as an identifier.
+                let quoted = name.replace('"', "\"\"");
+                let validate = format!("ALTER TABLE {table} VALIDATE CONSTRAINT \"{quoted}\"");
                 patient(&mut conn, &validate, None).await?;
             }
             Step::BackfillMirror { id_type } => backfill_mirror(&mut conn, id_type).await?,

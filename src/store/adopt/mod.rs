@@ -57,8 +57,9 @@ pub struct Found {
     /// The index on `connections.encryption_key_id` exists and is valid;
     /// `Some(false)`: a build that failed left it invalid.
     pub key_index_valid: Option<bool>,
-    /// The foreign key from `connections.encryption_key_id` exists.
-    pub key_foreign_key: bool,
+    /// A foreign key from `connections` to `encryption_keys` (keyward's or
+    /// the application's own): its name and whether it is validated.
+    pub key_foreign_key: Option<(String, bool)>,
 }
 
 impl Found {
@@ -245,7 +246,9 @@ pub enum Step {
         why: String,
         table: String,
         name: String,
-        definition: String,
+        /// `None`: the constraint exists `NOT VALID` (a run stopped after
+        /// adding it); it is only validated.
+        definition: Option<String>,
     },
     /// Legacy rows' payload mirror, in batches by `connections.id`.
     BackfillMirror { id_type: String },
@@ -261,11 +264,16 @@ impl fmt::Display for Step {
                 table,
                 name,
                 definition,
-            } => write!(
-                f,
-                "{why}:\n    ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID\n    \
-                 ALTER TABLE {table} VALIDATE CONSTRAINT {name}"
-            ),
+            } => {
+                write!(f, "{why}:")?;
+                if let Some(definition) = definition {
+                    write!(
+                        f,
+                        "\n    ALTER TABLE {table} ADD CONSTRAINT {name} {definition} NOT VALID"
+                    )?;
+                }
+                write!(f, "\n    ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
+            }
             Step::BackfillMirror { .. } => write!(
                 f,
                 "copy legacy rows' ciphertext into the payload mirror, {BACKFILL_BATCH} rows at a time:\n    \
@@ -444,14 +452,23 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         &mut add,
     );
     push_alter(&mut plan, "connections", add);
-    if !found.key_foreign_key {
-        plan.steps.push(Step::ForeignKey {
-            why: "the foreign key from connections to the key catalog".to_owned(),
+    let why = "the foreign key from connections to the key catalog".to_owned();
+    match &found.key_foreign_key {
+        None => plan.steps.push(Step::ForeignKey {
+            why,
             table: "connections".to_owned(),
             name: "connections_encryption_key_id_fkey".to_owned(),
-            definition: "FOREIGN KEY (encryption_key_id) REFERENCES encryption_keys (id)"
-                .to_owned(),
-        });
+            definition: Some(
+                "FOREIGN KEY (encryption_key_id) REFERENCES encryption_keys (id)".to_owned(),
+            ),
+        }),
+        Some((name, false)) => plan.steps.push(Step::ForeignKey {
+            why,
+            table: "connections".to_owned(),
+            name: name.clone(),
+            definition: None,
+        }),
+        Some((_, true)) => {}
     }
     if found.key_index_valid != Some(true) {
         plan.steps.push(Step::Index {
@@ -689,17 +706,25 @@ mod tests {
     #[test]
     fn what_a_finished_adoption_left_is_not_done_again() {
         let mut found = application();
-        found.key_foreign_key = true;
+        found.key_foreign_key = Some(("connections_encryption_key_id_fkey".into(), true));
         found.key_index_valid = Some(true);
         let plan = plan(&found, SCHEMA).unwrap();
         assert!(!plan
             .steps
             .iter()
             .any(|s| matches!(s, Step::ForeignKey { .. } | Step::Index { .. })));
-        // An index a failed concurrent build left invalid is built again.
+        // An index a failed concurrent build left invalid is built again;
+        // a foreign key added NOT VALID by a run that stopped is validated.
         found.key_index_valid = Some(false);
+        found.key_foreign_key = Some(("app_fk".into(), false));
         let plan = super::plan(&found, SCHEMA).unwrap();
         assert!(plan.steps.iter().any(|s| matches!(s, Step::Index { .. })));
+        assert!(plan.steps.contains(&Step::ForeignKey {
+            why: "the foreign key from connections to the key catalog".into(),
+            table: "connections".into(),
+            name: "app_fk".into(),
+            definition: None,
+        }));
     }
 
     #[test]
