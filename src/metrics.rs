@@ -61,6 +61,7 @@ struct KeyRowsLabels {
 struct UsageGauges {
     rows: Family<KeyRowsLabels, Gauge>,
     oldest_age: Family<KeyRowsLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    legacy_copies: Family<KeyRowsLabels, Gauge>,
 }
 
 /// Rotation figures, set from the database on each scrape.
@@ -145,6 +146,12 @@ impl Metrics {
             "key_oldest_row_age_seconds",
             "Age of the oldest row on each key (its updated_at), by key_id, key status and rotation target",
             usage.oldest_age.clone(),
+        );
+        registry.register(
+            "key_legacy_copies",
+            "Rows on each key that still hold a legacy ciphertext (cleared by keyward legacy cutover), \
+             by key_id, key status and rotation target",
+            usage.legacy_copies.clone(),
         );
         registry.register(
             "rotation_metrics_up",
@@ -260,6 +267,7 @@ impl Metrics {
             };
         self.usage.rows.clear();
         self.usage.oldest_age.clear();
+        self.usage.legacy_copies.clear();
         let now = chrono::Utc::now();
         for report in reports {
             let (key_id, status) = match (&report.key, &report.key_record_id) {
@@ -274,6 +282,10 @@ impl Metrics {
                     target: usage.target,
                 };
                 self.usage.rows.get_or_create(&labels).set(usage.rows);
+                self.usage
+                    .legacy_copies
+                    .get_or_create(&labels)
+                    .set(usage.legacy_copies);
                 if let Some(oldest) = usage.oldest_written_at {
                     let age = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
                     self.usage.oldest_age.get_or_create(&labels).set(age);

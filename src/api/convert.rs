@@ -222,6 +222,7 @@ pub fn target_usage(usage: &KeyUsage) -> proto::TargetUsage {
         target: usage.target.clone(),
         rows: usage.rows,
         oldest_written_at: usage.oldest_written_at.map(timestamp),
+        legacy_copies: usage.legacy_copies,
     }
 }
 
@@ -245,6 +246,7 @@ pub fn key_usage(report: &KeyUsageReport, now: DateTime<Utc>) -> proto::KeyUsage
             .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0),
         targets: report.targets.iter().map(target_usage).collect(),
+        legacy_copies: report.legacy_copies(),
     }
 }
 
@@ -267,6 +269,7 @@ pub fn retire_plan(
             .iter()
             .map(|r| replica(r, catalog, now))
             .collect(),
+        legacy_copies: plan.legacy_copies,
     }
 }
 

@@ -184,8 +184,8 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
         KeysCommand::Usage => {
             let now = chrono::Utc::now();
             println!(
-                "{:<20}  {:<8}  {:<16}  {:>10}  OLDEST",
-                "KEY_ID", "STATUS", "TARGET", "ROWS"
+                "{:<20}  {:<8}  {:<16}  {:>10}  {:>13}  OLDEST",
+                "KEY_ID", "STATUS", "TARGET", "ROWS", "LEGACY_COPIES"
             );
             for report in admin.key_usage().await? {
                 let (name, status) = match (&report.key, &report.key_record_id) {
@@ -198,8 +198,8 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
                         format!("{} ({}s ago)", t.to_rfc3339(), (now - t).num_seconds())
                     });
                     println!(
-                        "{name:<20}  {status:<8}  {:<16}  {:>10}  {oldest}",
-                        usage.target, usage.rows
+                        "{name:<20}  {status:<8}  {:<16}  {:>10}  {:>13}  {oldest}",
+                        usage.target, usage.rows, usage.legacy_copies
                     );
                 }
             }

@@ -1,13 +1,144 @@
-//! `keyward legacy-encrypt`: a connections row written the way the
-//! pre-keyward application did (the legacy-format fixture generator).
+//! `keyward legacy cutover`: clears the legacy copies once no old pod reads
+//! them (runbook §1.6.2); `keyward legacy-encrypt`: a connections row
+//! written the way the pre-keyward application did (the legacy-format
+//! fixture generator).
 
-use std::{io::Read, process::ExitCode};
+use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use anyhow::bail;
-use clap::Args;
+use clap::{Args, Subcommand};
 
-use super::{secrets::master_secrets, ConfigError, GlobalArgs};
-use crate::crypto::legacy::encrypt_legacy;
+use super::{
+    audit::{audited, operator_audit_if},
+    migrate::EXIT_INCOMPATIBLE,
+    open,
+    secrets::master_secrets,
+    ConfigError, GlobalArgs,
+};
+use crate::{
+    crypto::legacy::encrypt_legacy,
+    service::cutover::{cutover, CutoverReport, LISTED},
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum LegacyCommand {
+    /// Clear the legacy copies (encrypted_credentials, credentials_iv) that
+    /// rotation leaves for the application's old pods, where both copies of
+    /// a row decrypt to the same plaintext; list conflicts, clear nothing
+    /// else. Exits 0 when no legacy copy is left, 65 when some remain.
+    Cutover(CutoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub(super) struct CutoverArgs {
+    /// Examine every row and report what would be cleared; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Append each legacy copy (still encrypted, one JSON line per row) to
+    /// FILE, created readable by its owner only, before clearing it.
+    #[arg(long, value_name = "FILE")]
+    archive_to: Option<PathBuf>,
+    /// Confirms that no pod of the application's previous version runs:
+    /// those read the legacy columns, and keyward cannot see them.
+    /// Required unless --dry-run.
+    #[arg(long)]
+    old_pods_stopped: bool,
+}
+
+pub(super) async fn legacy(global: &GlobalArgs, cmd: LegacyCommand) -> anyhow::Result<ExitCode> {
+    let LegacyCommand::Cutover(args) = cmd;
+    if !args.dry_run && !args.old_pods_stopped {
+        bail!(ConfigError(
+            "legacy cutover clears what the application's old pods read: run it with --dry-run \
+             first, and with --old-pods-stopped once no pod of the old version runs"
+                .into()
+        ));
+    }
+    if master_secrets(global)?.is_none() {
+        bail!(ConfigError(
+            "legacy cutover needs the master secret that wrote the legacy copies: set \
+             ENCRYPTION_MASTER_KEY"
+                .into()
+        ));
+    }
+    let mut archive = args.archive_to.as_deref().map(open_archive).transpose()?;
+    let audit = operator_audit_if(global, !args.dry_run)?;
+    let services = open(global).await?;
+    let run = cutover(
+        &services.store,
+        &services.crypto,
+        &services.targets,
+        args.dry_run,
+        archive.as_mut(),
+    );
+    let detail = match &args.archive_to {
+        Some(path) => format!("archive_to={}", path.display()),
+        None => "no archive".to_owned(),
+    };
+    let report = audited(&audit, "cli/legacy cutover", None, detail, run).await?;
+    print_report(&report);
+    if let Some(why) = &report.stopped {
+        bail!("legacy cutover stopped: {why}");
+    }
+    Ok(if report.finished() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INCOMPATIBLE)
+    })
+}
+
+/// The archive file, appended to (a second run adds to the first's).
+fn open_archive(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open the archive {}: {e}", path.display()))
+}
+
+fn print_report(report: &CutoverReport) {
+    for row in &report.conflict_rows {
+        println!(
+            "conflict    {} {}: the legacy copy decrypts to another plaintext than the envelope \
+             (written by an old pod after the rotation?); left as it is",
+            row.target, row.id
+        );
+    }
+    for (row, why) in &report.unreadable_rows {
+        println!(
+            "unreadable  {} {}: {why}; left as it is",
+            row.target, row.id
+        );
+    }
+    let listed = report.conflict_rows.len() + report.unreadable_rows.len();
+    if (report.conflicts + report.unreadable) as usize > listed {
+        println!("(only the first {LISTED} of each kind are listed)");
+    }
+    let verb = if report.dry_run {
+        "would clear"
+    } else {
+        "cleared"
+    };
+    println!("{verb} {} legacy copies", report.cleared);
+    println!("conflicts: {}", report.conflicts);
+    println!("unreadable: {}", report.unreadable);
+    if report.changed > 0 {
+        println!("changed while examined (run again): {}", report.changed);
+    }
+    if report.not_rotated > 0 {
+        println!(
+            "legacy rows with no envelope yet: {} (rotate them first: keyward rotate start)",
+            report.not_rotated
+        );
+    }
+    if report.finished() && !report.dry_run {
+        println!(
+            "no legacy copy is left: the legacy key material is no longer needed (runbook §1.6.2)"
+        );
+    }
+}
 
 #[derive(Debug, Args)]
 pub(super) struct LegacyArgs {

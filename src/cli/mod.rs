@@ -257,6 +257,9 @@ enum Command {
     /// Write a connections row the way the pre-keyward application did
     /// (legacy format; plaintext read from stdin). A fixture generator.
     LegacyEncrypt(legacy::LegacyArgs),
+    /// Clear the legacy copies once the old application pods are gone.
+    #[command(subcommand)]
+    Legacy(legacy::LegacyCommand),
     /// Run the rotation worker alone (the runbook's `npm run start:rotation`).
     Worker(worker::StandaloneWorkerArgs),
     /// Start, watch, inspect, cancel or requeue re-encryption jobs.
@@ -406,6 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replicas(cmd) => keys::replicas(&global, cmd).await,
         Command::SelfTest => keys::self_test(&global).await,
         Command::LegacyEncrypt(args) => legacy::legacy_encrypt(&global, args).await,
+        Command::Legacy(cmd) => legacy::legacy(&global, cmd).await,
         Command::Worker(args) => worker::worker(&global, args).await,
         Command::Rotate(cmd) => rotate::rotate(&global, cmd).await,
         Command::Token(cmd) => token::token(&global, cmd).await,
@@ -532,12 +536,14 @@ mod tests {
             jobs: Vec::new(),
             replicas: Vec::new(),
             active_key_id: Some("new".into()),
+            legacy_copies: 0,
         };
         let rows = vec![KeyUsage {
             target: "connections".into(),
             key_record_id: Some("rec-old".into()),
             rows: 3,
             oldest_written_at: None,
+            legacy_copies: 0,
         }];
         let job = RotationJob::running_for_test("job-1", "rec-new");
         let replica = ReplicaRecord {
@@ -569,6 +575,7 @@ mod tests {
             }),
             plan(RetireFacts {
                 replicas: vec![replica],
+                legacy_copies: 3,
                 ..facts(KeyStatus::Rotating)
             }),
         ];

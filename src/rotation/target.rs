@@ -210,8 +210,9 @@ impl RotationTarget {
         )
     }
 
-    /// Rows per key (`NULL`: legacy) and the oldest write time as Unix
-    /// seconds (`NULL` without an `updated_at` column).
+    /// Rows per key (`NULL`: legacy), the oldest write time as Unix
+    /// seconds (`NULL` without an `updated_at` column), and how many of
+    /// them still hold a legacy ciphertext.
     pub fn usage_sql(&self, postgres: bool) -> String {
         let oldest = match (&self.updated_at, postgres) {
             (None, _) => "CAST(NULL AS DOUBLE PRECISION)".to_owned(),
@@ -221,8 +222,12 @@ impl RotationTarget {
             ),
             (Some(col), false) => format!("(julianday(MIN({})) - 2440587.5) * 86400.0", col.q()),
         };
+        let legacy = match &self.legacy {
+            Some((ct, _)) => format!("COUNT({})", ct.q()),
+            None => "0".to_owned(),
+        };
         format!(
-            "SELECT CAST({k} AS TEXT), COUNT(*), {oldest} FROM {t} GROUP BY {k}",
+            "SELECT CAST({k} AS TEXT), COUNT(*), {oldest}, CAST({legacy} AS BIGINT) FROM {t} GROUP BY {k}",
             k = self.columns.encryption_key_id.q(),
             t = self.table.q(),
         )
@@ -270,21 +275,40 @@ impl RotationTarget {
     /// The next batch after a cursor (`first`: the cursor is empty, the
     /// target's first batch); binds $1 key, $2 job, $3 cursor, $4 limit.
     /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the
-    /// context). With the id's type known, rows are paged in that type, so
-    /// the primary key's index serves the page.
+    /// context).
     pub fn select_batch_sql(&self, first: bool) -> String {
+        self.select_page_sql(&self.off_target(), "$3", "$4", first)
+    }
+
+    /// The next page of rows on a key that still hold a legacy copy (what
+    /// `legacy cutover` clears), under the aliases of
+    /// [`Self::select_batch_sql`]; binds $1 cursor, $2 limit. Empty for a
+    /// target without legacy columns.
+    pub fn select_legacy_copies_sql(&self, first: bool) -> Option<String> {
+        let (legacy_ct, _) = self.legacy.as_ref()?;
+        let pred = format!(
+            "{} IS NOT NULL AND {} IS NOT NULL",
+            self.columns.encryption_key_id.q(),
+            legacy_ct.q()
+        );
+        Some(self.select_page_sql(&pred, "$1", "$2", first))
+    }
+
+    /// Rows matching `pred` after the id `cursor` (a placeholder), at most
+    /// `limit`, in id order. With the id's type known, rows are paged in
+    /// that type, so the primary key's index serves the page.
+    fn select_page_sql(&self, pred: &str, cursor: &str, limit: &str, first: bool) -> String {
         // Qualified: a bare `id` in ORDER BY would name the select list's
         // `CAST(id AS TEXT) AS id` and sort by text.
         let id = format!("{}.{}", self.table.q(), self.id.q());
         let after = match (&self.id_type, first) {
-            (Some(_), true) => format!("$3 = '' ORDER BY {id}"),
-            (Some(t), false) => format!("{id} > CAST($3 AS {}) ORDER BY {id}", t.as_str()),
-            (None, _) => format!("CAST({id} AS TEXT) > $3 ORDER BY CAST({id} AS TEXT)"),
+            (Some(_), true) => format!("{cursor} = '' ORDER BY {id}"),
+            (Some(t), false) => format!("{id} > CAST({cursor} AS {}) ORDER BY {id}", t.as_str()),
+            (None, _) => format!("CAST({id} AS TEXT) > {cursor} ORDER BY CAST({id} AS TEXT)"),
         };
         format!(
-            "{} WHERE {pred} AND {after} LIMIT $4",
-            self.select_rows(),
-            pred = self.off_target(),
+            "{} WHERE {pred} AND {after} LIMIT {limit}",
+            self.select_rows()
         )
     }
 
@@ -326,14 +350,6 @@ impl RotationTarget {
         )
     }
 
-    /// Columns cleared when a row moves to an envelope (the legacy ones).
-    fn clear_legacy(&self) -> String {
-        match &self.legacy {
-            Some((ct, iv)) => format!(", {} = NULL, {} = NULL", ct.q(), iv.q()),
-            None => String::new(),
-        }
-    }
-
     fn legacy_cas(&self, old: &str) -> String {
         match &self.legacy {
             Some((ct, _)) => format!(
@@ -346,11 +362,13 @@ impl RotationTarget {
     }
 
     /// The SET list of a write-back: the envelope columns take the given
-    /// values, the error columns are cleared, legacy columns emptied.
+    /// values, the error columns are cleared. The legacy columns stay as
+    /// they are: the application's old pods may still read them, until the
+    /// operator runs `keyward legacy cutover`.
     fn set_envelope(&self, key: &str, dk: &str, dk_iv: &str, ct: &str, iv: &str) -> String {
         let c = &self.columns;
         format!(
-            "{} = {key}, {} = {dk}, {} = {dk_iv}, {} = {ct}, {} = {iv}, {} = NULL, {} = NULL{}",
+            "{} = {key}, {} = {dk}, {} = {dk_iv}, {} = {ct}, {} = {iv}, {} = NULL, {} = NULL",
             c.encryption_key_id.q(),
             c.data_key_ciphertext.q(),
             c.data_key_iv.q(),
@@ -358,7 +376,6 @@ impl RotationTarget {
             c.payload_iv.q(),
             c.last_error.q(),
             c.last_error_job_id.q(),
-            self.clear_legacy(),
         )
     }
 
@@ -403,6 +420,25 @@ impl RotationTarget {
             self.columns.last_error_job_id.q(),
             self.id_is(&self.id.q(), "$1")
         )
+    }
+
+    /// Clears a row's legacy copy if the row is still as it was read
+    /// (compare-and-swap on key, payload and legacy ciphertext). Binds $1
+    /// id, $2 key, $3 payload ciphertext, $4 legacy ciphertext. None for a
+    /// target without legacy columns.
+    pub fn clear_legacy_copy_sql(&self) -> Option<String> {
+        let (ct, iv) = self.legacy.as_ref()?;
+        Some(format!(
+            "UPDATE {t} SET {ct} = NULL, {iv} = NULL WHERE {id_is} AND {k} IS NOT DISTINCT FROM $2 \
+             AND {payload} IS NOT DISTINCT FROM $3{legacy}",
+            t = self.table.q(),
+            ct = ct.q(),
+            iv = iv.q(),
+            id_is = self.id_is(&self.id.q(), "$1"),
+            k = self.columns.encryption_key_id.q(),
+            payload = self.columns.payload_ciphertext.q(),
+            legacy = self.legacy_cas("$4"),
+        ))
     }
 
     /// Forgets a job's failures (requeue). Binds $1 job.

@@ -87,6 +87,11 @@ impl KeyUsageReport {
         self.targets.iter().map(|u| u.rows).sum()
     }
 
+    /// Rows that still hold a legacy ciphertext, all targets together.
+    pub fn legacy_copies(&self) -> i64 {
+        self.targets.iter().map(|u| u.legacy_copies).sum()
+    }
+
     pub fn oldest_written_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         self.targets
             .iter()
@@ -323,6 +328,7 @@ impl KeyAdmin {
                             key_record_id: record_id.map(str::to_owned),
                             rows: 0,
                             oldest_written_at: None,
+                            legacy_copies: 0,
                         })
                 })
                 .collect()
@@ -363,10 +369,9 @@ impl KeyAdmin {
 
     /// The [`RetirePlan`] of a key record already read.
     async fn plan_retirement(&self, key: KeyRecord) -> Result<RetirePlan> {
-        let rows: Vec<KeyUsage> = self
-            .store
-            .key_usage(&self.targets)
-            .await?
+        let usage = self.store.key_usage(&self.targets).await?;
+        let legacy_copies = usage.iter().map(|u| u.legacy_copies).sum();
+        let rows: Vec<KeyUsage> = usage
             .into_iter()
             .filter(|u| u.key_record_id.as_deref() == Some(key.id.as_str()) && u.rows > 0)
             .collect();
@@ -384,6 +389,7 @@ impl KeyAdmin {
             jobs,
             replicas,
             active_key_id: self.catalog.snapshot().active().map(|k| k.key_id.clone()),
+            legacy_copies,
         }))
     }
 

@@ -355,6 +355,15 @@ impl CryptoService {
         self.open(&envelope, context, Caching::Use).await
     }
 
+    /// Decrypts a stored ciphertext (either form) bound to `context`.
+    pub async fn open_stored(
+        &self,
+        envelope: &Envelope,
+        context: &EncryptionContext,
+    ) -> Result<Opened> {
+        self.open(envelope, context, Caching::Use).await
+    }
+
     /// Decrypts a stored row with a fresh KMS call (rotation's dry run).
     pub async fn verify(&self, envelope: &Envelope, context: &EncryptionContext) -> Result<()> {
         self.open(envelope, context, Caching::Bypass)

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod audited;
 pub mod catalog;
 pub mod crypto;
+pub mod cutover;
 pub mod probes;
 pub mod readiness;
 pub mod replica;

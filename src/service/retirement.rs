@@ -20,6 +20,8 @@ pub struct RetirePlan {
     pub jobs: Vec<RotationJob>,
     /// Live `serve` replicas that still encrypt with the key.
     pub replicas: Vec<ReplicaRecord>,
+    /// Rows of every target that still hold a legacy ciphertext.
+    pub legacy_copies: i64,
     /// Each reason the key cannot be retired now; empty: it can.
     pub blockers: Vec<String>,
     /// What to run next, in order.
@@ -44,6 +46,9 @@ pub struct RetireFacts {
     pub replicas: Vec<ReplicaRecord>,
     /// `key_id` of the active key, if any.
     pub active_key_id: Option<String>,
+    /// Rows of every target that still hold a legacy ciphertext (the
+    /// application's pre-keyward copy, under the master secret).
+    pub legacy_copies: i64,
 }
 
 /// The blockers and next steps of retiring `facts.key`.
@@ -54,6 +59,7 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
         jobs,
         replicas,
         active_key_id: active,
+        legacy_copies,
     } = facts;
     let mut blockers = Vec::new();
     let mut next_steps = Vec::new();
@@ -111,11 +117,20 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
             key.key_id
         ));
     }
+    // Not the key's: the legacy copies are under the master secret, and
+    // the application's old pods read them. Runbook §1.6.2.
+    if legacy_copies > 0 {
+        next_steps.push(format!(
+            "{legacy_copies} rows still hold a legacy ciphertext: once no pod of the old application \
+             version runs, review and clear them: keyward legacy cutover --dry-run"
+        ));
+    }
     RetirePlan {
         key,
         rows,
         jobs,
         replicas,
+        legacy_copies,
         blockers,
         next_steps,
     }
@@ -152,6 +167,7 @@ mod tests {
             jobs: Vec::new(),
             replicas: Vec::new(),
             active_key_id: Some("new".into()),
+            legacy_copies: 0,
         }
     }
 
@@ -161,6 +177,7 @@ mod tests {
             key_record_id: Some("rec-old".into()),
             rows,
             oldest_written_at: None,
+            legacy_copies: 0,
         }
     }
 
@@ -200,6 +217,18 @@ mod tests {
             "re-encrypt them to the active key: keyward rotate start --target new"
         );
         assert!(plan.next_steps[1].starts_with("then: keyward keys retire old --dry-run"));
+    }
+
+    #[test]
+    fn legacy_copies_name_the_cutover_without_blocking() {
+        let plan = plan(RetireFacts {
+            legacy_copies: 300,
+            ..facts(KeyStatus::Rotating)
+        });
+        assert!(plan.blockers.is_empty(), "{:?}", plan.blockers);
+        assert_eq!(plan.next_steps[0], "keyward keys retire old");
+        assert!(plan.next_steps[1].starts_with("300 rows still hold a legacy ciphertext"));
+        assert_eq!(commands(&plan)[1], "keyward legacy cutover --dry-run");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod keys;
 pub mod replicas;
 pub mod rotation;
 pub mod tokens;
+mod tx;
 
 use std::{str::FromStr, time::Duration};
 

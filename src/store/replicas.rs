@@ -75,6 +75,9 @@ pub struct KeyUsage {
     pub rows: i64,
     /// The oldest `updated_at` among them, when the target has that column.
     pub oldest_written_at: Option<DateTime<Utc>>,
+    /// How many of them still hold a legacy ciphertext (all legacy rows;
+    /// rows on a key until `keyward legacy cutover` clears their copy).
+    pub legacy_copies: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -297,16 +300,20 @@ impl Store {
         let mut usage = Vec::new();
         for target in targets {
             let sql = target.usage_sql(self.backend() == Backend::Postgres);
-            let rows: Vec<(Option<String>, i64, Option<f64>)> =
+            let rows: Vec<(Option<String>, i64, Option<f64>, i64)> =
                 on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
-            usage.extend(rows.into_iter().map(|(key, rows, oldest)| KeyUsage {
-                target: target.table.as_str().to_owned(),
-                key_record_id: key,
-                rows,
-                oldest_written_at: oldest.and_then(|secs| {
-                    DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)
-                }),
-            }));
+            usage.extend(
+                rows.into_iter()
+                    .map(|(key, rows, oldest, legacy_copies)| KeyUsage {
+                        target: target.table.as_str().to_owned(),
+                        key_record_id: key,
+                        rows,
+                        oldest_written_at: oldest.and_then(|secs| {
+                            DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)
+                        }),
+                        legacy_copies,
+                    }),
+            );
         }
         Ok(usage)
     }

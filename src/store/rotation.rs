@@ -13,7 +13,9 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::{
     jobs::{JobRow, JOB_COLUMNS},
-    on_pool, BeginWrite, Pool, Store, StoreError,
+    on_pool,
+    tx::WriteTx,
+    Pool, Store, StoreError,
 };
 use crate::{
     crypto::envelope::Envelope,
@@ -66,14 +68,32 @@ impl RotationRow {
             payload_iv,
         }
     }
+
+    /// The row's legacy copy as a legacy envelope (no key id), if it holds
+    /// one.
+    pub fn legacy_copy(&self) -> Option<Envelope> {
+        let (ct, iv) = (self.legacy_ciphertext.as_ref()?, self.legacy_iv.as_ref()?);
+        Some(Envelope {
+            payload_ciphertext: ct.clone(),
+            payload_iv: iv.clone(),
+            ..Envelope::default()
+        })
+    }
 }
 
-/// Reads a row selected by `RotationTarget::select_batch_sql`.
-macro_rules! rotation_row {
-    ($row:expr, $contexts:expr) => {{
-        use sqlx::Row as _;
-        let row = $row;
-        RotationRow {
+/// Reads a row selected by `RotationTarget::select_batch_sql` (or
+/// `sample_on_key_sql`): the envelope and legacy columns by name, then the
+/// context columns `ctx_0`, `ctx_1`, … in the order they were selected.
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for RotationRow
+where
+    &'static str: sqlx::ColumnIndex<R>,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
+        use sqlx::Column as _;
+        Ok(RotationRow {
             id: row.try_get("id")?,
             encryption_key_id: row.try_get("encryption_key_id")?,
             data_key_ciphertext: row.try_get("data_key_ciphertext")?,
@@ -82,11 +102,15 @@ macro_rules! rotation_row {
             payload_iv: row.try_get("payload_iv")?,
             legacy_ciphertext: row.try_get("legacy_ciphertext")?,
             legacy_iv: row.try_get("legacy_iv")?,
-            context: (0..$contexts)
-                .map(|i| row.try_get::<Option<String>, _>(format!("ctx_{i}").as_str()))
+            context: row
+                .columns()
+                .iter()
+                .enumerate()
+                .filter(|(_, column)| column.name().starts_with("ctx_"))
+                .map(|(i, _)| row.try_get::<Option<String>, _>(i))
                 .collect::<Result<_, _>>()?,
-        }
-    }};
+        })
+    }
 }
 
 /// A batch a worker holds under lease.
@@ -155,253 +179,21 @@ impl Store {
     }
 
     /// Claims the next batch of the oldest live job for `worker_id`,
-    /// walking `targets` in order within each pass.
+    /// walking `targets` in order within each pass. One short transaction:
+    /// on SQLite it holds the write lock from the start (`BEGIN
+    /// IMMEDIATE`), on PostgreSQL the job row (`FOR UPDATE`), so workers
+    /// sharing a job take turns at its cursor, each then processing its
+    /// own batch in parallel.
     pub async fn claim_batch(
         &self,
         worker_id: &str,
         lease: Duration,
         targets: &[RotationTarget],
     ) -> Result<ClaimOutcome, StoreError> {
-        let count_all = RotationTarget::count_all_sql(targets);
-        macro_rules! claim {
-            ($tx:ident, $pick_job:expr) => {{
-                let now = Utc::now();
-                let row: Option<JobRow> = sqlx::query_as(&$pick_job).fetch_optional(&mut *$tx).await?;
-                let Some(row) = row else {
-                    $tx.commit().await?;
-                    return Ok(ClaimOutcome::Idle);
-                };
-                let mut cursor = row.cursor.clone().unwrap_or_default();
-                let mut index = usize::try_from(row.target_index).unwrap_or(0);
-                let waited_since = row.replicas_waited_since;
-                let mut job = RotationJob::try_from(row)?;
-                let live: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM encryption_rotation_claims WHERE job_id = $1 AND lease_expires_at > $2",
-                )
-                .bind(&job.id)
-                .bind(now)
-                .fetch_one(&mut *$tx)
-                .await?;
-
-                if job.cancel_requested {
-                    if live > 0 {
-                        $tx.commit().await?;
-                        return Ok(ClaimOutcome::Waiting);
-                    }
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET status = 'cancelled', completed_at = $2, \
-                         updated_at = $2, lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(now)
-                    .execute(&mut *$tx)
-                    .await?;
-                    sqlx::query("DELETE FROM encryption_rotation_claims WHERE job_id = $1")
-                        .bind(&job.id)
-                        .execute(&mut *$tx)
-                        .await?;
-                    $tx.commit().await?;
-                    job.status = JobStatus::Cancelled;
-                    return Ok(ClaimOutcome::Advanced(job));
-                }
-
-                if job.status == JobStatus::Pending {
-                    let total: i64 = sqlx::query_scalar(&count_all)
-                        .bind(&job.target_key_id)
-                        .bind(&job.id)
-                        .fetch_one(&mut *$tx)
-                        .await?;
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET status = 'running', started_at = $2, pass = 1, \
-                         total_rows = $3, updated_at = $2 WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(now)
-                    .bind(total)
-                    .execute(&mut *$tx)
-                    .await?;
-                    job.status = JobStatus::Running;
-                    job.pass = 1;
-                    job.counts.total = total;
-                    job.started_at = Some(now);
-                }
-
-                // The next batch: after the cursor in the current target,
-                // else from the start of the following targets.
-                while let Some(target) = targets.get(index) {
-                    let rows: Vec<RotationRow> = sqlx::query(&target.select_batch_sql(cursor.is_empty()))
-                        .bind(&job.target_key_id)
-                        .bind(&job.id)
-                        .bind(&cursor)
-                        .bind(job.batch_size)
-                        .fetch_all(&mut *$tx)
-                        .await?
-                        .into_iter()
-                        .map(|row| Ok::<_, sqlx::Error>(rotation_row!(row, target.context.len())))
-                        .collect::<Result<_, _>>()?;
-                    let Some(last) = rows.last() else {
-                        index += 1;
-                        cursor.clear();
-                        continue;
-                    };
-                    let claim_id = uuid::Uuid::new_v4().to_string();
-                    let expires = now + lease;
-                    sqlx::query(
-                        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, lease_owner = $4, \
-                         lease_expires_at = $5, updated_at = $6 WHERE id = $1",
-                    )
-                    .bind(&job.id)
-                    .bind(&last.id)
-                    .bind(i64::try_from(index).unwrap_or(i64::MAX))
-                    .bind(worker_id)
-                    .bind(expires)
-                    .bind(now)
-                    .execute(&mut *$tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO encryption_rotation_claims (id, job_id, worker_id, first_row_id, \
-                         last_row_id, lease_expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(&claim_id)
-                    .bind(&job.id)
-                    .bind(worker_id)
-                    .bind(rows.first().map(|r| r.id.as_str()).unwrap_or_default())
-                    .bind(&last.id)
-                    .bind(expires)
-                    .execute(&mut *$tx)
-                    .await?;
-                    $tx.commit().await?;
-                    return Ok(ClaimOutcome::Batch(Claim {
-                        id: claim_id,
-                        job,
-                        target_index: index,
-                        rows,
-                    }));
-                }
-
-                // End of a pass. Wait for batches other workers still hold;
-                // batches of workers whose lease expired are dropped and
-                // their rows are picked up by the next pass.
-                // Parks the job at the end of its pass: keeps the cursor,
-                // and with `since`, when it began waiting for replicas.
-                macro_rules! wait_at_pass_end {
-                    ($since:expr) => {{
-                        let since: Option<DateTime<Utc>> = $since;
-                        sqlx::query(
-                            "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, \
-                             replicas_waited_since = COALESCE(replicas_waited_since, $4) WHERE id = $1",
-                        )
-                        .bind(&job.id)
-                        .bind(&cursor)
-                        .bind(i64::try_from(index).unwrap_or(i64::MAX))
-                        .bind(since)
-                        .execute(&mut *$tx)
-                        .await?;
-                        $tx.commit().await?;
-                        return Ok(ClaimOutcome::Waiting);
-                    }};
-                }
-                if live > 0 {
-                    wait_at_pass_end!(None);
-                }
-                sqlx::query("DELETE FROM encryption_rotation_claims WHERE job_id = $1")
-                    .bind(&job.id)
-                    .execute(&mut *$tx)
-                    .await?;
-                let remaining: i64 = sqlx::query_scalar(&count_all)
-                    .bind(&job.target_key_id)
-                    .bind(&job.id)
-                    .fetch_one(&mut *$tx)
-                    .await?;
-                // `serve` replicas still encrypting with another key than
-                // the (active) target: each row they write is a late row,
-                // so the job waits for them (bounded) rather than end.
-                let behind: Vec<(String, String)> = if job.dry_run {
-                    Vec::new()
-                } else {
-                    sqlx::query_as(
-                        "SELECT r.id, r.host FROM keyward_replicas r \
-                         JOIN encryption_keys k ON k.id = $1 AND k.status = 'active' \
-                         WHERE r.kind = 'serve' AND r.expires_at > $2 \
-                         AND (r.active_key_id IS NULL OR r.active_key_id <> $1) ORDER BY r.id",
-                    )
-                    .bind(&job.target_key_id)
-                    .bind(now)
-                    .fetch_all(&mut *$tx)
-                    .await?
-                };
-                // What happens now is decided from these facts alone.
-                let facts = PassFacts {
-                    now,
-                    remaining,
-                    behind: &behind,
-                    waited_since,
-                    dry_run: job.dry_run,
-                    total: job.counts.total,
-                    processed: job.counts.processed,
-                    failed: job.counts.failed,
-                };
-                match pass_end(&facts) {
-                    PassEnd::WaitForReplicas => wait_at_pass_end!(Some(now)),
-                    PassEnd::Complete { status, last_error } => {
-                        sqlx::query(
-                            "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
-                             lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
-                             last_error = COALESCE($4, last_error) WHERE id = $1",
-                        )
-                        .bind(&job.id)
-                        .bind(status.as_str())
-                        .bind(now)
-                        .bind(&last_error)
-                        .execute(&mut *$tx)
-                        .await?;
-                        if let Some(last_error) = last_error {
-                            job.last_error = Some(last_error);
-                        }
-                        job.status = status;
-                        job.completed_at = Some(now);
-                    }
-                    PassEnd::NextPass { late, waited_since, .. } => {
-                        sqlx::query(
-                            "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
-                             total_rows = processed_rows + $2, late_rows = late_rows + $4, \
-                             replicas_waited_since = $5, updated_at = $3 WHERE id = $1",
-                        )
-                        .bind(&job.id)
-                        .bind(remaining)
-                        .bind(now)
-                        .bind(late)
-                        .bind(waited_since)
-                        .execute(&mut *$tx)
-                        .await?;
-                        job.pass += 1;
-                        job.counts.total = job.counts.processed + remaining;
-                        job.counts.late += late;
-                    }
-                }
-                $tx.commit().await?;
-                Ok(ClaimOutcome::Advanced(job))
-            }};
-        }
-        let pick = format!(
-            "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status IN ('pending', 'running') \
-             ORDER BY created_at, id LIMIT 1"
-        );
-        match &self.pool {
-            Pool::Sqlite(pool) => {
-                // The write lock is taken up front (`BEGIN IMMEDIATE`), so
-                // two claimers never read the same cursor.
-                let mut tx = pool.begin_write().await?;
-                claim!(tx, pick)
-            }
-            Pool::Postgres(pool) => {
-                let mut tx = pool.begin_write().await?;
-                // The job row is locked only for this short transaction:
-                // workers sharing a job take turns at its cursor, each
-                // then processing its own batch in parallel.
-                claim!(tx, format!("{pick} FOR UPDATE"))
-            }
-        }
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        let outcome = claim(&mut tx, worker_id, lease, targets).await?;
+        tx.commit().await?;
+        Ok(outcome)
     }
 
     /// Writes a processed batch: compare-and-swap updates for rotated rows
@@ -415,127 +207,57 @@ impl Store {
         target_key_id: &str,
         outcomes: &[RowOutcome],
     ) -> Result<BatchCounts, StoreError> {
-        let now = Utc::now();
-        let mut counts = BatchCounts::default();
-        let mut last_error: Option<String> = None;
         let mut rewritten: Vec<(&RotationRow, &Envelope)> = Vec::new();
-        let mut failures: Vec<(&RotationRow, &String)> = Vec::new();
+        let mut failures: Vec<(&RotationRow, &str)> = Vec::new();
+        let mut verified = 0i64;
         for (row, outcome) in claim.rows.iter().zip(outcomes) {
             match outcome {
                 RowOutcome::Rewritten(env) => rewritten.push((row, env)),
                 RowOutcome::Failed(msg) => failures.push((row, msg)),
-                RowOutcome::Verified => {}
+                RowOutcome::Verified => verified += 1,
             }
         }
-        counts.succeeded = outcomes
-            .iter()
-            .filter(|o| matches!(o, RowOutcome::Verified))
-            .count() as i64;
-        counts.failed = failures.len() as i64;
-        if let Some((row, msg)) = failures.last() {
-            last_error = Some(format!("{} {}: {msg}", target.table.as_str(), row.id));
-        }
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        let written = write_rotated(&mut tx, target, target_key_id, &rewritten).await?;
+        let counts = BatchCounts {
+            succeeded: verified + written,
+            failed: failures.len() as i64,
+            skipped: rewritten.len() as i64 - written,
+        };
         let fail_sql = target.fail_row_sql();
-
-        macro_rules! finish {
-            ($tx:ident, $written:expr) => {{
-                let written: i64 = $written;
-                counts.succeeded += written;
-                counts.skipped = rewritten.len() as i64 - written;
-                for (row, msg) in &failures {
-                    sqlx::query(&fail_sql)
-                        .bind(&row.id)
-                        .bind(format!("rotation job {}: {msg}", claim.job.id))
-                        .bind(&claim.job.id)
-                        .execute(&mut *$tx)
-                        .await?;
-                }
-                sqlx::query(
-                    "UPDATE encryption_rotation_jobs SET processed_rows = processed_rows + $2, \
-                     succeeded_rows = succeeded_rows + $3, failed_rows = failed_rows + $4, \
-                     skipped_rows = skipped_rows + $5, last_error = COALESCE($6, last_error), \
-                     updated_at = $7 WHERE id = $1",
-                )
-                .bind(&claim.job.id)
-                .bind(outcomes.len() as i64)
-                .bind(counts.succeeded)
-                .bind(counts.failed)
-                .bind(counts.skipped)
-                .bind(&last_error)
-                .bind(now)
-                .execute(&mut *$tx)
-                .await?;
-                sqlx::query("DELETE FROM encryption_rotation_claims WHERE id = $1")
-                    .bind(&claim.id)
-                    .execute(&mut *$tx)
-                    .await?;
-                $tx.commit().await?;
-            }};
+        for (row, msg) in &failures {
+            let message = format!("rotation job {}: {msg}", claim.job.id);
+            tx.execute(
+                &fail_sql,
+                &[(&row.id).into(), (&message).into(), (&claim.job.id).into()],
+            )
+            .await?;
         }
-
-        match &self.pool {
-            Pool::Postgres(pool) => {
-                let mut tx = pool.begin_write().await?;
-                // One statement for the whole batch.
-                let written = if rewritten.is_empty() {
-                    0
-                } else {
-                    let col = |f: fn(&Envelope) -> Vec<u8>| {
-                        rewritten.iter().map(|(_, e)| f(e)).collect::<Vec<_>>()
-                    };
-                    let old = |f: fn(&RotationRow) -> Option<Vec<u8>>| {
-                        rewritten.iter().map(|(r, _)| f(r)).collect::<Vec<_>>()
-                    };
-                    sqlx::query(&target.write_batch_sql_postgres())
-                        .bind(target_key_id)
-                        .bind(
-                            rewritten
-                                .iter()
-                                .map(|(r, _)| r.id.clone())
-                                .collect::<Vec<_>>(),
-                        )
-                        .bind(col(|e| e.data_key_ciphertext.clone()))
-                        .bind(col(|e| e.data_key_iv.clone()))
-                        .bind(col(|e| e.payload_ciphertext.clone()))
-                        .bind(col(|e| e.payload_iv.clone()))
-                        .bind(
-                            rewritten
-                                .iter()
-                                .map(|(r, _)| r.encryption_key_id.clone())
-                                .collect::<Vec<_>>(),
-                        )
-                        .bind(old(|r| r.payload_ciphertext.clone()))
-                        .bind(old(|r| r.legacy_ciphertext.clone()))
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected() as i64
-                };
-                finish!(tx, written);
-            }
-            Pool::Sqlite(pool) => {
-                // SQLite has no arrays; an embedded database pays no round
-                // trip per statement, so one statement per row is cheap.
-                let mut tx = pool.begin_write().await?;
-                let sql = target.write_row_sql_sqlite();
-                let mut written = 0i64;
-                for (row, env) in &rewritten {
-                    written += sqlx::query(&sql)
-                        .bind(target_key_id)
-                        .bind(&env.data_key_ciphertext)
-                        .bind(&env.data_key_iv)
-                        .bind(&env.payload_ciphertext)
-                        .bind(&env.payload_iv)
-                        .bind(&row.id)
-                        .bind(&row.encryption_key_id)
-                        .bind(&row.payload_ciphertext)
-                        .bind(&row.legacy_ciphertext)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected() as i64;
-                }
-                finish!(tx, written);
-            }
-        }
+        let last_error = failures
+            .last()
+            .map(|(row, msg)| format!("{} {}: {msg}", target.table.as_str(), row.id));
+        tx.execute(
+            "UPDATE encryption_rotation_jobs SET processed_rows = processed_rows + $2, \
+             succeeded_rows = succeeded_rows + $3, failed_rows = failed_rows + $4, \
+             skipped_rows = skipped_rows + $5, last_error = COALESCE($6, last_error), \
+             updated_at = $7 WHERE id = $1",
+            &[
+                (&claim.job.id).into(),
+                (outcomes.len() as i64).into(),
+                counts.succeeded.into(),
+                counts.failed.into(),
+                counts.skipped.into(),
+                last_error.as_deref().into(),
+                Utc::now().into(),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM encryption_rotation_claims WHERE id = $1",
+            &[(&claim.id).into()],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(counts)
     }
 
@@ -544,25 +266,60 @@ impl Store {
     /// expire, and the next pass picks its rows up (they are still off the
     /// target key).
     pub async fn release_claim(&self, claim: &Claim, worker_id: &str) -> Result<(), StoreError> {
-        let now = Utc::now();
-        super::on_pool!(self, |pool| {
-            let mut tx = pool.begin_write().await?;
-            sqlx::query("DELETE FROM encryption_rotation_claims WHERE id = $1")
-                .bind(&claim.id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "UPDATE encryption_rotation_jobs SET lease_owner = NULL, lease_expires_at = NULL, \
-                 updated_at = $3 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(&claim.job.id)
-            .bind(worker_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await
-        })?;
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        tx.execute(
+            "DELETE FROM encryption_rotation_claims WHERE id = $1",
+            &[(&claim.id).into()],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE encryption_rotation_jobs SET lease_owner = NULL, lease_expires_at = NULL, \
+             updated_at = $3 WHERE id = $1 AND lease_owner = $2",
+            &[(&claim.job.id).into(), worker_id.into(), Utc::now().into()],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// The next page (after id `cursor`, empty at the start) of `target`'s
+    /// rows that are on a key and still hold a legacy copy: what `legacy
+    /// cutover` examines. Empty for a target without legacy columns.
+    pub async fn legacy_copies_page(
+        &self,
+        target: &RotationTarget,
+        cursor: &str,
+        limit: i64,
+    ) -> Result<Vec<RotationRow>, StoreError> {
+        let Some(sql) = target.select_legacy_copies_sql(cursor.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        Ok(on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(cursor)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
+    }
+
+    /// Clears `row`'s legacy copy if the row is still as it was read (key,
+    /// payload and legacy ciphertext unchanged); whether it was.
+    pub async fn clear_legacy_copy(
+        &self,
+        target: &RotationTarget,
+        row: &RotationRow,
+    ) -> Result<bool, StoreError> {
+        let Some(sql) = target.clear_legacy_copy_sql() else {
+            return Ok(false);
+        };
+        let cleared = on_pool!(self, |pool| sqlx::query(&sql)
+            .bind(&row.id)
+            .bind(&row.encryption_key_id)
+            .bind(&row.payload_ciphertext)
+            .bind(&row.legacy_ciphertext)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(cleared == 1)
     }
 
     /// Up to `limit` rows of each target that are on key record `key_id`,
@@ -577,19 +334,392 @@ impl Store {
         for (index, target) in targets.iter().enumerate() {
             let sql = target.sample_on_key_sql();
             let rows: Vec<RotationRow> = on_pool!(self, |pool| {
-                sqlx::query(&sql)
+                sqlx::query_as(&sql)
                     .bind(key_id)
                     .bind(limit)
                     .fetch_all(pool)
-                    .await?
-                    .into_iter()
-                    .map(|row| Ok::<_, sqlx::Error>(rotation_row!(row, target.context.len())))
-                    .collect::<Result<Vec<_>, _>>()
+                    .await
             })?;
             sample.extend(rows.into_iter().map(|row| (index, row)));
         }
         Ok(sample)
     }
+}
+
+/// Where a job's pass stands: the target it is in and the id of the last
+/// row claimed there (empty at the start of a target).
+struct Place {
+    index: usize,
+    cursor: String,
+}
+
+impl Place {
+    fn index_arg(&self) -> i64 {
+        i64::try_from(self.index).unwrap_or(i64::MAX)
+    }
+}
+
+/// The claim step of [`Store::claim_batch`], inside its transaction.
+async fn claim(
+    tx: &mut WriteTx,
+    worker_id: &str,
+    lease: Duration,
+    targets: &[RotationTarget],
+) -> Result<ClaimOutcome, StoreError> {
+    let now = Utc::now();
+    let pick = format!(
+        "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status IN ('pending', 'running') \
+         ORDER BY created_at, id LIMIT 1{}",
+        tx.lock_clause()
+    );
+    let Some(row) = tx.fetch_optional::<JobRow>(&pick, &[]).await? else {
+        return Ok(ClaimOutcome::Idle);
+    };
+    let mut place = Place {
+        index: usize::try_from(row.target_index).unwrap_or(0),
+        cursor: row.cursor.clone().unwrap_or_default(),
+    };
+    let waited_since = row.replicas_waited_since;
+    let mut job = RotationJob::try_from(row)?;
+    let live = tx
+        .fetch_i64(
+            "SELECT COUNT(*) FROM encryption_rotation_claims WHERE job_id = $1 AND lease_expires_at > $2",
+            &[(&job.id).into(), now.into()],
+        )
+        .await?;
+    if job.cancel_requested {
+        if live > 0 {
+            return Ok(ClaimOutcome::Waiting);
+        }
+        return cancel(tx, job, now).await;
+    }
+    if job.status == JobStatus::Pending {
+        start(tx, &mut job, targets, now).await?;
+    }
+    if let Some(rows) = next_rows(tx, &job, targets, &mut place).await? {
+        let id = record_lease(tx, &job, &place, &rows, worker_id, now + lease, now).await?;
+        return Ok(ClaimOutcome::Batch(Claim {
+            id,
+            job,
+            target_index: place.index,
+            rows,
+        }));
+    }
+    // End of a pass. Wait for batches other workers still hold; batches of
+    // workers whose lease expired are dropped and their rows are picked up
+    // by the next pass.
+    if live > 0 {
+        return park(tx, &job, &place, None).await;
+    }
+    end_pass(tx, job, &place, waited_since, targets, now).await
+}
+
+/// Cancels a job no worker holds a batch of.
+async fn cancel(
+    tx: &mut WriteTx,
+    mut job: RotationJob,
+    now: DateTime<Utc>,
+) -> Result<ClaimOutcome, StoreError> {
+    tx.execute(
+        "UPDATE encryption_rotation_jobs SET status = 'cancelled', completed_at = $2, \
+         updated_at = $2, lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+        &[(&job.id).into(), now.into()],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM encryption_rotation_claims WHERE job_id = $1",
+        &[(&job.id).into()],
+    )
+    .await?;
+    job.status = JobStatus::Cancelled;
+    Ok(ClaimOutcome::Advanced(job))
+}
+
+/// Starts a pending job: its first pass, over every row off its target.
+async fn start(
+    tx: &mut WriteTx,
+    job: &mut RotationJob,
+    targets: &[RotationTarget],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let total = count_remaining(tx, job, targets).await?;
+    tx.execute(
+        "UPDATE encryption_rotation_jobs SET status = 'running', started_at = $2, pass = 1, \
+         total_rows = $3, updated_at = $2 WHERE id = $1",
+        &[(&job.id).into(), now.into(), total.into()],
+    )
+    .await?;
+    job.status = JobStatus::Running;
+    job.pass = 1;
+    job.counts.total = total;
+    job.started_at = Some(now);
+    Ok(())
+}
+
+/// The rows of every target still off the job's key.
+async fn count_remaining(
+    tx: &mut WriteTx,
+    job: &RotationJob,
+    targets: &[RotationTarget],
+) -> Result<i64, StoreError> {
+    Ok(tx
+        .fetch_i64(
+            &RotationTarget::count_all_sql(targets),
+            &[(&job.target_key_id).into(), (&job.id).into()],
+        )
+        .await?)
+}
+
+/// The next batch: after the cursor in the current target, else from the
+/// start of the following targets (`place` moves with it). None at the end
+/// of the pass.
+async fn next_rows(
+    tx: &mut WriteTx,
+    job: &RotationJob,
+    targets: &[RotationTarget],
+    place: &mut Place,
+) -> Result<Option<Vec<RotationRow>>, StoreError> {
+    while let Some(target) = targets.get(place.index) {
+        let rows: Vec<RotationRow> = tx
+            .fetch_all(
+                &target.select_batch_sql(place.cursor.is_empty()),
+                &[
+                    (&job.target_key_id).into(),
+                    (&job.id).into(),
+                    (&place.cursor).into(),
+                    job.batch_size.into(),
+                ],
+            )
+            .await?;
+        if rows.is_empty() {
+            place.index += 1;
+            place.cursor.clear();
+            continue;
+        }
+        return Ok(Some(rows));
+    }
+    Ok(None)
+}
+
+/// Moves the job's cursor past `rows` and leases them to `worker_id`; the
+/// claim's id.
+async fn record_lease(
+    tx: &mut WriteTx,
+    job: &RotationJob,
+    place: &Place,
+    rows: &[RotationRow],
+    worker_id: &str,
+    expires: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<String, StoreError> {
+    let first = rows.first().map(|r| r.id.as_str()).unwrap_or_default();
+    let last = rows.last().map(|r| r.id.as_str()).unwrap_or_default();
+    let claim_id = uuid::Uuid::new_v4().to_string();
+    tx.execute(
+        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, lease_owner = $4, \
+         lease_expires_at = $5, updated_at = $6 WHERE id = $1",
+        &[
+            (&job.id).into(),
+            last.into(),
+            place.index_arg().into(),
+            worker_id.into(),
+            expires.into(),
+            now.into(),
+        ],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO encryption_rotation_claims (id, job_id, worker_id, first_row_id, \
+         last_row_id, lease_expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            (&claim_id).into(),
+            (&job.id).into(),
+            worker_id.into(),
+            first.into(),
+            last.into(),
+            expires.into(),
+        ],
+    )
+    .await?;
+    Ok(claim_id)
+}
+
+/// Parks the job at the end of its pass: keeps its place, and with
+/// `since`, when it began waiting for replicas.
+async fn park(
+    tx: &mut WriteTx,
+    job: &RotationJob,
+    place: &Place,
+    since: Option<DateTime<Utc>>,
+) -> Result<ClaimOutcome, StoreError> {
+    tx.execute(
+        "UPDATE encryption_rotation_jobs SET cursor = $2, target_index = $3, \
+         replicas_waited_since = COALESCE(replicas_waited_since, $4) WHERE id = $1",
+        &[
+            (&job.id).into(),
+            (&place.cursor).into(),
+            place.index_arg().into(),
+            since.into(),
+        ],
+    )
+    .await?;
+    Ok(ClaimOutcome::Waiting)
+}
+
+/// A pass ended with no batch held: gathers the facts and does what
+/// [`pass_end`] decides (wait for replicas, complete, or another pass).
+async fn end_pass(
+    tx: &mut WriteTx,
+    mut job: RotationJob,
+    place: &Place,
+    waited_since: Option<DateTime<Utc>>,
+    targets: &[RotationTarget],
+    now: DateTime<Utc>,
+) -> Result<ClaimOutcome, StoreError> {
+    tx.execute(
+        "DELETE FROM encryption_rotation_claims WHERE job_id = $1",
+        &[(&job.id).into()],
+    )
+    .await?;
+    let remaining = count_remaining(tx, &job, targets).await?;
+    // `serve` replicas still encrypting with another key than the (active)
+    // target: each row they write is a late row, so the job waits for them
+    // (bounded) rather than end.
+    let behind: Vec<(String, String)> = if job.dry_run {
+        Vec::new()
+    } else {
+        tx.fetch_all(
+            "SELECT r.id, r.host FROM keyward_replicas r \
+             JOIN encryption_keys k ON k.id = $1 AND k.status = 'active' \
+             WHERE r.kind = 'serve' AND r.expires_at > $2 \
+             AND (r.active_key_id IS NULL OR r.active_key_id <> $1) ORDER BY r.id",
+            &[(&job.target_key_id).into(), now.into()],
+        )
+        .await?
+    };
+    let facts = PassFacts {
+        now,
+        remaining,
+        behind: &behind,
+        waited_since,
+        dry_run: job.dry_run,
+        total: job.counts.total,
+        processed: job.counts.processed,
+        failed: job.counts.failed,
+    };
+    match pass_end(&facts) {
+        PassEnd::WaitForReplicas => return park(tx, &job, place, Some(now)).await,
+        PassEnd::Complete { status, last_error } => {
+            tx.execute(
+                "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
+                 lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
+                 last_error = COALESCE($4, last_error) WHERE id = $1",
+                &[
+                    (&job.id).into(),
+                    status.as_str().into(),
+                    now.into(),
+                    last_error.as_deref().into(),
+                ],
+            )
+            .await?;
+            if last_error.is_some() {
+                job.last_error = last_error;
+            }
+            job.status = status;
+            job.completed_at = Some(now);
+        }
+        PassEnd::NextPass {
+            late, waited_since, ..
+        } => {
+            tx.execute(
+                "UPDATE encryption_rotation_jobs SET pass = pass + 1, cursor = NULL, target_index = 0, \
+                 total_rows = processed_rows + $2, late_rows = late_rows + $4, \
+                 replicas_waited_since = $5, updated_at = $3 WHERE id = $1",
+                &[
+                    (&job.id).into(),
+                    remaining.into(),
+                    now.into(),
+                    late.into(),
+                    waited_since.into(),
+                ],
+            )
+            .await?;
+            job.pass += 1;
+            job.counts.total = job.counts.processed + remaining;
+            job.counts.late += late;
+        }
+    }
+    Ok(ClaimOutcome::Advanced(job))
+}
+
+/// Writes the rotated rows of a batch, each only if it is unchanged since
+/// it was claimed (compare-and-swap); how many were written.
+async fn write_rotated(
+    tx: &mut WriteTx,
+    target: &RotationTarget,
+    target_key_id: &str,
+    rewritten: &[(&RotationRow, &Envelope)],
+) -> Result<i64, StoreError> {
+    if rewritten.is_empty() {
+        return Ok(0);
+    }
+    let written = match tx {
+        // One statement for the whole batch.
+        WriteTx::Postgres(tx) => {
+            let new = |f: fn(&Envelope) -> &Vec<u8>| -> Vec<&[u8]> {
+                rewritten.iter().map(|(_, e)| f(e).as_slice()).collect()
+            };
+            let old = |f: fn(&RotationRow) -> &Option<Vec<u8>>| -> Vec<Option<&[u8]>> {
+                rewritten.iter().map(|(r, _)| f(r).as_deref()).collect()
+            };
+            sqlx::query(&target.write_batch_sql_postgres())
+                .bind(target_key_id)
+                .bind(
+                    rewritten
+                        .iter()
+                        .map(|(r, _)| r.id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(new(|e| &e.data_key_ciphertext))
+                .bind(new(|e| &e.data_key_iv))
+                .bind(new(|e| &e.payload_ciphertext))
+                .bind(new(|e| &e.payload_iv))
+                .bind(
+                    rewritten
+                        .iter()
+                        .map(|(r, _)| r.encryption_key_id.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(old(|r| &r.payload_ciphertext))
+                .bind(old(|r| &r.legacy_ciphertext))
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+        }
+        // SQLite has no arrays; an embedded database pays no round trip per
+        // statement, so one statement per row is cheap.
+        WriteTx::Sqlite(tx) => {
+            let sql = target.write_row_sql_sqlite();
+            let mut written = 0;
+            for (row, env) in rewritten {
+                written += sqlx::query(&sql)
+                    .bind(target_key_id)
+                    .bind(&env.data_key_ciphertext)
+                    .bind(&env.data_key_iv)
+                    .bind(&env.payload_ciphertext)
+                    .bind(&env.payload_iv)
+                    .bind(&row.id)
+                    .bind(&row.encryption_key_id)
+                    .bind(&row.payload_ciphertext)
+                    .bind(&row.legacy_ciphertext)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+            }
+            written
+        }
+    };
+    Ok(i64::try_from(written).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ use std::collections::HashMap;
 
 use keyward::{
     api::proto::{decrypt_request::Ciphertext, DecryptRequest, Envelope, StartRotationRequest},
-    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
+    crypto::{
+        legacy::{encrypt_legacy, LegacyKeys},
+        secret::MasterSecret,
+    },
 };
 use sqlx::PgPool;
 
@@ -252,6 +255,128 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
             .key_id,
         PRIMARY
     );
+    cuts_over(&app, &target, &url, &pool, &mut plaintexts, id_type).await;
+}
+
+/// The old pods' legacy copies survive rotation; `keyward legacy cutover`
+/// clears them only where both copies agree, lists a conflict, and clears
+/// the rest once the conflict is resolved.
+async fn cuts_over(
+    app: &TestApp,
+    target: &str,
+    url: &str,
+    pool: &PgPool,
+    plaintexts: &mut HashMap<String, String>,
+    id_type: &str,
+) {
+    let master = MasterSecret::new(MASTER).unwrap();
+    let legacy = LegacyKeys::new([&master]);
+    let rows = app.connections().await;
+    for row in &rows {
+        let opened = legacy
+            .decrypt(
+                row.credentials_iv.as_deref().unwrap(),
+                row.encrypted_credentials.as_deref().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(opened.as_bytes(), plaintexts[&row.id].as_bytes());
+    }
+    // An old pod still runs and changes one row after its rotation: a
+    // conflict (which copy is right is the operator's call).
+    let conflicted = rows[7].id.clone();
+    let newer = "{\"password\":\"written-after-rotation\"}";
+    let (iv, ct) = encrypt_legacy(&master, newer.as_bytes());
+    sqlx::query(&format!(
+        "UPDATE connections SET encrypted_credentials = $2, credentials_iv = $3 \
+         WHERE id = CAST($1 AS {id_type})"
+    ))
+    .bind(&conflicted)
+    .bind(ct)
+    .bind(iv.to_vec())
+    .execute(pool)
+    .await
+    .unwrap();
+    let copies = "SELECT COUNT(encrypted_credentials) FROM connections";
+    let cutover = |args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        run(keyward(dir.path())
+            .env("DATABASE_URL", url)
+            .env("ENCRYPTION_MASTER_KEY", MASTER)
+            .args(["legacy", "cutover"])
+            .args(args))
+    };
+
+    let refused = cutover(&[]);
+    assert_eq!(refused.status.code(), Some(64), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--old-pods-stopped"));
+    let dry = cutover(&["--dry-run"]);
+    assert_eq!(dry.status.code(), Some(65), "{}", stderr(&dry));
+    let report = stdout(&dry);
+    assert!(report.contains("would clear 299 legacy copies"), "{report}");
+    assert!(
+        report.contains(&format!("conflict    connections {conflicted}:")),
+        "{report}"
+    );
+    assert_eq!(
+        scalar::<i64>(pool, copies).await,
+        300,
+        "the dry run cleared"
+    );
+
+    let archive_dir = tempfile::tempdir().unwrap();
+    let archive = archive_dir.path().join("legacy.jsonl");
+    let archive_arg = archive.to_str().unwrap();
+    let out = cutover(&["--old-pods-stopped", "--archive-to", archive_arg]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("cleared 299 legacy copies"),
+        "{}",
+        stdout(&out)
+    );
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(id AS TEXT) FROM connections WHERE encrypted_credentials IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(left, std::slice::from_ref(&conflicted));
+    let archived = std::fs::read_to_string(&archive).unwrap();
+    assert_eq!(archived.lines().count(), 299);
+    assert!(!archived.contains(&conflicted));
+
+    // The operator decides the old pod's write is right and stores it
+    // through keyward; both copies agree, and the cutover finishes.
+    let sealed = app
+        .encrypt(newer.as_bytes(), &[("connection_id", conflicted.as_str())])
+        .await;
+    let envelope = sealed.envelope.unwrap();
+    sqlx::query(&format!(
+        "UPDATE connections SET encryption_key_id = $2, data_key_ciphertext = $3, data_key_iv = $4, \
+         payload_ciphertext = $5, payload_iv = $6 WHERE id = CAST($1 AS {id_type})"
+    ))
+    .bind(&conflicted)
+    .bind(&envelope.encryption_key_id)
+    .bind(envelope.data_key_ciphertext.to_vec())
+    .bind(envelope.data_key_iv.to_vec())
+    .bind(envelope.payload_ciphertext.to_vec())
+    .bind(envelope.payload_iv.to_vec())
+    .execute(pool)
+    .await
+    .unwrap();
+    plaintexts.insert(conflicted, newer.to_owned());
+    let out = cutover(&["--old-pods-stopped", "--archive-to", archive_arg]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("no legacy copy is left"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(scalar::<i64>(pool, copies).await, 0);
+    assert_eq!(
+        std::fs::read_to_string(&archive).unwrap().lines().count(),
+        300
+    );
+    crate::workers::assert_all_rotated(app, target, plaintexts).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

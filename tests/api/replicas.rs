@@ -355,7 +355,7 @@ async fn key_usage_and_the_retirement_plan(backend: Backend) {
     let before = usage(&app).await;
     assert_eq!(rows_on(&before, "primary"), 3);
     let legacy = before.iter().find(|u| u.legacy).unwrap();
-    assert_eq!(legacy.rows, 1);
+    assert_eq!((legacy.rows, legacy.legacy_copies), (1, 1));
     let primary = before.iter().find(|u| u.key_id == "primary").unwrap();
     assert_eq!(primary.status, KeyStatus::Active as i32);
     assert_eq!(primary.targets.len(), 1);
@@ -393,10 +393,19 @@ async fn key_usage_and_the_retirement_plan(backend: Backend) {
     assert_eq!(rows_on(&after, "primary"), 0);
     assert_eq!(rows_on(&after, "next"), 4);
     assert_eq!(after.iter().find(|u| u.legacy).unwrap().rows, 0);
+    // The rotated legacy row keeps its legacy copy for the old pods: the
+    // plan counts it and names the cutover, without blocking.
+    let next = after.iter().find(|u| u.key_id == "next").unwrap();
+    assert_eq!((next.legacy_copies, next.targets[0].legacy_copies), (1, 1));
 
     let plan = retire(&app, "primary", true, false).await.unwrap();
     assert!(plan.blockers.is_empty(), "{plan:?}");
-    assert_eq!(plan.next_steps, vec!["keyward keys retire primary"]);
+    assert_eq!(plan.legacy_copies, 1);
+    assert_eq!(plan.next_steps[0], "keyward keys retire primary");
+    assert!(
+        plan.next_steps[1].ends_with("keyward legacy cutover --dry-run"),
+        "{plan:?}"
+    );
     let retired = retire(&app, "primary", false, false).await.unwrap();
     assert!(retired.retired);
     assert_eq!(retired.key.unwrap().status, KeyStatus::Retired as i32);

@@ -172,9 +172,15 @@ async fn mixed_table_rotates_to_completion(backend: Backend) {
             .all(|r| r.encryption_key_id.as_deref() == Some(next.as_str())),
         "{rows:?}"
     );
-    assert!(rows
+    assert!(rows.iter().all(|r| r.last_error.is_none()));
+    // The legacy rows keep their legacy copy for the application's old pods
+    // (until `keyward legacy cutover`); no other row gained one.
+    let with_copy: Vec<&str> = rows
         .iter()
-        .all(|r| r.encrypted_credentials.is_none() && r.last_error.is_none()));
+        .filter(|r| r.encrypted_credentials.is_some())
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(with_copy, ["legacy-0", "legacy-1", "legacy-2"]);
     assert_eq!(decrypt_all(&app).await, expected);
 
     // Runbook §1.6: the old key retires cleanly now.
