@@ -236,28 +236,16 @@ mod tests {
     #[test]
     fn a_report_is_finished_only_with_nothing_left() {
         assert!(CutoverReport::default().finished());
-        for report in [
-            CutoverReport {
-                conflicts: 1,
-                ..Default::default()
-            },
-            CutoverReport {
-                not_rotated: 3,
-                ..Default::default()
-            },
-            CutoverReport {
-                changed: 1,
-                ..Default::default()
-            },
-            CutoverReport {
-                unreadable: 1,
-                ..Default::default()
-            },
-            CutoverReport {
-                stopped: Some("disk full".into()),
-                ..Default::default()
-            },
-        ] {
+        let left: [fn(&mut CutoverReport); 5] = [
+            |r| r.conflicts = 1,
+            |r| r.not_rotated = 3,
+            |r| r.changed = 1,
+            |r| r.unreadable = 1,
+            |r| r.stopped = Some("disk full".into()),
+        ];
+        for set in left {
+            let mut report = CutoverReport::default();
+            set(&mut report);
             assert!(!report.finished(), "{report:?}");
         }
     }

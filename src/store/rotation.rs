@@ -372,7 +372,7 @@ async fn claim(
          ORDER BY created_at, id LIMIT 1{}",
         tx.lock_clause()
     );
-    let Some(row) = tx.fetch_optional::<JobRow>(&pick, &[]).await? else {
+    let Some(row) = tx.fetch_all::<JobRow>(&pick, &[]).await?.into_iter().next() else {
         return Ok(ClaimOutcome::Idle);
     };
     let mut place = Place {

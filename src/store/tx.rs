@@ -125,20 +125,6 @@ impl WriteTx {
             .await)
     }
 
-    /// The row a query returns, if any.
-    pub(crate) async fn fetch_optional<T>(
-        &mut self,
-        sql: &str,
-        args: &[Arg<'_>],
-    ) -> Result<Option<T>, sqlx::Error>
-    where
-        T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin,
-    {
-        on_tx!(self, |tx| bound!(sqlx::query_as(sql), args)
-            .fetch_optional(&mut **tx)
-            .await)
-    }
-
     /// Every row a query returns.
     pub(crate) async fn fetch_all<T>(
         &mut self,

@@ -82,12 +82,17 @@ async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
     crate::workers::final_job(app, &job.id).await
 }
 
-fn migrate(url: &str, args: &[&str]) -> std::process::Output {
+/// `keyward ARGS…` on the database at `url`, with the master secret.
+fn keyward_on(url: &str, args: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     run(keyward(dir.path())
         .env("DATABASE_URL", url)
-        .arg("migrate")
+        .env("ENCRYPTION_MASTER_KEY", MASTER)
         .args(args))
+}
+
+fn migrate(url: &str, args: &[&str]) -> std::process::Output {
+    keyward_on(url, &[&["migrate"], args].concat())
 }
 
 async fn scalar<T>(pool: &PgPool, sql: &str) -> T
@@ -297,14 +302,7 @@ async fn cuts_over(
     .await
     .unwrap();
     let copies = "SELECT COUNT(encrypted_credentials) FROM connections";
-    let cutover = |args: &[&str]| {
-        let dir = tempfile::tempdir().unwrap();
-        run(keyward(dir.path())
-            .env("DATABASE_URL", url)
-            .env("ENCRYPTION_MASTER_KEY", MASTER)
-            .args(["legacy", "cutover"])
-            .args(args))
-    };
+    let cutover = |args: &[&str]| keyward_on(url, &[&["legacy", "cutover"], args].concat());
 
     let refused = cutover(&[]);
     assert_eq!(refused.status.code(), Some(64), "{}", stderr(&refused));
