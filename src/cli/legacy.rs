@@ -61,7 +61,11 @@ pub(super) async fn legacy(global: &GlobalArgs, cmd: LegacyCommand) -> anyhow::R
                 .into()
         ));
     }
-    let mut archive = args.archive_to.as_deref().map(open_archive).transpose()?;
+    // A dry run writes nothing, the archive included.
+    let mut archive = match &args.archive_to {
+        Some(path) if !args.dry_run => Some(open_archive(path)?),
+        _ => None,
+    };
     let audit = operator_audit_if(global, !args.dry_run)?;
     let services = open(global).await?;
     let run = cutover(
