@@ -48,25 +48,16 @@ impl RotationRow {
     /// only, so after the migration's backfill the mirror can be stale, and
     /// the legacy copy is the one they last wrote.
     pub fn envelope(&self) -> Envelope {
-        let legacy_copy = match (&self.legacy_ciphertext, &self.legacy_iv) {
-            (Some(ct), Some(iv)) if self.encryption_key_id.is_none() && !ct.is_empty() => {
-                Some((ct.clone(), iv.clone()))
-            }
-            _ => None,
-        };
-        let (payload_ciphertext, payload_iv) = legacy_copy.unwrap_or_else(|| {
-            (
-                self.payload_ciphertext.clone().unwrap_or_default(),
-                self.payload_iv.clone().unwrap_or_default(),
-            )
-        });
-        Envelope {
+        let legacy_copy = self
+            .legacy_copy()
+            .filter(|copy| self.encryption_key_id.is_none() && !copy.payload_ciphertext.is_empty());
+        legacy_copy.unwrap_or_else(|| Envelope {
             encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
             data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default(),
             data_key_iv: self.data_key_iv.clone().unwrap_or_default(),
-            payload_ciphertext,
-            payload_iv,
-        }
+            payload_ciphertext: self.payload_ciphertext.clone().unwrap_or_default(),
+            payload_iv: self.payload_iv.clone().unwrap_or_default(),
+        })
     }
 
     /// The row's legacy copy as a legacy envelope (no key id), if it holds
