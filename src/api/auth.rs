@@ -5,13 +5,8 @@
 //! event; an admitted call carries its [`Caller`] in the request extensions
 //! for the handlers' finer scope checks and audit events.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    task::{Context, Poll},
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use futures::future::BoxFuture;
 use tonic::transport::server::TcpConnectInfo;
 #[cfg(feature = "tls")]
 use tonic::transport::server::TlsConnectInfo;
@@ -83,20 +78,10 @@ pub struct AuthService<S> {
 
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: super::HttpService<B>,
     B: Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    super::middleware_head!();
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let mut inner = super::take_ready(&mut self.inner);

@@ -16,10 +16,9 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    task::{Context, Poll},
 };
 
-use futures::future::{BoxFuture, FutureExt as _};
+use futures::future::FutureExt as _;
 use tower::{Layer, Service, ServiceExt as _};
 use tower_http::services::ServeFile;
 
@@ -114,20 +113,10 @@ fn is_file_request<B>(request: &http::Request<B>) -> bool {
 
 impl<S, B> Service<http::Request<B>> for Dashboard<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: super::HttpService<B>,
     B: Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    super::middleware_head!();
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         match &self.files {

@@ -25,6 +25,49 @@ pub mod proto {
         tonic::include_file_descriptor_set!("keyward_descriptor");
 }
 
+/// The HTTP service a keyward middleware wraps: tonic's router, or another
+/// middleware around it.
+pub trait HttpService<B>:
+    tower::Service<
+        http::Request<B>,
+        Response = http::Response<tonic::body::Body>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: tower::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The associated types and `poll_ready` of a middleware over an
+/// [`HttpService`] `S` held in its `inner` field, whose `call` boxes its
+/// future: readiness is the inner service's.
+macro_rules! middleware_head {
+    () => {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = S::Error;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+    };
+}
+use middleware_head;
+
 /// For a tower middleware's `call`: the inner service that `poll_ready`
 /// readied, leaving a fresh clone in its place (the readied one must be
 /// the one called, and the future must own it).

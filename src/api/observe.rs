@@ -25,7 +25,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http_body::{Body, Frame};
 use prost::Message as _;
 use tower::{Layer, Service};
@@ -193,20 +192,10 @@ pub struct ObserveService<S> {
 
 impl<S, B> Service<http::Request<B>> for ObserveService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: super::HttpService<B>,
     B: Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
+    super::middleware_head!();
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let mut inner = super::take_ready(&mut self.inner);

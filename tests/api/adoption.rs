@@ -20,6 +20,7 @@ use sqlx::PgPool;
 
 use crate::{
     cli::{keyward, run, stderr, stdout},
+    helpers::bind_envelope,
     helpers::{ctx, spawn_on, Backend, Options, TestApp, MASTER, PRIMARY},
     postgres,
 };
@@ -348,19 +349,14 @@ async fn cuts_over(
         .encrypt(newer.as_bytes(), &[("connection_id", conflicted.as_str())])
         .await;
     let envelope = sealed.envelope.unwrap();
-    sqlx::query(&format!(
+    let update = format!(
         "UPDATE connections SET encryption_key_id = $2, data_key_ciphertext = $3, data_key_iv = $4, \
          payload_ciphertext = $5, payload_iv = $6 WHERE id = CAST($1 AS {id_type})"
-    ))
-    .bind(&conflicted)
-    .bind(&envelope.encryption_key_id)
-    .bind(envelope.data_key_ciphertext.to_vec())
-    .bind(envelope.data_key_iv.to_vec())
-    .bind(envelope.payload_ciphertext.to_vec())
-    .bind(envelope.payload_iv.to_vec())
-    .execute(pool)
-    .await
-    .unwrap();
+    );
+    bind_envelope!(sqlx::query(&update), &conflicted, envelope)
+        .execute(pool)
+        .await
+        .unwrap();
     plaintexts.insert(conflicted, newer.to_owned());
     let out = cutover(&["--old-pods-stopped", "--archive-to", archive_arg]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));

@@ -13,7 +13,7 @@ use keyward::api::proto::{decrypt_request::Ciphertext, DecryptRequest, EncryptRe
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-use crate::helpers::{ctx, json_lines};
+use crate::helpers::{bind_envelope, ctx, json_lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 const SECRET: &str = "cli-test-master-secret-0123456789";
@@ -589,19 +589,14 @@ async fn nothing_secret_reaches_logs_audit_or_errors() {
             .into_inner()
             .envelope
             .unwrap();
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO connections (id, name, encryption_key_id, data_key_ciphertext, data_key_iv, \
              payload_ciphertext, payload_iv) VALUES ($1, $1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&id)
-        .bind(&env.encryption_key_id)
-        .bind(env.data_key_ciphertext.to_vec())
-        .bind(env.data_key_iv.to_vec())
-        .bind(env.payload_ciphertext.to_vec())
-        .bind(env.payload_iv.to_vec())
-        .execute(&pool)
-        .await
-        .unwrap();
+        );
+        bind_envelope!(insert, &id, env)
+            .execute(&pool)
+            .await
+            .unwrap();
         envelopes.push((id, env));
     }
     let decrypt = |env: &keyward::api::proto::Envelope, id: &str| DecryptRequest {

@@ -10,6 +10,7 @@ use tonic::{metadata::MetadataValue, Request};
 
 use crate::{
     cli::{free_port, keyward, run, stderr, stdout, Server},
+    helpers::bind_envelope,
     helpers::ctx,
 };
 
@@ -105,19 +106,11 @@ async fn readme_grpcurl_recipes_answer_as_documented() {
             .into_inner()
             .envelope
             .unwrap();
-        sqlx::query(
+        let insert = sqlx::query(
             "INSERT INTO connections (id, encryption_key_id, data_key_ciphertext, data_key_iv, \
              payload_ciphertext, payload_iv) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&id)
-        .bind(&e.encryption_key_id)
-        .bind(e.data_key_ciphertext.to_vec())
-        .bind(e.data_key_iv.to_vec())
-        .bind(e.payload_ciphertext.to_vec())
-        .bind(e.payload_iv.to_vec())
-        .execute(&db)
-        .await
-        .unwrap();
+        );
+        bind_envelope!(insert, &id, e).execute(&db).await.unwrap();
     }
     sqlx::query(
         "INSERT INTO connection_scoped_tokens (connection_id, token_hash, expires_at) \

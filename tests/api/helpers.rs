@@ -80,6 +80,7 @@ macro_rules! bind_envelope {
             .bind($envelope.payload_iv.to_vec())
     };
 }
+pub(crate) use bind_envelope;
 
 pub const MASTER: &str = "test-master-secret-0123456789abcdef";
 pub const PRIMARY: &str = "primary";

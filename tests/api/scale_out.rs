@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 use crate::{
     cli::{free_port, keyward, run, stderr, Server},
+    helpers::bind_envelope,
     helpers::{ctx, fresh_database, Backend, MASTER},
     workers::WorkerProcess,
 };
@@ -53,13 +54,7 @@ const INSERT: &str = "INSERT INTO connections (id, encryption_key_id, data_key_c
      data_key_iv, payload_ciphertext, payload_iv) VALUES ($1, $2, $3, $4, $5, $6)";
 
 async fn store(pool: &PgPool, id: &str, envelope: &Envelope) {
-    sqlx::query(INSERT)
-        .bind(id)
-        .bind(&envelope.encryption_key_id)
-        .bind(envelope.data_key_ciphertext.to_vec())
-        .bind(envelope.data_key_iv.to_vec())
-        .bind(envelope.payload_ciphertext.to_vec())
-        .bind(envelope.payload_iv.to_vec())
+    bind_envelope!(sqlx::query(INSERT), id, envelope)
         .execute(pool)
         .await
         .unwrap();
