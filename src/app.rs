@@ -134,6 +134,7 @@ impl Services {
             listen,
             self.store.clone(),
             Arc::clone(&self.admin),
+            Arc::clone(&self.crypto),
             options,
         )
     }
@@ -186,10 +187,10 @@ impl Services {
         let _ = kms_settings;
         let mut legacy = None;
         if let Some(master) = master {
-            kms = kms.with(Arc::new(LocalKms::new(
+            kms = kms.with_local(LocalKms::new(
                 master.current.clone(),
                 master.previous.clone(),
-            )));
+            ));
             legacy = Some(LegacyKeys::new(master.all()));
         }
         let catalog = Arc::new(KeyCatalog::default());
@@ -209,6 +210,7 @@ impl Services {
         let source: Arc<dyn crate::service::crypto::ReadThrough> = admin.catalog().clone();
         crypto.set_read_through(Arc::downgrade(&source));
         admin.refresh().await?;
+        crate::service::replica::sync_wrapping(&store, &crypto, None).await?;
         let rotations = Arc::new(Rotations::new(
             store.clone(),
             Arc::clone(&targets),

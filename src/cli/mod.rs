@@ -16,7 +16,8 @@
 //! family owns its `Args` and its `run` in a file of its own — `serve`,
 //! `worker` (with the worker and replica flags `serve` shares), `keys`
 //! (`seed-key`, `keys`, `replicas`, `self-test`), `migrate`, `rotate` (with
-//! `prune-tokens`), `token`, `legacy`; `secrets` reads master secrets and
+//! `prune-tokens`), `token`, `legacy`, `master` (`master-secret`);
+//! `secrets` reads master secrets and
 //! checks key files; `audit` writes the operator commands' audit events;
 //! `config_file` turns `--config` into flags.
 
@@ -24,6 +25,7 @@ mod audit;
 mod config_file;
 mod keys;
 mod legacy;
+mod master;
 mod migrate;
 mod rotate;
 mod secrets;
@@ -260,6 +262,10 @@ enum Command {
     /// Clear the legacy copies once the old application pods are gone.
     #[command(subcommand)]
     Legacy(legacy::LegacyCommand),
+    /// Where a master-secret rollover stands (runbook §2.1): which secret
+    /// wraps, what still needs the previous one, when it may be removed.
+    #[command(subcommand)]
+    MasterSecret(master::MasterSecretCommand),
     /// Run the rotation worker alone (the runbook's `npm run start:rotation`).
     Worker(worker::StandaloneWorkerArgs),
     /// Start, watch, inspect, cancel or requeue re-encryption jobs.
@@ -410,6 +416,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::SelfTest => keys::self_test(&global).await,
         Command::LegacyEncrypt(args) => legacy::legacy_encrypt(&global, args).await,
         Command::Legacy(cmd) => legacy::legacy(&global, cmd).await,
+        Command::MasterSecret(cmd) => master::master_secret(&global, cmd).await,
         Command::Worker(args) => worker::worker(&global, args).await,
         Command::Rotate(cmd) => rotate::rotate(&global, cmd).await,
         Command::Token(cmd) => token::token(&global, cmd).await,
@@ -558,6 +565,7 @@ mod tests {
             expires_at: Utc::now(),
             catalog_version: 1,
             active_key_id: Some("rec-old".into()),
+            master_fingerprints: Some(Vec::new()),
             active_since: None,
             key_readiness: Default::default(),
         };

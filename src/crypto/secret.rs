@@ -85,6 +85,47 @@ impl MasterSecret {
     pub(crate) fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// Which master secret this is, for data keys' headers, heartbeats and
+    /// operators: HKDF-SHA256 of the secret under its own salt, 8 bytes.
+    /// It names the secret without revealing it (a wrapped key under the
+    /// secret tells a guesser no less).
+    pub fn fingerprint(&self) -> Fingerprint {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(FINGERPRINT_SALT), &self.0);
+        let mut out = [0u8; Fingerprint::LEN];
+        // 8 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+        let _ = hk.expand(b"fingerprint", &mut out);
+        Fingerprint(out)
+    }
+}
+
+const FINGERPRINT_SALT: &[u8] = b"keyward.master-fingerprint.v1";
+
+/// A master secret's public name ([`MasterSecret::fingerprint`]), shown as
+/// 16 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint(pub [u8; Fingerprint::LEN]);
+
+impl Fingerprint {
+    pub const LEN: usize = 8;
+
+    /// Parses the 16 hex digits [`fmt::Display`] writes.
+    pub fn parse(hex_digits: &str) -> Option<Self> {
+        let bytes = hex::decode(hex_digits.trim()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
 }
 
 impl fmt::Debug for MasterSecret {
@@ -146,6 +187,18 @@ mod tests {
         assert!(!format!("{master:?}").contains("horse"));
         let plain = Plaintext::new(b"hunter2".to_vec());
         assert_eq!(format!("{plain:?}"), "Plaintext([REDACTED; 7 bytes])");
+    }
+
+    #[test]
+    fn fingerprints_name_a_secret_without_showing_it() {
+        let one = MasterSecret::new("correct horse battery staple").unwrap();
+        let two = MasterSecret::new("correct horse battery stapler").unwrap();
+        assert_eq!(one.fingerprint(), one.clone().fingerprint());
+        assert_ne!(one.fingerprint(), two.fingerprint());
+        let shown = one.fingerprint().to_string();
+        assert_eq!(shown.len(), 16);
+        assert_eq!(Fingerprint::parse(&shown), Some(one.fingerprint()));
+        assert_eq!(Fingerprint::parse("xyz"), None);
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct RotationJob {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// What every data key the job wraps under its target key begins with
+    /// ([`crate::crypto::kms::KmsProvider::wrap_tag`]); rows on the target
+    /// key without it are rewrapped too (a master-secret rollover).
+    pub wrap_tag: Option<Vec<u8>>,
 }
 
 /// Options of a new job.
@@ -136,6 +140,8 @@ pub struct NewJob {
     pub dry_run: bool,
     pub batch_size: i64,
     pub max_rows_per_second: Option<i64>,
+    /// See [`RotationJob::wrap_tag`].
+    pub wrap_tag: Option<Vec<u8>>,
 }
 
 /// Default rows per batch.
@@ -170,6 +176,7 @@ impl RotationJob {
             updated_at: chrono::Utc::now(),
             started_at: None,
             completed_at: None,
+            wrap_tag: None,
         }
     }
 }

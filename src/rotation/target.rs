@@ -200,12 +200,16 @@ impl RotationTarget {
         )
     }
 
-    /// Rows not on key `$1` and not already failed by job `$2`.
-    fn off_target(&self) -> String {
+    /// Rows not on key `$1`, or on it with a data key that does not begin
+    /// with the tag `tag` (a placeholder; NULL: any data key), and not
+    /// already failed by job `$2`.
+    fn off_target(&self, tag: &str) -> String {
         let c = &self.columns;
         format!(
-            "({k} IS NULL OR {k} <> $1) AND ({e} IS NULL OR {e} <> $2)",
+            "({k} IS NULL OR {k} <> $1 OR ({tag} IS NOT NULL AND ({dk} IS NULL \
+             OR substr({dk}, 1, length({tag})) <> {tag}))) AND ({e} IS NULL OR {e} <> $2)",
             k = c.encryption_key_id.q(),
+            dk = c.data_key_ciphertext.q(),
             e = c.last_error_job_id.q()
         )
     }
@@ -233,6 +237,18 @@ impl RotationTarget {
         )
     }
 
+    /// Rows per key (not legacy rows) and first `tag_len` bytes of their
+    /// wrapped data key ([`crate::crypto::kms::KmsProvider::wrap_tag`]).
+    pub fn wrapping_sql(&self, tag_len: usize) -> String {
+        format!(
+            "SELECT CAST({k} AS TEXT), substr({dk}, 1, {tag_len}), CAST(COUNT(*) AS BIGINT) \
+             FROM {t} WHERE {k} IS NOT NULL GROUP BY 1, 2",
+            k = self.columns.encryption_key_id.q(),
+            dk = self.columns.data_key_ciphertext.q(),
+            t = self.table.q(),
+        )
+    }
+
     /// Rows on key `$1`, one statement over every target.
     pub fn count_on_key_sql(targets: &[RotationTarget]) -> String {
         let counts: Vec<String> = targets
@@ -253,7 +269,7 @@ impl RotationTarget {
     }
 
     /// One statement counting the rows still to rotate in every target;
-    /// binds $1 key, $2 job.
+    /// binds $1 key, $2 job, $3 the job's wrap tag.
     pub fn count_all_sql(targets: &[RotationTarget]) -> String {
         let counts: Vec<String> = targets
             .iter()
@@ -261,7 +277,7 @@ impl RotationTarget {
                 format!(
                     "(SELECT COUNT(*) FROM {} WHERE {})",
                     t.table.q(),
-                    t.off_target()
+                    t.off_target("$3")
                 )
             })
             .collect();
@@ -273,11 +289,12 @@ impl RotationTarget {
     }
 
     /// The next batch after a cursor (`first`: the cursor is empty, the
-    /// target's first batch); binds $1 key, $2 job, $3 cursor, $4 limit.
+    /// target's first batch); binds $1 key, $2 job, $3 cursor, $4 limit,
+    /// $5 the job's wrap tag.
     /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the
     /// context).
     pub fn select_batch_sql(&self, first: bool) -> String {
-        self.select_page_sql(&self.off_target(), "$3", "$4", first)
+        self.select_page_sql(&self.off_target("$5"), "$3", "$4", first)
     }
 
     /// The next page of rows on a key that still hold a legacy copy (what

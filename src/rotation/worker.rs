@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{target::RotationTarget, JobStatus, Mode, RotationJob};
 use crate::{
+    crypto::kms::local::tag_names,
     error::{Error, Result},
     keys::{KeyRecord, KeyStatus},
     service::{admin::KeyAdmin, crypto::CryptoService},
@@ -34,7 +35,8 @@ const ROW_CONCURRENCY: usize = 16;
 pub enum Step {
     /// Nothing to do.
     Idle,
-    /// Other workers hold the last batches of a pass.
+    /// Other workers hold the last batches of a pass, or the job was
+    /// changed to follow a master-secret rollout: try again shortly.
     Waiting,
     /// A batch was processed.
     Batch { job_id: String, rows: usize },
@@ -114,7 +116,7 @@ impl Worker {
             let pause = match self.step(&stop).await {
                 Ok(Step::Idle) => self.options.idle_poll,
                 Ok(Step::Held(reason)) => {
-                    tracing::warn!(worker = %self.id, %reason, "this worker claims no rotation batch while its configuration cannot open the keys' data");
+                    tracing::warn!(worker = %self.id, %reason, "this worker claims no rotation batch: {reason}");
                     self.options.idle_poll.max(Duration::from_secs(5))
                 }
                 Ok(Step::Waiting) => Duration::from_millis(100),
@@ -190,6 +192,17 @@ impl Worker {
                 return Ok(Step::Advanced(job));
             }
         };
+        if let Some(tag) = self.wraps_otherwise(&claim.job, &target) {
+            // The rollout moved since the job started: the job follows it,
+            // or the rows this worker writes would stay off target.
+            self.store.release_claim(&claim, &self.id).await?;
+            self.store
+                .set_job_wrap_tag(&claim.job.id, tag.as_deref())
+                .await?;
+            tracing::info!(job = %claim.job.id, master_secret = %describe_tag(tag.as_deref()),
+                "rotation job now rewraps under the master secret new data keys are wrapped under");
+            return Ok(Step::Waiting);
+        }
         let started = tokio::time::Instant::now();
         let give_up = async {
             stop.cancelled().await;
@@ -304,6 +317,19 @@ impl Worker {
         Ok(RowOutcome::Rewritten(rotated))
     }
 
+    /// The wrap tag this worker writes under the job's target key, when
+    /// it is not the one the job rewraps to (the replicas' rollout moved
+    /// since the job started): rows written now would stay off target and
+    /// be redone in every pass. A dry run writes nothing.
+    fn wraps_otherwise(&self, job: &RotationJob, target: &KeyRecord) -> Option<Option<Vec<u8>>> {
+        let wraps = self
+            .crypto
+            .kms()
+            .get(target.provider)
+            .and_then(|provider| provider.wrap_tag());
+        (!job.dry_run && wraps != job.wrap_tag).then_some(wraps)
+    }
+
     /// The job's target key, refreshing the catalog once if this process
     /// has not seen it yet. A missing or retired target fails the job.
     async fn target_key(&self, job: &RotationJob) -> Result<Arc<KeyRecord>> {
@@ -329,5 +355,13 @@ impl Worker {
             });
         }
         Ok(key)
+    }
+}
+
+/// A wrap tag as operators know it: the master secret's fingerprint.
+fn describe_tag(tag: Option<&[u8]>) -> String {
+    match tag {
+        Some(tag) => tag_names(tag).map_or_else(|| "(unknown)".to_owned(), |fp| fp.to_string()),
+        None => "none (data keys are not tagged)".to_owned(),
     }
 }

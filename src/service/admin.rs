@@ -139,6 +139,11 @@ impl KeyAdmin {
         }
     }
 
+    /// The crypto service this admin service checks keys with.
+    pub fn crypto(&self) -> &Arc<CryptoService> {
+        &self.crypto
+    }
+
     /// The catalog's loader: the crypto service's read-through source.
     pub fn catalog(&self) -> &Arc<CatalogLoader> {
         &self.catalog

@@ -200,10 +200,8 @@ impl CryptoService {
             1,
         );
         let legacy = LegacyKeys::new([&master]);
-        let kms = KmsRegistry::default().with(Arc::new(crate::crypto::kms::local::LocalKms::new(
-            master,
-            Vec::new(),
-        )));
+        let kms = KmsRegistry::default()
+            .with_local(crate::crypto::kms::local::LocalKms::new(master, Vec::new()));
         Self::new(
             catalog,
             kms,

@@ -10,5 +10,6 @@ pub mod probes;
 pub mod readiness;
 pub mod replica;
 pub mod retirement;
+pub mod rollout;
 pub mod rotation;
 pub mod tokens;

@@ -16,7 +16,7 @@ use crate::{
     rotation::{
         target::RotationTarget, Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE,
     },
-    service::admin::KeyAdmin,
+    service::{admin::KeyAdmin, rollout},
     store::Store,
 };
 
@@ -135,6 +135,16 @@ impl Rotations {
                 reason: "must not be negative".into(),
             });
         }
+        // A master-secret rollover: rows on the target key that another
+        // secret wrapped are rewrapped, and the keys' probes resealed.
+        let crypto = self.admin.crypto();
+        let wrap_tag = crypto
+            .kms()
+            .get(target.provider)
+            .and_then(|provider| provider.wrap_tag());
+        if !req.dry_run {
+            rollout::reseal_probes(&self.store, crypto, &catalog).await?;
+        }
         let job = self
             .store
             .insert_job(&NewJob {
@@ -143,6 +153,7 @@ impl Rotations {
                 dry_run: req.dry_run,
                 batch_size,
                 max_rows_per_second: Some(req.max_rows_per_second).filter(|r| *r > 0),
+                wrap_tag,
             })
             .await?;
         tracing::info!(job = %job.id, target = %target.key_id, mode = job.mode.as_str(), dry_run = job.dry_run, "rotation job queued");

@@ -10,7 +10,7 @@ use crate::rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, R
 pub(super) const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
-     replicas_waited_since";
+     replicas_waited_since, wrap_tag";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct JobRow {
@@ -37,6 +37,7 @@ pub(super) struct JobRow {
     completed_at: Option<DateTime<Utc>>,
     late_rows: i64,
     pub(super) replicas_waited_since: Option<DateTime<Utc>>,
+    wrap_tag: Option<Vec<u8>>,
 }
 
 impl TryFrom<JobRow> for RotationJob {
@@ -70,6 +71,7 @@ impl TryFrom<JobRow> for RotationJob {
             updated_at: row.updated_at,
             started_at: row.started_at,
             completed_at: row.completed_at,
+            wrap_tag: row.wrap_tag,
         })
     }
 }
@@ -80,7 +82,8 @@ impl Store {
         let now = Utc::now();
         let sql = format!(
             "INSERT INTO encryption_rotation_jobs (id, status, target_key_id, mode, dry_run, batch_size, \
-             max_rows_per_second, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7) \
+             max_rows_per_second, created_at, updated_at, wrap_tag) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7, $8) \
              RETURNING {JOB_COLUMNS}"
         );
         let row: JobRow = super::on_pool!(self, |pool| sqlx::query_as(&sql)
@@ -91,6 +94,7 @@ impl Store {
             .bind(new.batch_size)
             .bind(new.max_rows_per_second)
             .bind(now)
+            .bind(&new.wrap_tag)
             .fetch_one(pool)
             .await)?;
         row.try_into()
@@ -142,6 +146,20 @@ impl Store {
         let rows: Vec<JobRow> =
             super::on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
         rows.into_iter().map(RotationJob::try_from).collect()
+    }
+
+    /// Sets the wrap tag a job rewraps to (`RotationJob::wrap_tag`).
+    pub async fn set_job_wrap_tag(&self, id: &str, tag: Option<&[u8]>) -> Result<(), StoreError> {
+        super::on_pool!(self, |pool| sqlx::query(
+            "UPDATE encryption_rotation_jobs SET wrap_tag = $2, updated_at = $3 WHERE id = $1"
+        )
+        .bind(id)
+        .bind(tag)
+        .bind(Utc::now())
+        .execute(pool)
+        .await
+        .map(drop))?;
+        Ok(())
     }
 
     /// Cancels a job: a pending one at once, a running one between batches.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::{on_pool, Backend, BeginWrite, Pool, Store, StoreError};
-use crate::rotation::target::RotationTarget;
+use crate::{crypto::secret::Fingerprint, rotation::target::RotationTarget};
 
 /// What a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,9 @@ pub struct ReplicaRecord {
     /// Per `encryption_keys.id` of each non-retired key: `None` when the
     /// replica can use it, else why not.
     pub key_readiness: BTreeMap<String, Option<String>>,
+    /// The master secrets it holds, current first; `None` from a keyward
+    /// that does not report them.
+    pub master_fingerprints: Option<Vec<Fingerprint>>,
 }
 
 impl ReplicaRecord {
@@ -95,6 +98,7 @@ struct ReplicaRow {
     active_key_id: Option<String>,
     active_since: Option<DateTime<Utc>>,
     key_readiness: String,
+    master_fingerprints: Option<String>,
 }
 
 impl TryFrom<ReplicaRow> for ReplicaRecord {
@@ -106,6 +110,16 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
             kind: ReplicaKind::parse(&row.kind).ok_or_else(|| corrupt("an unknown kind"))?,
             key_readiness: serde_json::from_str(&row.key_readiness)
                 .map_err(|_| corrupt("unreadable key readiness"))?,
+            master_fingerprints: match &row.master_fingerprints {
+                None => None,
+                Some(list) => Some(
+                    list.split(',')
+                        .filter(|fp| !fp.is_empty())
+                        .map(Fingerprint::parse)
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| corrupt("unreadable master fingerprints"))?,
+                ),
+            },
             id: row.id,
             host: row.host,
             pid: row.pid,
@@ -122,7 +136,7 @@ impl TryFrom<ReplicaRow> for ReplicaRecord {
 }
 
 const REPLICA_COLUMNS: &str = "id, kind, host, pid, listen, version, started_at, heartbeat_at, \
-     expires_at, catalog_version, active_key_id, active_since, key_readiness";
+     expires_at, catalog_version, active_key_id, active_since, key_readiness, master_fingerprints";
 
 /// Replicas gone longer than this are deleted by the next heartbeat.
 const FORGET_AFTER: chrono::Duration = chrono::Duration::hours(1);
@@ -168,13 +182,20 @@ impl Store {
     pub async fn heartbeat(&self, replica: &ReplicaRecord) -> Result<(), StoreError> {
         let readiness = serde_json::to_string(&replica.key_readiness)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let fingerprints = replica.master_fingerprints.as_ref().map(|list| {
+            list.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let sql = format!(
             "INSERT INTO keyward_replicas ({REPLICA_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, \
              expires_at = excluded.expires_at, catalog_version = excluded.catalog_version, \
              active_key_id = excluded.active_key_id, active_since = excluded.active_since, \
-             key_readiness = excluded.key_readiness, listen = excluded.listen"
+             key_readiness = excluded.key_readiness, listen = excluded.listen, \
+             master_fingerprints = excluded.master_fingerprints"
         );
         on_pool!(self, |pool| {
             sqlx::query(&sql)
@@ -191,6 +212,7 @@ impl Store {
                 .bind(&replica.active_key_id)
                 .bind(replica.active_since)
                 .bind(&readiness)
+                .bind(&fingerprints)
                 .execute(pool)
                 .await?;
             sqlx::query("DELETE FROM keyward_replicas WHERE expires_at < $1")
@@ -292,6 +314,45 @@ impl Store {
         .fetch_all(pool)
         .await)?;
         Ok(rows)
+    }
+
+    /// Replaces key `key_id`'s probe with `new` if it is still `old` (a
+    /// rollover reseals it under the new master secret; only a process that
+    /// opened `old` calls this). Whether it was replaced.
+    pub async fn replace_key_probe(
+        &self,
+        key_id: &str,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let replaced = on_pool!(self, |pool| sqlx::query(
+            "UPDATE keyward_key_probes SET probe = $3 WHERE key_id = $1 AND probe = $2"
+        )
+        .bind(key_id)
+        .bind(old)
+        .bind(new)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(replaced == 1)
+    }
+
+    /// Rows on each key in every rotation target, by the first `tag_len`
+    /// bytes of their wrapped data key (what names the master secret that
+    /// wrapped it): `(key record id, those bytes, rows)`.
+    pub async fn wrapping_usage(
+        &self,
+        targets: &[RotationTarget],
+        tag_len: usize,
+    ) -> Result<Vec<(String, Option<Vec<u8>>, i64)>, StoreError> {
+        let mut all = Vec::new();
+        for target in targets {
+            let sql = target.wrapping_sql(tag_len);
+            let rows: Vec<(String, Option<Vec<u8>>, i64)> =
+                on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+            all.extend(rows);
+        }
+        Ok(all)
     }
 
     /// Rows per key in every rotation target (legacy rows under `None`),

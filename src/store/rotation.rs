@@ -456,7 +456,11 @@ async fn count_remaining(
     Ok(tx
         .fetch_i64(
             &RotationTarget::count_all_sql(targets),
-            &[(&job.target_key_id).into(), (&job.id).into()],
+            &[
+                (&job.target_key_id).into(),
+                (&job.id).into(),
+                job.wrap_tag.as_deref().into(),
+            ],
         )
         .await?)
 }
@@ -479,6 +483,7 @@ async fn next_rows(
                     (&job.id).into(),
                     (&place.cursor).into(),
                     job.batch_size.into(),
+                    job.wrap_tag.as_deref().into(),
                 ],
             )
             .await?;

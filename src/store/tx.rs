@@ -15,6 +15,13 @@ pub(crate) enum Arg<'a> {
     Text(Option<&'a str>),
     Int(i64),
     Time(Option<DateTime<Utc>>),
+    Bytes(Option<&'a [u8]>),
+}
+
+impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
+    fn from(value: Option<&'a [u8]>) -> Self {
+        Arg::Bytes(value)
+    }
 }
 
 impl<'a> From<&'a str> for Arg<'a> {
@@ -68,6 +75,7 @@ macro_rules! bound {
                 Arg::Text(value) => query.bind(value),
                 Arg::Int(value) => query.bind(value),
                 Arg::Time(value) => query.bind(value),
+                Arg::Bytes(value) => query.bind(value),
             };
         }
         query

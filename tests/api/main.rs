@@ -23,6 +23,7 @@ mod metrics;
 mod moto;
 mod postgres;
 mod replicas;
+mod rollover;
 mod rotation;
 mod scale_out;
 mod security;

@@ -253,6 +253,14 @@ pub trait KmsProvider: Send + Sync {
         Ok(None)
     }
 
+    /// The bytes every data key this provider wraps now begins with, when
+    /// they name what wrapped it (the local KMS: its master secret). A
+    /// rotation also rewraps the rows on its target key that do not begin
+    /// with them. `None`: nothing to tell apart.
+    fn wrap_tag(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Checks the KEK is usable without using it: exists, enabled. The
     /// self-test runs this before its round trip.
     async fn check_key(&self, _kek: KekRef<'_>) -> Result<(), KmsError> {
@@ -266,9 +274,23 @@ pub trait KmsProvider: Send + Sync {
 pub struct KmsRegistry {
     providers: Vec<Arc<dyn KmsProvider>>,
     stats: Arc<KmsCallStats>,
+    /// The local provider, also by its own type: the replica agent sets
+    /// which master secret wraps.
+    local: Option<local::LocalKms>,
 }
 
 impl KmsRegistry {
+    /// Adds the local provider.
+    pub fn with_local(mut self, provider: local::LocalKms) -> Self {
+        self.local = Some(provider.clone());
+        self.with(Arc::new(provider))
+    }
+
+    /// The local provider, if this process has a master secret.
+    pub fn local(&self) -> Option<&local::LocalKms> {
+        self.local.as_ref()
+    }
+
     /// Adds (or replaces) the provider of its kind.
     pub fn with(mut self, provider: Arc<dyn KmsProvider>) -> Self {
         self.providers.retain(|p| p.kind() != provider.kind());

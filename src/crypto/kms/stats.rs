@@ -287,6 +287,10 @@ impl KmsProvider for Counted {
         result
     }
 
+    fn wrap_tag(&self) -> Option<Vec<u8>> {
+        self.inner.wrap_tag()
+    }
+
     async fn check_key(&self, kek: KekRef<'_>) -> Result<(), KmsError> {
         let started = Instant::now();
         let result = self.inner.check_key(kek).await;

@@ -6,7 +6,7 @@
 //! answers at once — and heartbeats into `keyward_replicas`: the catalog
 //! version it has loaded, the key its Encrypts use (and since when), and
 //! whether it can use each non-retired key (it opens the key's probe,
-//! `service::probes`). A staged
+//! `service::probes`) and which master secrets it holds. A staged
 //! activation waits on those heartbeats; a rotation job waits for `serve`
 //! replicas that still encrypt with an older key. On shutdown the agent
 //! deletes its row.
@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::admin::KeyAdmin;
+use crate::service::{admin::KeyAdmin, crypto::CryptoService};
 use crate::{
     keys::Catalog,
     store::{
@@ -51,6 +51,7 @@ impl Default for ReplicaOptions {
 pub struct ReplicaAgent {
     store: Store,
     admin: Arc<KeyAdmin>,
+    crypto: Arc<CryptoService>,
     options: ReplicaOptions,
     record: ReplicaRecord,
     /// The catalog version the last heartbeat reported.
@@ -63,6 +64,7 @@ impl ReplicaAgent {
         listen: Option<SocketAddr>,
         store: Store,
         admin: Arc<KeyAdmin>,
+        crypto: Arc<CryptoService>,
         options: ReplicaOptions,
     ) -> Self {
         let now = Utc::now();
@@ -81,10 +83,18 @@ impl ReplicaAgent {
             active_key_id: None,
             active_since: None,
             key_readiness: BTreeMap::new(),
+            master_fingerprints: Some(
+                crypto
+                    .kms()
+                    .local()
+                    .map(|local| local.fingerprints().to_vec())
+                    .unwrap_or_default(),
+            ),
         };
         Self {
             store,
             admin,
+            crypto,
             options,
             record,
             reported_version: None,
@@ -190,6 +200,11 @@ impl ReplicaAgent {
         match self.store.heartbeat(&self.record).await {
             Ok(()) => self.reported_version = Some(catalog.version()),
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+        if let Err(err) =
+            super::sync_wrapping(&self.store, &self.crypto, Some(&self.record.id)).await
+        {
+            tracing::warn!(error = %err, "cannot read which master secrets the replicas have; wrapping as before");
         }
     }
 }

@@ -2,8 +2,9 @@
 //! that follows the catalog and heartbeats into `keyward_replicas`; this
 //! module holds the rest of that protocol, which the admin operations use:
 //! the staged-activation probe (sealed by the activator, checked by every
-//! agent), the wait for every live replica to confirm a key, and which
-//! replicas still encrypt with a key.
+//! agent), the wait for every live replica to confirm a key, which
+//! replicas still encrypt with a key, and which master secret wraps new
+//! data keys (the one every live replica has: [`sync_wrapping`]).
 
 pub mod agent;
 
@@ -16,7 +17,10 @@ pub use agent::{ReplicaAgent, ReplicaOptions};
 
 use super::crypto::CryptoService;
 use crate::{
-    crypto::context::EncryptionContext,
+    crypto::{
+        context::EncryptionContext,
+        kms::local::{choose_wrapping, Wrapping},
+    },
     error::{Error, Result},
     keys::KeyRecord,
     store::{
@@ -135,6 +139,48 @@ pub(crate) async fn encrypting_with(store: &Store, key: &KeyRecord) -> Result<Ve
         }
         tokio::time::sleep(HEARTBEAT_POLL).await;
     }
+}
+
+/// Sets which of this process's master secrets wraps new data keys: the
+/// first that every other live replica reports having
+/// ([`choose_wrapping`]), so a rolling restart onto a new secret never
+/// writes a data key another replica cannot unwrap. `this_replica` is left
+/// out of the count (its own row may be stale). Nothing to do without a
+/// master secret.
+pub(crate) async fn sync_wrapping(
+    store: &Store,
+    crypto: &CryptoService,
+    this_replica: Option<&str>,
+) -> Result<()> {
+    let Some(local) = crypto.kms().local() else {
+        return Ok(());
+    };
+    let now = chrono::Utc::now();
+    let others: Vec<_> = store
+        .list_replicas()
+        .await?
+        .into_iter()
+        .filter(|r| r.is_live(now) && Some(r.id.as_str()) != this_replica)
+        .map(|r| r.master_fingerprints)
+        .collect();
+    let wrapping = choose_wrapping(local.fingerprints(), &others);
+    if local.set_wrapping(wrapping) {
+        // Cached data keys were wrapped under the secret before.
+        crypto.cache().invalidate_all();
+        let fingerprint = local
+            .wrapping_fingerprint()
+            .map(|fp| fp.to_string())
+            .unwrap_or_default();
+        match wrapping {
+            Wrapping::Tagged(_) => {
+                tracing::info!(master_secret = %fingerprint, "new data keys are wrapped under master secret {fingerprint}")
+            }
+            Wrapping::Untagged => {
+                tracing::warn!(master_secret = %fingerprint, "a live replica runs a keyward that does not report its master secrets: new data keys are wrapped in the format it reads")
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The context a key's probe under key record `id` is bound to.
