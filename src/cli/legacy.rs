@@ -103,6 +103,23 @@ fn open_archive(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn print_report(report: &CutoverReport) {
+    for (table, column) in &report.not_null {
+        println!(
+            "refused     {table}.{column} is NOT NULL in the application's schema, and the cutover \
+             clears it; keyward does not change the application's constraints"
+        );
+    }
+    let changes = report.schema_changes_needed();
+    if !changes.is_empty() {
+        println!("the application's migrations must first run:");
+        for statement in &changes {
+            println!("  {statement}");
+        }
+        if !report.dry_run {
+            println!("nothing was cleared");
+            return;
+        }
+    }
     for row in &report.conflict_rows {
         println!(
             "conflict    {} {}: the legacy copy decrypts to another plaintext than the envelope \

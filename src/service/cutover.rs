@@ -82,6 +82,10 @@ pub struct CutoverReport {
     /// Why the cutover stopped before the end (the archive could not be
     /// written: nothing after it was cleared).
     pub stopped: Option<String>,
+    /// Legacy columns the application's schema declares NOT NULL, as
+    /// `(table, column)`: clearing them would fail, so nothing is cleared
+    /// (keyward does not change the application's constraints).
+    pub not_null: Vec<(String, String)>,
 }
 
 impl CutoverReport {
@@ -92,6 +96,18 @@ impl CutoverReport {
             && self.unreadable == 0
             && self.not_rotated == 0
             && self.stopped.is_none()
+            && self.not_null.is_empty()
+    }
+
+    /// The statements that would let the legacy columns be cleared, for
+    /// the application's owners to run (or declare in their migrations).
+    pub fn schema_changes_needed(&self) -> Vec<String> {
+        self.not_null
+            .iter()
+            .map(|(table, column)| {
+                format!("ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL;")
+            })
+            .collect()
     }
 }
 
@@ -116,6 +132,20 @@ pub async fn cutover(
             .sum(),
         ..CutoverReport::default()
     };
+    for target in targets {
+        if let Some((ct, iv)) = &target.legacy {
+            let table = target.table.as_str();
+            for column in store
+                .not_null_columns(table, &[ct.as_str(), iv.as_str()])
+                .await?
+            {
+                report.not_null.push((table.to_owned(), column));
+            }
+        }
+    }
+    if !report.not_null.is_empty() && !dry_run {
+        return Ok(report);
+    }
     for target in targets {
         let mut cursor = String::new();
         loop {

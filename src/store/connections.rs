@@ -1,9 +1,82 @@
-//! `connections`: the application's table of stored credentials, and the
-//! runbook's `connection_scoped_tokens` beside it.
+//! `connections`: the application's table of stored credentials (and the
+//! legacy copies `keyward legacy cutover` clears from any rotation target),
+//! and the runbook's `connection_scoped_tokens` beside it.
 
-use super::{on_pool, Store, StoreError};
+use super::{on_pool, rotation::RotationRow, Pool, Store, StoreError};
+use crate::rotation::target::RotationTarget;
 
 impl Store {
+    /// The next page (after id `cursor`, empty at the start) of `target`'s
+    /// rows that are on a key and still hold a legacy copy: what `legacy
+    /// cutover` examines. Empty for a target without legacy columns.
+    pub async fn legacy_copies_page(
+        &self,
+        target: &RotationTarget,
+        cursor: &str,
+        limit: i64,
+    ) -> Result<Vec<RotationRow>, StoreError> {
+        let Some(sql) = target.select_legacy_copies_sql(cursor.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        Ok(on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(cursor)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
+    }
+
+    /// Clears `row`'s legacy copy if the row is still as it was read (key,
+    /// payload and legacy ciphertext unchanged); whether it was.
+    pub async fn clear_legacy_copy(
+        &self,
+        target: &RotationTarget,
+        row: &RotationRow,
+    ) -> Result<bool, StoreError> {
+        let Some(sql) = target.clear_legacy_copy_sql() else {
+            return Ok(false);
+        };
+        let cleared = on_pool!(self, |pool| sqlx::query(&sql)
+            .bind(&row.id)
+            .bind(&row.encryption_key_id)
+            .bind(&row.payload_ciphertext)
+            .bind(&row.legacy_ciphertext)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        Ok(cleared == 1)
+    }
+
+    /// Which of `columns` of `table` are NOT NULL in the database's schema.
+    pub async fn not_null_columns(
+        &self,
+        table: &str,
+        columns: &[&str],
+    ) -> Result<Vec<String>, StoreError> {
+        let not_null: Vec<String> = match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_scalar(
+                    "SELECT CAST(attname AS TEXT) FROM pg_attribute \
+                     WHERE attrelid = to_regclass(quote_ident($1)) AND attnum > 0 \
+                       AND NOT attisdropped AND attnotnull",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT name FROM pragma_table_info($1) WHERE \"notnull\" = 1")
+                    .bind(table)
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
+        Ok(columns
+            .iter()
+            .filter(|c| not_null.iter().any(|n| n == *c))
+            .map(|c| (*c).to_owned())
+            .collect())
+    }
+
     /// Writes a row in the legacy format, as the pre-keyward application did
     /// (with the payload mirror the migration backfills). Fixture generator
     /// only: keyward itself never writes legacy ciphertexts.

@@ -273,46 +273,6 @@ impl Store {
         Ok(())
     }
 
-    /// The next page (after id `cursor`, empty at the start) of `target`'s
-    /// rows that are on a key and still hold a legacy copy: what `legacy
-    /// cutover` examines. Empty for a target without legacy columns.
-    pub async fn legacy_copies_page(
-        &self,
-        target: &RotationTarget,
-        cursor: &str,
-        limit: i64,
-    ) -> Result<Vec<RotationRow>, StoreError> {
-        let Some(sql) = target.select_legacy_copies_sql(cursor.is_empty()) else {
-            return Ok(Vec::new());
-        };
-        Ok(on_pool!(self, |pool| sqlx::query_as(&sql)
-            .bind(cursor)
-            .bind(limit)
-            .fetch_all(pool)
-            .await)?)
-    }
-
-    /// Clears `row`'s legacy copy if the row is still as it was read (key,
-    /// payload and legacy ciphertext unchanged); whether it was.
-    pub async fn clear_legacy_copy(
-        &self,
-        target: &RotationTarget,
-        row: &RotationRow,
-    ) -> Result<bool, StoreError> {
-        let Some(sql) = target.clear_legacy_copy_sql() else {
-            return Ok(false);
-        };
-        let cleared = on_pool!(self, |pool| sqlx::query(&sql)
-            .bind(&row.id)
-            .bind(&row.encryption_key_id)
-            .bind(&row.payload_ciphertext)
-            .bind(&row.legacy_ciphertext)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))?;
-        Ok(cleared == 1)
-    }
-
     /// Up to `limit` rows of each target that are on key record `key_id`,
     /// with the index of their target (to derive each row's context).
     pub async fn sample_rows_on_key(

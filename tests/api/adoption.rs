@@ -419,6 +419,68 @@ async fn an_incompatible_column_is_refused_and_nothing_changes() {
     assert!(dry.contains("and refuses it (exit status 65"), "{dry}");
 }
 
+/// Legacy columns the application declared NOT NULL cannot be cleared:
+/// the cutover says so, with the statement the application's migrations
+/// must run, and clears nothing (keyward does not change the application's
+/// constraints); once they allow NULL, it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_refuses_legacy_columns_declared_not_null() {
+    let Some((url, _)) = application_database("uuid DEFAULT gen_random_uuid()", 5).await else {
+        return;
+    };
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE connections ALTER COLUMN encrypted_credentials SET NOT NULL, \
+         ALTER COLUMN credentials_iv SET NOT NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = migrate(&url, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    rotate_to_end(&app).await;
+    app.shutdown().await;
+
+    let out = keyward_on(&url, &["legacy", "cutover", "--old-pods-stopped"]);
+    let shown = stdout(&out);
+    assert_eq!(out.status.code(), Some(65), "{shown}{}", stderr(&out));
+    for column in ["encrypted_credentials", "credentials_iv"] {
+        assert!(
+            shown.contains(&format!("refused     connections.{column} is NOT NULL")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(&format!(
+                "ALTER TABLE connections ALTER COLUMN {column} DROP NOT NULL;"
+            )),
+            "{shown}"
+        );
+    }
+    assert!(shown.contains("nothing was cleared"), "{shown}");
+    let kept: i64 = scalar(
+        &pool,
+        "SELECT COUNT(*) FROM connections WHERE encrypted_credentials IS NOT NULL",
+    )
+    .await;
+    assert_eq!(kept, 5);
+
+    sqlx::raw_sql(
+        "ALTER TABLE connections ALTER COLUMN encrypted_credentials DROP NOT NULL, \
+         ALTER COLUMN credentials_iv DROP NOT NULL",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = keyward_on(&url, &["legacy", "cutover", "--old-pods-stopped"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("cleared 5 legacy copies"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 /// An application's SQLite database is not adopted yet: `migrate` says so
 /// and changes nothing (it used to stop at "table connections already
 /// exists").
