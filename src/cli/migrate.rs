@@ -21,6 +21,11 @@ pub(super) struct MigrateArgs {
     /// and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Also make the changes adoption needs in the application's own types
+    /// and constraints (a status its enum or CHECK constraint lacks);
+    /// without it, migrate lists them and changes nothing.
+    #[arg(long)]
+    allow_app_schema_changes: bool,
 }
 
 pub(super) async fn migrate(global: &GlobalArgs, args: MigrateArgs) -> anyhow::Result<ExitCode> {
@@ -35,13 +40,15 @@ pub(super) async fn migrate(global: &GlobalArgs, args: MigrateArgs) -> anyhow::R
         }
         return Ok(ExitCode::SUCCESS);
     }
-    match store.migrate().await {
+    match store.migrate_with(args.allow_app_schema_changes).await {
         Ok(()) => {
             println!("migrations applied to {url}");
             Ok(ExitCode::SUCCESS)
         }
         Err(StoreError::Adopt(
-            refused @ (AdoptError::Incompatible(_) | AdoptError::SqliteApplication),
+            refused @ (AdoptError::Incompatible(_)
+            | AdoptError::SqliteApplication
+            | AdoptError::AppSchemaChanges(_)),
         )) => {
             eprintln!("keyward: {refused}");
             Ok(ExitCode::from(EXIT_INCOMPATIBLE))
@@ -58,6 +65,15 @@ fn describe(url: &str, plan: &AdoptPlan) -> String {
     );
     for (i, step) in plan.steps.iter().enumerate() {
         out.push_str(&format!("{:>3}. {step}\n", i + 1));
+    }
+    if !plan.app_changes.is_empty() {
+        out.push_str(
+            "and first changes the application's own schema, only with \
+             --allow-app-schema-changes (without it, migrate exits 65 and changes nothing):\n",
+        );
+        for step in &plan.app_changes {
+            out.push_str(&format!("  - {step}\n"));
+        }
     }
     if plan.refusals.is_empty() {
         out.push_str("nothing is refused; then keyward's later migrations run as usual\n");

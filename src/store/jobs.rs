@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use super::{Store, StoreError};
 use crate::rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob};
 
-pub(super) const JOB_COLUMNS: &str = "id, status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
+/// The columns a job is read from; the status as text, as for key records
+/// (`store::keys`), since an application's table may declare it an enum.
+pub(super) const JOB_COLUMNS: &str = "id, CAST(status AS TEXT) AS status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
      replicas_waited_since, wrap_tag";
@@ -123,11 +125,14 @@ impl Store {
 
     /// How many jobs are in each status (statuses with none are left out).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows: Vec<(String, i64)> = super::on_pool!(self, |pool| sqlx::query_as(
-            "SELECT status, COUNT(*) FROM encryption_rotation_jobs GROUP BY status"
+        let rows: Vec<(String, i64)> =
+            super::on_pool!(self, |pool| {
+                sqlx::query_as(
+            "SELECT CAST(status AS TEXT), COUNT(*) FROM encryption_rotation_jobs GROUP BY status"
         )
         .fetch_all(pool)
-        .await)?;
+        .await
+            })?;
         rows.into_iter()
             .map(|(status, n)| {
                 JobStatus::parse(&status)

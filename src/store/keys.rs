@@ -9,8 +9,13 @@ use crate::{
     rotation::target::RotationTarget,
 };
 
+/// The columns a key record is read from. The status is read as text and
+/// written as a literal: an application's `encryption_keys` may declare it
+/// an enum (adoption), which a text parameter cannot be compared with or
+/// written into.
 const KEY_COLUMNS: &str =
-    "id, key_id, kms_key_arn, alias, provider, status, created_at, updated_at, rotated_at";
+    "id, key_id, kms_key_arn, alias, provider, CAST(status AS TEXT) AS status, \
+     created_at, updated_at, rotated_at";
 
 #[derive(sqlx::FromRow)]
 struct KeyRow {
@@ -133,7 +138,8 @@ impl Store {
         let now = Utc::now();
         let insert = format!(
             "INSERT INTO encryption_keys (id, key_id, kms_key_arn, alias, provider, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING {KEY_COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5, '{}', $6, $6) RETURNING {KEY_COLUMNS}",
+            new.status.as_str()
         );
         let row: KeyRow = on_pool!(self, |pool| {
             let mut tx = pool.begin_write().await?;
@@ -150,7 +156,6 @@ impl Store {
                 .bind(&new.kms_key_arn)
                 .bind(&new.alias)
                 .bind(new.provider.as_str())
-                .bind(new.status.as_str())
                 .bind(now)
                 .fetch_one(&mut *tx)
                 .await?;

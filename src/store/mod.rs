@@ -233,8 +233,16 @@ impl Store {
     /// an application's PostgreSQL database, adopts it first (see
     /// [`adopt`]). Statements on PostgreSQL wait at most
     /// [`adopt::LOCK_TIMEOUT`] for a lock (the tables may be live), and a
-    /// migration that timed out is rolled back and tried again.
+    /// migration that timed out is rolled back and tried again. Changes to
+    /// the application's own schema are refused ([`Self::migrate_with`]).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_with(false).await
+    }
+
+    /// [`Self::migrate`], making the changes to the application's own
+    /// types and constraints that adoption needs when
+    /// `allow_app_schema_changes` (`migrate --allow-app-schema-changes`).
+    pub async fn migrate_with(&self, allow_app_schema_changes: bool) -> Result<(), StoreError> {
         match &self.pool {
             Pool::Sqlite(pool) => {
                 if adopt::sqlite_application_database(pool).await? {
@@ -251,7 +259,7 @@ impl Store {
                         .iter()
                         .next()
                         .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))?;
-                    adopt::apply(pool, &plan, first)
+                    adopt::apply(pool, &plan, first, allow_app_schema_changes)
                         .await
                         .map_err(StoreError::Adopt)?;
                 }

@@ -566,16 +566,16 @@ async fn end_pass(
     match pass_end(&facts) {
         PassEnd::WaitForReplicas => return park(tx, &job, place, Some(now)).await,
         PassEnd::Complete { status, last_error } => {
-            tx.execute(
-                "UPDATE encryption_rotation_jobs SET status = $2, completed_at = $3, updated_at = $3, \
+            // The status as a literal (the column may be an enum).
+            let complete = format!(
+                "UPDATE encryption_rotation_jobs SET status = '{}', completed_at = $2, updated_at = $2, \
                  lease_owner = NULL, lease_expires_at = NULL, replicas_waited_since = NULL, \
-                 last_error = COALESCE($4, last_error) WHERE id = $1",
-                &[
-                    (&job.id).into(),
-                    status.as_str().into(),
-                    now.into(),
-                    last_error.as_deref().into(),
-                ],
+                 last_error = COALESCE($3, last_error) WHERE id = $1",
+                status.as_str()
+            );
+            tx.execute(
+                &complete,
+                &[(&job.id).into(), now.into(), last_error.as_deref().into()],
             )
             .await?;
             if last_error.is_some() {

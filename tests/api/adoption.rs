@@ -593,3 +593,116 @@ async fn an_application_database_with_the_runbooks_tables_is_adopted() {
     let job = rotate_to_end(&app).await;
     assert_eq!((job.succeeded_rows, job.failed_rows), (10, 0), "{job:?}");
 }
+
+/// The application declares statuses of its own: `encryption_keys.status`
+/// a Drizzle `pgEnum` without `pending`, `encryption_rotation_jobs.status`
+/// a CHECK without `pending`, `completed_with_errors` or `cancelled`. The
+/// dry run prints the changes; `migrate` refuses to make them (exit 65,
+/// nothing changed) unless `--allow-app-schema-changes`; then keys and
+/// jobs go through every status keyward writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_the_application_lacks_are_added_only_when_allowed() {
+    let Some((url, _)) = application_database("uuid DEFAULT gen_random_uuid()", 4).await else {
+        return;
+    };
+    let pool = PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TYPE encryption_key_status AS ENUM ('active', 'rotating', 'retired');
+         CREATE TABLE encryption_keys (
+             id text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+             key_id text NOT NULL UNIQUE,
+             kms_key_arn text NOT NULL,
+             status encryption_key_status NOT NULL DEFAULT 'active',
+             created_at timestamp with time zone NOT NULL DEFAULT now(),
+             updated_at timestamp with time zone NOT NULL DEFAULT now()
+         );
+         CREATE TABLE encryption_rotation_jobs (
+             id text PRIMARY KEY DEFAULT gen_random_uuid()::text,
+             status varchar(32) NOT NULL DEFAULT 'queued'
+                 CHECK (status IN ('queued', 'running', 'completed', 'failed')),
+             target_key_id text NOT NULL REFERENCES encryption_keys (id),
+             created_at timestamp with time zone NOT NULL DEFAULT now(),
+             updated_at timestamp with time zone NOT NULL DEFAULT now()
+         );",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let dry = stdout(&migrate(&url, &["--dry-run"]));
+    assert!(
+        dry.contains("first changes the application's own schema"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains("ALTER TYPE encryption_key_status ADD VALUE IF NOT EXISTS 'pending'"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(
+            "CHECK constraint encryption_rotation_jobs_status_check rejects 'pending', \
+             'completed_with_errors', 'cancelled'"
+        ),
+        "{dry}"
+    );
+
+    let out = migrate(&url, &[]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--allow-app-schema-changes"),
+        "{}",
+        stderr(&out)
+    );
+    let untouched: bool = scalar(
+        &pool,
+        "SELECT to_regclass('_sqlx_migrations') IS NULL AND NOT EXISTS (SELECT 1 FROM pg_enum \
+         WHERE enumtypid = 'encryption_key_status'::regtype AND enumlabel = 'pending')",
+    )
+    .await;
+    assert!(untouched, "a refused adoption changed the database");
+
+    let out = migrate(&url, &["--allow-app-schema-changes"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = migrate(&url, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let kept: String = scalar(
+        &pool,
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'encryption_keys'::regclass AND attname = 'status'",
+    )
+    .await;
+    assert_eq!(
+        kept, "encryption_key_status",
+        "the application's type was changed"
+    );
+
+    // Every status keyward writes now fits: a pending key, a rotation to
+    // it (pending, running, completed), the old key retired.
+    let mut app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    let out = keyward_on(
+        &url,
+        &[
+            "keys",
+            "create",
+            "--key-id",
+            "next",
+            "--kms-key-arn",
+            "local:next",
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = keyward_on(&url, &["keys", "activate", "next"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    app.services.admin.refresh().await.unwrap();
+    let job = rotate_to_end(&app).await;
+    assert_eq!((job.succeeded_rows, job.failed_rows), (4, 0), "{job:?}");
+    app.shutdown().await;
+    let out = keyward_on(&url, &["keys", "retire", PRIMARY]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let statuses: String = scalar(
+        &pool,
+        "SELECT string_agg(key_id || '=' || status::text, ',' ORDER BY key_id) FROM encryption_keys",
+    )
+    .await;
+    assert_eq!(statuses, format!("next=active,{PRIMARY}=retired"));
+}

@@ -5,6 +5,7 @@
 use sqlx::{migrate::Migrate as _, PgPool, Row as _};
 
 use super::{
+    statuses::{needed, StatusCheck, StatusColumn},
     AdoptError, AdoptPlan, Column, Found, Step, ADOPTED_TABLES, BACKFILL_BATCH, LOCK_ATTEMPTS,
     LOCK_TIMEOUT,
 };
@@ -81,23 +82,93 @@ pub async fn inspect(pool: &PgPool) -> Result<Found, sqlx::Error> {
     )
     .fetch_optional(pool)
     .await?;
+    for table in ["encryption_keys", "encryption_rotation_jobs"] {
+        if found.column(table, "status").is_some() {
+            let column = status_column(pool, table).await?;
+            found.statuses.insert(table.to_owned(), column);
+        }
+    }
     Ok(found)
 }
 
-/// Runs `plan` (refusing it whole if it has refusals), then records the
-/// first migration, `first`, as applied.
+/// How `table` declares its `status` column: an enum type (with its
+/// labels), and the CHECK constraints on that column alone, each with the
+/// statuses keyward writes that it rejects (found by evaluating the
+/// constraint's own expression on each of them).
+async fn status_column(pool: &PgPool, table: &str) -> Result<StatusColumn, sqlx::Error> {
+    let enum_type: Option<String> = sqlx::query_scalar(
+        "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+         JOIN pg_type t ON t.oid = a.atttypid \
+         WHERE a.attrelid = to_regclass($1) AND a.attname = 'status' AND t.typtype = 'e'",
+    )
+    .bind(table)
+    .fetch_optional(pool)
+    .await?;
+    let mut column = StatusColumn::default();
+    if let Some(type_name) = enum_type {
+        let labels: Vec<String> = sqlx::query_scalar(
+            "SELECT e.enumlabel::text FROM pg_attribute a JOIN pg_enum e ON e.enumtypid = a.atttypid \
+             WHERE a.attrelid = to_regclass($1) AND a.attname = 'status' ORDER BY e.enumsortorder",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await?;
+        column.enum_type = Some((type_name, labels));
+        // Values outside the enum cannot even be cast to test a CHECK.
+        return Ok(column);
+    }
+    let checks: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.conname::text, pg_get_expr(c.conbin, c.conrelid) FROM pg_constraint c \
+         JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attname = 'status' \
+         WHERE c.contype = 'c' AND c.conrelid = to_regclass($1) AND c.conkey = ARRAY[a.attnum] \
+         ORDER BY c.conname",
+    )
+    .bind(table)
+    .fetch_all(pool)
+    .await?;
+    for (name, expression) in checks {
+        // A row passes a CHECK unless its expression is false.
+        let rejects: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT s.v FROM unnest(CAST($1 AS text[])) AS s(v) \
+             WHERE NOT COALESCE((SELECT {expression} FROM (SELECT s.v AS status) AS q), TRUE)"
+        ))
+        .bind(needed(table))
+        .fetch_all(pool)
+        .await?;
+        column.checks.push(StatusCheck {
+            name,
+            expression,
+            rejects,
+        });
+    }
+    Ok(column)
+}
+
+/// Runs `plan` (refusing it whole if it has refusals, or changes to the
+/// application's schema that `allow_app_changes` does not allow), then
+/// records the first migration, `first`, as applied.
 pub async fn apply(
     pool: &PgPool,
     plan: &AdoptPlan,
     first: &sqlx::migrate::Migration,
+    allow_app_changes: bool,
 ) -> Result<(), AdoptError> {
     if !plan.refusals.is_empty() {
         return Err(AdoptError::Incompatible(plan.refusals.clone()));
+    }
+    if !plan.app_changes.is_empty() && !allow_app_changes {
+        return Err(AdoptError::AppSchemaChanges(plan.app_changes.clone()));
     }
     // A connection of its own, closed when done: the pool's must not keep
     // the short lock timeout for later work.
     let mut conn = pool.acquire().await?.detach();
     set_lock_timeout(&mut conn).await?;
+    for step in &plan.app_changes {
+        tracing::warn!(step = %step, "changing the application's schema, as --allow-app-schema-changes allows");
+        if let Step::Sql { sql, .. } = step {
+            patient(&mut conn, sql, None).await?;
+        }
+    }
     for step in &plan.steps {
         tracing::info!(step = %step, "adopting the application's database");
         match step {

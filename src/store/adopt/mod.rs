@@ -24,8 +24,11 @@
 //! that column's type.
 
 mod apply;
+mod statuses;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
+
+pub use statuses::{StatusCheck, StatusColumn};
 
 pub use apply::{
     apply, column_type, inspect, is_lock_timeout, set_lock_timeout, sqlite_application_database,
@@ -60,6 +63,9 @@ pub struct Found {
     /// A foreign key from `connections` to `encryption_keys` (keyward's or
     /// the application's own): its name and whether it is validated.
     pub key_foreign_key: Option<(String, bool)>,
+    /// How the application declares the `status` column of its
+    /// `encryption_keys` and `encryption_rotation_jobs`, by table.
+    pub statuses: BTreeMap<String, StatusColumn>,
 }
 
 impl Found {
@@ -308,6 +314,10 @@ impl fmt::Display for Refusal {
 pub struct AdoptPlan {
     pub steps: Vec<Step>,
     pub refusals: Vec<Refusal>,
+    /// Changes to the application's own types and constraints (a status
+    /// its enum or CHECK lacks): made, first, only when the operator
+    /// allows them (`migrate --allow-app-schema-changes`).
+    pub app_changes: Vec<Step>,
 }
 
 /// Why adoption did not finish.
@@ -317,6 +327,15 @@ pub enum AdoptError {
     /// Columns keyward cannot use; nothing was changed.
     #[error("this database cannot be adopted as it is; nothing was changed:\n  {}", list(.0))]
     Incompatible(Vec<Refusal>),
+    /// The application's schema must change first, and the operator did
+    /// not allow keyward to change it; nothing was changed.
+    #[error(
+        "the application's schema must change before keyward can use it; nothing was changed. \
+         Run keyward migrate --allow-app-schema-changes to make these changes, or make them in \
+         the application's migrations:\n  {}",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+    )]
+    AppSchemaChanges(Vec<Step>),
     /// A statement kept timing out on its lock (the table is busy).
     #[error("could not take a lock for {LOCK_ATTEMPTS} attempts of {} ms: {sql}", LOCK_TIMEOUT.as_millis())]
     Busy { sql: String },
@@ -363,9 +382,15 @@ fn check_columns(
     plan: &mut AdoptPlan,
     add: &mut Vec<String>,
 ) {
+    let status_enum = found
+        .statuses
+        .get(table)
+        .is_some_and(|s| s.enum_type.is_some());
     for want in columns {
         match found.column(table, want.name) {
             Some(col) if Family::of(&col.sql_type).fits(want.family) => {}
+            // Read as text, written as literals (`store::keys`, `store::jobs`).
+            Some(_) if want.name == "status" && status_enum => {}
             Some(col) => plan.refusals.push(Refusal {
                 table: table.to_owned(),
                 column: want.name.to_owned(),
@@ -424,6 +449,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         Some(id) => {
             let mut add = Vec::new();
             check_columns(found, "encryption_keys", &KEY_COLUMNS, &mut plan, &mut add);
+            statuses::changes(found, "encryption_keys", &mut plan);
             push_alter(&mut plan, "encryption_keys", add);
             plan.steps.extend(indexes(&statements, "encryption_keys"));
             id.sql_type.clone()
@@ -493,6 +519,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             &mut plan,
             &mut add,
         );
+        statuses::changes(found, "encryption_rotation_jobs", &mut plan);
         push_alter(&mut plan, "encryption_rotation_jobs", add);
         plan.steps
             .extend(indexes(&statements, "encryption_rotation_jobs"));
