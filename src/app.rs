@@ -191,7 +191,12 @@ impl Services {
                 master.current.clone(),
                 master.previous.clone(),
             ));
-            legacy = Some(LegacyKeys::new(master.all()));
+            for secret in master.all() {
+                if let Err(err) = master.legacy.derive(secret) {
+                    tracing::warn!(master_secret = %secret.fingerprint(), "{err}: legacy rows cannot be decrypted under master secret {}", secret.fingerprint());
+                }
+            }
+            legacy = Some(LegacyKeys::with_format(master.legacy.clone(), master.all()));
         }
         let catalog = Arc::new(KeyCatalog::default());
         let crypto = Arc::new(CryptoService::new(

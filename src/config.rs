@@ -9,6 +9,7 @@ use crate::{
     crypto::{
         cache::CacheSettings,
         kms::AwsKmsSettings,
+        legacy::LegacyFormat,
         secret::{MasterSecret, WeakMasterSecret},
     },
     rotation::{
@@ -20,10 +21,13 @@ use crate::{
 
 /// The local KMS's master secrets: `current` wraps new data keys; all of
 /// them unwrap (runbook §2: a new secret is rolled out beside the old).
+/// With them, how the application's legacy key derived from them.
 #[derive(Debug, Clone)]
 pub struct MasterSecrets {
     pub current: MasterSecret,
     pub previous: Vec<MasterSecret>,
+    /// The application's legacy scheme (default: keyward's documented one).
+    pub legacy: LegacyFormat,
 }
 
 impl MasterSecrets {
@@ -42,6 +46,7 @@ impl MasterSecrets {
                 .filter(|p| !p.is_empty())
                 .map(MasterSecret::new)
                 .collect::<Result<_, _>>()?,
+            legacy: LegacyFormat::default(),
         })
     }
 }

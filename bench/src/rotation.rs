@@ -69,6 +69,7 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
     let master = MasterSecrets {
         current: MasterSecret::new(MasterSecret::generate_hex().as_bytes())?,
         previous: vec![],
+        legacy: Default::default(),
     };
     let mut settings = Settings::for_database(database_url, Some(master));
     settings.worker = None;

@@ -25,6 +25,7 @@ impl InProcessServer {
         let master = MasterSecrets {
             current: MasterSecret::new(MasterSecret::generate_hex().as_bytes())?,
             previous: vec![],
+            legacy: Default::default(),
         };
         let mut settings =
             Settings::for_database(format!("sqlite://{}", db.display()), Some(master));

@@ -15,10 +15,7 @@ use super::{
     secrets::master_secrets,
     ConfigError, GlobalArgs,
 };
-use crate::{
-    crypto::legacy::encrypt_legacy,
-    service::cutover::{cutover, CutoverReport, LISTED},
-};
+use crate::service::cutover::{cutover, CutoverReport, LISTED};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum LegacyCommand {
@@ -185,11 +182,15 @@ pub(super) async fn legacy_encrypt(
     if plaintext.is_empty() {
         bail!("no plaintext on standard input");
     }
-    let (iv, ciphertext) = encrypt_legacy(&master.current, &plaintext);
+    let (iv, ciphertext) = master
+        .legacy
+        .encrypt(&master.current, &plaintext)
+        .map_err(|e| ConfigError(e.to_string()))?;
     let store = crate::store::Store::connect(&global.database_url).await?;
     store.migrate().await?;
+    let iv = (!iv.is_empty()).then_some(iv.as_slice());
     store
-        .write_legacy_connection(&args.connection_id, args.name.as_deref(), &ciphertext, &iv)
+        .write_legacy_connection(&args.connection_id, args.name.as_deref(), &ciphertext, iv)
         .await?;
     println!("{}", args.connection_id);
     Ok(ExitCode::SUCCESS)

@@ -100,6 +100,8 @@ struct GlobalArgs {
     aws: AwsArgs,
     #[command(flatten)]
     audit: AuditArgs,
+    #[command(flatten)]
+    legacy: secrets::LegacyFormatArgs,
 }
 
 /// The audit log: `serve`'s calls and the operator commands that change

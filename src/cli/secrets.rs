@@ -1,16 +1,86 @@
 //! Master secrets and the files that hold key material: reading them from
-//! the environment or a file, `serve --dev`'s generated secret, and the
-//! warnings about files others can read.
+//! the environment or a file, `serve --dev`'s generated secret, the
+//! application's legacy format (how its legacy key derived from them), and
+//! the warnings about files others can read.
 
 use std::{io::Write, path::Path};
 
 use anyhow::Context as _;
+use clap::{Args, ValueEnum};
 
 use super::{ConfigError, GlobalArgs};
 use crate::{
     config::{dev_master_key_path, MasterSecrets},
-    crypto::secret::MasterSecret,
+    crypto::{
+        legacy::{LegacyFormat, LegacyKdf, LegacyLayout, DEFAULT_INFO},
+        secret::MasterSecret,
+    },
 };
+
+/// How the application encrypted its credentials before keyward (the
+/// legacy format), for a platform whose scheme is not keyward's default.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Legacy format")]
+pub(super) struct LegacyFormatArgs {
+    /// How the legacy key derives from the master secret.
+    #[arg(long, env = "KEYWARD_LEGACY_KDF", value_enum, default_value_t = KdfName::HkdfSha256, global = true)]
+    legacy_kdf: KdfName,
+    /// HKDF salt of the legacy key (empty: none).
+    #[arg(
+        long,
+        env = "KEYWARD_LEGACY_KDF_SALT",
+        default_value = "",
+        global = true
+    )]
+    legacy_kdf_salt: String,
+    /// HKDF info string of the legacy key.
+    #[arg(long, env = "KEYWARD_LEGACY_KDF_INFO", default_value = DEFAULT_INFO, global = true)]
+    legacy_kdf_info: String,
+    /// Where a legacy ciphertext's IV and tag are: the IV in
+    /// credentials_iv (separate), or both in encrypted_credentials.
+    #[arg(long, env = "KEYWARD_LEGACY_LAYOUT", value_enum, default_value_t = LayoutName::Separate, global = true)]
+    legacy_layout: LayoutName,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KdfName {
+    /// HKDF-SHA256 with --legacy-kdf-salt and --legacy-kdf-info.
+    HkdfSha256,
+    /// SHA-256 of the master secret.
+    Sha256,
+    /// The master secret is the key, as 64 hex digits.
+    RawHex,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LayoutName {
+    /// IV in credentials_iv; ciphertext and tag in encrypted_credentials.
+    Separate,
+    /// IV, ciphertext, tag in encrypted_credentials.
+    IvCiphertextTag,
+    /// IV, tag, ciphertext in encrypted_credentials (Node's usual concat).
+    IvTagCiphertext,
+}
+
+impl LegacyFormatArgs {
+    pub(super) fn format(&self) -> LegacyFormat {
+        LegacyFormat {
+            kdf: match self.legacy_kdf {
+                KdfName::HkdfSha256 => LegacyKdf::HkdfSha256 {
+                    salt: self.legacy_kdf_salt.clone(),
+                    info: self.legacy_kdf_info.clone(),
+                },
+                KdfName::Sha256 => LegacyKdf::Sha256,
+                KdfName::RawHex => LegacyKdf::RawHex,
+            },
+            layout: match self.legacy_layout {
+                LayoutName::Separate => LegacyLayout::Separate,
+                LayoutName::IvCiphertextTag => LegacyLayout::IvCiphertextTag,
+                LayoutName::IvTagCiphertext => LegacyLayout::IvTagCiphertext,
+            },
+        }
+    }
+}
 
 /// The configured master secrets, from the environment or a file.
 pub(super) fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<MasterSecrets>> {
@@ -25,10 +95,14 @@ pub(super) fn master_secrets(global: &GlobalArgs) -> anyhow::Result<Option<Maste
     let previous: Vec<String> = std::env::var("ENCRYPTION_MASTER_KEY_PREVIOUS")
         .map(|v| v.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
-    current
+    let secrets = current
         .map(|c| MasterSecrets::parse(&c, &previous))
         .transpose()
-        .map_err(|e| ConfigError(format!("master secret: {e}")).into())
+        .map_err(|e| ConfigError(format!("master secret: {e}")))?;
+    Ok(secrets.map(|secrets| MasterSecrets {
+        legacy: global.legacy.format(),
+        ..secrets
+    }))
 }
 
 pub(super) fn read_secret_file(path: &Path) -> anyhow::Result<String> {

@@ -327,6 +327,7 @@ mod tests {
         let master = MasterSecrets {
             current: MasterSecret::new("0123456789abcdef0123456789abcdef").unwrap(),
             previous: Vec::new(),
+            legacy: Default::default(),
         };
         let settings = args
             .settings(

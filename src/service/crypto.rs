@@ -23,7 +23,7 @@ use crate::{
         context::EncryptionContext,
         envelope::{open_payload, seal_payload, Envelope},
         kms::{KmsError, KmsProvider, KmsRegistry, WrappedKey},
-        legacy::LegacyKeys,
+        legacy::{LegacyKeys, LegacyLayout},
         secret::{MasterSecret, Plaintext, SecretKey},
     },
     error::{Error, Result},
@@ -395,10 +395,12 @@ impl CryptoService {
         context: &EncryptionContext,
         caching: Caching,
     ) -> Result<Opened> {
-        check_payload_shape(envelope)?;
+        // A legacy copy's layout may keep its IV inside the ciphertext:
+        // the legacy format checks its own shape.
         if envelope.encryption_key_id.is_empty() {
             return self.decrypt_legacy(envelope);
         }
+        check_payload_shape(envelope)?;
         let key = self.key_of(envelope).await?;
         self.open_under(key, envelope, context, caching).await
     }
@@ -590,6 +592,9 @@ impl CryptoService {
             ));
         }
         let legacy = self.legacy.as_ref().ok_or(Error::LegacyUnavailable)?;
+        if legacy.format().layout == LegacyLayout::Separate {
+            check_payload_shape(envelope)?;
+        }
         let plaintext = legacy
             .decrypt(&envelope.payload_iv, &envelope.payload_ciphertext)
             .map_err(|_| Error::DecryptionFailed)?;

@@ -85,7 +85,7 @@ impl Store {
         id: &str,
         name: Option<&str>,
         ciphertext: &[u8],
-        iv: &[u8],
+        iv: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let now = chrono::Utc::now();
         on_pool!(self, |pool| sqlx::query(

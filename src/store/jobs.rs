@@ -125,14 +125,13 @@ impl Store {
 
     /// How many jobs are in each status (statuses with none are left out).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>, StoreError> {
-        let rows: Vec<(String, i64)> =
-            super::on_pool!(self, |pool| {
-                sqlx::query_as(
+        let rows: Vec<(String, i64)> = super::on_pool!(self, |pool| {
+            sqlx::query_as(
             "SELECT CAST(status AS TEXT), COUNT(*) FROM encryption_rotation_jobs GROUP BY status"
         )
         .fetch_all(pool)
         .await
-            })?;
+        })?;
         rows.into_iter()
             .map(|(status, n)| {
                 JobStatus::parse(&status)

@@ -61,12 +61,12 @@ impl RotationRow {
     }
 
     /// The row's legacy copy as a legacy envelope (no key id), if it holds
-    /// one.
+    /// one (its IV column may be empty: the legacy layout may keep the IV
+    /// in the ciphertext).
     pub fn legacy_copy(&self) -> Option<Envelope> {
-        let (ct, iv) = (self.legacy_ciphertext.as_ref()?, self.legacy_iv.as_ref()?);
         Some(Envelope {
-            payload_ciphertext: ct.clone(),
-            payload_iv: iv.clone(),
+            payload_ciphertext: self.legacy_ciphertext.clone()?,
+            payload_iv: self.legacy_iv.clone().unwrap_or_default(),
             ..Envelope::default()
         })
     }

@@ -17,6 +17,7 @@ mod grpc_web;
 mod grpcurl;
 mod helpers;
 mod hostile;
+mod legacy_format;
 mod legacy_scope;
 mod master_secret;
 mod metrics;
