@@ -24,7 +24,7 @@ use crate::{
         secret::Fingerprint,
     },
     error::Result,
-    keys::{Catalog, KeyStatus},
+    keys::{Catalog, KeyRecord, KeyStatus},
     rotation::target::RotationTarget,
     store::Store,
 };
@@ -42,27 +42,35 @@ pub async fn reseal_probes(
         return Ok(Vec::new());
     };
     let mut resealed = Vec::new();
-    for (id, probe) in store.key_probes().await? {
-        let Some(key) = catalog.get(&id) else {
-            continue;
-        };
-        if key.provider != ProviderKind::Local || key.status == KeyStatus::Retired {
-            continue;
-        }
+    for (key, probe) in local_probes(store, catalog).await? {
         let envelope = crypto.parse(Ciphertext::Blob(probe.clone()))?;
         if envelope.data_key_ciphertext.starts_with(&tag) {
             continue;
         }
         crypto
-            .verify_under(key, &envelope, &probe_context(&key.id)?)
+            .verify_under(&key, &envelope, &probe_context(&key.id)?)
             .await?;
-        let fresh = seal_probe(crypto, key).await?;
-        if store.replace_key_probe(&id, &probe, &fresh).await? {
+        let fresh = seal_probe(crypto, &key).await?;
+        if store.replace_key_probe(&key.id, &probe, &fresh).await? {
             tracing::info!(key_id = %key.key_id, "key probe resealed under the master secret that wraps now");
             resealed.push(key.key_id.clone());
         }
     }
     Ok(resealed)
+}
+
+/// The stored probe of every non-retired local key.
+async fn local_probes(
+    store: &Store,
+    catalog: &Catalog,
+) -> Result<Vec<(std::sync::Arc<KeyRecord>, Vec<u8>)>> {
+    Ok(store
+        .key_probes()
+        .await?
+        .into_iter()
+        .filter_map(|(id, probe)| Some((catalog.get(&id)?.clone(), probe)))
+        .filter(|(key, _)| key.provider == ProviderKind::Local && key.status != KeyStatus::Retired)
+        .collect())
 }
 
 /// Where a rollover stands: what this process holds, what the replicas
@@ -190,13 +198,7 @@ pub async fn report(
         .sum();
     let current_tag = local.and_then(|l| l.wrap_tag());
     let mut stale_probes = Vec::new();
-    for (id, probe) in store.key_probes().await? {
-        let Some(key) = catalog.get(&id) else {
-            continue;
-        };
-        if key.provider != ProviderKind::Local || key.status == KeyStatus::Retired {
-            continue;
-        }
+    for (key, probe) in local_probes(store, catalog).await? {
         let under_current = crypto
             .parse(Ciphertext::Blob(probe))
             .ok()
