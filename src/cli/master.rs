@@ -61,11 +61,7 @@ fn render(status: &RolloverReport) -> String {
         };
         out += &format!("  {fp}  {role}{wraps}\n");
     }
-    out += "live replicas:\n";
-    if status.replicas.is_empty() {
-        out += "  (none)\n";
-    }
-    for (replica, secrets) in &status.replicas {
+    let replicas = status.replicas.iter().map(|(replica, secrets)| {
         let list = match secrets {
             None => "does not report its master secrets".to_owned(),
             Some(list) if list.is_empty() => "no master secret".to_owned(),
@@ -75,20 +71,22 @@ fn render(status: &RolloverReport) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
         };
-        out += &format!("  {replica}: {list}\n");
-    }
-    out += "rows on local keys, by the master secret that wrapped their data key:\n";
-    if status.rows.is_empty() {
-        out += "  (none)\n";
-    }
-    for (fp, rows) in &status.rows {
+        format!("{replica}: {list}")
+    });
+    section(&mut out, "live replicas", replicas);
+    let rows = status.rows.iter().map(|(fp, rows)| {
         let name = match fp {
             Some(fp) if Some(*fp) == status.current() => format!("{fp} (current)"),
             Some(fp) => fp.to_string(),
             None => "unnamed (wrapped before data keys named their secret)".to_owned(),
         };
-        out += &format!("  {name}: {rows}\n");
-    }
+        format!("{name}: {rows}")
+    });
+    section(
+        &mut out,
+        "rows on local keys, by the master secret that wrapped their data key",
+        rows,
+    );
     out += &format!("legacy copies: {}\n", status.legacy_copies);
     out += &format!(
         "rows still needing the previous master secret: {}\n",
@@ -107,4 +105,17 @@ fn render(status: &RolloverReport) -> String {
         }
     }
     out
+}
+
+/// A titled list, `(none)` when empty.
+fn section(out: &mut String, title: &str, lines: impl Iterator<Item = String>) {
+    *out += &format!("{title}:\n");
+    let mut empty = true;
+    for line in lines {
+        *out += &format!("  {line}\n");
+        empty = false;
+    }
+    if empty {
+        *out += "  (none)\n";
+    }
 }

@@ -71,6 +71,18 @@ async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<
     Some((url, plaintexts))
 }
 
+/// The declared type of `table.column`.
+async fn column_type(pool: &PgPool, table: &str, column: &str) -> String {
+    scalar(
+        pool,
+        &format!(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = '{table}'::regclass AND attname = '{column}'"
+        ),
+    )
+    .await
+}
+
 /// Starts a rotation to the active key and waits for its end.
 async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
     let job = app
@@ -131,12 +143,7 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     let migrations: i64 =
         scalar(&pool, "SELECT COUNT(*) FROM _sqlx_migrations WHERE success").await;
     assert_eq!(migrations, 7);
-    let token_fk: String = scalar(
-        &pool,
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-         WHERE attrelid = 'connection_scoped_tokens'::regclass AND attname = 'connection_id'",
-    )
-    .await;
+    let token_fk = column_type(&pool, "connection_scoped_tokens", "connection_id").await;
     assert_eq!(token_fk, id_type);
     let valid: bool = scalar(
         &pool,
@@ -556,12 +563,7 @@ async fn an_application_database_with_the_runbooks_tables_is_adopted() {
         assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     }
     assert_eq!(before, scalar::<String>(&pool, APP_COLUMNS).await);
-    let id_type: String = scalar(
-        &pool,
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-         WHERE attrelid = 'encryption_keys'::regclass AND attname = 'id'",
-    )
-    .await;
+    let id_type = column_type(&pool, "encryption_keys", "id").await;
     assert_eq!(
         id_type, "character varying(36)",
         "the application's type was changed"
@@ -665,12 +667,7 @@ async fn statuses_the_application_lacks_are_added_only_when_allowed() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let out = migrate(&url, &[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    let kept: String = scalar(
-        &pool,
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
-         WHERE attrelid = 'encryption_keys'::regclass AND attname = 'status'",
-    )
-    .await;
+    let kept = column_type(&pool, "encryption_keys", "status").await;
     assert_eq!(
         kept, "encryption_key_status",
         "the application's type was changed"
