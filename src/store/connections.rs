@@ -35,14 +35,17 @@ impl Store {
         let Some(sql) = target.clear_legacy_copy_sql() else {
             return Ok(false);
         };
-        let cleared = on_pool!(self, |pool| sqlx::query(&sql)
-            .bind(&row.id)
-            .bind(&row.encryption_key_id)
-            .bind(&row.payload_ciphertext)
-            .bind(&row.legacy_ciphertext)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()))?;
+        let cleared = self
+            .execute(
+                &sql,
+                &[
+                    (&row.id).into(),
+                    row.encryption_key_id.as_deref().into(),
+                    row.payload_ciphertext.as_deref().into(),
+                    row.legacy_ciphertext.as_deref().into(),
+                ],
+            )
+            .await?;
         Ok(cleared == 1)
     }
 

@@ -297,6 +297,15 @@ impl Store {
         Ok(adopt::plan(&found, &first.sql))
     }
 
+    /// Runs one statement in a write transaction of its own; the number of
+    /// rows it changed.
+    pub(crate) async fn execute(&self, sql: &str, args: &[tx::Arg<'_>]) -> Result<u64, StoreError> {
+        let mut tx = tx::WriteTx::begin(&self.pool).await?;
+        let changed = tx.execute(sql, args).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")

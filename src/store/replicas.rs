@@ -325,15 +325,12 @@ impl Store {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, StoreError> {
-        let replaced = on_pool!(self, |pool| sqlx::query(
-            "UPDATE keyward_key_probes SET probe = $3 WHERE key_id = $1 AND probe = $2"
-        )
-        .bind(key_id)
-        .bind(old)
-        .bind(new)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
+        let replaced = self
+            .execute(
+                "UPDATE keyward_key_probes SET probe = $3 WHERE key_id = $1 AND probe = $2",
+                &[key_id.into(), Some(old).into(), Some(new).into()],
+            )
+            .await?;
         Ok(replaced == 1)
     }
 

@@ -89,25 +89,25 @@ pub fn changes(found: &Found, table: &str, plan: &mut AdoptPlan) {
 mod tests {
     use super::*;
 
-    fn found(table: &str, column: StatusColumn) -> Found {
+    /// The application-schema changes `table`'s status `column` needs.
+    fn app_changes(table: &str, column: StatusColumn) -> Vec<String> {
         let mut found = Found::default();
         found.statuses.insert(table.into(), column);
-        found
+        let mut plan = AdoptPlan::default();
+        changes(&found, table, &mut plan);
+        plan.app_changes.iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn an_enum_lacking_a_status_gets_it_added() {
         let labels = ["active", "rotating", "retired"].map(String::from).to_vec();
-        let found = found(
+        let sql = app_changes(
             "encryption_keys",
             StatusColumn {
                 enum_type: Some(("encryption_key_status".into(), labels)),
                 checks: Vec::new(),
             },
         );
-        let mut plan = AdoptPlan::default();
-        changes(&found, "encryption_keys", &mut plan);
-        let sql: Vec<String> = plan.app_changes.iter().map(ToString::to_string).collect();
         assert_eq!(sql.len(), 1, "{sql:?}");
         assert!(sql[0].contains("lacks 'pending'"), "{sql:?}");
         assert!(
@@ -123,16 +123,13 @@ mod tests {
             expression: "(status)::text = ANY (ARRAY['queued'::text, 'running'::text])".into(),
             rejects: rejects.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let found = found(
+        let sql = app_changes(
             "encryption_rotation_jobs",
             StatusColumn {
                 enum_type: None,
                 checks: vec![check(&["pending", "completed"]), check(&[])],
             },
         );
-        let mut plan = AdoptPlan::default();
-        changes(&found, "encryption_rotation_jobs", &mut plan);
-        let sql: Vec<String> = plan.app_changes.iter().map(ToString::to_string).collect();
         assert_eq!(sql.len(), 2, "{sql:?}");
         assert!(sql[0].contains("rejects 'pending', 'completed'"), "{sql:?}");
         assert!(
@@ -148,10 +145,8 @@ mod tests {
 
     #[test]
     fn a_status_column_that_takes_every_status_needs_nothing() {
-        let found = found("encryption_keys", StatusColumn::default());
-        let mut plan = AdoptPlan::default();
-        changes(&found, "encryption_keys", &mut plan);
-        changes(&found, "encryption_rotation_jobs", &mut plan);
-        assert!(plan.app_changes.is_empty());
+        for table in ["encryption_keys", "encryption_rotation_jobs"] {
+            assert!(app_changes(table, StatusColumn::default()).is_empty());
+        }
     }
 }
