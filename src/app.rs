@@ -134,7 +134,6 @@ impl Services {
             listen,
             self.store.clone(),
             Arc::clone(&self.admin),
-            Arc::clone(&self.crypto),
             options,
         )
     }

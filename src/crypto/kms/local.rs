@@ -167,9 +167,21 @@ impl LocalKms {
 
     /// The fingerprint of the secret that wraps new data keys now.
     pub fn wrapping_fingerprint(&self) -> Option<Fingerprint> {
+        self.fingerprints.get(self.wrapping_now().0).copied()
+    }
+
+    /// The index of the secret that wraps now and the header its keys
+    /// begin with (empty when untagged), from one read of [`Wrapping`].
+    fn wrapping_now(&self) -> (usize, Vec<u8>) {
         match self.wrapping() {
-            Wrapping::Tagged(index) => self.fingerprints.get(index).copied(),
-            Wrapping::Untagged => self.fingerprints.first().copied(),
+            Wrapping::Tagged(index) => (
+                index,
+                self.fingerprints
+                    .get(index)
+                    .map(|fp| tag_of(*fp))
+                    .unwrap_or_default(),
+            ),
+            Wrapping::Untagged => (0, Vec::new()),
         }
     }
 
@@ -203,11 +215,7 @@ impl LocalKms {
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
         check_ref(kek)?;
-        let (index, tag) = match self.wrapping() {
-            Wrapping::Tagged(index) => (index, self.fingerprints.get(index).map(|fp| tag_of(*fp))),
-            Wrapping::Untagged => (0, None),
-        };
-        let header = tag.unwrap_or_default();
+        let (index, header) = self.wrapping_now();
         let aad = wrap_aad(kek, context, &header);
         let (iv, sealed) = self.with_keks(kek.kms_key_arn, |keks| {
             keks.get(index)
@@ -301,10 +309,8 @@ impl KmsProvider for LocalKms {
     }
 
     fn wrap_tag(&self) -> Option<Vec<u8>> {
-        match self.wrapping() {
-            Wrapping::Tagged(index) => self.fingerprints.get(index).map(|fp| tag_of(*fp)),
-            Wrapping::Untagged => None,
-        }
+        let (_, header) = self.wrapping_now();
+        (!header.is_empty()).then_some(header)
     }
 
     async fn generate_data_key(

@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::service::{admin::KeyAdmin, crypto::CryptoService};
+use crate::service::admin::KeyAdmin;
 use crate::{
     keys::Catalog,
     store::{
@@ -51,7 +51,6 @@ impl Default for ReplicaOptions {
 pub struct ReplicaAgent {
     store: Store,
     admin: Arc<KeyAdmin>,
-    crypto: Arc<CryptoService>,
     options: ReplicaOptions,
     record: ReplicaRecord,
     /// The catalog version the last heartbeat reported.
@@ -64,7 +63,6 @@ impl ReplicaAgent {
         listen: Option<SocketAddr>,
         store: Store,
         admin: Arc<KeyAdmin>,
-        crypto: Arc<CryptoService>,
         options: ReplicaOptions,
     ) -> Self {
         let now = Utc::now();
@@ -84,7 +82,8 @@ impl ReplicaAgent {
             active_since: None,
             key_readiness: BTreeMap::new(),
             master_fingerprints: Some(
-                crypto
+                admin
+                    .crypto()
                     .kms()
                     .local()
                     .map(|local| local.fingerprints().to_vec())
@@ -94,7 +93,6 @@ impl ReplicaAgent {
         Self {
             store,
             admin,
-            crypto,
             options,
             record,
             reported_version: None,
@@ -202,7 +200,7 @@ impl ReplicaAgent {
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
         }
         if let Err(err) =
-            super::sync_wrapping(&self.store, &self.crypto, Some(&self.record.id)).await
+            super::sync_wrapping(&self.store, self.admin.crypto(), Some(&self.record.id)).await
         {
             tracing::warn!(error = %err, "cannot read which master secrets the replicas have; wrapping as before");
         }
