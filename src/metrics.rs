@@ -62,6 +62,7 @@ struct UsageGauges {
     rows: Family<KeyRowsLabels, Gauge>,
     oldest_age: Family<KeyRowsLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     legacy_copies: Family<KeyRowsLabels, Gauge>,
+    legacy_conflicts: Family<KeyRowsLabels, Gauge>,
 }
 
 /// Rotation figures, set from the database on each scrape.
@@ -152,6 +153,12 @@ impl Metrics {
             "Rows on each key that still hold a legacy ciphertext (cleared by keyward legacy cutover), \
              by key_id, key status and rotation target",
             usage.legacy_copies.clone(),
+        );
+        registry.register(
+            "key_legacy_conflicts",
+            "Of those, rows the last keyward legacy cutover check (a dry run too) found holding \
+             another plaintext than their envelope, by key_id, key status and rotation target",
+            usage.legacy_conflicts.clone(),
         );
         registry.register(
             "rotation_metrics_up",
@@ -268,6 +275,7 @@ impl Metrics {
         self.usage.rows.clear();
         self.usage.oldest_age.clear();
         self.usage.legacy_copies.clear();
+        self.usage.legacy_conflicts.clear();
         let now = chrono::Utc::now();
         for report in reports {
             let (key_id, status) = match (&report.key, &report.key_record_id) {
@@ -286,6 +294,10 @@ impl Metrics {
                     .legacy_copies
                     .get_or_create(&labels)
                     .set(usage.legacy_copies);
+                self.usage
+                    .legacy_conflicts
+                    .get_or_create(&labels)
+                    .set(usage.legacy_conflicts);
                 if let Some(oldest) = usage.oldest_written_at {
                     let age = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
                     self.usage.oldest_age.get_or_create(&labels).set(age);

@@ -212,9 +212,11 @@ impl Admin for AdminApi {
         _request: Request<proto::GetKeyUsageRequest>,
     ) -> Result<Response<proto::GetKeyUsageResponse>, Status> {
         let usage = self.admin.key_usage().await?;
+        let checks = self.admin.legacy_checks().await?;
         let now = chrono::Utc::now();
         Ok(Response::new(proto::GetKeyUsageResponse {
             keys: usage.iter().map(|u| convert::key_usage(u, now)).collect(),
+            legacy_checks: checks.iter().map(convert::legacy_check).collect(),
         }))
     }
 

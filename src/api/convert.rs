@@ -18,7 +18,10 @@ use crate::{
         retirement::RetirePlan,
         rotation::Progress,
     },
-    store::replicas::{KeyUsage, ReplicaRecord},
+    store::{
+        replicas::{KeyUsage, ReplicaRecord},
+        LegacyCheck,
+    },
 };
 
 pub fn context(map: HashMap<String, String>, limits: Limits) -> Result<EncryptionContext, Error> {
@@ -223,6 +226,15 @@ pub fn target_usage(usage: &KeyUsage) -> proto::TargetUsage {
         rows: usage.rows,
         oldest_written_at: usage.oldest_written_at.map(timestamp),
         legacy_copies: usage.legacy_copies,
+        legacy_conflicts: usage.legacy_conflicts,
+    }
+}
+
+pub fn legacy_check(check: &LegacyCheck) -> proto::LegacyCheck {
+    proto::LegacyCheck {
+        target: check.target.clone(),
+        checked_at: Some(timestamp(check.checked_at)),
+        conflicts: check.conflicts,
     }
 }
 
@@ -247,6 +259,7 @@ pub fn key_usage(report: &KeyUsageReport, now: DateTime<Utc>) -> proto::KeyUsage
             .unwrap_or(0.0),
         targets: report.targets.iter().map(target_usage).collect(),
         legacy_copies: report.legacy_copies(),
+        legacy_conflicts: report.legacy_conflicts(),
     }
 }
 
@@ -270,6 +283,7 @@ pub fn retire_plan(
             .map(|r| replica(r, catalog, now))
             .collect(),
         legacy_copies: plan.legacy_copies,
+        legacy_conflicts: plan.legacy_conflicts,
     }
 }
 

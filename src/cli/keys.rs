@@ -184,8 +184,8 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
         KeysCommand::Usage => {
             let now = chrono::Utc::now();
             println!(
-                "{:<20}  {:<8}  {:<16}  {:>10}  {:>13}  OLDEST",
-                "KEY_ID", "STATUS", "TARGET", "ROWS", "LEGACY_COPIES"
+                "{:<20}  {:<8}  {:<16}  {:>10}  {:>13}  {:>9}  OLDEST",
+                "KEY_ID", "STATUS", "TARGET", "ROWS", "LEGACY_COPIES", "CONFLICTS"
             );
             for report in admin.key_usage().await? {
                 let (name, status) = match (&report.key, &report.key_record_id) {
@@ -198,10 +198,19 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
                         format!("{} ({}s ago)", t.to_rfc3339(), (now - t).num_seconds())
                     });
                     println!(
-                        "{name:<20}  {status:<8}  {:<16}  {:>10}  {:>13}  {oldest}",
-                        usage.target, usage.rows, usage.legacy_copies
+                        "{name:<20}  {status:<8}  {:<16}  {:>10}  {:>13}  {:>9}  {oldest}",
+                        usage.target, usage.rows, usage.legacy_copies, usage.legacy_conflicts
                     );
                 }
+            }
+            // Conflicts are found by decrypting both copies: say when.
+            for check in admin.legacy_checks().await? {
+                println!(
+                    "legacy copies of {} last checked {}: {} in conflict with their envelope",
+                    check.target,
+                    check.checked_at.to_rfc3339(),
+                    check.conflicts
+                );
             }
         }
     }

@@ -546,6 +546,7 @@ mod tests {
             replicas: Vec::new(),
             active_key_id: Some("new".into()),
             legacy_copies: 0,
+            legacy_conflicts: 0,
         };
         let rows = vec![KeyUsage {
             target: "connections".into(),
@@ -553,6 +554,7 @@ mod tests {
             rows: 3,
             oldest_written_at: None,
             legacy_copies: 0,
+            legacy_conflicts: 0,
         }];
         let job = RotationJob::running_for_test("job-1", "rec-new");
         let replica = ReplicaRecord {
@@ -586,6 +588,7 @@ mod tests {
             plan(RetireFacts {
                 replicas: vec![replica],
                 legacy_copies: 3,
+                legacy_conflicts: 1,
                 ..facts(KeyStatus::Rotating)
             }),
         ];

@@ -215,25 +215,41 @@ impl RotationTarget {
     }
 
     /// Rows per key (`NULL`: legacy), the oldest write time as Unix
-    /// seconds (`NULL` without an `updated_at` column), and how many of
-    /// them still hold a legacy ciphertext.
+    /// seconds (`NULL` without an `updated_at` column), how many of them
+    /// still hold a legacy ciphertext, and how many of those the last
+    /// `legacy cutover` check found in conflict with the envelope.
     pub fn usage_sql(&self, postgres: bool) -> String {
+        let t = self.table.q();
         let oldest = match (&self.updated_at, postgres) {
             (None, _) => "CAST(NULL AS DOUBLE PRECISION)".to_owned(),
             (Some(col), true) => format!(
-                "CAST(EXTRACT(EPOCH FROM MIN({})) AS DOUBLE PRECISION)",
+                "CAST(EXTRACT(EPOCH FROM MIN({t}.{})) AS DOUBLE PRECISION)",
                 col.q()
             ),
-            (Some(col), false) => format!("(julianday(MIN({})) - 2440587.5) * 86400.0", col.q()),
+            (Some(col), false) => {
+                format!("(julianday(MIN({t}.{})) - 2440587.5) * 86400.0", col.q())
+            }
         };
-        let legacy = match &self.legacy {
-            Some((ct, _)) => format!("COUNT({})", ct.q()),
-            None => "0".to_owned(),
+        let (legacy, conflicts) = match &self.legacy {
+            Some((ct, _)) => (
+                format!("COUNT({t}.{})", ct.q()),
+                format!(
+                    "COUNT(CASE WHEN {t}.{} IS NOT NULL THEN c.row_id END)",
+                    ct.q()
+                ),
+            ),
+            None => ("0".to_owned(), "0".to_owned()),
         };
+        // The table's name is a checked identifier: safe as a literal too.
         format!(
-            "SELECT CAST({k} AS TEXT), COUNT(*), {oldest}, CAST({legacy} AS BIGINT) FROM {t} GROUP BY {k}",
+            "SELECT CAST({t}.{k} AS TEXT) AS key_record_id, COUNT(*) AS row_count, \
+             {oldest} AS oldest_secs, CAST({legacy} AS BIGINT) AS legacy_copies, \
+             CAST({conflicts} AS BIGINT) AS legacy_conflicts \
+             FROM {t} LEFT JOIN keyward_legacy_conflicts c \
+             ON c.target_table = '{name}' AND c.row_id = CAST({t}.{id} AS TEXT) GROUP BY {t}.{k}",
             k = self.columns.encryption_key_id.q(),
-            t = self.table.q(),
+            id = self.id.q(),
+            name = self.table.as_str(),
         )
     }
 

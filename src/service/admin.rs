@@ -25,7 +25,7 @@ use crate::{
     rotation::{target::RotationTarget, RotationJob},
     store::{
         replicas::{KeyUsage, ReplicaRecord},
-        NewKey, RetireOutcome, Store, StoreError,
+        LegacyCheck, NewKey, RetireOutcome, Store, StoreError,
     },
 };
 
@@ -90,6 +90,12 @@ impl KeyUsageReport {
     /// Rows that still hold a legacy ciphertext, all targets together.
     pub fn legacy_copies(&self) -> i64 {
         self.targets.iter().map(|u| u.legacy_copies).sum()
+    }
+
+    /// Of those, the rows the last `legacy cutover` check found in
+    /// conflict with their envelope.
+    pub fn legacy_conflicts(&self) -> i64 {
+        self.targets.iter().map(|u| u.legacy_conflicts).sum()
     }
 
     pub fn oldest_written_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -334,6 +340,7 @@ impl KeyAdmin {
                             rows: 0,
                             oldest_written_at: None,
                             legacy_copies: 0,
+                            legacy_conflicts: 0,
                         })
                 })
                 .collect()
@@ -366,6 +373,11 @@ impl KeyAdmin {
         Ok(reports)
     }
 
+    /// The last `legacy cutover` check of each target's legacy copies.
+    pub async fn legacy_checks(&self) -> Result<Vec<LegacyCheck>> {
+        Ok(self.store.legacy_checks().await?)
+    }
+
     /// What would keep `ident` from being retired now, and what to run
     /// next (`RetireKey` with `dry_run`).
     pub async fn retire_plan(&self, ident: &str) -> Result<RetirePlan> {
@@ -376,6 +388,7 @@ impl KeyAdmin {
     async fn plan_retirement(&self, key: KeyRecord) -> Result<RetirePlan> {
         let usage = self.store.key_usage(&self.targets).await?;
         let legacy_copies = usage.iter().map(|u| u.legacy_copies).sum();
+        let legacy_conflicts = usage.iter().map(|u| u.legacy_conflicts).sum();
         let rows: Vec<KeyUsage> = usage
             .into_iter()
             .filter(|u| u.key_record_id.as_deref() == Some(key.id.as_str()) && u.rows > 0)
@@ -395,6 +408,7 @@ impl KeyAdmin {
             replicas,
             active_key_id: self.catalog.snapshot().active().map(|k| k.key_id.clone()),
             legacy_copies,
+            legacy_conflicts,
         }))
     }
 

@@ -8,7 +8,9 @@
 //! (if one is given) and the archive reached the disk. A copy that decrypts
 //! to another plaintext is a *conflict* (an old pod wrote the row after it
 //! was rotated): it is listed and left for a person to resolve, never
-//! settled by keyward.
+//! settled by keyward. Each complete scan of a target is recorded
+//! (`Store::record_legacy_check`), a dry run's too, so key usage, the
+//! retirement plan and the metrics report the conflicts it found.
 
 use std::io::Write as _;
 
@@ -148,6 +150,8 @@ pub async fn cutover(
     }
     for target in targets {
         let mut cursor = String::new();
+        // Every conflict of this target, recorded once its scan is complete.
+        let mut conflicts = Vec::new();
         loop {
             let rows = store.legacy_copies_page(target, &cursor, PAGE).await?;
             let Some(last) = rows.last() else { break };
@@ -161,6 +165,7 @@ pub async fn cutover(
                         if report.conflict_rows.len() < LISTED {
                             report.conflict_rows.push(row_ref(target, row));
                         }
+                        conflicts.push(row.id.clone());
                     }
                     Verdict::Unreadable(why) => {
                         report.unreadable += 1;
@@ -187,6 +192,11 @@ pub async fn cutover(
                     report.changed += 1;
                 }
             }
+        }
+        if target.legacy.is_some() {
+            store
+                .record_legacy_check(target.table.as_str(), &conflicts)
+                .await?;
         }
     }
     Ok(report)

@@ -22,6 +22,8 @@ pub struct RetirePlan {
     pub replicas: Vec<ReplicaRecord>,
     /// Rows of every target that still hold a legacy ciphertext.
     pub legacy_copies: i64,
+    /// Of those, rows the last legacy check found in conflict.
+    pub legacy_conflicts: i64,
     /// Each reason the key cannot be retired now; empty: it can.
     pub blockers: Vec<String>,
     /// What to run next, in order.
@@ -49,6 +51,9 @@ pub struct RetireFacts {
     /// Rows of every target that still hold a legacy ciphertext (the
     /// application's pre-keyward copy, under the master secret).
     pub legacy_copies: i64,
+    /// Of those, rows the last `legacy cutover` check found holding
+    /// another plaintext than their envelope.
+    pub legacy_conflicts: i64,
 }
 
 /// The blockers and next steps of retiring `facts.key`.
@@ -60,6 +65,7 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
         replicas,
         active_key_id: active,
         legacy_copies,
+        legacy_conflicts,
     } = facts;
     let mut blockers = Vec::new();
     let mut next_steps = Vec::new();
@@ -125,12 +131,20 @@ pub fn plan(facts: RetireFacts) -> RetirePlan {
              version runs, review and clear them: keyward legacy cutover --dry-run"
         ));
     }
+    if legacy_conflicts > 0 {
+        next_steps.push(format!(
+            "{legacy_conflicts} of them hold another plaintext than their envelope (an old pod \
+             wrote them after rotation): decide by hand which is right; the cutover lists them \
+             and never clears them: keyward legacy cutover --dry-run"
+        ));
+    }
     RetirePlan {
         key,
         rows,
         jobs,
         replicas,
         legacy_copies,
+        legacy_conflicts,
         blockers,
         next_steps,
     }
@@ -168,6 +182,7 @@ mod tests {
             replicas: Vec::new(),
             active_key_id: Some("new".into()),
             legacy_copies: 0,
+            legacy_conflicts: 0,
         }
     }
 
@@ -178,6 +193,7 @@ mod tests {
             rows,
             oldest_written_at: None,
             legacy_copies: 0,
+            legacy_conflicts: 0,
         }
     }
 
@@ -229,6 +245,19 @@ mod tests {
         assert_eq!(plan.next_steps[0], "keyward keys retire old");
         assert!(plan.next_steps[1].starts_with("300 rows still hold a legacy ciphertext"));
         assert_eq!(commands(&plan)[1], "keyward legacy cutover --dry-run");
+        assert_eq!(plan.next_steps.len(), 2, "no conflicts, no step about them");
+    }
+
+    #[test]
+    fn legacy_conflicts_are_left_to_a_person() {
+        let plan = plan(RetireFacts {
+            legacy_copies: 300,
+            legacy_conflicts: 2,
+            ..facts(KeyStatus::Rotating)
+        });
+        assert!(plan.blockers.is_empty(), "{:?}", plan.blockers);
+        assert!(plan.next_steps[2].starts_with("2 of them hold another plaintext"));
+        assert_eq!(commands(&plan)[2], "keyward legacy cutover --dry-run");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! legacy copies `keyward legacy cutover` clears from any rotation target),
 //! and the runbook's `connection_scoped_tokens` beside it.
 
-use super::{on_pool, rotation::RotationRow, Pool, Store, StoreError};
+use chrono::{DateTime, Utc};
+
+use super::{on_pool, rotation::RotationRow, tx::WriteTx, Pool, Store, StoreError};
 use crate::rotation::target::RotationTarget;
 
 impl Store {
@@ -47,6 +49,56 @@ impl Store {
             )
             .await?;
         Ok(cleared == 1)
+    }
+
+    /// Records a complete check of `target`'s legacy copies: the ids of
+    /// the rows it found in conflict replace those of the previous check.
+    pub async fn record_legacy_check(
+        &self,
+        target: &str,
+        conflicts: &[String],
+    ) -> Result<(), StoreError> {
+        let mut tx = WriteTx::begin(&self.pool).await?;
+        tx.execute(
+            "DELETE FROM keyward_legacy_conflicts WHERE target_table = $1",
+            &[target.into()],
+        )
+        .await?;
+        for id in conflicts {
+            tx.execute(
+                "INSERT INTO keyward_legacy_conflicts (target_table, row_id) VALUES ($1, $2)",
+                &[target.into(), id.into()],
+            )
+            .await?;
+        }
+        let count = i64::try_from(conflicts.len()).unwrap_or(i64::MAX);
+        tx.execute(
+            "INSERT INTO keyward_legacy_checks (target_table, checked_at, conflicts) \
+             VALUES ($1, $2, $3) ON CONFLICT (target_table) \
+             DO UPDATE SET checked_at = excluded.checked_at, conflicts = excluded.conflicts",
+            &[target.into(), Utc::now().into(), count.into()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The last check of each target's legacy copies, by target name.
+    pub async fn legacy_checks(&self) -> Result<Vec<LegacyCheck>, StoreError> {
+        let rows: Vec<(String, DateTime<Utc>, i64)> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT target_table, checked_at, conflicts FROM keyward_legacy_checks \
+             ORDER BY target_table"
+        )
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(target, checked_at, conflicts)| LegacyCheck {
+                target,
+                checked_at,
+                conflicts,
+            })
+            .collect())
     }
 
     /// Which of `columns` of `table` are NOT NULL in the database's schema.
@@ -177,4 +229,14 @@ pub struct AgedToken {
     pub expires_at: String,
     /// Set when the token was used (then it is pruned whatever its expiry).
     pub used_at: Option<String>,
+}
+
+/// The last complete check (`keyward legacy cutover`, a dry run too) of a
+/// target's legacy copies against its envelopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyCheck {
+    pub target: String,
+    pub checked_at: DateTime<Utc>,
+    /// Rows whose legacy copy held another plaintext than their envelope.
+    pub conflicts: i64,
 }

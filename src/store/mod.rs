@@ -9,7 +9,7 @@
 
 pub mod adopt;
 mod connections;
-pub use connections::AgedToken;
+pub use connections::{AgedToken, LegacyCheck};
 mod jobs;
 mod keys;
 pub mod replicas;

@@ -81,6 +81,19 @@ pub struct KeyUsage {
     /// How many of them still hold a legacy ciphertext (all legacy rows;
     /// rows on a key until `keyward legacy cutover` clears their copy).
     pub legacy_copies: i64,
+    /// Of those, the rows the last check found in conflict with their
+    /// envelope ([`super::connections::LegacyCheck`]).
+    pub legacy_conflicts: i64,
+}
+
+/// A row of [`RotationTarget::usage_sql`].
+#[derive(sqlx::FromRow)]
+struct UsageRow {
+    key_record_id: Option<String>,
+    row_count: i64,
+    oldest_secs: Option<f64>,
+    legacy_copies: i64,
+    legacy_conflicts: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -358,20 +371,18 @@ impl Store {
         let mut usage = Vec::new();
         for target in targets {
             let sql = target.usage_sql(self.backend() == Backend::Postgres);
-            let rows: Vec<(Option<String>, i64, Option<f64>, i64)> =
+            let rows: Vec<UsageRow> =
                 on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
-            usage.extend(
-                rows.into_iter()
-                    .map(|(key, rows, oldest, legacy_copies)| KeyUsage {
-                        target: target.table.as_str().to_owned(),
-                        key_record_id: key,
-                        rows,
-                        oldest_written_at: oldest.and_then(|secs| {
-                            DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)
-                        }),
-                        legacy_copies,
-                    }),
-            );
+            usage.extend(rows.into_iter().map(|row| KeyUsage {
+                target: target.table.as_str().to_owned(),
+                key_record_id: row.key_record_id,
+                rows: row.row_count,
+                oldest_written_at: row.oldest_secs.and_then(|secs| {
+                    DateTime::from_timestamp_millis((secs * 1000.0).round() as i64)
+                }),
+                legacy_copies: row.legacy_copies,
+                legacy_conflicts: row.legacy_conflicts,
+            }));
         }
         Ok(usage)
     }

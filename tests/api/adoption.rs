@@ -158,7 +158,8 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     assert_eq!(before, after, "the application's columns changed");
     let migrations: i64 =
         scalar(&pool, "SELECT COUNT(*) FROM _sqlx_migrations WHERE success").await;
-    assert_eq!(migrations, 7);
+    let embedded = std::fs::read_dir("migrations/postgres").unwrap().count();
+    assert_eq!(migrations, embedded as i64, "every migration ran once");
     let token_fk = column_type(&pool, "connection_scoped_tokens", "connection_id").await;
     assert_eq!(token_fk, id_type);
     let valid: bool = scalar(
@@ -346,6 +347,19 @@ async fn cuts_over(
         300,
         "the dry run cleared"
     );
+    // The dry run's check is recorded: usage, the metrics and the
+    // retirement plan count the conflict on the key its row is on.
+    assert_eq!(
+        legacy_conflicts(app).await,
+        (1, vec![("connections".into(), 1)])
+    );
+    let usage = keyward_on(url, &["keys", "usage"]);
+    assert!(
+        stdout(&usage).contains("legacy copies of connections last checked")
+            && stdout(&usage).contains(": 1 in conflict with their envelope"),
+        "{}",
+        stdout(&usage)
+    );
 
     let archive_dir = tempfile::tempdir().unwrap();
     let archive = archive_dir.path().join("legacy.jsonl");
@@ -398,10 +412,28 @@ async fn cuts_over(
     );
     assert_eq!(scalar::<i64>(pool, copies).await, 0);
     assert_eq!(
+        legacy_conflicts(app).await,
+        (0, vec![("connections".into(), 0)])
+    );
+    assert_eq!(
         std::fs::read_to_string(&archive).unwrap().lines().count(),
         300
     );
     crate::workers::assert_all_rotated(app, target, plaintexts).await;
+}
+
+/// Rows in conflict by key usage, and each target's last check.
+async fn legacy_conflicts(app: &TestApp) -> (i64, Vec<(String, i64)>) {
+    let admin = &app.services.admin;
+    let usage = admin.key_usage().await.unwrap();
+    let checks = admin.legacy_checks().await.unwrap();
+    (
+        usage.iter().map(|r| r.legacy_conflicts()).sum(),
+        checks
+            .into_iter()
+            .map(|c| (c.target, c.conflicts))
+            .collect(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
