@@ -46,9 +46,7 @@ pub(super) async fn migrate(global: &GlobalArgs, args: MigrateArgs) -> anyhow::R
             Ok(ExitCode::SUCCESS)
         }
         Err(StoreError::Adopt(
-            refused @ (AdoptError::Incompatible(_)
-            | AdoptError::SqliteApplication
-            | AdoptError::AppSchemaChanges(_)),
+            refused @ (AdoptError::Incompatible(_) | AdoptError::AppSchemaChanges(_)),
         )) => {
             eprintln!("keyward: {refused}");
             Ok(ExitCode::from(EXIT_INCOMPATIBLE))

@@ -11,6 +11,17 @@ use crate::crypto::context::{ContextError, EncryptionContext};
 
 use super::CONNECTION_CONTEXT_KEY;
 
+/// SQLite: the instant `expr` holds, as Unix seconds. Times may be text
+/// (RFC 3339, keyward's; `2026-12-06 19:00:00`, `CURRENT_TIMESTAMP`'s) or,
+/// in an application's own columns, numbers of Unix seconds (Drizzle's
+/// `integer({ mode: 'timestamp' })`).
+pub fn sqlite_unix_seconds(expr: &str) -> String {
+    format!(
+        "(CASE WHEN typeof({expr}) IN ('integer', 'real') THEN CAST({expr} AS REAL) \
+         ELSE (julianday({expr}) - 2440587.5) * 86400.0 END)"
+    )
+}
+
 /// A checked SQL identifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ident(String);
@@ -226,9 +237,7 @@ impl RotationTarget {
                 "CAST(EXTRACT(EPOCH FROM MIN({t}.{})) AS DOUBLE PRECISION)",
                 col.q()
             ),
-            (Some(col), false) => {
-                format!("(julianday(MIN({t}.{})) - 2440587.5) * 86400.0", col.q())
-            }
+            (Some(col), false) => sqlite_unix_seconds(&format!("MIN({t}.{})", col.q())),
         };
         let (legacy, conflicts) = match &self.legacy {
             Some((ct, _)) => (

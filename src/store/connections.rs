@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{on_pool, rotation::RotationRow, tx::WriteTx, Pool, Store, StoreError};
-use crate::rotation::target::RotationTarget;
+use crate::rotation::target::{sqlite_unix_seconds, RotationTarget};
 
 impl Store {
     /// The next page (after id `cursor`, empty at the start) of `target`'s
@@ -210,13 +210,16 @@ impl Store {
     /// times are compared as times, not text: the application may have
     /// stored `2026-12-06 23:00:00` (a space) where keyward writes
     /// `2026-12-06T23:00:00+00:00`, and as text every space-separated time
-    /// sorts before every `T` one of the same day.
-    fn aged_token(&self) -> &'static str {
+    /// sorts before every `T` one of the same day; or Unix seconds, as
+    /// Drizzle's integer timestamps hold them.
+    fn aged_token(&self) -> String {
         match self.backend() {
-            super::Backend::Postgres => "expires_at <= $1 OR used_at IS NOT NULL",
-            super::Backend::Sqlite => {
-                "julianday(expires_at) <= julianday($1) OR used_at IS NOT NULL"
-            }
+            super::Backend::Postgres => "expires_at <= $1 OR used_at IS NOT NULL".to_owned(),
+            super::Backend::Sqlite => format!(
+                "{} <= {} OR used_at IS NOT NULL",
+                sqlite_unix_seconds("expires_at"),
+                sqlite_unix_seconds("$1")
+            ),
         }
     }
 }

@@ -28,6 +28,14 @@ use sqlx::{
 
 pub use keys::{NewKey, RetireOutcome};
 
+/// keyward's first migration, the one adoption stands in for.
+fn first_migration(migrator: &Migrator) -> Result<&sqlx::migrate::Migration, StoreError> {
+    migrator
+        .iter()
+        .next()
+        .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))
+}
+
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -245,24 +253,16 @@ impl Store {
     pub async fn migrate_with(&self, allow_app_schema_changes: bool) -> Result<(), StoreError> {
         match &self.pool {
             Pool::Sqlite(pool) => {
-                if adopt::sqlite_application_database(pool).await? {
-                    return Err(StoreError::Adopt(adopt::AdoptError::SqliteApplication));
-                }
+                self.adopt_if_needed(&SQLITE_MIGRATIONS, allow_app_schema_changes)
+                    .await?;
                 SQLITE_MIGRATIONS
                     .run(pool)
                     .await
                     .map_err(StoreError::Migrate)
             }
             Pool::Postgres(pool) => {
-                if let Some(plan) = self.adoption_plan().await? {
-                    let first = POSTGRES_MIGRATIONS
-                        .iter()
-                        .next()
-                        .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))?;
-                    adopt::apply(pool, &plan, first, allow_app_schema_changes)
-                        .await
-                        .map_err(StoreError::Adopt)?;
-                }
+                self.adopt_if_needed(&POSTGRES_MIGRATIONS, allow_app_schema_changes)
+                    .await?;
                 let mut attempts = 0;
                 loop {
                     // A connection of its own, closed when done: the pool's
@@ -283,17 +283,34 @@ impl Store {
         }
     }
 
+    /// Adopts an application's database (see [`adopt`]) if this is one.
+    async fn adopt_if_needed(
+        &self,
+        migrations: &Migrator,
+        allow_app_schema_changes: bool,
+    ) -> Result<(), StoreError> {
+        if let Some(plan) = self.adoption_plan().await? {
+            let first = first_migration(migrations)?;
+            adopt::adopt(&self.pool, &plan, first, allow_app_schema_changes)
+                .await
+                .map_err(StoreError::Adopt)?;
+        }
+        Ok(())
+    }
+
     /// What adopting this database would take; `None` where there is
-    /// nothing to adopt (SQLite, a new database, keyward's own).
+    /// nothing to adopt (a new database, keyward's own).
     pub async fn adoption_plan(&self) -> Result<Option<adopt::AdoptPlan>, StoreError> {
-        let Pool::Postgres(pool) = &self.pool else {
-            return Ok(None);
+        let (found, first) = match &self.pool {
+            Pool::Postgres(pool) => (
+                adopt::inspect(pool).await?,
+                first_migration(&POSTGRES_MIGRATIONS)?,
+            ),
+            Pool::Sqlite(pool) => (
+                adopt::inspect_sqlite(pool).await?,
+                first_migration(&SQLITE_MIGRATIONS)?,
+            ),
         };
-        let first = POSTGRES_MIGRATIONS
-            .iter()
-            .next()
-            .ok_or_else(|| StoreError::Corrupt("no migrations embedded".into()))?;
-        let found = adopt::inspect(pool).await?;
         Ok(adopt::plan(&found, &first.sql))
     }
 

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use crate::{
     cli::{keyward, run, stderr, stdout},
     helpers::bind_envelope,
-    helpers::{ctx, spawn_on, Backend, Options, TestApp, MASTER, PRIMARY},
+    helpers::{ctx, spawn_on, Backend, ConnectionRow, Options, TestApp, MASTER, PRIMARY},
     postgres,
 };
 
@@ -93,7 +93,7 @@ async fn column_type(pool: &PgPool, table: &str, column: &str) -> String {
 }
 
 /// Starts a rotation to the active key and waits for its end.
-async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
+pub(crate) async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
     let job = app
         .admin
         .clone()
@@ -105,7 +105,7 @@ async fn rotate_to_end(app: &TestApp) -> keyward::api::proto::RotationJob {
 }
 
 /// `keyward ARGS…` on the database at `url`, with the master secret.
-fn keyward_on(url: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn keyward_on(url: &str, args: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     run(keyward(dir.path())
         .env("DATABASE_URL", url)
@@ -113,12 +113,12 @@ fn keyward_on(url: &str, args: &[&str]) -> std::process::Output {
         .args(args))
 }
 
-fn migrate(url: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn migrate(url: &str, args: &[&str]) -> std::process::Output {
     keyward_on(url, &[&["migrate"], args].concat())
 }
 
 /// `migrate` exits 65 (nothing changed), saying `why` on standard error.
-fn migrate_refuses(url: &str, why: &str) {
+pub(crate) fn migrate_refuses(url: &str, why: &str) {
     let out = migrate(url, &[]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert!(stderr(&out).contains(why), "{}", stderr(&out));
@@ -183,34 +183,10 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     assert_eq!(mirrored, 300, "the payload mirror was not backfilled");
 
     let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
-    let target = app
-        .services
-        .admin
-        .catalog_snapshot()
-        .active()
-        .unwrap()
-        .id
-        .clone();
-    let mut client = app.crypto.clone();
+    let target = app.active_record_id();
     let rows = app.connections().await;
     assert_eq!(rows.len(), 300);
-    // Legacy rows decrypt, with or without their context.
-    for row in rows.iter().take(20) {
-        let opened = client
-            .decrypt(DecryptRequest {
-                context: ctx(&[("connection_id", row.id.as_str())]),
-                ciphertext: Some(Ciphertext::Envelope(Envelope {
-                    payload_ciphertext: row.encrypted_credentials.clone().unwrap().into(),
-                    payload_iv: row.credentials_iv.clone().unwrap().into(),
-                    ..Envelope::default()
-                })),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(opened.legacy);
-        assert_eq!(&opened.plaintext[..], plaintexts[&row.id].as_bytes());
-    }
+    legacy_rows_decrypt(&app, &rows, &plaintexts).await;
 
     // Rotation pages through the table by its own id type, so the primary
     // key's index can serve the page (with sequential scans off, as on a
@@ -252,24 +228,8 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
         "{explain}"
     );
 
-    // Old pods keep writing the legacy columns only: the mirror the
-    // migration filled goes stale, and rotation takes what they last wrote.
-    let master = MasterSecret::new(MASTER).unwrap();
-    for row in rows.iter().take(5) {
-        let newer = format!("{{\"password\":\"changed-by-an-old-pod-{}\"}}", row.id);
-        let (iv, ct) = encrypt_legacy(&master, newer.as_bytes());
-        sqlx::query(&format!(
-            "UPDATE connections SET encrypted_credentials = $2, credentials_iv = $3 \
-             WHERE id = CAST($1 AS {id_type})"
-        ))
-        .bind(&row.id)
-        .bind(ct)
-        .bind(iv.to_vec())
-        .execute(&pool)
-        .await
-        .unwrap();
-        plaintexts.insert(row.id.clone(), newer);
-    }
+    let by_id = format!("id = CAST($1 AS {id_type})");
+    old_pods_rewrite(&app, &rows, &mut plaintexts, &by_id).await;
 
     let job = rotate_to_end(&app).await;
     assert_eq!(
@@ -290,6 +250,65 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     cuts_over(&app, &target, &url, &pool, &mut plaintexts, id_type).await;
 }
 
+/// The first 20 `rows` decrypt through the API, as legacy rows.
+pub(crate) async fn legacy_rows_decrypt(
+    app: &TestApp,
+    rows: &[ConnectionRow],
+    plaintexts: &HashMap<String, String>,
+) {
+    let mut client = app.crypto.clone();
+    for row in rows.iter().take(20) {
+        let opened = client
+            .decrypt(DecryptRequest {
+                context: ctx(&[("connection_id", row.id.as_str())]),
+                ciphertext: Some(Ciphertext::Envelope(Envelope {
+                    payload_ciphertext: row.encrypted_credentials.clone().unwrap().into(),
+                    payload_iv: row.credentials_iv.clone().unwrap().into(),
+                    ..Envelope::default()
+                })),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(opened.legacy);
+        assert_eq!(&opened.plaintext[..], plaintexts[&row.id].as_bytes());
+    }
+}
+
+/// Old pods keep writing the legacy columns only: the mirror the migration
+/// filled goes stale, and rotation must take what they last wrote. The
+/// first five `rows` get a new legacy copy (`by_id` finds a row by `$1`).
+pub(crate) async fn old_pods_rewrite(
+    app: &TestApp,
+    rows: &[ConnectionRow],
+    plaintexts: &mut HashMap<String, String>,
+    by_id: &str,
+) {
+    let master = MasterSecret::new(MASTER).unwrap();
+    for row in rows.iter().take(5) {
+        let newer = format!("{{\"password\":\"changed-by-an-old-pod-{}\"}}", row.id);
+        let (iv, ct) = encrypt_legacy(&master, newer.as_bytes());
+        app.write_legacy_copy(by_id, &row.id, &ct, &iv).await;
+        plaintexts.insert(row.id.clone(), newer);
+    }
+}
+
+/// Every row's legacy copy still decrypts, with the legacy key, to its
+/// plaintext: the old pods can read it.
+pub(crate) fn legacy_copies_hold(rows: &[ConnectionRow], plaintexts: &HashMap<String, String>) {
+    let master = MasterSecret::new(MASTER).unwrap();
+    let legacy = LegacyKeys::new([&master]);
+    for row in rows {
+        let opened = legacy
+            .decrypt(
+                row.credentials_iv.as_deref().unwrap(),
+                row.encrypted_credentials.as_deref().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(opened.as_bytes(), plaintexts[&row.id].as_bytes());
+    }
+}
+
 /// The old pods' legacy copies survive rotation; `keyward legacy cutover`
 /// clears them only where both copies agree, lists a conflict, and clears
 /// the rest once the conflict is resolved.
@@ -302,17 +321,8 @@ async fn cuts_over(
     id_type: &str,
 ) {
     let master = MasterSecret::new(MASTER).unwrap();
-    let legacy = LegacyKeys::new([&master]);
     let rows = app.connections().await;
-    for row in &rows {
-        let opened = legacy
-            .decrypt(
-                row.credentials_iv.as_deref().unwrap(),
-                row.encrypted_credentials.as_deref().unwrap(),
-            )
-            .unwrap();
-        assert_eq!(opened.as_bytes(), plaintexts[&row.id].as_bytes());
-    }
+    legacy_copies_hold(&rows, plaintexts);
     // An old pod still runs and changes one row after its rotation: a
     // conflict (which copy is right is the operator's call).
     let conflicted = rows[7].id.clone();
@@ -538,29 +548,6 @@ async fn a_cutover_refuses_legacy_columns_declared_not_null() {
         "{}",
         stdout(&out)
     );
-}
-
-/// An application's SQLite database is not adopted yet: `migrate` says so
-/// and changes nothing (it used to stop at "table connections already
-/// exists").
-#[tokio::test]
-async fn an_application_sqlite_database_is_refused_and_nothing_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("app.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("CREATE TABLE connections (id TEXT PRIMARY KEY, name TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    migrate_refuses(
-        &url,
-        "adopting an application's SQLite database is not supported yet",
-    );
-    let tables: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(tables, 1, "a refused adoption created tables");
 }
 
 /// State (b): the application's own migrations already made the runbook's

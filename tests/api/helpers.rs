@@ -471,6 +471,36 @@ impl TestApp {
         on_db!(self, |pool| sqlx::query_as(SQL).fetch_all(&pool).await).unwrap()
     }
 
+    /// Writes a row's legacy columns only, as the application's old pods
+    /// do; `by_id` finds the row by `$1` (`id = $1`, or a cast to its type).
+    pub async fn write_legacy_copy(&self, by_id: &str, id: &str, ciphertext: &[u8], iv: &[u8]) {
+        let sql = format!(
+            "UPDATE connections SET encrypted_credentials = $2, credentials_iv = $3 WHERE {by_id}"
+        );
+        self.write_legacy(&sql, id, ciphertext, Some(iv)).await;
+    }
+
+    /// Runs `sql`, binding $1 id, $2 legacy ciphertext, $3 legacy IV.
+    async fn write_legacy(&self, sql: &str, id: &str, ciphertext: &[u8], iv: Option<&[u8]>) {
+        on_db!(self, |pool| sqlx::query(sql)
+            .bind(id)
+            .bind(ciphertext)
+            .bind(iv)
+            .execute(&pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
+    }
+
+    /// `encryption_keys.id` of the active key.
+    pub fn active_record_id(&self) -> String {
+        let catalog = self.services.admin.catalog_snapshot();
+        catalog
+            .active()
+            .map(|k| k.id.clone())
+            .expect("an active key")
+    }
+
     /// Inserts a legacy row (pre-keyward format); with `mirror`, also the
     /// payload mirror that the migration backfills.
     pub async fn insert_legacy_connection(
@@ -488,14 +518,7 @@ impl TestApp {
         };
         // An empty IV is none: the legacy layout keeps it in the ciphertext.
         let iv = (!iv.is_empty()).then_some(iv);
-        on_db!(self, |pool| sqlx::query(sql)
-            .bind(id)
-            .bind(ciphertext)
-            .bind(iv)
-            .execute(&pool)
-            .await
-            .map(|_| ()))
-        .unwrap();
+        self.write_legacy(sql, id, ciphertext, iv).await;
     }
 
     /// Replaces a row's envelope columns, as an application rewriting a

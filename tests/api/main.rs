@@ -7,6 +7,7 @@
 
 mod admin;
 mod adoption;
+mod adoption_sqlite;
 mod audit_bounds;
 mod aws_kms;
 mod cli;

@@ -2,7 +2,10 @@
 //! running a plan on the live tables ([`apply`]): every statement under
 //! [`LOCK_TIMEOUT`], retried while a lock is not granted in time.
 
-use sqlx::{migrate::Migrate as _, PgPool, Row as _};
+use sqlx::{
+    migrate::{Migrate as _, Migration},
+    PgPool, Row as _,
+};
 
 use super::{
     statuses::{needed, StatusCheck, StatusColumn},
@@ -24,17 +27,6 @@ pub async fn column_type(
     .bind(table)
     .bind(column)
     .fetch_optional(pool)
-    .await
-}
-
-/// Whether a SQLite database is an application's: `connections` exists
-/// and keyward's first migration has not run.
-pub async fn sqlite_application_database(pool: &sqlx::SqlitePool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'connections') \
-         AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
-    )
-    .fetch_one(pool)
     .await
 }
 
@@ -144,21 +136,13 @@ async fn status_column(pool: &PgPool, table: &str) -> Result<StatusColumn, sqlx:
     Ok(column)
 }
 
-/// Runs `plan` (refusing it whole if it has refusals, or changes to the
-/// application's schema that `allow_app_changes` does not allow), then
-/// records the first migration, `first`, as applied.
-pub async fn apply(
+/// Runs `plan`, which [`super::adopt`] has checked, on the live tables,
+/// then records the first migration, `first`, as applied.
+pub(super) async fn apply(
     pool: &PgPool,
     plan: &AdoptPlan,
-    first: &sqlx::migrate::Migration,
-    allow_app_changes: bool,
+    first: &Migration,
 ) -> Result<(), AdoptError> {
-    if !plan.refusals.is_empty() {
-        return Err(AdoptError::Incompatible(plan.refusals.clone()));
-    }
-    if !plan.app_changes.is_empty() && !allow_app_changes {
-        return Err(AdoptError::AppSchemaChanges(plan.app_changes.clone()));
-    }
     // A connection of its own, closed when done: the pool's must not keep
     // the short lock timeout for later work.
     let mut conn = pool.acquire().await?.detach();
@@ -206,6 +190,39 @@ pub async fn apply(
             Step::BackfillMirror { id_type } => backfill_mirror(&mut conn, id_type).await?,
         }
     }
+    record_first::<sqlx::Postgres>(&mut conn, first).await
+}
+
+/// Refuses a plan with refusals, or with changes to the application's
+/// schema that were not allowed; nothing has been changed then.
+pub(super) fn refuse_if_needed(
+    plan: &AdoptPlan,
+    allow_app_changes: bool,
+) -> Result<(), AdoptError> {
+    if !plan.refusals.is_empty() {
+        return Err(AdoptError::Incompatible(plan.refusals.clone()));
+    }
+    if !plan.app_changes.is_empty() && !allow_app_changes {
+        return Err(AdoptError::AppSchemaChanges(plan.app_changes.clone()));
+    }
+    Ok(())
+}
+
+/// Records keyward's first migration as applied (its checksum, as sqlx
+/// would): adoption did what it does on a database of keyward's own.
+pub(super) async fn record_first<DB>(
+    conn: &mut DB::Connection,
+    first: &Migration,
+) -> Result<(), AdoptError>
+where
+    DB: sqlx::Database,
+    DB::Connection: sqlx::migrate::Migrate,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
     conn.ensure_migrations_table().await?;
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
@@ -214,7 +231,7 @@ pub async fn apply(
     .bind(first.version)
     .bind(first.description.as_ref())
     .bind(first.checksum.as_ref())
-    .execute(&mut conn)
+    .execute(conn)
     .await?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! Adopting an application's existing PostgreSQL database.
+//! Adopting an application's existing database (PostgreSQL; SQLite's
+//! differences are in `sqlite.rs`).
 //!
 //! keyward's first migration (`0001_schema.sql`) was written for a database
 //! keyward creates: it gives `connections` a `TEXT` id and creates the
@@ -24,15 +25,32 @@
 //! that column's type.
 
 mod apply;
+mod sqlite;
 mod statuses;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 pub use statuses::{StatusCheck, StatusColumn};
 
-pub use apply::{
-    apply, column_type, inspect, is_lock_timeout, set_lock_timeout, sqlite_application_database,
-};
+pub use apply::{column_type, inspect, is_lock_timeout, set_lock_timeout};
+pub use sqlite::inspect as inspect_sqlite;
+
+/// Runs `plan` on the database of `pool` (refusing it whole, changing
+/// nothing, if it has refusals, or changes to the application's schema
+/// that `allow_app_changes` does not allow), then records keyward's first
+/// migration, `first`, as applied.
+pub(super) async fn adopt(
+    pool: &super::Pool,
+    plan: &AdoptPlan,
+    first: &sqlx::migrate::Migration,
+    allow_app_changes: bool,
+) -> Result<(), AdoptError> {
+    apply::refuse_if_needed(plan, allow_app_changes)?;
+    match pool {
+        super::Pool::Postgres(pool) => apply::apply(pool, plan, first).await,
+        super::Pool::Sqlite(pool) => sqlite::apply(pool, plan, first).await,
+    }
+}
 
 /// The longest any adoption statement waits for a lock before it gives up
 /// and retries: what a writer queued behind it can stall.
@@ -49,10 +67,73 @@ pub struct Column {
     pub sql_type: String,
 }
 
+/// The database an adoption is planned for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    #[default]
+    Postgres,
+    /// SQLite: declared types have affinities, not types (`sqlite.rs`);
+    /// `ALTER TABLE` adds one column at a time and no constraint but a
+    /// column's own; the whole schema change runs in one transaction.
+    Sqlite,
+}
+
+impl Dialect {
+    /// How keyward reads a column declared `sql_type`.
+    fn family(self, sql_type: &str) -> Family {
+        match self {
+            Dialect::Postgres => Family::of(sql_type),
+            Dialect::Sqlite => sqlite::family(sql_type),
+        }
+    }
+
+    /// How a missing column is declared when added; `None`: it cannot be
+    /// added to an existing table.
+    fn declaration(self, want: &Wanted) -> Option<String> {
+        match (self, want.declaration) {
+            (_, "") => None,
+            (Dialect::Postgres, declaration) => Some(declaration.to_owned()),
+            (Dialect::Sqlite, declaration) => sqlite::declaration(declaration),
+        }
+    }
+
+    /// Whether a column of family `found` serves where `wanted` is needed.
+    fn fits(self, found: Family, wanted: Family) -> bool {
+        match self {
+            Dialect::Postgres => found.fits(wanted),
+            Dialect::Sqlite => sqlite::fits(found, wanted),
+        }
+    }
+
+    fn add_column(self, name: &str, declaration: &str) -> String {
+        match self {
+            Dialect::Postgres => format!("ADD COLUMN IF NOT EXISTS {name} {declaration}"),
+            Dialect::Sqlite => format!("ADD COLUMN {name} {declaration}"),
+        }
+    }
+
+    /// The type of an `encryption_keys.id` keyward creates.
+    fn key_id_type(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "text",
+            Dialect::Sqlite => "TEXT",
+        }
+    }
+
+    /// Whether an id column of `sql_type` can page a rotation.
+    fn is_id(self, sql_type: &str) -> bool {
+        matches!(
+            self.family(sql_type),
+            Family::Text | Family::Uuid | Family::Integer
+        )
+    }
+}
+
 /// What the database holds of the tables keyward's first migration makes
 /// or adopts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Found {
+    pub dialect: Dialect,
     /// Table name → its columns, for the tables in [`ADOPTED_TABLES`].
     pub tables: BTreeMap<String, Vec<Column>>,
     /// keyward's migrations have run here (0001 is recorded).
@@ -227,11 +308,8 @@ const SCOPED_TOKEN_COLUMNS: [Wanted; 6] = [
     wanted("scope", Family::Text, "TEXT"),
     wanted("expires_at", Family::Timestamp, ""),
     wanted("used_at", Family::Timestamp, "TIMESTAMPTZ"),
-    wanted(
-        "created_at",
-        Family::Timestamp,
-        "TIMESTAMPTZ NOT NULL DEFAULT now()",
-    ),
+    // Not read by keyward: nullable, so SQLite can add it too.
+    wanted("created_at", Family::Timestamp, "TIMESTAMPTZ DEFAULT now()"),
 ];
 
 /// One change adoption makes.
@@ -339,13 +417,6 @@ pub enum AdoptError {
     /// A statement kept timing out on its lock (the table is busy).
     #[error("could not take a lock for {LOCK_ATTEMPTS} attempts of {} ms: {sql}", LOCK_TIMEOUT.as_millis())]
     Busy { sql: String },
-    /// An application's SQLite database (its own `connections`, no
-    /// keyward schema): not adopted yet.
-    #[error(
-        "this SQLite database already has the application's own connections table; adopting an \
-         application's SQLite database is not supported yet (PostgreSQL's is): nothing was changed"
-    )]
-    SqliteApplication,
     #[error("an adoption statement failed")]
     Database(#[from] sqlx::Error),
     #[error("recording the first migration failed")]
@@ -360,7 +431,19 @@ fn list(refusals: &[Refusal]) -> String {
         .join("\n  ")
 }
 
-fn expected(family: Family) -> &'static str {
+fn expected(dialect: Dialect, family: Family) -> &'static str {
+    match (family, dialect) {
+        (Family::Bytes, Dialect::Sqlite) => {
+            "BLOB (text-encoded ciphertext columns are not supported yet)"
+        }
+        (Family::Timestamp | Family::TimestampTz, Dialect::Sqlite) => {
+            "TEXT (keyward writes times as RFC 3339 text)"
+        }
+        (family, _) => expected_pg(family),
+    }
+}
+
+fn expected_pg(family: Family) -> &'static str {
     match family {
         Family::Text => "text or varchar",
         Family::Bytes => "bytea (text-encoded ciphertext columns are not supported yet)",
@@ -382,34 +465,52 @@ fn check_columns(
     plan: &mut AdoptPlan,
     add: &mut Vec<String>,
 ) {
+    let dialect = found.dialect;
     let status_enum = found
         .statuses
         .get(table)
         .is_some_and(|s| s.enum_type.is_some());
     for want in columns {
+        let refuse = |found: String, expected: String| Refusal {
+            table: table.to_owned(),
+            column: want.name.to_owned(),
+            found,
+            expected,
+        };
+        if dialect == Dialect::Sqlite && sqlite::added_later(table, want.name) {
+            // A later migration adds it, and SQLite cannot add it twice.
+            if let Some(col) = found.column(table, want.name) {
+                plan.refusals.push(refuse(
+                    col.sql_type.clone(),
+                    "no such column: keyward's own migration adds it".to_owned(),
+                ));
+            }
+            continue;
+        }
         match found.column(table, want.name) {
-            Some(col) if Family::of(&col.sql_type).fits(want.family) => {}
+            Some(col) if dialect.fits(dialect.family(&col.sql_type), want.family) => {}
             // Read as text, written as literals (`store::keys`, `store::jobs`).
             Some(_) if want.name == "status" && status_enum => {}
-            Some(col) => plan.refusals.push(Refusal {
-                table: table.to_owned(),
-                column: want.name.to_owned(),
-                found: col.sql_type.clone(),
-                expected: expected(want.family).to_owned(),
-            }),
-            None if want.declaration.is_empty() => plan.refusals.push(Refusal {
-                table: table.to_owned(),
-                column: want.name.to_owned(),
-                found: "missing".to_owned(),
-                expected: format!(
-                    "{} (keyward cannot add it to a table with rows)",
-                    expected(want.family)
-                ),
-            }),
-            None => add.push(format!(
-                "ADD COLUMN IF NOT EXISTS {} {}",
-                want.name, want.declaration
+            Some(col) => plan.refusals.push(refuse(
+                col.sql_type.clone(),
+                expected(dialect, want.family).to_owned(),
             )),
+            None => match dialect.declaration(want) {
+                Some(declaration) => add.push(dialect.add_column(want.name, &declaration)),
+                None => plan.refusals.push(refuse(
+                    "missing".to_owned(),
+                    format!(
+                        "{} (keyward cannot add it to a table with rows{})",
+                        expected(dialect, want.family),
+                        match dialect {
+                            Dialect::Sqlite => {
+                                "; SQLite adds no column with a default that is not a constant"
+                            }
+                            Dialect::Postgres => "",
+                        }
+                    ),
+                )),
+            },
         }
     }
 }
@@ -424,9 +525,11 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         return None;
     }
     let connections = found.tables.get("connections")?;
+    let dialect = found.dialect;
+    let family = |sql_type: &str| dialect.family(sql_type);
     let mut plan = AdoptPlan::default();
     let id_type = match connections.iter().find(|c| c.name == "id") {
-        Some(id) if is_id_type(&id.sql_type) => id.sql_type.clone(),
+        Some(id) if dialect.is_id(&id.sql_type) => id.sql_type.clone(),
         other => {
             plan.refusals.push(Refusal {
                 table: "connections".to_owned(),
@@ -444,13 +547,13 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         None => {
             plan.steps
                 .extend(created(&statements, "encryption_keys", "the key catalog"));
-            "text".to_owned()
+            dialect.key_id_type().to_owned()
         }
         Some(id) => {
             let mut add = Vec::new();
             check_columns(found, "encryption_keys", &KEY_COLUMNS, &mut plan, &mut add);
             statuses::changes(found, "encryption_keys", &mut plan);
-            push_alter(&mut plan, "encryption_keys", add);
+            push_alter(&mut plan, dialect, "encryption_keys", add);
             plan.steps.extend(indexes(&statements, "encryption_keys"));
             id.sql_type.clone()
         }
@@ -459,10 +562,16 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
     // The envelope columns of connections.
     let mut add = Vec::new();
     match found.column("connections", "encryption_key_id") {
-        None => add.push(format!(
-            "ADD COLUMN IF NOT EXISTS encryption_key_id {key_id_type}"
-        )),
-        Some(col) if Family::of(&col.sql_type) == Family::of(&key_id_type) => {}
+        None => add.push(match dialect {
+            Dialect::Postgres => {
+                format!("ADD COLUMN IF NOT EXISTS encryption_key_id {key_id_type}")
+            }
+            // SQLite adds a foreign key only with its column.
+            Dialect::Sqlite => format!(
+                "ADD COLUMN encryption_key_id {key_id_type} REFERENCES encryption_keys (id)"
+            ),
+        }),
+        Some(col) if family(&col.sql_type) == family(&key_id_type) => {}
         Some(col) => plan.refusals.push(Refusal {
             table: "connections".to_owned(),
             column: "encryption_key_id".to_owned(),
@@ -477,9 +586,12 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         &mut plan,
         &mut add,
     );
-    push_alter(&mut plan, "connections", add);
+    push_alter(&mut plan, dialect, "connections", add);
     let why = "the foreign key from connections to the key catalog".to_owned();
     match &found.key_foreign_key {
+        // SQLite's came with the column, or cannot be added to one the
+        // application made.
+        _ if dialect == Dialect::Sqlite => {}
         None => plan.steps.push(Step::ForeignKey {
             why,
             table: "connections".to_owned(),
@@ -496,7 +608,14 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
         }),
         Some((_, true)) => {}
     }
-    if found.key_index_valid != Some(true) {
+    if dialect == Dialect::Sqlite {
+        plan.steps.push(Step::Sql {
+            why: "the index rotation and usage read rows by key through".to_owned(),
+            sql: "CREATE INDEX IF NOT EXISTS connections_encryption_key_id_idx \
+                  ON connections (encryption_key_id)"
+                .to_owned(),
+        });
+    } else if found.key_index_valid != Some(true) {
         plan.steps.push(Step::Index {
             why: "the index rotation and usage read rows by key through".to_owned(),
             name: "connections_encryption_key_id_idx".to_owned(),
@@ -520,7 +639,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             &mut add,
         );
         statuses::changes(found, "encryption_rotation_jobs", &mut plan);
-        push_alter(&mut plan, "encryption_rotation_jobs", add);
+        push_alter(&mut plan, dialect, "encryption_rotation_jobs", add);
         plan.steps
             .extend(indexes(&statements, "encryption_rotation_jobs"));
     } else {
@@ -535,7 +654,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
     if found.tables.contains_key("connection_scoped_tokens") {
         let mut add = Vec::new();
         match found.column("connection_scoped_tokens", "connection_id") {
-            Some(col) if Family::of(&col.sql_type) == Family::of(&id_type) => {}
+            Some(col) if family(&col.sql_type) == family(&id_type) => {}
             other => plan.refusals.push(Refusal {
                 table: "connection_scoped_tokens".to_owned(),
                 column: "connection_id".to_owned(),
@@ -550,7 +669,7 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             &mut plan,
             &mut add,
         );
-        push_alter(&mut plan, "connection_scoped_tokens", add);
+        push_alter(&mut plan, dialect, "connection_scoped_tokens", add);
         plan.steps
             .extend(indexes(&statements, "connection_scoped_tokens"));
     } else {
@@ -572,11 +691,19 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
     Some(plan)
 }
 
-fn push_alter(plan: &mut AdoptPlan, table: &str, add: Vec<String>) {
-    if !add.is_empty() {
+/// The `ALTER TABLE`s adding `add` (`ADD COLUMN …` clauses): one
+/// statement on PostgreSQL, one per column on SQLite.
+fn push_alter(plan: &mut AdoptPlan, dialect: Dialect, table: &str, add: Vec<String>) {
+    let why = format!("the columns keyward needs in {table}");
+    let statements = match dialect {
+        _ if add.is_empty() => Vec::new(),
+        Dialect::Postgres => vec![add.join(", ")],
+        Dialect::Sqlite => add,
+    };
+    for clauses in statements {
         plan.steps.push(Step::Sql {
-            why: format!("the columns keyward needs in {table}"),
-            sql: format!("ALTER TABLE {table} {}", add.join(", ")),
+            why: why.clone(),
+            sql: format!("ALTER TABLE {table} {clauses}"),
         });
     }
 }
@@ -635,12 +762,9 @@ fn indexes<'a>(statements: &'a [String], table: &'a str) -> impl Iterator<Item =
     })
 }
 
-/// Whether an id column of `sql_type` is paged in its own type.
+/// Whether a PostgreSQL id column of `sql_type` is paged in its own type.
 pub fn is_id_type(sql_type: &str) -> bool {
-    matches!(
-        Family::of(sql_type),
-        Family::Text | Family::Uuid | Family::Integer
-    )
+    Dialect::Postgres.is_id(sql_type)
 }
 
 #[cfg(test)]
@@ -777,6 +901,80 @@ mod tests {
         assert!(text
             .iter()
             .any(|t| t.starts_with("encryption_keys.kms_key_arn is missing")));
+    }
+
+    #[test]
+    fn a_sqlite_application_gets_one_column_per_statement_and_no_separate_constraint() {
+        const SQLITE_SCHEMA: &str = include_str!("../../../migrations/sqlite/0001_schema.sql");
+        let mut found = Found {
+            dialect: Dialect::Sqlite,
+            ..Found::default()
+        };
+        found.tables.insert(
+            "connections".into(),
+            table(&[
+                ("id", "text"),
+                ("name", "text"),
+                ("encrypted_credentials", "blob"),
+                ("credentials_iv", "blob"),
+                ("updated_at", "integer"),
+            ]),
+        );
+        let plan = plan(&found, SQLITE_SCHEMA).unwrap();
+        assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);
+        let steps = sql(&plan).join("\n");
+        assert!(
+            steps.contains(
+                "ALTER TABLE connections ADD COLUMN encryption_key_id TEXT REFERENCES encryption_keys (id)"
+            ),
+            "{steps}"
+        );
+        assert!(
+            steps.contains("ALTER TABLE connections ADD COLUMN payload_iv BLOB\n"),
+            "{steps}"
+        );
+        // Migration 0002 adds it, and SQLite cannot add a column twice.
+        assert!(!steps.contains("last_error_job_id"), "{steps}");
+        assert!(!plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::ForeignKey { .. } | Step::Index { .. })));
+
+        // A column the application already has under keyward's later name,
+        // and a key catalog without the times keyward cannot add here.
+        if let Some(columns) = found.tables.get_mut("connections") {
+            columns.extend(table(&[("last_error_job_id", "text")]));
+        }
+        found.tables.insert(
+            "encryption_keys".into(),
+            table(&[
+                ("id", "text"),
+                ("key_id", "text"),
+                ("kms_key_arn", "text"),
+                ("status", "text"),
+            ]),
+        );
+        let refused: Vec<String> = super::plan(&found, SQLITE_SCHEMA)
+            .unwrap()
+            .refusals
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            refused.contains(
+                &"connections.last_error_job_id is text; keyward needs no such column: keyward's own \
+                  migration adds it"
+                    .to_owned()
+            ),
+            "{refused:?}"
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.starts_with("encryption_keys.created_at is missing")
+                    && r.ends_with("SQLite adds no column with a default that is not a constant)")),
+            "{refused:?}"
+        );
     }
 
     #[test]
