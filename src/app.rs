@@ -164,12 +164,16 @@ impl Services {
     ) -> Result<Self, StartupError> {
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
+        // An entry for `connections` (its encoding) replaces the default.
+        let (own, extra): (Vec<_>, Vec<_>) = extra_targets
+            .into_iter()
+            .partition(|t| t.table.as_str() == "connections");
+        let connections = own
+            .into_iter()
+            .next()
+            .unwrap_or_else(RotationTarget::connections);
         let targets: Arc<[RotationTarget]> = store
-            .resolve_id_types(
-                std::iter::once(RotationTarget::connections())
-                    .chain(extra_targets)
-                    .collect(),
-            )
+            .resolve_targets(std::iter::once(connections).chain(extra).collect())
             .await?
             .into();
         #[allow(unused_mut)] // only the aws-kms build adds a provider here

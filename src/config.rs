@@ -13,7 +13,7 @@ use crate::{
         secret::{MasterSecret, WeakMasterSecret},
     },
     rotation::{
-        target::{RotationTarget, TargetError},
+        target::{Encoding, RotationTarget, TargetError},
         worker::WorkerOptions,
     },
     service::crypto::Limits,
@@ -167,6 +167,9 @@ impl Settings {
 /// Unnamed envelope columns take the `connections` names
 /// (`encryption_key_id`, `data_key_ciphertext`, `data_key_iv`,
 /// `payload_ciphertext`, `payload_iv`, `last_error`, `last_error_job_id`).
+/// `encoding` (`bytes`, the default, `base64` or `hex`) says how the
+/// ciphertext columns are stored. An entry for `connections` itself may
+/// give only its encoding: `{"table": "connections", "encoding": "base64"}`.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
@@ -174,6 +177,7 @@ pub struct TargetConfig {
     #[serde(default = "default_id_column")]
     pub id_column: String,
     /// Context key → column.
+    #[serde(default)]
     pub context: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub columns: std::collections::BTreeMap<String, String>,
@@ -184,6 +188,9 @@ pub struct TargetConfig {
     /// row on a key in `keys usage`).
     #[serde(default)]
     pub updated_at_column: Option<String>,
+    /// How the ciphertext columns are stored: bytes, base64 or hex.
+    #[serde(default)]
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -227,12 +234,28 @@ pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, Targets
             path: name.clone(),
             source,
         })?;
-    let mut seen = std::collections::BTreeSet::from(["connections".to_owned()]);
+    let mut seen = std::collections::BTreeSet::new();
     configs
         .into_iter()
         .map(|cfg| {
             if !seen.insert(cfg.table.clone()) {
                 return Err(TargetError::Duplicate(cfg.table));
+            }
+            let encoding = cfg
+                .encoding
+                .as_deref()
+                .map_or(Ok(Encoding::Bytes), Encoding::parse)?;
+            if cfg.table == "connections" {
+                let only_encoding = cfg.context.is_empty()
+                    && cfg.columns.is_empty()
+                    && cfg.legacy.is_none()
+                    && cfg.updated_at_column.is_none()
+                    && cfg.id_column == "id";
+                return if only_encoding {
+                    Ok(RotationTarget::connections().with_encoding(encoding))
+                } else {
+                    Err(TargetError::ConnectionsFixed)
+                };
             }
             let context: Vec<(String, String)> = cfg.context.into_iter().collect();
             let columns: Vec<(&str, &str)> = cfg
@@ -250,6 +273,7 @@ pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, Targets
                     .map(|l| (l.ciphertext.as_str(), l.iv.as_str())),
                 cfg.updated_at_column.as_deref(),
             )
+            .map(|target| target.with_encoding(encoding))
         })
         .collect::<Result<_, _>>()
         .map_err(|source| TargetsFileError::Invalid { path: name, source })
@@ -283,6 +307,45 @@ pub fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_targets_file_declares_encodings_and_only_that_for_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("targets.json");
+        let load = |json: &str| {
+            std::fs::write(&path, json).unwrap();
+            load_rotation_targets(&path)
+        };
+        let targets = load(
+            r#"[{"table": "connections", "encoding": "base64"},
+                {"table": "api_tokens", "context": {"token_id": "id"}, "encoding": "hex"}]"#,
+        )
+        .unwrap();
+        let encodings: Vec<(&str, Encoding)> = targets
+            .iter()
+            .map(|t| (t.table.as_str(), t.encoding))
+            .collect();
+        assert_eq!(
+            encodings,
+            [
+                ("connections", Encoding::Base64),
+                ("api_tokens", Encoding::Hex)
+            ]
+        );
+        assert!(targets[0].legacy.is_some(), "the runbook's connections");
+        let refused = |json: &str| match load(json) {
+            Err(TargetsFileError::Invalid { source, .. }) => source,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(r#"[{"table": "connections", "context": {"x": "id"}}]"#),
+            TargetError::ConnectionsFixed
+        );
+        assert_eq!(
+            refused(r#"[{"table": "t", "context": {"x": "id"}, "encoding": "b64"}]"#),
+            TargetError::BadEncoding("b64".into())
+        );
+    }
 
     #[test]
     fn dev_key_sits_beside_the_database() {

@@ -66,6 +66,7 @@ pub fn code_of(err: &Error) -> Code {
             | StoreError::Query(_)
             | StoreError::Corrupt(_)
             | StoreError::Migrate(_)
+            | StoreError::TargetSchema(_)
             | StoreError::Adopt(_) => Code::Internal,
         },
     }

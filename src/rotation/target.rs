@@ -51,6 +51,131 @@ impl Ident {
     }
 }
 
+/// How a target stores its ciphertext columns (the envelope columns and
+/// the legacy ones alike): as bytes (`bytea`, `BLOB`), or as text holding
+/// them in base64 (standard alphabet, padded: Node's `toString('base64')`)
+/// or hex. Rotation reads and writes each in that form.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    #[default]
+    Bytes,
+    Base64,
+    Hex,
+}
+
+/// A value in a target's stored form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Bytes(Vec<u8>),
+    Text(String),
+}
+
+impl Stored {
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Stored::Bytes(bytes) => bytes,
+            Stored::Text(text) => text.into_bytes(),
+        }
+    }
+
+    pub fn into_text(self) -> String {
+        match self {
+            Stored::Bytes(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Stored::Text(text) => text,
+        }
+    }
+}
+
+impl Encoding {
+    pub fn parse(name: &str) -> Result<Self, TargetError> {
+        match name {
+            "bytes" => Ok(Encoding::Bytes),
+            "base64" => Ok(Encoding::Base64),
+            "hex" => Ok(Encoding::Hex),
+            other => Err(TargetError::BadEncoding(other.to_owned())),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Bytes => "bytes",
+            Encoding::Base64 => "base64",
+            Encoding::Hex => "hex",
+        }
+    }
+
+    /// Whether the columns hold text.
+    pub fn is_text(self) -> bool {
+        self != Encoding::Bytes
+    }
+
+    /// The bytes a stored value holds (`stored`: a column's raw value, the
+    /// text's UTF-8 for a text encoding); why not, for a value that is not
+    /// in the encoding.
+    pub fn decode(self, stored: &[u8]) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        match self {
+            Encoding::Bytes => Ok(stored.to_vec()),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(stored.trim_ascii())
+                .map_err(|err| format!("not base64: {err}")),
+            Encoding::Hex => {
+                hex::decode(stored.trim_ascii()).map_err(|err| format!("not hex: {err}"))
+            }
+        }
+    }
+
+    /// `bytes` in the stored form.
+    pub fn encode(self, bytes: &[u8]) -> Stored {
+        use base64::Engine as _;
+        match self {
+            Encoding::Bytes => Stored::Bytes(bytes.to_vec()),
+            Encoding::Base64 => {
+                Stored::Text(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+            Encoding::Hex => Stored::Text(hex::encode(bytes)),
+        }
+    }
+
+    /// A raw stored value (as [`Self::decode`] takes it) as it is bound
+    /// back in a compare-and-swap.
+    pub fn restore(self, raw: &[u8]) -> Stored {
+        match self {
+            Encoding::Bytes => Stored::Bytes(raw.to_vec()),
+            _ => Stored::Text(String::from_utf8_lossy(raw).into_owned()),
+        }
+    }
+
+    /// How the stored form of a value begins, as far as its first bytes
+    /// `prefix` decide it: all of it for bytes and hex (lowercase), the
+    /// first 4⌊n/3⌋ characters for base64 (a wrap tag of 10 bytes is
+    /// compared on its first 9).
+    pub fn stored_prefix(self, prefix: &[u8]) -> Stored {
+        match self {
+            Encoding::Base64 => self.encode(&prefix[..prefix.len() / 3 * 3]),
+            _ => self.encode(prefix),
+        }
+    }
+
+    /// Stored units (bytes or characters) that hold the first `n` bytes of
+    /// a value whole.
+    pub fn stored_len(self, n: usize) -> usize {
+        match self {
+            Encoding::Bytes => n,
+            Encoding::Hex => 2 * n,
+            Encoding::Base64 => n.div_ceil(3) * 4,
+        }
+    }
+
+    /// PostgreSQL's array type of the stored form.
+    pub fn pg_array(self) -> &'static str {
+        match self {
+            Encoding::Bytes => "bytea[]",
+            _ => "text[]",
+        }
+    }
+}
+
 /// A rotation target configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -65,6 +190,10 @@ pub enum TargetError {
     NoContext(String),
     #[error("rotation target {0} is configured twice")]
     Duplicate(String),
+    #[error("{0:?} is not a ciphertext encoding; use bytes, base64 or hex")]
+    BadEncoding(String),
+    #[error("the connections target is the runbook's: an entry for it may give only its encoding")]
+    ConnectionsFixed,
 }
 
 /// The envelope columns of a target (defaults: the `connections` names).
@@ -112,6 +241,8 @@ pub struct RotationTarget {
     /// id in that type, so the primary key's index serves both. `None`
     /// (SQLite): ids are compared as text.
     pub id_type: Option<SqlType>,
+    /// How its ciphertext columns (envelope and legacy) are stored.
+    pub encoding: Encoding,
 }
 
 /// A column type, as PostgreSQL spells it, that an id may have: only
@@ -147,6 +278,7 @@ impl RotationTarget {
             context: vec![(CONNECTION_CONTEXT_KEY.to_owned(), id("id"))],
             updated_at: Some(id("updated_at")),
             id_type: None,
+            encoding: Encoding::Bytes,
         }
     }
 
@@ -189,7 +321,14 @@ impl RotationTarget {
                 .collect::<Result<_, TargetError>>()?,
             updated_at: updated_at.map(Ident::parse).transpose()?,
             id_type: None,
+            encoding: Encoding::Bytes,
         })
+    }
+
+    /// The target with its ciphertext columns stored in `encoding`.
+    pub fn with_encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// `id = value`: in the id's own type where it is known (an index
@@ -214,13 +353,20 @@ impl RotationTarget {
     /// Rows not on key `$1`, or on it with a data key that does not begin
     /// with the tag `tag` (a placeholder; NULL: any data key), and not
     /// already failed by job `$2`.
+    /// The tag is bound in the target's stored form
+    /// ([`Encoding::stored_prefix`]).
     fn off_target(&self, tag: &str) -> String {
         let c = &self.columns;
+        let dk = c.data_key_ciphertext.q();
+        let head = match self.encoding {
+            // Hex may have been written in either case.
+            Encoding::Hex => format!("lower(substr({dk}, 1, length({tag})))"),
+            _ => format!("substr({dk}, 1, length({tag}))"),
+        };
         format!(
             "({k} IS NULL OR {k} <> $1 OR ({tag} IS NOT NULL AND ({dk} IS NULL \
-             OR substr({dk}, 1, length({tag})) <> {tag}))) AND ({e} IS NULL OR {e} <> $2)",
+             OR {head} <> {tag}))) AND ({e} IS NULL OR {e} <> $2)",
             k = c.encryption_key_id.q(),
-            dk = c.data_key_ciphertext.q(),
             e = c.last_error_job_id.q()
         )
     }
@@ -262,12 +408,15 @@ impl RotationTarget {
         )
     }
 
-    /// Rows per key (not legacy rows) and first `tag_len` bytes of their
-    /// wrapped data key ([`crate::crypto::kms::KmsProvider::wrap_tag`]).
+    /// Rows per key (not legacy rows) and the stored form of the first
+    /// `tag_len` bytes of their wrapped data key
+    /// ([`crate::crypto::kms::KmsProvider::wrap_tag`];
+    /// [`Encoding::stored_len`] units of it).
     pub fn wrapping_sql(&self, tag_len: usize) -> String {
         format!(
-            "SELECT CAST({k} AS TEXT), substr({dk}, 1, {tag_len}), CAST(COUNT(*) AS BIGINT) \
+            "SELECT CAST({k} AS TEXT), substr({dk}, 1, {len}), CAST(COUNT(*) AS BIGINT) \
              FROM {t} WHERE {k} IS NOT NULL GROUP BY 1, 2",
+            len = self.encoding.stored_len(tag_len),
             k = self.columns.encryption_key_id.q(),
             dk = self.columns.data_key_ciphertext.q(),
             t = self.table.q(),
@@ -293,29 +442,19 @@ impl RotationTarget {
         }
     }
 
-    /// One statement counting the rows still to rotate in every target;
-    /// binds $1 key, $2 job, $3 the job's wrap tag.
-    pub fn count_all_sql(targets: &[RotationTarget]) -> String {
-        let counts: Vec<String> = targets
-            .iter()
-            .map(|t| {
-                format!(
-                    "(SELECT COUNT(*) FROM {} WHERE {})",
-                    t.table.q(),
-                    t.off_target("$3")
-                )
-            })
-            .collect();
-        if counts.is_empty() {
-            "SELECT CAST(0 AS BIGINT)".to_owned()
-        } else {
-            format!("SELECT CAST({} AS BIGINT)", counts.join(" + "))
-        }
+    /// Counts the rows still to rotate; binds $1 key, $2 job, $3 the
+    /// job's wrap tag in the target's stored form.
+    pub fn count_off_target_sql(&self) -> String {
+        format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM {} WHERE {}",
+            self.table.q(),
+            self.off_target("$3")
+        )
     }
 
     /// The next batch after a cursor (`first`: the cursor is empty, the
     /// target's first batch); binds $1 key, $2 job, $3 cursor, $4 limit,
-    /// $5 the job's wrap tag.
+    /// $5 the job's wrap tag in the target's stored form.
     /// Columns come back under fixed aliases (`ctx_0`, `ctx_1`, … for the
     /// context).
     pub fn select_batch_sql(&self, first: bool) -> String {
@@ -427,8 +566,8 @@ impl RotationTarget {
         let t = self.table.q();
         format!(
             "UPDATE {t} SET {set} \
-             FROM UNNEST($2::text[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[], $7::text[], \
-                         $8::bytea[], $9::bytea[]) AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
+             FROM UNNEST($2::text[], $3::{a}, $4::{a}, $5::{a}, $6::{a}, $7::text[], \
+                         $8::{a}, $9::{a}) AS u(id, dk, dk_iv, ct, iv, old_key, old_ct, old_legacy) \
              WHERE {id_is} AND {t}.{k} IS NOT DISTINCT FROM u.old_key \
                AND {t}.{ct} IS NOT DISTINCT FROM u.old_ct{legacy}",
             set = self.set_envelope("$1", "u.dk", "u.dk_iv", "u.ct", "u.iv"),
@@ -436,6 +575,7 @@ impl RotationTarget {
             ct = self.columns.payload_ciphertext.q(),
             id_is = self.id_is(&format!("{t}.{}", self.id.q()), "u.id"),
             legacy = self.legacy_cas("u.old_legacy"),
+            a = self.encoding.pg_array(),
         )
     }
 
@@ -522,6 +662,32 @@ mod tests {
         .unwrap();
         assert!(t.select_batch_sql(true).contains("FROM \"api_tokens\""));
         assert!(!t.write_row_sql_sqlite().contains("encrypted_credentials"));
+    }
+
+    #[test]
+    fn encodings_round_trip_and_compare_wrap_tags_by_what_the_tag_decides() {
+        let bytes = [0x4b, 0x01, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff, 0x00, 0x11];
+        for encoding in [Encoding::Bytes, Encoding::Base64, Encoding::Hex] {
+            let stored = encoding.encode(&bytes).into_bytes();
+            assert_eq!(encoding.decode(&stored).unwrap(), bytes, "{encoding:?}");
+            assert_eq!(Encoding::parse(encoding.as_str()), Ok(encoding));
+            // The stored prefix of a tag is where the stored value begins.
+            let prefix = encoding.stored_prefix(&bytes).into_bytes();
+            assert!(stored.starts_with(&prefix), "{encoding:?}");
+            // The units holding the tag whole decode back to it.
+            let whole = &stored[..encoding.stored_len(bytes.len()).min(stored.len())];
+            assert!(encoding.decode(whole).unwrap().starts_with(&bytes[..9]));
+        }
+        // Base64 compares the 9 bytes its first 12 characters decide.
+        assert_eq!(Encoding::Base64.stored_prefix(&bytes).into_text().len(), 12);
+        // Hex written in capitals reads; a value not in the encoding does not.
+        assert_eq!(Encoding::Hex.decode(b"4B01").unwrap(), [0x4b, 0x01]);
+        assert!(Encoding::Hex.decode(b"xyz").is_err());
+        assert!(Encoding::Base64.decode(b"%%").is_err());
+        assert_eq!(
+            Encoding::parse("utf8"),
+            Err(TargetError::BadEncoding("utf8".into()))
+        );
     }
 
     #[test]

@@ -291,6 +291,9 @@ impl Worker {
         target: &Arc<KeyRecord>,
         row: &RotationRow,
     ) -> Result<RowOutcome> {
+        if let Some(why) = &row.malformed {
+            return Ok(RowOutcome::Failed(why.clone()));
+        }
         let envelope = row.envelope();
         let legacy = envelope.encryption_key_id.is_empty();
         if let Some(((_, column), _)) = table

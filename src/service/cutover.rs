@@ -204,6 +204,9 @@ pub async fn cutover(
 
 /// Decrypts both copies of a row and judges them.
 async fn examine(crypto: &CryptoService, target: &RotationTarget, row: &RotationRow) -> Verdict {
+    if let Some(why) = &row.malformed {
+        return Verdict::Unreadable(why.clone());
+    }
     let Some(legacy) = row.legacy_copy() else {
         return Verdict::Unreadable("the legacy copy has no IV".to_owned());
     };

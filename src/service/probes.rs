@@ -165,13 +165,16 @@ pub(crate) async fn prove_key(
         let Some(target) = targets.get(*index) else {
             continue;
         };
-        let outcome = match target.context_of(&row.context) {
-            Err(err) => SampleOutcome::Failed(err.to_string()),
-            Ok(context) => match crypto.verify_under(key, &row.envelope(), &context).await {
-                Ok(()) => SampleOutcome::Opened,
-                Err(Error::DecryptionFailed) => SampleOutcome::NotAuthentic,
-                Err(err) => SampleOutcome::Failed(chain(&err)),
-            },
+        let outcome = match (&row.malformed, target.context_of(&row.context)) {
+            (Some(why), _) => SampleOutcome::Failed(why.clone()),
+            (None, Err(err)) => SampleOutcome::Failed(err.to_string()),
+            (None, Ok(context)) => {
+                match crypto.verify_under(key, &row.envelope(), &context).await {
+                    Ok(()) => SampleOutcome::Opened,
+                    Err(Error::DecryptionFailed) => SampleOutcome::NotAuthentic,
+                    Err(err) => SampleOutcome::Failed(chain(&err)),
+                }
+            }
         };
         outcomes.push(outcome);
     }

@@ -4,7 +4,12 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{on_pool, rotation::RotationRow, tx::WriteTx, Pool, Store, StoreError};
+use super::{
+    on_pool,
+    rotation::RotationRow,
+    tx::{Arg, WriteTx},
+    Pool, Store, StoreError,
+};
 use crate::rotation::target::{sqlite_unix_seconds, RotationTarget};
 
 impl Store {
@@ -20,11 +25,15 @@ impl Store {
         let Some(sql) = target.select_legacy_copies_sql(cursor.is_empty()) else {
             return Ok(Vec::new());
         };
-        Ok(on_pool!(self, |pool| sqlx::query_as(&sql)
+        let rows: Vec<RotationRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
             .bind(cursor)
             .bind(limit)
             .fetch_all(pool)
-            .await)?)
+            .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| row.decoded(target.encoding))
+            .collect())
     }
 
     /// Clears `row`'s legacy copy if the row is still as it was read (key,
@@ -37,14 +46,16 @@ impl Store {
         let Some(sql) = target.clear_legacy_copy_sql() else {
             return Ok(false);
         };
+        let enc = target.encoding;
+        let (payload, legacy) = (row.stored_payload(enc), row.stored_legacy(enc));
         let cleared = self
             .execute(
                 &sql,
                 &[
                     (&row.id).into(),
                     row.encryption_key_id.as_deref().into(),
-                    row.payload_ciphertext.as_deref().into(),
-                    row.legacy_ciphertext.as_deref().into(),
+                    Arg::stored(enc, payload.as_ref()),
+                    Arg::stored(enc, legacy.as_ref()),
                 ],
             )
             .await?;

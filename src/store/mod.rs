@@ -14,6 +14,7 @@ mod jobs;
 mod keys;
 pub mod replicas;
 pub mod rotation;
+mod row;
 pub mod tokens;
 mod tx;
 
@@ -71,6 +72,9 @@ pub enum StoreError {
     /// Applying migrations failed.
     #[error("applying database migrations failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A rotation target does not match the database's schema.
+    #[error("{0}")]
+    TargetSchema(String),
     /// An application's database could not be adopted (see [`adopt`]).
     #[error("adopting the application's database failed: {0}")]
     Adopt(#[source] adopt::AdoptError),

@@ -358,8 +358,20 @@ impl Store {
         let mut all = Vec::new();
         for target in targets {
             let sql = target.wrapping_sql(tag_len);
-            let rows: Vec<(String, Option<Vec<u8>>, i64)> =
-                on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+            let enc = target.encoding;
+            let rows: Vec<(String, Option<Vec<u8>>, i64)> = if enc.is_text() {
+                let rows: Vec<(String, Option<String>, i64)> =
+                    on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?;
+                // A prefix that is not in the encoding names no secret.
+                rows.into_iter()
+                    .map(|(key, head, n)| {
+                        let tag = head.and_then(|h| enc.decode(h.as_bytes()).ok());
+                        (key, tag.map(|t| t[..t.len().min(tag_len)].to_vec()), n)
+                    })
+                    .collect()
+            } else {
+                on_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await)?
+            };
             all.extend(rows);
         }
         Ok(all)

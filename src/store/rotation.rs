@@ -11,98 +11,21 @@
 
 use chrono::{DateTime, Duration, Utc};
 
+pub use super::row::{RotationRow, StoredCopies};
 use super::{
     jobs::{JobRow, JOB_COLUMNS},
     on_pool,
-    tx::WriteTx,
+    tx::{Arg, WriteTx},
     Pool, Store, StoreError,
 };
 use crate::{
     crypto::envelope::Envelope,
     rotation::{
         pass::{pass_end, PassEnd, PassFacts},
-        target::{RotationTarget, SqlType},
+        target::{Encoding, RotationTarget, SqlType, Stored},
         JobStatus, RotationJob,
     },
 };
-
-/// A row of a rotation target, as the rotation reads it.
-#[derive(Debug, Clone)]
-pub struct RotationRow {
-    pub id: String,
-    pub encryption_key_id: Option<String>,
-    pub data_key_ciphertext: Option<Vec<u8>>,
-    pub data_key_iv: Option<Vec<u8>>,
-    pub payload_ciphertext: Option<Vec<u8>>,
-    pub payload_iv: Option<Vec<u8>>,
-    pub legacy_ciphertext: Option<Vec<u8>>,
-    pub legacy_iv: Option<Vec<u8>>,
-    /// The values of the target's context columns, in order.
-    pub context: Vec<Option<String>>,
-}
-
-impl RotationRow {
-    /// The row's ciphertext as an envelope. A legacy row (no key id) is read
-    /// from its legacy columns while they hold a ciphertext, else from the
-    /// payload mirror: the application's old pods write the legacy columns
-    /// only, so after the migration's backfill the mirror can be stale, and
-    /// the legacy copy is the one they last wrote.
-    pub fn envelope(&self) -> Envelope {
-        let legacy_copy = self
-            .legacy_copy()
-            .filter(|copy| self.encryption_key_id.is_none() && !copy.payload_ciphertext.is_empty());
-        legacy_copy.unwrap_or_else(|| Envelope {
-            encryption_key_id: self.encryption_key_id.clone().unwrap_or_default(),
-            data_key_ciphertext: self.data_key_ciphertext.clone().unwrap_or_default(),
-            data_key_iv: self.data_key_iv.clone().unwrap_or_default(),
-            payload_ciphertext: self.payload_ciphertext.clone().unwrap_or_default(),
-            payload_iv: self.payload_iv.clone().unwrap_or_default(),
-        })
-    }
-
-    /// The row's legacy copy as a legacy envelope (no key id), if it holds
-    /// one (its IV column may be empty: the legacy layout may keep the IV
-    /// in the ciphertext).
-    pub fn legacy_copy(&self) -> Option<Envelope> {
-        Some(Envelope {
-            payload_ciphertext: self.legacy_ciphertext.clone()?,
-            payload_iv: self.legacy_iv.clone().unwrap_or_default(),
-            ..Envelope::default()
-        })
-    }
-}
-
-/// Reads a row selected by `RotationTarget::select_batch_sql` (or
-/// `sample_on_key_sql`): the envelope and legacy columns by name, then the
-/// context columns `ctx_0`, `ctx_1`, … in the order they were selected.
-impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for RotationRow
-where
-    &'static str: sqlx::ColumnIndex<R>,
-    usize: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
-        use sqlx::Column as _;
-        Ok(RotationRow {
-            id: row.try_get("id")?,
-            encryption_key_id: row.try_get("encryption_key_id")?,
-            data_key_ciphertext: row.try_get("data_key_ciphertext")?,
-            data_key_iv: row.try_get("data_key_iv")?,
-            payload_ciphertext: row.try_get("payload_ciphertext")?,
-            payload_iv: row.try_get("payload_iv")?,
-            legacy_ciphertext: row.try_get("legacy_ciphertext")?,
-            legacy_iv: row.try_get("legacy_iv")?,
-            context: row
-                .columns()
-                .iter()
-                .enumerate()
-                .filter(|(_, column)| column.name().starts_with("ctx_"))
-                .map(|(i, _)| row.try_get::<Option<String>, _>(i))
-                .collect::<Result<_, _>>()?,
-        })
-    }
-}
 
 /// A batch a worker holds under lease.
 #[derive(Debug, Clone)]
@@ -147,26 +70,77 @@ pub struct BatchCounts {
 }
 
 impl Store {
-    /// Gives each target the type of its id column on PostgreSQL (see
-    /// [`RotationTarget::id_type`]); ids of a type keyward does not page
-    /// natively (or a table not there yet) stay compared as text.
-    pub async fn resolve_id_types(
+    /// Checks each target's ciphertext columns against its encoding, and
+    /// gives it the type of its id column on PostgreSQL (see
+    /// [`RotationTarget::id_type`]; ids of a type keyward does not page
+    /// natively, or a table not there yet, stay compared as text).
+    pub async fn resolve_targets(
         &self,
         targets: Vec<RotationTarget>,
     ) -> Result<Vec<RotationTarget>, StoreError> {
-        let Pool::Postgres(pool) = &self.pool else {
-            return Ok(targets);
-        };
         let mut resolved = Vec::with_capacity(targets.len());
         for mut target in targets {
-            let found =
-                super::adopt::column_type(pool, target.table.as_str(), target.id.as_str()).await?;
-            target.id_type = found
-                .filter(|t| super::adopt::is_id_type(t))
-                .and_then(|t| SqlType::parse(&t));
+            self.check_encoding(&target).await?;
+            if let Pool::Postgres(pool) = &self.pool {
+                let found =
+                    super::adopt::column_type(pool, target.table.as_str(), target.id.as_str())
+                        .await?;
+                target.id_type = found
+                    .filter(|t| super::adopt::is_id_type(t))
+                    .and_then(|t| SqlType::parse(&t));
+            }
             resolved.push(target);
         }
         Ok(resolved)
+    }
+
+    /// Refuses a target whose ciphertext columns hold text while its
+    /// encoding says bytes, or the other way round: rotation would misread
+    /// every row (or fail to write one).
+    async fn check_encoding(&self, target: &RotationTarget) -> Result<(), StoreError> {
+        let mut columns = vec![
+            &target.columns.data_key_ciphertext,
+            &target.columns.payload_ciphertext,
+        ];
+        columns.extend(target.legacy.as_ref().map(|(ct, _)| ct));
+        for column in columns {
+            let table = target.table.as_str();
+            let Some(sql_type) = self.declared_type(table, column.as_str()).await? else {
+                continue;
+            };
+            let Some(text) = super::adopt::holds_text(self.backend(), &sql_type) else {
+                continue;
+            };
+            if text != target.encoding.is_text() {
+                return Err(StoreError::TargetSchema(format!(
+                    "{table}.{} is {sql_type}, but the rotation target's encoding is {}: \
+                     declare {} for {table} in --rotation-targets \
+                     ({{\"table\": \"{table}\", \"encoding\": …}})",
+                    column.as_str(),
+                    target.encoding.as_str(),
+                    if text {
+                        "base64 or hex"
+                    } else {
+                        "bytes (the default)"
+                    },
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The declared type of `table.column`, if both exist.
+    async fn declared_type(&self, table: &str, column: &str) -> Result<Option<String>, StoreError> {
+        Ok(match &self.pool {
+            Pool::Postgres(pool) => super::adopt::column_type(pool, table, column).await?,
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT type FROM pragma_table_info($1) WHERE name = $2")
+                    .bind(table)
+                    .bind(column)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        })
     }
 
     /// Claims the next batch of the oldest live job for `worker_id`,
@@ -291,7 +265,10 @@ impl Store {
                     .fetch_all(pool)
                     .await
             })?;
-            sample.extend(rows.into_iter().map(|row| (index, row)));
+            sample.extend(
+                rows.into_iter()
+                    .map(|row| (index, row.decoded(target.encoding))),
+            );
         }
         Ok(sample)
     }
@@ -413,16 +390,28 @@ async fn count_remaining(
     job: &RotationJob,
     targets: &[RotationTarget],
 ) -> Result<i64, StoreError> {
-    Ok(tx
-        .fetch_i64(
-            &RotationTarget::count_all_sql(targets),
-            &[
-                (&job.target_key_id).into(),
-                (&job.id).into(),
-                job.wrap_tag.as_deref().into(),
-            ],
-        )
-        .await?)
+    let mut remaining = 0;
+    for target in targets {
+        let tag = wrap_tag(job, target);
+        remaining += tx
+            .fetch_i64(
+                &target.count_off_target_sql(),
+                &[
+                    (&job.target_key_id).into(),
+                    (&job.id).into(),
+                    Arg::stored(target.encoding, tag.as_ref()),
+                ],
+            )
+            .await?;
+    }
+    Ok(remaining)
+}
+
+/// The job's wrap tag as `target` stores the start of a data key.
+fn wrap_tag(job: &RotationJob, target: &RotationTarget) -> Option<Stored> {
+    job.wrap_tag
+        .as_deref()
+        .map(|tag| target.encoding.stored_prefix(tag))
 }
 
 /// The next batch: after the cursor in the current target, else from the
@@ -435,6 +424,7 @@ async fn next_rows(
     place: &mut Place,
 ) -> Result<Option<Vec<RotationRow>>, StoreError> {
     while let Some(target) = targets.get(place.index) {
+        let tag = wrap_tag(job, target);
         let rows: Vec<RotationRow> = tx
             .fetch_all(
                 &target.select_batch_sql(place.cursor.is_empty()),
@@ -443,10 +433,14 @@ async fn next_rows(
                     (&job.id).into(),
                     (&place.cursor).into(),
                     job.batch_size.into(),
-                    job.wrap_tag.as_deref().into(),
+                    Arg::stored(target.encoding, tag.as_ref()),
                 ],
             )
             .await?;
+        let rows: Vec<RotationRow> = rows
+            .into_iter()
+            .map(|row| row.decoded(target.encoding))
+            .collect();
         if rows.is_empty() {
             place.index += 1;
             place.cursor.clear();
@@ -609,7 +603,8 @@ async fn end_pass(
 }
 
 /// Writes the rotated rows of a batch, each only if it is unchanged since
-/// it was claimed (compare-and-swap); how many were written.
+/// it was claimed (compare-and-swap on what was read, in the target's
+/// stored form); how many were written.
 async fn write_rotated(
     tx: &mut WriteTx,
     target: &RotationTarget,
@@ -619,58 +614,54 @@ async fn write_rotated(
     if rewritten.is_empty() {
         return Ok(0);
     }
+    let enc = target.encoding;
     let written = match tx {
         // One statement for the whole batch.
         WriteTx::Postgres(tx) => {
-            let new = |f: fn(&Envelope) -> &Vec<u8>| -> Vec<&[u8]> {
-                rewritten.iter().map(|(_, e)| f(e).as_slice()).collect()
+            let new = |f: fn(&Envelope) -> &Vec<u8>| {
+                StoredColumn::of(enc, rewritten.iter().map(|(_, e)| Some(enc.encode(f(e)))))
             };
-            let old = |f: fn(&RotationRow) -> &Option<Vec<u8>>| -> Vec<Option<&[u8]>> {
-                rewritten.iter().map(|(r, _)| f(r).as_deref()).collect()
+            let old = |f: fn(&RotationRow, Encoding) -> Option<Stored>| {
+                StoredColumn::of(enc, rewritten.iter().map(|(r, _)| f(r, enc)))
             };
-            sqlx::query(&target.write_batch_sql_postgres())
-                .bind(target_key_id)
-                .bind(
-                    rewritten
-                        .iter()
-                        .map(|(r, _)| r.id.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(new(|e| &e.data_key_ciphertext))
-                .bind(new(|e| &e.data_key_iv))
-                .bind(new(|e| &e.payload_ciphertext))
-                .bind(new(|e| &e.payload_iv))
-                .bind(
-                    rewritten
-                        .iter()
-                        .map(|(r, _)| r.encryption_key_id.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(old(|r| &r.payload_ciphertext))
-                .bind(old(|r| &r.legacy_ciphertext))
-                .execute(&mut **tx)
-                .await?
-                .rows_affected()
+            let ids: Vec<&str> = rewritten.iter().map(|(r, _)| r.id.as_str()).collect();
+            let old_keys: Vec<Option<&str>> = rewritten
+                .iter()
+                .map(|(r, _)| r.encryption_key_id.as_deref())
+                .collect();
+            let sql = target.write_batch_sql_postgres();
+            let query = sqlx::query(&sql).bind(target_key_id).bind(ids);
+            let query = new(|e| &e.data_key_ciphertext).bind_to(query);
+            let query = new(|e| &e.data_key_iv).bind_to(query);
+            let query = new(|e| &e.payload_ciphertext).bind_to(query);
+            let query = new(|e| &e.payload_iv).bind_to(query).bind(old_keys);
+            let query = old(RotationRow::stored_payload).bind_to(query);
+            let query = old(RotationRow::stored_legacy).bind_to(query);
+            query.execute(&mut **tx).await?.rows_affected()
         }
         // SQLite has no arrays; an embedded database pays no round trip per
         // statement, so one statement per row is cheap.
-        WriteTx::Sqlite(tx) => {
+        WriteTx::Sqlite(_) => {
             let sql = target.write_row_sql_sqlite();
             let mut written = 0;
             for (row, env) in rewritten {
-                written += sqlx::query(&sql)
-                    .bind(target_key_id)
-                    .bind(&env.data_key_ciphertext)
-                    .bind(&env.data_key_iv)
-                    .bind(&env.payload_ciphertext)
-                    .bind(&env.payload_iv)
-                    .bind(&row.id)
-                    .bind(&row.encryption_key_id)
-                    .bind(&row.payload_ciphertext)
-                    .bind(&row.legacy_ciphertext)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected();
+                let new = [
+                    &env.data_key_ciphertext,
+                    &env.data_key_iv,
+                    &env.payload_ciphertext,
+                    &env.payload_iv,
+                ]
+                .map(|value| enc.encode(value));
+                let (old_payload, old_legacy) = (row.stored_payload(enc), row.stored_legacy(enc));
+                let mut args = vec![Arg::from(target_key_id)];
+                args.extend(new.iter().map(|value| Arg::stored(enc, Some(value))));
+                args.extend([
+                    (&row.id).into(),
+                    row.encryption_key_id.as_deref().into(),
+                    Arg::stored(enc, old_payload.as_ref()),
+                    Arg::stored(enc, old_legacy.as_ref()),
+                ]);
+                written += tx.execute(&sql, &args).await?;
             }
             written
         }
@@ -678,41 +669,29 @@ async fn write_rotated(
     Ok(i64::try_from(written).unwrap_or(i64::MAX))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One column of a PostgreSQL batch write, as an array of the target's
+/// stored form.
+enum StoredColumn {
+    Bytes(Vec<Option<Vec<u8>>>),
+    Text(Vec<Option<String>>),
+}
 
-    fn row(key: Option<&str>, mirror: Option<&[u8]>, legacy: Option<&[u8]>) -> RotationRow {
-        RotationRow {
-            id: "r".into(),
-            encryption_key_id: key.map(Into::into),
-            data_key_ciphertext: key.map(|_| b"dk".to_vec()),
-            data_key_iv: None,
-            payload_ciphertext: mirror.map(<[u8]>::to_vec),
-            payload_iv: mirror.map(|_| b"mirror-iv".to_vec()),
-            legacy_ciphertext: legacy.map(<[u8]>::to_vec),
-            legacy_iv: legacy.map(|_| b"legacy-iv".to_vec()),
-            context: Vec::new(),
+impl StoredColumn {
+    fn of(encoding: Encoding, values: impl Iterator<Item = Option<Stored>>) -> Self {
+        if encoding.is_text() {
+            StoredColumn::Text(values.map(|v| v.map(Stored::into_text)).collect())
+        } else {
+            StoredColumn::Bytes(values.map(|v| v.map(Stored::into_bytes)).collect())
         }
     }
 
-    #[test]
-    fn a_legacy_row_is_read_from_what_the_old_pods_last_wrote() {
-        // An old pod rewrote the legacy copy after the backfill: the mirror
-        // is stale, the legacy copy wins.
-        let e = row(None, Some(b"stale"), Some(b"fresh")).envelope();
-        assert_eq!(
-            (e.payload_ciphertext, e.payload_iv),
-            (b"fresh".to_vec(), b"legacy-iv".to_vec())
-        );
-        // No legacy copy (cut over, or a mirror only): the mirror.
-        let e = row(None, Some(b"mirror"), None).envelope();
-        assert_eq!(e.payload_ciphertext, b"mirror".to_vec());
-        // An envelope row is read from its envelope whatever its legacy copy.
-        let e = row(Some("k"), Some(b"sealed"), Some(b"old")).envelope();
-        assert_eq!(
-            (e.payload_ciphertext, e.encryption_key_id),
-            (b"sealed".to_vec(), "k".to_owned())
-        );
+    fn bind_to<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        match self {
+            StoredColumn::Bytes(values) => query.bind(values),
+            StoredColumn::Text(values) => query.bind(values),
+        }
     }
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{postgres::PgRow, sqlite::SqliteRow, FromRow, Postgres, Sqlite, Transaction};
 
 use super::{BeginWrite, Pool};
+use crate::rotation::target::{Encoding, Stored};
 
 /// A value a statement binds.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +22,18 @@ pub(crate) enum Arg<'a> {
 impl<'a> From<Option<&'a [u8]>> for Arg<'a> {
     fn from(value: Option<&'a [u8]>) -> Self {
         Arg::Bytes(value)
+    }
+}
+
+impl<'a> Arg<'a> {
+    /// A value in a target's stored form; NULL typed as that form's.
+    pub(crate) fn stored(encoding: Encoding, value: Option<&'a Stored>) -> Self {
+        match (value, encoding.is_text()) {
+            (Some(Stored::Bytes(bytes)), _) => Arg::Bytes(Some(bytes)),
+            (Some(Stored::Text(text)), _) => Arg::Text(Some(text)),
+            (None, false) => Arg::Bytes(None),
+            (None, true) => Arg::Text(None),
+        }
     }
 }
 

@@ -49,11 +49,8 @@ async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<
     .fetch_one(&pool)
     .await
     .unwrap();
-    let master = MasterSecret::new(MASTER).unwrap();
     let mut plaintexts = HashMap::new();
-    for n in 0..rows {
-        let plaintext = format!("{{\"password\":\"secret-{n}\"}}");
-        let (iv, ct) = encrypt_legacy(&master, plaintext.as_bytes());
+    for (n, plaintext, iv, ct) in legacy_credentials(rows) {
         let row_id: String = sqlx::query_scalar(
             "INSERT INTO connections (workspace_id, name, type, encrypted_credentials, credentials_iv) \
              VALUES (CAST($1 AS uuid), $2, 'postgres', $3, $4) RETURNING CAST(id AS TEXT)",
@@ -61,7 +58,7 @@ async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<
         .bind(&workspace)
         .bind(format!("db-{n}"))
         .bind(ct)
-        .bind(iv.to_vec())
+        .bind(iv)
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -69,6 +66,19 @@ async fn application_database(id: &str, rows: usize) -> Option<(String, HashMap<
     }
     pool.close().await;
     Some((url, plaintexts))
+}
+
+/// The application's `rows` credentials, each encrypted in the legacy
+/// format: `(n, plaintext, iv, ciphertext)`.
+pub(crate) fn legacy_credentials(
+    rows: usize,
+) -> impl Iterator<Item = (usize, String, Vec<u8>, Vec<u8>)> {
+    let master = MasterSecret::new(MASTER).unwrap();
+    (0..rows).map(move |n| {
+        let plaintext = format!("{{\"password\":\"secret-{n}\"}}");
+        let (iv, ct) = encrypt_legacy(&master, plaintext.as_bytes());
+        (n, plaintext, iv.to_vec(), ct)
+    })
 }
 
 /// An application's database with uuid ids and `rows` legacy rows, after
@@ -231,13 +241,7 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     let by_id = format!("id = CAST($1 AS {id_type})");
     old_pods_rewrite(&app, &rows, &mut plaintexts, &by_id).await;
 
-    let job = rotate_to_end(&app).await;
-    assert_eq!(
-        (job.total_rows, job.succeeded_rows, job.failed_rows),
-        (300, 300, 0),
-        "{job:?}"
-    );
-    crate::workers::assert_all_rotated(&app, &target, &plaintexts).await;
+    rotates_every_row(&app, &target, &plaintexts).await;
     assert_eq!(
         app.services
             .admin
@@ -248,6 +252,38 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
         PRIMARY
     );
     cuts_over(&app, &target, &url, &pool, &mut plaintexts, id_type).await;
+}
+
+/// `keyward ARGS… legacy cutover --old-pods-stopped` clears `copies`
+/// legacy copies and finishes.
+pub(crate) fn cutover_clears(url: &str, args: &[&str], copies: usize) {
+    let out = keyward_on(
+        url,
+        &[args, &["legacy", "cutover", "--old-pods-stopped"]].concat(),
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("cleared {copies} legacy copies")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A rotation moves every row onto the active key, `target`, and each
+/// decrypts to its plaintext.
+pub(crate) async fn rotates_every_row(
+    app: &TestApp,
+    target: &str,
+    plaintexts: &HashMap<String, String>,
+) {
+    let job = rotate_to_end(app).await;
+    let rows = plaintexts.len() as i64;
+    assert_eq!(
+        (job.total_rows, job.succeeded_rows, job.failed_rows),
+        (rows, rows, 0),
+        "{job:?}"
+    );
+    crate::workers::assert_all_rotated(app, target, plaintexts).await;
 }
 
 /// The first 20 `rows` decrypt through the API, as legacy rows.
@@ -541,13 +577,7 @@ async fn a_cutover_refuses_legacy_columns_declared_not_null() {
     .execute(&pool)
     .await
     .unwrap();
-    let out = keyward_on(&url, &["legacy", "cutover", "--old-pods-stopped"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(
-        stdout(&out).contains("cleared 5 legacy copies"),
-        "{}",
-        stdout(&out)
-    );
+    cutover_clears(&url, &[], 5);
 }
 
 /// State (b): the application's own migrations already made the runbook's

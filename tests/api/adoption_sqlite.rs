@@ -6,16 +6,15 @@
 
 use std::collections::HashMap;
 
-use keyward::crypto::{legacy::encrypt_legacy, secret::MasterSecret};
 use sqlx::SqlitePool;
 
 use crate::{
     adoption::{
-        keyward_on, legacy_copies_hold, legacy_rows_decrypt, migrate, migrate_refuses,
-        old_pods_rewrite, rotate_to_end,
+        cutover_clears, legacy_copies_hold, legacy_credentials, legacy_rows_decrypt, migrate,
+        migrate_refuses, old_pods_rewrite, rotate_to_end, rotates_every_row,
     },
     cli::{stderr, stdout},
-    helpers::{spawn_on, Backend, Options, MASTER, PRIMARY},
+    helpers::{spawn_on, Backend, Options, PRIMARY},
 };
 
 /// The application's own columns, every row, as one text.
@@ -49,12 +48,9 @@ async fn application_database(
         .execute(&pool)
         .await
         .unwrap();
-    let master = MasterSecret::new(MASTER).unwrap();
     let mut plaintexts = HashMap::new();
-    for n in 0..rows {
+    for (n, plaintext, iv, ct) in legacy_credentials(rows) {
         let id = uuid::Uuid::new_v4().to_string();
-        let plaintext = format!("{{\"password\":\"secret-{n}\"}}");
-        let (iv, ct) = encrypt_legacy(&master, plaintext.as_bytes());
         sqlx::query(
             "INSERT INTO connections (id, workspace_id, name, type, encrypted_credentials, \
              credentials_iv, created_at, updated_at) VALUES ($1, 'w-1', $2, 'postgres', $3, $4, $5, $5)",
@@ -62,7 +58,7 @@ async fn application_database(
         .bind(&id)
         .bind(format!("db-{n}"))
         .bind(ct)
-        .bind(iv.to_vec())
+        .bind(iv)
         .bind(written_at(n))
         .execute(&pool)
         .await
@@ -150,22 +146,10 @@ async fn an_application_sqlite_database_is_adopted() {
     );
 
     old_pods_rewrite(&app, &rows, &mut plaintexts, "id = $1").await;
-    let job = rotate_to_end(&app).await;
-    assert_eq!(
-        (job.total_rows, job.succeeded_rows, job.failed_rows),
-        (300, 300, 0),
-        "{job:?}"
-    );
-    crate::workers::assert_all_rotated(&app, &target, &plaintexts).await;
+    rotates_every_row(&app, &target, &plaintexts).await;
 
     legacy_copies_hold(&app.connections().await, &plaintexts);
-    let out = keyward_on(&url, &["legacy", "cutover", "--old-pods-stopped"]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(
-        stdout(&out).contains("cleared 300 legacy copies"),
-        "{}",
-        stdout(&out)
-    );
+    cutover_clears(&url, &[], 300);
     let copies: i64 = scalar(
         &pool,
         "SELECT COUNT(encrypted_credentials) FROM connections",

@@ -14,6 +14,7 @@ mod cli;
 mod clients;
 mod config;
 mod crypto;
+mod encodings;
 mod grpc_web;
 mod grpcurl;
 mod helpers;

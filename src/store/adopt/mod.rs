@@ -182,7 +182,10 @@ enum Family {
 impl Family {
     /// Whether a column of this family serves where `wanted` is needed.
     fn fits(self, wanted: Family) -> bool {
-        self == wanted || (wanted == Family::Timestamp && self == Family::TimestampTz)
+        self == wanted
+            || (wanted == Family::Timestamp && self == Family::TimestampTz)
+            // Ciphertext stored as text: in the target's declared encoding.
+            || (wanted == Family::Bytes && self == Family::Text)
     }
 
     fn of(sql_type: &str) -> Self {
@@ -201,6 +204,7 @@ impl Family {
 }
 
 /// A column keyward needs, as 0001 declares it.
+#[derive(Clone, Copy)]
 struct Wanted {
     name: &'static str,
     family: Family,
@@ -433,9 +437,7 @@ fn list(refusals: &[Refusal]) -> String {
 
 fn expected(dialect: Dialect, family: Family) -> &'static str {
     match (family, dialect) {
-        (Family::Bytes, Dialect::Sqlite) => {
-            "BLOB (text-encoded ciphertext columns are not supported yet)"
-        }
+        (Family::Bytes, Dialect::Sqlite) => "BLOB, or TEXT holding base64 or hex",
         (Family::Timestamp | Family::TimestampTz, Dialect::Sqlite) => {
             "TEXT (keyward writes times as RFC 3339 text)"
         }
@@ -446,7 +448,7 @@ fn expected(dialect: Dialect, family: Family) -> &'static str {
 fn expected_pg(family: Family) -> &'static str {
     match family {
         Family::Text => "text or varchar",
-        Family::Bytes => "bytea (text-encoded ciphertext columns are not supported yet)",
+        Family::Bytes => "bytea, or text holding base64 or hex",
         Family::Uuid => "uuid",
         Family::Integer => "an integer type",
         Family::Timestamp => "a timestamp",
@@ -579,10 +581,26 @@ pub fn plan(found: &Found, schema: &str) -> Option<AdoptPlan> {
             expected: format!("{key_id_type}, the type of encryption_keys.id"),
         }),
     }
+    // Ciphertext the application stores as text (base64 or hex): the
+    // columns keyward adds beside it hold text too, in the encoding the
+    // operator declares for the target.
+    let text_ciphertext = found
+        .column("connections", "encrypted_credentials")
+        .is_some_and(|c| family(&c.sql_type) == Family::Text);
+    let connection_columns: Vec<Wanted> = CONNECTION_COLUMNS
+        .iter()
+        .map(|&want| match want.family {
+            Family::Bytes if text_ciphertext => Wanted {
+                declaration: "TEXT",
+                ..want
+            },
+            _ => want,
+        })
+        .collect();
     check_columns(
         found,
         "connections",
-        &CONNECTION_COLUMNS,
+        &connection_columns,
         &mut plan,
         &mut add,
     );
@@ -762,6 +780,20 @@ fn indexes<'a>(statements: &'a [String], table: &'a str) -> impl Iterator<Item =
     })
 }
 
+/// Whether a ciphertext column declared `sql_type` holds text
+/// (`Some(true)`) or bytes (`Some(false)`); `None`: neither.
+pub fn holds_text(backend: super::Backend, sql_type: &str) -> Option<bool> {
+    let dialect = match backend {
+        super::Backend::Postgres => Dialect::Postgres,
+        super::Backend::Sqlite => Dialect::Sqlite,
+    };
+    match dialect.family(sql_type) {
+        Family::Text => Some(true),
+        Family::Bytes => Some(false),
+        _ => None,
+    }
+}
+
 /// Whether a PostgreSQL id column of `sql_type` is paged in its own type.
 pub fn is_id_type(sql_type: &str) -> bool {
     Dialect::Postgres.is_id(sql_type)
@@ -891,7 +923,7 @@ mod tests {
         let refusals = plan(&found, SCHEMA).unwrap().refusals;
         let text: Vec<String> = refusals.iter().map(ToString::to_string).collect();
         assert!(
-            text.contains(&"connections.payload_ciphertext is integer; keyward needs bytea (text-encoded ciphertext columns are not supported yet)".to_owned()),
+            text.contains(&"connections.payload_ciphertext is integer; keyward needs bytea, or text holding base64 or hex".to_owned()),
             "{text:?}"
         );
         assert!(

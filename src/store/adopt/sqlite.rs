@@ -207,7 +207,8 @@ mod tests {
         assert!(fits(Family::Integer, Family::Timestamp));
         assert!(!fits(Family::Integer, Family::TimestampTz));
         assert!(fits(Family::Text, Family::TimestampTz));
-        assert!(!fits(Family::Text, Family::Bytes));
+        assert!(fits(Family::Text, Family::Bytes), "base64 or hex");
+        assert!(!fits(Family::Integer, Family::Bytes));
     }
 
     #[test]
