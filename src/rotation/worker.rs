@@ -42,6 +42,9 @@ pub enum Step {
     Batch { job_id: String, rows: usize },
     /// A batch was given up at shutdown and its lease released.
     Abandoned { job_id: String, rows: usize },
+    /// A batch's lease had expired and been dropped when it was to be
+    /// written: nothing was written.
+    LeaseLost { job_id: String, rows: usize },
     /// A job started a new pass or ended.
     Advanced(RotationJob),
     /// Nothing was claimed: this process cannot open some key's data
@@ -120,7 +123,7 @@ impl Worker {
                     self.options.idle_poll.max(Duration::from_secs(5))
                 }
                 Ok(Step::Waiting) => Duration::from_millis(100),
-                Ok(Step::Batch { .. }) => Duration::ZERO,
+                Ok(Step::Batch { .. } | Step::LeaseLost { .. }) => Duration::ZERO,
                 Ok(Step::Abandoned { job_id, rows }) => {
                     tracing::warn!(worker = %self.id, job = %job_id, rows,
                         "stopping: the batch in flight was abandoned and its lease released; \
@@ -219,10 +222,19 @@ impl Worker {
                 });
             }
         };
-        let counts = self
+        let Some(counts) = self
             .store
             .finish_batch(&claim, table, &target.id, &outcomes)
-            .await?;
+            .await?
+        else {
+            tracing::warn!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
+                "the batch's lease expired and was dropped before it was written (this worker \
+                 was paused or too slow): nothing of it was written, a later pass redoes its rows");
+            return Ok(Step::LeaseLost {
+                job_id: claim.job.id.clone(),
+                rows: outcomes.len(),
+            });
+        };
         tracing::debug!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
             succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
             "rotation batch written");

@@ -164,14 +164,17 @@ impl Store {
     /// Writes a processed batch: compare-and-swap updates for rotated rows
     /// (a row the application rewrote meanwhile is skipped, never
     /// overwritten), `last_error` for failed rows, the job's counters, and
-    /// the release of the lease. One transaction.
+    /// the release of the lease. One transaction, which begins by deleting
+    /// the claim: a worker whose lease expired and was dropped (paused, then
+    /// resumed: a zombie) finds none, writes nothing and moves no counter
+    /// (`None`); a later pass has redone, or will redo, its rows.
     pub async fn finish_batch(
         &self,
         claim: &Claim,
         target: &RotationTarget,
         target_key_id: &str,
         outcomes: &[RowOutcome],
-    ) -> Result<BatchCounts, StoreError> {
+    ) -> Result<Option<BatchCounts>, StoreError> {
         let mut rewritten: Vec<(&RotationRow, &Envelope)> = Vec::new();
         let mut failures: Vec<(&RotationRow, &str)> = Vec::new();
         let mut verified = 0i64;
@@ -183,6 +186,16 @@ impl Store {
             }
         }
         let mut tx = WriteTx::begin(&self.pool).await?;
+        let held = tx
+            .execute(
+                "DELETE FROM encryption_rotation_claims WHERE id = $1",
+                &[(&claim.id).into()],
+            )
+            .await?;
+        if held == 0 {
+            // Dropping the transaction rolls it back.
+            return Ok(None);
+        }
         let written = write_rotated(&mut tx, target, target_key_id, &rewritten).await?;
         let counts = BatchCounts {
             succeeded: verified + written,
@@ -217,13 +230,8 @@ impl Store {
             ],
         )
         .await?;
-        tx.execute(
-            "DELETE FROM encryption_rotation_claims WHERE id = $1",
-            &[(&claim.id).into()],
-        )
-        .await?;
         tx.commit().await?;
-        Ok(counts)
+        Ok(Some(counts))
     }
 
     /// Gives up a claimed batch without writing anything: its lease is

@@ -333,6 +333,78 @@ async fn sigterm_releases_the_lease_and_a_second_worker_continues_at_once() {
     assert_all_rotated(&app, &target, &expected).await;
 }
 
+/// A zombie worker: paused past its lease, resumed after another worker
+/// finished the job without it. Its batch writes nothing and moves no
+/// counter (it used to add its rows to `processed` and `skipped` of the
+/// completed job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_resumed_after_its_lease_expired_changes_nothing() {
+    let Some((app, expected, target)) = prepared(30).await else {
+        return;
+    };
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    let store = &app.services.store;
+    let keyward::store::rotation::ClaimOutcome::Batch(zombie) = store
+        .claim_batch(
+            "zombie",
+            chrono::Duration::milliseconds(1),
+            &app.services.targets,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("expected a batch");
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let worker = app.services.worker(Default::default());
+    for _ in 0..20 {
+        if let keyward::rotation::worker::Step::Advanced(job) =
+            worker.try_execute_task().await.unwrap()
+        {
+            if job.status.is_terminal() {
+                break;
+            }
+        }
+    }
+    let counts = |job: &keyward::api::proto::RotationJob| {
+        (
+            job.total_rows,
+            job.processed_rows,
+            job.succeeded_rows,
+            job.skipped_rows,
+        )
+    };
+    let done = final_job(&app, &job_id).await;
+    assert_eq!(counts(&done), (30, 30, 30, 0), "{done:?}");
+
+    // The zombie resumes and writes what it had.
+    let outcomes: Vec<_> = zombie
+        .rows
+        .iter()
+        .map(|_| keyward::store::rotation::RowOutcome::Failed("zombie".into()))
+        .collect();
+    let written = store
+        .finish_batch(&zombie, &app.services.targets[0], &target, &outcomes)
+        .await
+        .unwrap();
+    assert!(written.is_none(), "{written:?}");
+    let after = final_job(&app, &job_id).await;
+    assert_eq!(counts(&after), (30, 30, 30, 0), "{after:?}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM connections WHERE last_error IS NOT NULL")
+            .await,
+        0
+    );
+    assert_all_rotated(&app, &target, &expected).await;
+}
+
 /// A batch abandoned at shutdown (its crypto cut short) writes nothing and
 /// releases its lease: the next worker's pass redoes its rows at once, and
 /// the counts come out exact.
