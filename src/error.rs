@@ -113,6 +113,10 @@ pub enum Error {
     /// be read by the other replicas.
     #[error("this server does not encrypt: {0}; send the call to another replica")]
     NotServing(String),
+    /// A ciphertext names a key record this process has not loaded, and
+    /// the catalog cannot be read now to find it: retry, do not restore.
+    #[error("encryption key {key} is not loaded here and the key catalog cannot be read now ({reason}): retry shortly")]
+    CatalogUnavailable { key: String, reason: String },
     /// A key's probe could not be checked (the KMS failed, …).
     #[error("the key could not be checked: {0}")]
     KeyUnchecked(String),

@@ -195,7 +195,7 @@ impl CryptoApi {
         let allowed = self
             .service
             .lookup_key(encryption_key_id)
-            .await
+            .await?
             .is_some_and(|key| principal.scope.allows_key(&key));
         if allowed {
             Ok(())

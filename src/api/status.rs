@@ -48,7 +48,10 @@ pub fn code_of(err: &Error) -> Code {
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
         },
-        Error::Audit(_) | Error::KeyUnchecked(_) | Error::NotServing(_) => Code::Unavailable,
+        Error::Audit(_)
+        | Error::KeyUnchecked(_)
+        | Error::NotServing(_)
+        | Error::CatalogUnavailable { .. } => Code::Unavailable,
         Error::Kms(kms) => match kms {
             KmsError::UnwrapFailed => Code::InvalidArgument,
             KmsError::KeyDisabled { .. }

@@ -39,7 +39,8 @@ pub struct CatalogLoader {
     loaded: watch::Sender<i64>,
     /// When the last read-through reload ran (at most one per
     /// [`READ_THROUGH_EVERY`]; concurrent misses wait for it and share it).
-    last_read_through: tokio::sync::Mutex<Option<Instant>>,
+    /// When the last read-through reload ran, and why it failed if it did.
+    last_read_through: tokio::sync::Mutex<Option<(Instant, Option<String>)>>,
 }
 
 impl CatalogLoader {
@@ -96,26 +97,36 @@ impl CatalogLoader {
 
     /// Reloads the catalog because a ciphertext names `record_id`, which
     /// this process does not know: once, rate-limited.
-    async fn reload_for(&self, record_id: &str) {
+    /// Within the interval after a failed reload, that failure is the
+    /// answer: the catalog still cannot be read.
+    async fn reload_for(&self, record_id: &str) -> Result<(), String> {
         let mut last = self.last_read_through.lock().await;
-        if self.catalog.get(record_id).is_some()
-            || last.is_some_and(|t| t.elapsed() < READ_THROUGH_EVERY)
-        {
-            return;
+        if self.catalog.get(record_id).is_some() {
+            return Ok(());
         }
-        *last = Some(Instant::now());
-        match self.reload().await {
-            Ok(_) => tracing::debug!(%record_id, "catalog reloaded for an unknown key id"),
-            Err(err) => {
-                tracing::warn!(error = %err, "read-through catalog reload failed")
+        if let Some((at, failure)) = last.as_ref() {
+            if at.elapsed() < READ_THROUGH_EVERY {
+                return failure.clone().map_or(Ok(()), Err);
             }
         }
+        let failure = match self.reload().await {
+            Ok(_) => {
+                tracing::debug!(%record_id, "catalog reloaded for an unknown key id");
+                None
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "read-through catalog reload failed");
+                Some(err.to_string())
+            }
+        };
+        *last = Some((Instant::now(), failure.clone()));
+        failure.map_or(Ok(()), Err)
     }
 }
 
 #[async_trait::async_trait]
 impl ReadThrough for CatalogLoader {
-    async fn read_through(&self, record_id: &str) {
-        self.reload_for(record_id).await;
+    async fn read_through(&self, record_id: &str) -> Result<(), String> {
+        self.reload_for(record_id).await
     }
 }

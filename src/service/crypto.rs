@@ -36,8 +36,10 @@ use crate::{
 #[async_trait::async_trait]
 pub trait ReadThrough: Send + Sync {
     /// Reloads the catalog because `record_id` is unknown here (at most
-    /// once per short interval, however many callers ask).
-    async fn read_through(&self, record_id: &str);
+    /// once per short interval, however many callers ask); why the catalog
+    /// could not be read, if it could not (that reload, or the last one
+    /// within the interval, failed).
+    async fn read_through(&self, record_id: &str) -> std::result::Result<(), String>;
 }
 
 /// Request-size limits of the crypto service.
@@ -169,13 +171,23 @@ impl CryptoService {
 
     /// A key record by `encryption_keys.id`; an id this process does not
     /// know triggers one read-through catalog reload first.
-    pub async fn lookup_key(&self, id: &str) -> Option<Arc<KeyRecord>> {
+    /// `None`: there is no such record; an error: the catalog cannot be
+    /// read now to tell.
+    pub async fn lookup_key(&self, id: &str) -> Result<Option<Arc<KeyRecord>>> {
         if let Some(key) = self.catalog.get(id) {
-            return Some(key);
+            return Ok(Some(key));
         }
-        let source = self.read_through.get().and_then(std::sync::Weak::upgrade)?;
-        source.read_through(id).await;
-        self.catalog.get(id)
+        let Some(source) = self.read_through.get().and_then(std::sync::Weak::upgrade) else {
+            return Ok(None);
+        };
+        source
+            .read_through(id)
+            .await
+            .map_err(|reason| Error::CatalogUnavailable {
+                key: id.to_owned(),
+                reason,
+            })?;
+        Ok(self.catalog.get(id))
     }
 
     /// A service with only the local KMS under `master`, one active key
@@ -544,7 +556,7 @@ impl CryptoService {
             return Err(Error::MalformedEnvelope("data_key_ciphertext is empty"));
         }
         self.lookup_key(&envelope.encryption_key_id)
-            .await
+            .await?
             .ok_or_else(|| Error::UnknownKey(envelope.encryption_key_id.clone()))
     }
 

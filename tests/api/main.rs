@@ -15,6 +15,7 @@ mod clients;
 mod config;
 mod crypto;
 mod encodings;
+mod faults;
 mod grpc_web;
 mod grpcurl;
 mod helpers;
