@@ -40,7 +40,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{proto::FILE_DESCRIPTOR_SET, status::code_label};
+use super::{
+    proto::FILE_DESCRIPTOR_SET,
+    status::{code_label, INTERNAL_MESSAGE},
+};
 
 /// A gRPC method this server knows, with the names metrics label it by.
 /// Paths outside the descriptors are all `unknown`, so a caller cannot
@@ -223,10 +226,19 @@ where
         let response = NOTES.scope(notes, inner.call(request).instrument(span));
         Box::pin(async move {
             let response = response.await?;
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
             // Trailers-only (every error reply): the code is in the headers.
-            if let Some(code) = grpc_status(&parts.headers) {
-                call.finish(code);
+            if let Some(status) = tonic::Status::from_header_map(&parts.headers) {
+                let outcome = classify(status.code(), status.message());
+                if let Outcome::Undecodable(code) = outcome {
+                    // tonic's text names the decoder's complaint only.
+                    let said = tonic::Status::new(
+                        code,
+                        format!("the request could not be decoded: {}", status.message()),
+                    );
+                    let _ = said.add_header(&mut parts.headers);
+                }
+                call.finish(outcome);
                 return Ok(http::Response::from_parts(parts, body));
             }
             let body = ObservedBody {
@@ -249,10 +261,75 @@ pub fn is_grpc<B>(request: &http::Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    headers
-        .get("grpc-status")
-        .map(|v| tonic::Code::from_bytes(v.as_bytes()))
+/// What became of a call, as it is logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The code the call was answered with.
+    Answered(tonic::Code),
+    /// The request could not be decoded (unparsable protobuf, invalid
+    /// UTF-8, a truncated frame, a compressed flag without an encoding): the
+    /// caller's fault. Answered with the code gRPC assigns (INTERNAL, or
+    /// UNIMPLEMENTED for compression), logged at INFO and counted as
+    /// `UNDECODABLE_REQUEST`, so alerts on server faults do not fire.
+    Undecodable(tonic::Code),
+    /// The client went away (cancelled the call, reset the stream, closed
+    /// its connection) before the answer: CANCELLED, at INFO.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The `grpc_code` label of the metrics and the `code` of the log.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Answered(code) => code_label(code),
+            Outcome::Undecodable(_) => "UNDECODABLE_REQUEST",
+            Outcome::Cancelled => "CANCELLED",
+        }
+    }
+
+    fn level(self) -> Level {
+        // Successes at DEBUG (an access log at keyward's rates would drown
+        // everything else), the caller's doing at INFO, server-side
+        // failures at WARN.
+        match self {
+            Outcome::Answered(tonic::Code::Ok) => Level::DEBUG,
+            Outcome::Answered(
+                tonic::Code::Internal
+                | tonic::Code::Unknown
+                | tonic::Code::DataLoss
+                | tonic::Code::Unavailable,
+            ) => Level::WARN,
+            _ => Level::INFO,
+        }
+    }
+}
+
+/// Reads a status keyward may not have written itself: every INTERNAL
+/// keyward answers carries [`INTERNAL_MESSAGE`]; any other INTERNAL or
+/// UNKNOWN, and UNIMPLEMENTED for compression, came from the transport
+/// (the client went away: tonic's `h2 protocol error`, `error reading a
+/// body`) or from decoding the request.
+pub fn classify(code: tonic::Code, message: &str) -> Outcome {
+    let transport =
+        message.starts_with("h2 protocol error") || message.starts_with("error reading a body");
+    // tonic failing to encode or compress keyward's own response.
+    let ours = message == INTERNAL_MESSAGE || message.starts_with("Error ");
+    match code {
+        tonic::Code::Cancelled => Outcome::Cancelled,
+        tonic::Code::Internal | tonic::Code::Unknown if ours => Outcome::Answered(code),
+        tonic::Code::Internal | tonic::Code::Unknown if transport => Outcome::Cancelled,
+        tonic::Code::Internal | tonic::Code::Unknown => Outcome::Undecodable(code),
+        tonic::Code::Unimplemented if message.contains("compress") => Outcome::Undecodable(code),
+        code => Outcome::Answered(code),
+    }
+}
+
+/// The outcome trailers (or an error frame) tell.
+fn outcome_of(headers: &http::HeaderMap) -> Outcome {
+    tonic::Status::from_header_map(headers)
+        .map_or(Outcome::Answered(tonic::Code::Unknown), |status| {
+            classify(status.code(), status.message())
+        })
 }
 
 /// One call being observed until its code is known.
@@ -265,21 +342,12 @@ struct Call {
 }
 
 impl Call {
-    fn finish(self, code: tonic::Code) {
+    fn finish(self, outcome: Outcome) {
         let elapsed = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
-            metrics.observe(self.method, code, elapsed);
+            metrics.observe(self.method, outcome.label(), elapsed);
         }
-        // Successes at DEBUG (an access log at keyward's rates would drown
-        // everything else), refusals at INFO, server-side failures at WARN.
-        let level = match code {
-            tonic::Code::Ok => Level::DEBUG,
-            tonic::Code::Internal
-            | tonic::Code::Unknown
-            | tonic::Code::DataLoss
-            | tonic::Code::Unavailable => Level::WARN,
-            _ => Level::INFO,
-        };
+        let level = outcome.level();
         // Entered first: a filter may enable events inside `rpc` spans.
         let _entered = self.span.enter();
         let enabled = match level {
@@ -296,7 +364,7 @@ impl Call {
                 record_notes(&self.span, &notes);
             }
         }
-        self.span.record("code", code_label(code));
+        self.span.record("code", outcome.label());
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         match level {
             Level::DEBUG => tracing::debug!(elapsed_ms, "rpc finished"),
@@ -318,7 +386,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // Dropped before the end: the client cancelled the call.
             if let Some(call) = this.project().call.take() {
-                call.finish(tonic::Code::Cancelled);
+                call.finish(Outcome::Cancelled);
             }
         }
     }
@@ -338,18 +406,18 @@ impl Body for ObservedBody {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     if let Some(call) = this.call.take() {
-                        call.finish(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
+                        call.finish(outcome_of(trailers));
                     }
                 }
             }
             Some(Err(status)) => {
                 if let Some(call) = this.call.take() {
-                    call.finish(status.code());
+                    call.finish(classify(status.code(), status.message()));
                 }
             }
             None => {
                 if let Some(call) = this.call.take() {
-                    call.finish(tonic::Code::Unknown);
+                    call.finish(Outcome::Answered(tonic::Code::Unknown));
                 }
             }
         }
@@ -409,11 +477,11 @@ impl RpcMetrics {
     }
 
     /// Counts one finished call.
-    pub fn observe(&self, method: Method, code: tonic::Code, elapsed: std::time::Duration) {
+    pub fn observe(&self, method: Method, code: &'static str, elapsed: std::time::Duration) {
         let labels = RpcLabels {
             grpc_service: method.service,
             grpc_method: method.name,
-            grpc_code: code_label(code),
+            grpc_code: code,
         };
         self.requests.get_or_create(&labels).inc();
         self.duration
@@ -425,6 +493,45 @@ impl RpcMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_caller_did_is_not_a_server_fault() {
+        use tonic::Code::{Cancelled, Internal, Unimplemented, Unknown};
+        let cases = [
+            (Internal, INTERNAL_MESSAGE, Outcome::Answered(Internal)),
+            (Internal, "Error encoding: x", Outcome::Answered(Internal)),
+            (
+                Internal,
+                "failed to decode Protobuf message: invalid string value: data is not UTF-8 encoded",
+                Outcome::Undecodable(Internal),
+            ),
+            (
+                Internal,
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+                Outcome::Undecodable(Internal),
+            ),
+            (Internal, "Missing request message.", Outcome::Undecodable(Internal)),
+            (
+                Unimplemented,
+                "Content is compressed with `br` which isn't supported",
+                Outcome::Undecodable(Unimplemented),
+            ),
+            (Unimplemented, "", Outcome::Answered(Unimplemented)),
+            (Internal, "h2 protocol error: stream error", Outcome::Cancelled),
+            (Unknown, "error reading a body from connection", Outcome::Cancelled),
+            (Cancelled, "", Outcome::Cancelled),
+        ];
+        for (code, message, outcome) in cases {
+            assert_eq!(classify(code, message), outcome, "{message}");
+        }
+        assert_eq!(Outcome::Undecodable(Internal).level(), Level::INFO);
+        assert_eq!(Outcome::Cancelled.level(), Level::INFO);
+        assert_eq!(Outcome::Answered(Internal).level(), Level::WARN);
+        assert_eq!(
+            Outcome::Undecodable(Internal).label(),
+            "UNDECODABLE_REQUEST"
+        );
+    }
 
     #[test]
     fn every_served_method_is_known_and_others_are_not() {

@@ -75,12 +75,16 @@ pub fn code_of(err: &Error) -> Code {
     }
 }
 
+/// The message of every INTERNAL keyward answers itself (the cause goes to
+/// the log); any other INTERNAL came from decoding the request.
+pub const INTERNAL_MESSAGE: &str = "internal error: the server log has the details";
+
 /// Converts a domain error into the status a caller sees.
 pub fn to_status(err: &Error) -> Status {
     match code_of(err) {
         Code::Internal => {
             tracing::error!(error = %chain(err), "internal error");
-            Status::internal("internal error: the server log has the details")
+            Status::internal(INTERNAL_MESSAGE)
         }
         Code::Unavailable => {
             tracing::warn!(error = %chain(err), "dependency unavailable");

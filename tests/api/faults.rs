@@ -62,3 +62,66 @@ async fn an_unloaded_key_with_the_database_down_is_unavailable_not_missing() {
         }
     }
 }
+
+/// Requests that cannot be decoded are the caller's fault: answered with
+/// the code gRPC assigns (INTERNAL), saying the request could not be
+/// decoded, counted as `UNDECODABLE_REQUEST` (not INTERNAL, which alerts
+/// watch). keyward's own INTERNAL stays INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_the_callers_fault() {
+    let app = crate::helpers::spawn_with(
+        Backend::Sqlite,
+        Options {
+            metrics: true,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let frame = |flag: u8, declared: u32, payload: &[u8]| {
+        let mut body = vec![flag];
+        body.extend_from_slice(&declared.to_be_bytes());
+        body.extend_from_slice(payload);
+        body
+    };
+    // EncryptRequest.context (field 2) is a map<string, string>; its key
+    // here is not UTF-8.
+    let bad_utf8 = [0x12, 0x06, 0x0a, 0x02, 0xff, 0xfe, 0x12, 0x00];
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("a context key that is not UTF-8", frame(0, 8, &bad_utf8)),
+        ("bytes that are no protobuf", frame(0, 4, &[0xff; 4])),
+        (
+            "a compressed flag without an encoding",
+            frame(1, 2, &[0x0a, 0x00]),
+        ),
+        ("no message at all", Vec::new()),
+    ];
+    for (what, body) in &cases {
+        let (head, reply) =
+            crate::grpc_web::grpc_web_body(&app, "/keyward.v1.Crypto/Encrypt", body, None).await;
+        // Trailers-only: the status is in the headers (message
+        // percent-encoded), else in the trailer frame.
+        let status = format!("{head}\n{}", crate::grpc_web::frames(&reply).1)
+            .replace("%20", " ")
+            .replace(": ", ":");
+        assert!(status.contains("grpc-status:13"), "{what}: {status}");
+        assert!(
+            status.contains("the request could not be decoded"),
+            "{what}: {status}"
+        );
+    }
+    let metrics = crate::metrics::scrape_text(&app).await;
+    let undecodable = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("keyward_rpc_requests_total{")
+                && l.contains("grpc_method=\"Encrypt\"")
+                && l.contains("grpc_code=\"UNDECODABLE_REQUEST\"")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(undecodable.ends_with(" 4"), "{undecodable}");
+    assert!(
+        !metrics.contains("grpc_code=\"INTERNAL\""),
+        "a decoding failure was counted as a server fault:\n{metrics}"
+    );
+}

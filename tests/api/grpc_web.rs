@@ -59,6 +59,16 @@ pub(crate) async fn grpc_web(
     let mut body = vec![0u8];
     body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     body.extend_from_slice(&payload);
+    grpc_web_body(app, path, &body, token).await
+}
+
+/// A gRPC-Web POST of `body` (framed by the caller, as it pleases) to `path`.
+pub(crate) async fn grpc_web_body(
+    app: &TestApp,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> (String, Vec<u8>) {
     let auth = token
         .map(|t| format!("authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -67,7 +77,7 @@ pub(crate) async fn grpc_web(
          x-grpc-web: 1\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    http(app, request, &body).await
+    http(app, request, body).await
 }
 
 /// The messages and the trailer block of a gRPC-Web response body.

@@ -122,7 +122,7 @@ fn parse(python: &PathBuf, text: &str) -> Scrape {
 }
 
 /// `GET /metrics` over plain HTTP/1.1.
-async fn scrape_text(app: &TestApp) -> String {
+pub(crate) async fn scrape_text(app: &TestApp) -> String {
     let addr = app.metrics_addr.expect("metrics are on");
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
