@@ -222,6 +222,7 @@ where
             started: Instant::now(),
             metrics: self.metrics.clone(),
             notes: Arc::clone(&notes),
+            finished: false,
         };
         let response = NOTES.scope(notes, inner.call(request).instrument(span));
         Box::pin(async move {
@@ -339,10 +340,26 @@ struct Call {
     started: Instant,
     metrics: Option<Arc<RpcMetrics>>,
     notes: SharedNotes,
+    finished: bool,
+}
+
+/// A call dropped before its outcome was known: the client went away (the
+/// handler's future, or the response body, was dropped).
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record(Outcome::Cancelled);
+        }
+    }
 }
 
 impl Call {
-    fn finish(self, outcome: Outcome) {
+    fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        self.record(outcome);
+    }
+
+    fn record(&self, outcome: Outcome) {
         let elapsed = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
             metrics.observe(self.method, outcome.label(), elapsed);
@@ -375,20 +392,12 @@ impl Call {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that finishes its [`Call`] when the trailers pass.
+    /// A response body that finishes its [`Call`] when the trailers pass
+    /// (dropped before: the client went away, and the call says so).
     struct ObservedBody {
         #[pin]
         inner: tonic::body::Body,
         call: Option<Call>,
-    }
-
-    impl PinnedDrop for ObservedBody {
-        fn drop(this: Pin<&mut Self>) {
-            // Dropped before the end: the client cancelled the call.
-            if let Some(call) = this.project().call.take() {
-                call.finish(Outcome::Cancelled);
-            }
-        }
     }
 }
 

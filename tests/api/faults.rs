@@ -125,3 +125,51 @@ async fn undecodable_requests_are_the_callers_fault() {
         "a decoding failure was counted as a server fault:\n{metrics}"
     );
 }
+
+/// A client that goes away mid-call is recorded as CANCELLED (at INFO),
+/// not as a server fault: here a WatchRotation stream the client drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_cancelled_not_a_fault() {
+    let app = crate::helpers::spawn_with(
+        Backend::Sqlite,
+        Options {
+            metrics: true,
+            worker: None,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    activate_new_key(&app, "next").await;
+    let job = crate::rotation::start(&app, Default::default()).await;
+    let mut stream = app
+        .admin
+        .clone()
+        .watch_rotation(keyward::api::proto::WatchRotationRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner();
+    stream
+        .message()
+        .await
+        .unwrap()
+        .expect("a first progress message");
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = crate::metrics::scrape_text(&app).await;
+        let watch: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("keyward_rpc_requests_total{")
+                    && l.contains("grpc_method=\"WatchRotation\"")
+            })
+            .collect();
+        if watch.iter().any(|l| l.contains("grpc_code=\"CANCELLED\"")) {
+            assert_eq!(watch.len(), 1, "{watch:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{watch:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
