@@ -167,7 +167,9 @@ fn create_private(path: &std::path::Path) {
 /// `BEGIN IMMEDIATE` takes the write lock up front, where the busy timeout
 /// does wait, so a read-then-write transaction (count, then retire) cannot
 /// fail because a heartbeat landed between its statements. PostgreSQL has no
-/// such upgrade: a plain `BEGIN`.
+/// such upgrade: a plain `BEGIN`, then bounds for this transaction only
+/// ([`TX_IDLE_TIMEOUT`], [`TX_LOCK_TIMEOUT`]; `SET LOCAL`, never a setting
+/// of a role the application may share).
 pub(crate) trait BeginWrite {
     type Database: sqlx::Database;
 
@@ -186,9 +188,30 @@ impl BeginWrite for PgPool {
     type Database = sqlx::Postgres;
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.begin().await
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, true), \
+                    set_config('lock_timeout', $2, true)",
+        )
+        .bind(TX_IDLE_TIMEOUT.as_millis().to_string())
+        .bind(TX_LOCK_TIMEOUT.as_millis().to_string())
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx)
     }
 }
+
+/// PostgreSQL ends the session of a keyward write transaction that sits
+/// idle this long (a worker paused by SIGSTOP, a VM pause, a half-open
+/// network), releasing the job row and the rows it locked, so the other
+/// workers and `rotate cancel` go on. keyward's own transactions never
+/// wait on their client between statements.
+pub const TX_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest a keyward write transaction waits for a lock before it
+/// fails (and its work is retried): longer than [`TX_IDLE_TIMEOUT`], so a
+/// lock a paused keyward process held is always outlived.
+pub const TX_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A handle on the database. Cheap to clone (a pool inside).
 #[derive(Clone)]

@@ -173,3 +173,106 @@ async fn a_client_that_goes_away_is_cancelled_not_a_fault() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A worker stopped (SIGSTOP, a VM pause) inside a transaction holding the
+/// job row used to freeze the rotation: the other worker made no progress
+/// and `rotate cancel` hung. keyward's write transactions now end, on the
+/// server, once idle for 2 s: the other worker moves the job on within one
+/// lease, and cancel answers within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_inside_a_transaction_does_not_freeze_rotation() {
+    let Some(server) = postgres::server_or_skip() else {
+        return;
+    };
+    let url = postgres::create_database(server, "paused").await;
+    let app = spawn_on(
+        Backend::Postgres,
+        url.clone(),
+        Options {
+            worker: None,
+            ..Options::default()
+        },
+    )
+    .await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    // Legacy rows that do not decrypt: each batch is little crypto and
+    // much writing, so a worker is often inside a transaction.
+    sqlx::query(
+        "INSERT INTO connections (id, encrypted_credentials, credentials_iv) \
+         SELECT 'g-' || lpad(i::text, 6, '0'), decode(md5(i::text), 'hex'), \
+                decode(substr(md5(i::text), 1, 24), 'hex') FROM generate_series(1, 30000) AS i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let job = crate::rotation::start(
+        &app,
+        keyward::api::proto::StartRotationRequest {
+            batch_size: 20,
+            ..Default::default()
+        },
+    )
+    .await;
+    let args = ["--lease-secs", "10"];
+    let paused = crate::workers::WorkerProcess::start_with(&url, &args);
+    let other = crate::workers::WorkerProcess::start_with(&url, &args);
+
+    // Stop the first worker until it is caught holding the job row.
+    let job_row_locked = || async {
+        let mut tx = pool.begin().await.unwrap();
+        let probe =
+            sqlx::query("SELECT id FROM encryption_rotation_jobs WHERE id = $1 FOR UPDATE NOWAIT")
+                .bind(&job)
+                .fetch_optional(&mut *tx)
+                .await;
+        tx.rollback().await.ok();
+        probe.is_err()
+    };
+    let mut caught = false;
+    for _ in 0..400 {
+        paused.signal("STOP");
+        let mut held = true;
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+            held &= job_row_locked().await;
+        }
+        if held {
+            caught = true;
+            break;
+        }
+        paused.signal("CONT");
+        tokio::time::sleep(std::time::Duration::from_millis(7)).await;
+    }
+    assert!(caught, "the worker was never caught inside a transaction");
+    let processed = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT processed_rows FROM encryption_rotation_jobs WHERE id = $1",
+        )
+        .bind(&job)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let before = processed().await;
+    let caught_at = std::time::Instant::now();
+    while processed().await == before {
+        assert!(
+            caught_at.elapsed() < std::time::Duration::from_secs(10),
+            "no progress within one lease while a worker is paused:\n{}",
+            other.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let cancel = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        app.admin
+            .clone()
+            .cancel_rotation(keyward::api::proto::CancelRotationRequest {
+                job_id: job.clone(),
+            }),
+    )
+    .await
+    .expect("cancel answered within 5 s");
+    cancel.unwrap();
+    paused.signal("CONT");
+}
