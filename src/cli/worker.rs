@@ -94,9 +94,28 @@ pub(super) async fn worker(
     announce_when_ready(services.admin.readiness());
     let agent = services.replica_agent(ReplicaKind::Worker, None, args.replica.options());
     let agent = tokio::spawn(agent.run(stop.clone()));
-    worker.run(stop).await;
-    let _ = agent.await;
-    services.store.close().await;
+    let work = async {
+        worker.run(stop.clone()).await;
+        let _ = agent.await;
+        services.store.close().await;
+    };
+    // Once stopped, the worker claims nothing more; what it still has to
+    // say to the database (a lease to release, its heartbeat row) gets the
+    // shutdown grace, then the process goes anyway: with the database
+    // down, each of those would wait out the pool's acquire timeout, and a
+    // lease left behind expires on its own.
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        () = work => {}
+        () = deadline => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "the worker's cleanup did not finish within the shutdown grace (is the database \
+             reachable?): exiting; a lease it held expires on its own"
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

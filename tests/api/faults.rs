@@ -276,3 +276,31 @@ async fn a_worker_paused_inside_a_transaction_does_not_freeze_rotation() {
     cancel.unwrap();
     paused.signal("CONT");
 }
+
+/// `keyward worker` stopped (SIGTERM) while PostgreSQL does not answer exits
+/// within its shutdown grace (it used to take 20 s, waiting on the database
+/// to release its lease and heartbeat row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_exits_within_its_grace_while_the_database_is_down() {
+    let Some(server) = postgres::server_or_skip() else {
+        return;
+    };
+    let url = postgres::create_database(server, "down").await;
+    let _app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    let (head, database) = url.rsplit_once('/').unwrap();
+    let (credentials, host) = head.rsplit_once('@').unwrap();
+    let proxy = Proxy::start(host).await;
+    let via_proxy = format!("{credentials}@{}/{database}", proxy.addr);
+    let mut worker =
+        crate::workers::WorkerProcess::start_with(&via_proxy, &["--shutdown-grace-secs", "3"]);
+    // Unanswered, as a stopped host or a half-open network is.
+    proxy.stall();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, took) = worker.terminate();
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert!(
+        took < std::time::Duration::from_millis(4500),
+        "took {took:?}:\n{}",
+        worker.log()
+    );
+}

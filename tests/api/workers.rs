@@ -114,7 +114,7 @@ impl WorkerProcess {
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took.
-    fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+    pub(crate) fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let sent = Instant::now();
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
