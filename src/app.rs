@@ -33,6 +33,7 @@ use crate::{
         legacy::LegacyKeys,
     },
     error::Error,
+    idle::{Connections, IdleLayer},
     keys::KeyCatalog,
     metrics::Metrics,
     rotation::{
@@ -438,6 +439,8 @@ impl Application {
         .max_decoding_message_size(max);
 
         let cors = cors_layer(&settings.cors_allowed_origins)?;
+        let connections = Arc::new(Connections::default());
+        let idle = settings.idle;
         let drain = stop.clone();
         #[allow(unused_mut)] // only the TLS build changes it
         let mut builder = Server::builder();
@@ -451,10 +454,16 @@ impl Application {
             .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
             .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            // Peers that are gone are found by pings; connections that do
+            // nothing are closed (`idle`).
+            .http2_keepalive_interval(Some(settings.http2_keepalive))
+            .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
             // gRPC-Web (browsers, the dashboard) over HTTP/1.1 as well as
             // HTTP/2, translated to gRPC before anything else sees it; CORS
             // preflights for the configured origins are answered first.
             .accept_http1(true)
+            // Each request counted open on its connection, its body bounded.
+            .layer(IdleLayer::new(Arc::clone(&connections), settings.idle))
             // The dashboard's files, for browser GETs that are no RPC.
             .layer(DashboardLayer::new(dashboard))
             .layer(tower::util::option_layer(cors))
@@ -473,7 +482,7 @@ impl Application {
                 // each connection's frames are written many per system call.
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
-                    .map_ok(CoalescingStream::new),
+                    .map_ok(move |stream| CoalescingStream::accepted(stream, &connections, idle)),
                 drain.cancelled_owned(),
             );
         tokio::pin!(server);

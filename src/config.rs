@@ -87,6 +87,13 @@ pub struct Settings {
     pub max_request_bytes: usize,
     /// Most concurrent HTTP/2 streams (RPCs) per connection.
     pub max_concurrent_streams: u32,
+    /// When a connection that does nothing is closed, and how long a
+    /// request body may take to arrive.
+    pub idle: crate::idle::IdleLimits,
+    /// HTTP/2 keepalive: a ping this often, the connection closed when one
+    /// is not answered within `http2_keepalive_timeout`.
+    pub http2_keepalive: Duration,
+    pub http2_keepalive_timeout: Duration,
     /// Browser origins allowed to call over gRPC-Web (CORS); empty: none
     /// (same-origin pages and non-browser clients need no entry).
     pub cors_allowed_origins: Vec<String>,
@@ -121,6 +128,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// How often the whole key catalog is reloaded by default.
 pub const DEFAULT_CATALOG_REFRESH: Duration = Duration::from_secs(30);
 /// How long in-flight work may run after a shutdown signal by default.
+/// HTTP/2 keepalive ping interval and its answer's timeout.
+pub const DEFAULT_HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Most concurrent RPCs per HTTP/2 connection by default.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
@@ -141,6 +152,9 @@ impl Settings {
             limits: Limits::default(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            idle: crate::idle::IdleLimits::default(),
+            http2_keepalive: DEFAULT_HTTP2_KEEPALIVE,
+            http2_keepalive_timeout: DEFAULT_HTTP2_KEEPALIVE_TIMEOUT,
             cors_allowed_origins: Vec::new(),
             dashboard_dir: None,
             secret_files: Vec::new(),

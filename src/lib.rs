@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod idle;
 pub mod keys;
 pub mod metrics;
 pub mod report;

@@ -76,6 +76,8 @@ pub struct CoalescingStream {
     read_ahead: BytesMut,
     queue: Arc<WriteQueue>,
     info: TcpConnectInfo,
+    /// A server connection's place among the watched ones (`crate::idle`).
+    _registration: Option<crate::idle::Registration>,
 }
 
 impl CoalescingStream {
@@ -94,7 +96,21 @@ impl CoalescingStream {
             read_ahead: BytesMut::new(),
             queue,
             info,
+            _registration: None,
         }
+    }
+
+    /// An accepted connection, watched by `connections` under `limits`
+    /// (closed when it does nothing; see [`crate::idle`]).
+    pub fn accepted(
+        stream: TcpStream,
+        connections: &Arc<crate::idle::Connections>,
+        limits: crate::idle::IdleLimits,
+    ) -> Self {
+        let registration = connections.accept(&stream, limits);
+        let mut accepted = Self::new(stream);
+        accepted._registration = Some(registration);
+        accepted
     }
 
     /// Connects to `addr` with `TCP_NODELAY` (the queue already batches

@@ -70,6 +70,24 @@ pub(super) struct ServeArgs {
     /// Most concurrent RPCs (HTTP/2 streams) per connection.
     #[arg(long, env = "KEYWARD_MAX_CONCURRENT_STREAMS", default_value_t = crate::config::DEFAULT_MAX_CONCURRENT_STREAMS)]
     max_concurrent_streams: u32,
+    /// Seconds a new connection may go without starting a request before
+    /// it is closed.
+    #[arg(long, env = "KEYWARD_FIRST_REQUEST_TIMEOUT_SECS", default_value_t = crate::idle::IdleLimits::default().first_request.as_secs())]
+    first_request_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in progress (a
+    /// streaming WatchRotation is one) before it is closed.
+    #[arg(long, env = "KEYWARD_IDLE_CONNECTION_TIMEOUT_SECS", default_value_t = crate::idle::IdleLimits::default().idle.as_secs())]
+    idle_connection_timeout_secs: u64,
+    /// Seconds a request's body may take to arrive.
+    #[arg(long, env = "KEYWARD_REQUEST_BODY_TIMEOUT_SECS", default_value_t = crate::idle::IdleLimits::default().request_body.as_secs())]
+    request_body_timeout_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings on each connection.
+    #[arg(long, env = "KEYWARD_HTTP2_KEEPALIVE_SECS", default_value_t = crate::config::DEFAULT_HTTP2_KEEPALIVE.as_secs())]
+    http2_keepalive_secs: u64,
+    /// Seconds a keepalive ping may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "KEYWARD_HTTP2_KEEPALIVE_TIMEOUT_SECS", default_value_t = crate::config::DEFAULT_HTTP2_KEEPALIVE_TIMEOUT.as_secs())]
+    http2_keepalive_timeout_secs: u64,
     /// Browser origin (e.g. https://ops.example.com) allowed to call keyward
     /// over gRPC-Web; comma-separated for several. Default: none.
     #[arg(long, env = "KEYWARD_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -233,6 +251,13 @@ impl ServeArgs {
             },
             max_request_bytes: args.max_request_bytes,
             max_concurrent_streams: args.max_concurrent_streams.max(1),
+            idle: crate::idle::IdleLimits {
+                first_request: Duration::from_secs(args.first_request_timeout_secs.max(1)),
+                idle: Duration::from_secs(args.idle_connection_timeout_secs.max(1)),
+                request_body: Duration::from_secs(args.request_body_timeout_secs.max(1)),
+            },
+            http2_keepalive: Duration::from_secs(args.http2_keepalive_secs.max(1)),
+            http2_keepalive_timeout: Duration::from_secs(args.http2_keepalive_timeout_secs.max(1)),
             cors_allowed_origins: args.cors_allowed_origins,
             dashboard_dir: args.dashboard_dir,
             secret_files: global.master_key_file.iter().cloned().collect(),
@@ -353,6 +378,11 @@ mod tests {
             library.catalog_refresh_interval
         );
         assert_eq!(settings.shutdown_grace, library.shutdown_grace);
+        assert_eq!(settings.idle, library.idle);
+        assert_eq!(
+            (settings.http2_keepalive, settings.http2_keepalive_timeout),
+            (library.http2_keepalive, library.http2_keepalive_timeout)
+        );
         assert_eq!(settings.replica, ReplicaOptions::default());
         assert_eq!(settings.worker, Some(WorkerOptions::default()));
         assert_eq!(settings.kms, KmsSettings::default());

@@ -82,8 +82,19 @@ async fn span_fields_reach_success_lines_and_admin_events() {
         })
         .await
         .unwrap();
-    server.wait_for_log("\"method\":\"CreateKey\"");
-    let lines = json_lines(&server.log());
+    // Its "rpc finished" line is written once the response has gone out.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let lines = loop {
+        let lines = json_lines(&server.log());
+        let done = lines.iter().any(|l| {
+            l["fields"]["message"] == "rpc finished" && l["span"]["method"] == "CreateKey"
+        });
+        if done {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    };
     let finished = |method: &str| {
         lines
             .iter()

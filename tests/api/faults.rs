@@ -10,21 +10,29 @@ use crate::{
     rotation::activate_new_key,
 };
 
+/// A server on a PostgreSQL database of its own, a TCP hop to that
+/// database the test can cut or stall, and the database's URL through it.
+async fn behind_a_proxy(
+    prefix: &str,
+) -> Option<(crate::helpers::TestApp, std::sync::Arc<Proxy>, String)> {
+    let url = postgres::create_database(postgres::server_or_skip()?, prefix).await;
+    let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
+    let (head, database) = url.rsplit_once('/').unwrap();
+    let (credentials, host) = head.rsplit_once('@').unwrap();
+    let proxy = Proxy::start(host).await;
+    let via_proxy = format!("{credentials}@{}/{database}", proxy.addr);
+    Some((app, proxy, via_proxy))
+}
+
 /// A Decrypt that names a key this replica has not loaded, while it cannot
 /// reach the database, is UNAVAILABLE (retry), not NOT_FOUND ("restore the
 /// row"): the key may well exist. Once the database is back, it decrypts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unloaded_key_with_the_database_down_is_unavailable_not_missing() {
-    let Some(server) = postgres::server_or_skip() else {
+    let Some((writer, proxy, via_proxy)) = behind_a_proxy("faults").await else {
         return;
     };
-    let url = postgres::create_database(server, "faults").await;
-    let writer = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
     // The second replica reaches the database through a hop the test cuts.
-    let (head, database) = url.rsplit_once('/').unwrap();
-    let (credentials, host) = head.rsplit_once('@').unwrap();
-    let proxy = Proxy::start(host).await;
-    let via_proxy = format!("{credentials}@{}/{database}", proxy.addr);
     let reader = spawn_on(Backend::Postgres, via_proxy, Options::default()).await;
 
     proxy.cut();
@@ -69,15 +77,7 @@ async fn an_unloaded_key_with_the_database_down_is_unavailable_not_missing() {
 /// watch). keyward's own INTERNAL stays INTERNAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_the_callers_fault() {
-    let app = crate::helpers::spawn_with(
-        Backend::Sqlite,
-        Options {
-            metrics: true,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
+    let app = with_metrics(Options::default()).await;
     let frame = |flag: u8, declared: u32, payload: &[u8]| {
         let mut body = vec![flag];
         body.extend_from_slice(&declared.to_be_bytes());
@@ -126,26 +126,33 @@ async fn undecodable_requests_are_the_callers_fault() {
     );
 }
 
-/// A client that goes away mid-call is recorded as CANCELLED (at INFO),
-/// not as a server fault: here a WatchRotation stream the client drops.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_is_cancelled_not_a_fault() {
-    let app = crate::helpers::spawn_with(
-        Backend::Sqlite,
-        Options {
-            metrics: true,
-            worker: None,
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
-    activate_new_key(&app, "next").await;
-    let job = crate::rotation::start(&app, Default::default()).await;
+/// A server on SQLite with `options` and its metrics endpoint.
+async fn with_metrics(options: Options) -> crate::helpers::TestApp {
+    let options = Options {
+        metrics: true,
+        ..options
+    };
+    crate::helpers::spawn_with(Backend::Sqlite, options)
+        .await
+        .unwrap()
+}
+
+/// A job to a new key that no worker runs, and a WatchRotation stream on it
+/// past its first message.
+async fn watching_a_pending_job(
+    app: &crate::helpers::TestApp,
+) -> (
+    String,
+    tonic::Streaming<keyward::api::proto::RotationProgress>,
+) {
+    activate_new_key(app, "next").await;
+    let job = crate::rotation::start(app, Default::default()).await;
     let mut stream = app
         .admin
         .clone()
-        .watch_rotation(keyward::api::proto::WatchRotationRequest { job_id: job })
+        .watch_rotation(keyward::api::proto::WatchRotationRequest {
+            job_id: job.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -154,6 +161,19 @@ async fn a_client_that_goes_away_is_cancelled_not_a_fault() {
         .await
         .unwrap()
         .expect("a first progress message");
+    (job, stream)
+}
+
+/// A client that goes away mid-call is recorded as CANCELLED (at INFO),
+/// not as a server fault: here a WatchRotation stream the client drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_cancelled_not_a_fault() {
+    let app = with_metrics(Options {
+        worker: None,
+        ..Options::default()
+    })
+    .await;
+    let (_, stream) = watching_a_pending_job(&app).await;
     drop(stream);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -282,15 +302,9 @@ async fn a_worker_paused_inside_a_transaction_does_not_freeze_rotation() {
 /// to release its lease and heartbeat row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_exits_within_its_grace_while_the_database_is_down() {
-    let Some(server) = postgres::server_or_skip() else {
+    let Some((_app, proxy, via_proxy)) = behind_a_proxy("down").await else {
         return;
     };
-    let url = postgres::create_database(server, "down").await;
-    let _app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
-    let (head, database) = url.rsplit_once('/').unwrap();
-    let (credentials, host) = head.rsplit_once('@').unwrap();
-    let proxy = Proxy::start(host).await;
-    let via_proxy = format!("{credentials}@{}/{database}", proxy.addr);
     let mut worker =
         crate::workers::WorkerProcess::start_with(&via_proxy, &["--shutdown-grace-secs", "3"]);
     // Unanswered, as a stopped host or a half-open network is.
@@ -302,5 +316,96 @@ async fn a_worker_exits_within_its_grace_while_the_database_is_down() {
         took < std::time::Duration::from_millis(4500),
         "took {took:?}:\n{}",
         worker.log()
+    );
+}
+
+/// Connections that do nothing are closed (here with limits of 1 s): a
+/// silent TCP connection, one that sent the HTTP/2 preface and nothing
+/// more, and a keep-alive connection after its request; a request body that
+/// never ends fails with DEADLINE_EXCEEDED. A quiet WatchRotation stream is
+/// a request in progress and is never cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_do_nothing_are_closed_but_a_quiet_stream_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let second = std::time::Duration::from_secs(1);
+    let app = crate::helpers::spawn_with(
+        Backend::Sqlite,
+        Options {
+            worker: None,
+            idle: keyward::idle::IdleLimits {
+                first_request: second,
+                idle: second,
+                request_body: second,
+            },
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Reads until the server closes the connection; what it sent, and how
+    // long that took.
+    let until_closed = |mut stream: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let mut seen = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut seen),
+        )
+        .await;
+        assert!(read.is_ok(), "still open after 10 s");
+        (
+            String::from_utf8_lossy(&seen).into_owned(),
+            started.elapsed(),
+        )
+    };
+
+    let silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (_, took) = until_closed(silent).await;
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    let mut preface = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (_, took) = until_closed(preface).await;
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // A gRPC-Web request whose body never ends (100 bytes declared, 5 sent),
+    // on a keep-alive connection.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(
+        b"POST /keyward.v1.Crypto/Encrypt HTTP/1.1\r\nhost: keyward\r\n\
+          content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: 100\r\n\r\n\
+          \x00\x00\x00\x00\x5f",
+    )
+    .await
+    .unwrap();
+    let (reply, took) = until_closed(slow).await;
+    // gRPC answers DEADLINE_EXCEEDED; tonic-web wraps the body's error, so
+    // gRPC-Web says INTERNAL, and why.
+    let reply = reply.to_ascii_lowercase().replace("%20", " ");
+    assert!(
+        reply.contains("the request body did not arrive in time"),
+        "{reply}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+
+    // A quiet stream outlives every limit; it ends when the job does.
+    let (job, mut stream) = watching_a_pending_job(&app).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    app.admin
+        .clone()
+        .cancel_rotation(keyward::api::proto::CancelRotationRequest { job_id: job })
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(progress) = stream.message().await.expect("the quiet stream was cut") {
+        last = Some(progress);
+    }
+    let last = last.expect("progress after the cancel");
+    assert_eq!(
+        last.job.unwrap().status,
+        keyward::api::proto::RotationStatus::Cancelled as i32
     );
 }

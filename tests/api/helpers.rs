@@ -147,6 +147,8 @@ pub struct Options {
     pub limits: Limits,
     /// The in-process rotation worker (`None`: like `serve --no-worker`).
     pub worker: Option<WorkerOptions>,
+    /// When connections that do nothing are closed.
+    pub idle: keyward::idle::IdleLimits,
     /// Rotation targets beyond `connections`.
     pub targets: Vec<keyward::rotation::target::RotationTarget>,
     /// AWS KMS endpoint and the data-key cache.
@@ -183,6 +185,7 @@ impl Default for Options {
             targets: Vec::new(),
             kms: KmsSettings::default(),
             auth: Default::default(),
+            idle: Default::default(),
             audit: Default::default(),
             tls: None,
             metrics: false,
@@ -244,6 +247,7 @@ async fn start(
     settings.rotation_targets = options.targets;
     settings.kms = options.kms;
     settings.auth = options.auth;
+    settings.idle = options.idle;
     settings.audit = options.audit;
     settings.cors_allowed_origins = options.cors_allowed_origins;
     settings.dashboard_dir = options.dashboard_dir;

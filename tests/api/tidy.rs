@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["config.rs"]),
     ("metrics", &["metrics.rs"]),
     ("api", &["api/"]),
-    ("transport", &["transport.rs"]),
+    ("transport", &["transport.rs", "idle.rs"]),
     (
         "service",
         &["service/", "rotation/worker.rs", "auth/authenticator.rs"],

@@ -342,6 +342,33 @@ async fn sigterm_releases_the_lease_and_a_second_worker_continues_at_once() {
     assert_all_rotated(&app, &target, &expected).await;
 }
 
+/// A job in batches of 10, and its first batch claimed by `worker` for
+/// `lease`.
+async fn started_and_claimed(
+    app: &TestApp,
+    worker: &str,
+    lease: chrono::Duration,
+) -> (String, keyward::store::rotation::Claim) {
+    let job_id = start(
+        app,
+        StartRotationRequest {
+            batch_size: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    let keyward::store::rotation::ClaimOutcome::Batch(claim) = app
+        .services
+        .store
+        .claim_batch(worker, lease, &app.services.targets)
+        .await
+        .unwrap()
+    else {
+        panic!("expected a batch");
+    };
+    (job_id, claim)
+}
+
 /// A zombie worker: paused past its lease, resumed after another worker
 /// finished the job without it. Its batch writes nothing and moves no
 /// counter (it used to add its rows to `processed` and `skipped` of the
@@ -351,26 +378,9 @@ async fn a_worker_resumed_after_its_lease_expired_changes_nothing() {
     let Some((app, expected, target)) = prepared(30).await else {
         return;
     };
-    let job_id = start(
-        &app,
-        StartRotationRequest {
-            batch_size: 10,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (job_id, zombie) =
+        started_and_claimed(&app, "zombie", chrono::Duration::milliseconds(1)).await;
     let store = &app.services.store;
-    let keyward::store::rotation::ClaimOutcome::Batch(zombie) = store
-        .claim_batch(
-            "zombie",
-            chrono::Duration::milliseconds(1),
-            &app.services.targets,
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("expected a batch");
-    };
     tokio::time::sleep(Duration::from_millis(20)).await;
     let worker = app.services.worker(Default::default());
     for _ in 0..20 {
@@ -422,23 +432,9 @@ async fn an_abandoned_batch_is_redone_by_the_next_pass_without_waiting() {
     let Some((app, expected, target)) = prepared(30).await else {
         return;
     };
-    let job_id = start(
-        &app,
-        StartRotationRequest {
-            batch_size: 10,
-            ..Default::default()
-        },
-    )
-    .await;
+    let (job_id, claim) =
+        started_and_claimed(&app, "stopping-worker", chrono::Duration::minutes(10)).await;
     let store = &app.services.store;
-    let lease = chrono::Duration::minutes(10);
-    let keyward::store::rotation::ClaimOutcome::Batch(claim) = store
-        .claim_batch("stopping-worker", lease, &app.services.targets)
-        .await
-        .unwrap()
-    else {
-        panic!("expected a batch");
-    };
     assert_eq!(claim.rows.len(), 10);
     store
         .release_claim(&claim, "stopping-worker")
