@@ -319,8 +319,8 @@ where
     }
 }
 
-/// The peer of the connection a request came on.
-fn peer_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+/// The peer of the connection a request came on (over TLS or not).
+pub fn peer_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
     let ext = request.extensions();
     #[cfg(feature = "tls")]
     if let Some(tls) = ext.get::<tonic::transport::server::TlsConnectInfo<TcpConnectInfo>>() {

@@ -7,9 +7,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tonic::transport::server::TcpConnectInfo;
 #[cfg(feature = "tls")]
-use tonic::transport::server::TlsConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::status::{code_name, to_status};
@@ -155,19 +154,16 @@ fn too_large_is_resource_exhausted(response: &mut http::Response<tonic::body::Bo
 /// The peer address and the common names of a client certificate, if the
 /// connection presented one.
 fn connection_identity<B>(request: &http::Request<B>) -> (Option<SocketAddr>, Vec<String>) {
-    let ext = request.extensions();
+    let peer = crate::idle::peer_of(request);
     #[cfg(feature = "tls")]
-    if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+    if let Some(tls) = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
         let names = tls
             .peer_certs()
             .and_then(|certs| certs.first().map(|leaf| common_names(leaf.as_ref())))
             .unwrap_or_default();
-        return (tls.get_ref().remote_addr(), names);
+        return (peer, names);
     }
-    (
-        ext.get::<TcpConnectInfo>().and_then(|c| c.remote_addr()),
-        Vec::new(),
-    )
+    (peer, Vec::new())
 }
 
 #[cfg(feature = "tls")]
