@@ -326,6 +326,7 @@ impl Application {
                     Arc::clone(services.crypto.kms().stats()),
                     Arc::clone(services.crypto.cache().stats()),
                     Arc::clone(&audit),
+                    auth.token_stats(),
                 );
                 Some((Arc::new(metrics), listener))
             }

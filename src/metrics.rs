@@ -9,6 +9,8 @@
 //!   the registry's [`KmsCallStats`] at scrape time);
 //! - data-key cache hits, misses and evictions ([`CacheStats`]);
 //! - audit events written and failed ([`AuditLog`]);
+//! - bearer tokens this process did not hold, and the shared database
+//!   checks they cost ([`TokenStats`]);
 //! - rotation jobs by status, and rows and rate of each running job, read
 //!   from the database at scrape time, so every replica reports the same;
 //! - re-encryption debt: rows per key (legacy included) and rotation
@@ -27,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::observe::RpcMetrics,
-    auth::audit::AuditLog,
+    auth::{audit::AuditLog, TokenStats},
     crypto::{
         cache::CacheStats,
         kms::{KmsCallStats, KmsOperation, ProviderKind},
@@ -97,6 +99,7 @@ impl Metrics {
         kms: Arc<KmsCallStats>,
         cache: Arc<CacheStats>,
         audit: Arc<AuditLog>,
+        tokens: Arc<TokenStats>,
     ) -> Self {
         let mut registry = Registry::with_prefix("keyward");
         // The gRPC layer owns its families; this endpoint only serves them.
@@ -168,6 +171,7 @@ impl Metrics {
         registry.register_collector(Box::new(KmsCollector(kms)));
         registry.register_collector(Box::new(CacheCollector(cache)));
         registry.register_collector(Box::new(AuditCollector(audit)));
+        registry.register_collector(Box::new(TokenCollector(tokens)));
         Self {
             registry,
             rpc,
@@ -485,5 +489,41 @@ impl Collector for AuditCollector {
                 (AuditLabels { outcome: "failed" }, self.0.failed()),
             ],
         )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TokenLabels {
+    outcome: &'static str,
+}
+
+/// Bearer tokens that were not in memory, read at scrape time.
+struct TokenCollector(Arc<TokenStats>);
+
+impl fmt::Debug for TokenCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenCollector")
+    }
+}
+
+impl Collector for TokenCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        encode_values(
+            &mut encoder,
+            "unknown_tokens",
+            "Bearer tokens this process did not hold, by outcome (found by a shared check; \
+             unknown after one; over_peer_budget: refused at once)",
+            MetricType::Counter,
+            self.0
+                .misses()
+                .map(|(outcome, count)| (TokenLabels { outcome }, count)),
+        )?;
+        let checks = encoder.encode_descriptor(
+            "token_checks",
+            "Shared database checks for new bearer tokens (at most 10 a second, whatever the number of unknown tokens)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.0.checks()).encode(checks)
     }
 }

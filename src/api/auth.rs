@@ -96,7 +96,10 @@ where
                 .and_then(|v| v.to_str().ok());
             // The principal moves on to the handler: its reference count is
             // shared by all of its calls on every core, so it is not cloned.
-            let admitted = match auth.authenticate(authorization, &common_names).await {
+            let admitted = match auth
+                .authenticate(authorization, &common_names, peer.map(|p| p.ip()))
+                .await
+            {
                 Ok(principal) => match auth.authorize(&principal, role) {
                     Ok(()) => Ok(principal),
                     Err(err) => Err((Some(principal), err)),

@@ -1,14 +1,16 @@
-//! Turns credentials into a [`Principal`]: bearer tokens (looked up by
-//! hash in an in-memory copy of `keyward_api_tokens`) and client certificates
-//! (mapped by subject common name). Also the per-principal rate limit.
+//! Turns credentials into a [`Principal`]: bearer tokens (by hash, in the
+//! in-memory set of live tokens, `auth::live_tokens`) and client
+//! certificates (mapped by subject common name). Also the per-principal
+//! rate limit.
 
-use std::{collections::HashMap, num::NonZeroU32, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, num::NonZeroU32, sync::Arc};
 
-use arc_swap::ArcSwap;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use tokio::sync::Mutex;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use super::{token, AuthError, Principal, PrincipalKind, Role, Scope};
+use super::{
+    live_tokens::{LiveTokens, TokenStats},
+    token, AuthError, Principal, PrincipalKind, Role, Scope,
+};
 use crate::store::{Store, StoreError};
 
 /// A client-certificate identity: certificates whose subject CN is
@@ -45,19 +47,13 @@ pub struct AuthSettings {
     pub rate_limit: Option<(NonZeroU32, NonZeroU32)>,
 }
 
-/// Most database lookups of unknown tokens per second, so a flood of bad
-/// tokens cannot turn into a flood of queries.
-const MISS_LOOKUPS_PER_SECOND: u32 = 50;
-
 pub struct Authenticator {
     store: Store,
     required: bool,
     /// The one principal of an unauthenticated server (no allocation per call).
     anonymous: Arc<Principal>,
-    tokens: ArcSwap<HashMap<String, Arc<Principal>>>,
+    tokens: LiveTokens,
     certs: HashMap<String, Arc<Principal>>,
-    reload_lock: Mutex<()>,
-    miss_lookups: DefaultDirectRateLimiter,
     limiter: Option<(DefaultKeyedRateLimiter<String>, u32)>,
 }
 
@@ -98,12 +94,8 @@ impl Authenticator {
             store,
             required: settings.required,
             anonymous: Principal::anonymous(),
-            tokens: ArcSwap::default(),
+            tokens: LiveTokens::default(),
             certs,
-            reload_lock: Mutex::new(()),
-            miss_lookups: RateLimiter::direct(Quota::per_second(
-                NonZeroU32::new(MISS_LOOKUPS_PER_SECOND).unwrap_or(NonZeroU32::MIN),
-            )),
             limiter,
         })
     }
@@ -116,34 +108,23 @@ impl Authenticator {
     /// Reloads the live tokens from `keyward_api_tokens` (revocations take
     /// effect here).
     pub async fn reload(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.reload_lock.lock().await;
-        let map = self
-            .store
-            .list_tokens()
-            .await?
-            .into_iter()
-            .filter(|t| t.revoked_at.is_none())
-            .map(|t| {
-                let principal = Principal {
-                    name: t.name,
-                    kind: PrincipalKind::Token,
-                    roles: t.roles,
-                    scope: t.scope,
-                };
-                (t.token_hash, Arc::new(principal))
-            })
-            .collect();
-        self.tokens.store(Arc::new(map));
-        Ok(())
+        self.tokens.reload(&self.store).await
+    }
+
+    /// What happened to tokens this process did not hold (for the metrics).
+    pub fn token_stats(&self) -> Arc<TokenStats> {
+        Arc::clone(self.tokens.stats())
     }
 
     /// The principal behind a request's credentials: the client
     /// certificate's common name if it maps to one, else the bearer token
-    /// (`authorization` metadata, `Bearer <token>`).
+    /// (`authorization` metadata, `Bearer <token>`). `peer` is the
+    /// caller's address, which budgets its unknown tokens.
     pub async fn authenticate(
         &self,
         authorization: Option<&str>,
         cert_common_names: &[String],
+        peer: Option<IpAddr>,
     ) -> Result<Arc<Principal>, AuthError> {
         if !self.required {
             return Ok(Arc::clone(&self.anonymous));
@@ -180,36 +161,14 @@ impl Authenticator {
             ));
         }
         let hash = token::hash(token);
-        if let Some(principal) = self.tokens.load().get(&hash) {
-            return Ok(Arc::clone(principal));
+        if let Some(principal) = self.tokens.get(&hash) {
+            return Ok(principal);
         }
-        // Perhaps created since the last reload (keyward token create):
-        // look it up, within a global budget of lookups.
-        const INVALID: AuthError = AuthError::Unauthenticated("invalid or revoked token");
-        if self.miss_lookups.check().is_err() {
-            return Err(INVALID);
-        }
-        match self.store.find_live_token(&hash).await {
-            Ok(Some(record)) => {
-                let principal = Arc::new(Principal {
-                    name: record.name,
-                    kind: PrincipalKind::Token,
-                    roles: record.roles,
-                    scope: record.scope,
-                });
-                self.tokens.rcu(|current| {
-                    let mut next = HashMap::clone(current);
-                    next.insert(hash.clone(), Arc::clone(&principal));
-                    next
-                });
-                Ok(principal)
-            }
-            Ok(None) => Err(INVALID),
-            Err(err) => {
-                tracing::warn!(error = %err, "looking up an api token failed");
-                Err(INVALID)
-            }
-        }
+        // Made up, or created a moment ago (keyward token create).
+        self.tokens
+            .find_new(&self.store, &hash, peer)
+            .await
+            .ok_or(AuthError::Unauthenticated("invalid or revoked token"))
     }
 
     /// Checks that `principal` may make a call needing `role`, and spends

@@ -10,12 +10,14 @@
 
 pub mod audit;
 mod authenticator;
+mod live_tokens;
 pub mod refusals;
 pub mod token;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 pub use authenticator::{AuthSettings, Authenticator, CertPrincipal};
+pub use live_tokens::TokenStats;
 
 use crate::{crypto::context::EncryptionContext, keys::KeyRecord};
 

@@ -119,21 +119,6 @@ impl Store {
         rows.into_iter().map(TokenRecord::try_from).collect()
     }
 
-    /// The live (not revoked) token with this hash.
-    pub async fn find_live_token(
-        &self,
-        token_hash: &str,
-    ) -> Result<Option<TokenRecord>, StoreError> {
-        let sql = format!(
-            "SELECT {TOKEN_COLUMNS} FROM keyward_api_tokens WHERE token_hash = $1 AND revoked_at IS NULL"
-        );
-        let row: Option<TokenRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
-            .bind(token_hash)
-            .fetch_optional(pool)
-            .await)?;
-        row.map(TokenRecord::try_from).transpose()
-    }
-
     /// Revokes a token by name; `false` if no live token has that name.
     pub async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let done = on_pool!(self, |pool| {

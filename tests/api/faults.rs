@@ -409,3 +409,87 @@ async fn connections_that_do_nothing_are_closed_but_a_quiet_stream_is_not() {
         keyward::api::proto::RotationStatus::Cancelled as i32
     );
 }
+
+/// A flood of made-up bearer tokens costs the database a few shared checks
+/// (never one per token), its peer's excess is refused at once, and a token
+/// created during the flood works on its first call from another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_tokens_does_not_lock_out_a_new_one() {
+    use crate::security::{bearer, call, issue_unscoped};
+    use keyward::auth::{token, Role};
+
+    const FLOOD: usize = 2_000;
+    const CONCURRENCY: usize = 16;
+    const ENCRYPT: &str = "/keyward.v1.Crypto/Encrypt";
+    let options = Options {
+        auth: keyward::auth::AuthSettings {
+            required: true,
+            ..Default::default()
+        },
+        ..Options::default()
+    };
+    let app = with_metrics(options).await;
+    let from = |ip: [u8; 4]| {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .local_address(Some(std::net::IpAddr::from(ip)))
+            .connect_lazy()
+    };
+    let started = std::time::Instant::now();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (channel, sent) = (from([127, 0, 0, 1]), std::sync::Arc::clone(&sent));
+            tokio::spawn(async move {
+                while sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < FLOOD {
+                    let fake = bearer(&token::generate());
+                    assert_eq!(
+                        call(&channel, ENCRYPT, Some(&fake)).await,
+                        tonic::Code::Unauthenticated
+                    );
+                }
+            })
+        })
+        .collect();
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < FLOOD / 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let fresh = issue_unscoped(&app, "fresh", &[Role::Encrypt]).await;
+    let code = call(&from([127, 0, 0, 2]), ENCRYPT, Some(&bearer(&fresh))).await;
+    let during = sent.load(std::sync::atomic::Ordering::Relaxed) < FLOOD;
+    // An empty request passes authentication and is refused by the handler.
+    assert_eq!(
+        code,
+        tonic::Code::InvalidArgument,
+        "the new token's first call"
+    );
+    for task in flood {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+
+    let metrics = crate::metrics::scrape_text(&app).await;
+    let value = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let checks = value("keyward_token_checks_total ");
+    let bound = elapsed.as_millis() as u64 / 100 + 2;
+    assert!(
+        checks <= bound,
+        "{FLOOD} made-up tokens in {elapsed:?} cost {checks} database checks (at most {bound})"
+    );
+    let over_budget = value("keyward_unknown_tokens_total{outcome=\"over_peer_budget\"}");
+    assert!(
+        over_budget > FLOOD as u64 / 2,
+        "{over_budget} of {FLOOD} refused at once"
+    );
+    assert_eq!(value("keyward_unknown_tokens_total{outcome=\"found\"}"), 1);
+    eprintln!(
+        "{FLOOD} made-up tokens in {elapsed:?}: {checks} checks, {over_budget} over the peer's budget; the new token's call came {}",
+        if during { "during the flood" } else { "after it" }
+    );
+}

@@ -164,7 +164,7 @@ pub(crate) async fn issue(app: &TestApp, name: &str, roles: &[Role], scope: Scop
     secret.to_string()
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 

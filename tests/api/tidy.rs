@@ -24,7 +24,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("transport", &["transport.rs", "idle.rs"]),
     (
         "service",
-        &["service/", "rotation/worker.rs", "auth/authenticator.rs"],
+        &[
+            "service/",
+            "rotation/worker.rs",
+            "auth/authenticator.rs",
+            "auth/live_tokens.rs",
+        ],
     ),
     ("error", &["error.rs"]),
     ("store", &["store/"]),
