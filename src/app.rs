@@ -7,14 +7,14 @@
 //! then on shutdown turns health NOT_SERVING, drains RPCs under the grace
 //! period, and returns.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
+#[cfg(feature = "tls")]
+use crate::tls::TlsFiles;
 use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{server::TcpIncoming, Server};
-#[cfg(feature = "tls")]
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::{
@@ -78,12 +78,10 @@ pub enum StartupError {
     /// The authentication settings are invalid.
     #[error("authentication: {0}")]
     Auth(String),
-    /// The TLS certificate, key or client CA could not be read.
-    #[error("tls: cannot read {path}: {source}")]
-    Tls {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    /// The TLS certificate, key or client CA could not be read or used.
+    #[cfg(feature = "tls")]
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// `--dashboard-dir` is missing, or holds the database or a key file.
     #[error("dashboard directory: {0}")]
     Dashboard(String),
@@ -241,6 +239,9 @@ impl Services {
 pub const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
+/// The gRPC server running, until its shutdown future resolves.
+type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 /// The key id `serve --dev` seeds when the catalog has no active key.
 pub const DEV_KEY_ID: &str = "dev-local";
 
@@ -254,7 +255,7 @@ pub struct Application {
     audit: Arc<AuditLog>,
     dashboard: Option<DashboardDir>,
     #[cfg(feature = "tls")]
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<TlsFiles>>,
 }
 
 impl Application {
@@ -332,7 +333,18 @@ impl Application {
             }
         };
         #[cfg(feature = "tls")]
-        let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+        let tls = settings
+            .tls
+            .as_ref()
+            .map(|tls| {
+                TlsFiles::load(crate::tls::TlsPaths {
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                    client_ca: tls.client_ca.clone(),
+                })
+                .map(Arc::new)
+            })
+            .transpose()?;
         #[cfg(not(feature = "tls"))]
         if settings.tls.is_some() {
             return Err(StartupError::Auth(
@@ -361,6 +373,18 @@ impl Application {
         self.metrics
             .as_ref()
             .and_then(|(_, listener)| listener.local_addr().ok())
+    }
+
+    /// A handle that reloads the audit file, TLS files, key catalog and
+    /// api tokens of this server while it runs (`serve` calls it on SIGHUP).
+    pub fn reloader(&self) -> crate::reload::Reloader {
+        crate::reload::Reloader {
+            audit: Arc::clone(&self.audit),
+            auth: Arc::clone(&self.auth),
+            admin: Arc::clone(&self.services.admin),
+            #[cfg(feature = "tls")]
+            tls: self.tls.clone(),
+        }
     }
 
     pub fn services(&self) -> &Services {
@@ -443,13 +467,7 @@ impl Application {
         let connections = Arc::new(Connections::default());
         let idle = settings.idle;
         let drain = stop.clone();
-        #[allow(unused_mut)] // only the TLS build changes it
-        let mut builder = Server::builder();
-        #[cfg(feature = "tls")]
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls)?;
-        }
-        let server = builder
+        let router = Server::builder()
             // HTTP/2's default 64 KiB windows stall many concurrent or large
             // messages (batches) behind WINDOW_UPDATE round trips.
             .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
@@ -477,15 +495,25 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(crypto)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(
-                // Small responses must not wait out Nagle + delayed ACK;
-                // each connection's frames are written many per system call.
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .map_ok(move |stream| CoalescingStream::accepted(stream, &connections, idle)),
-                drain.cancelled_owned(),
-            );
+            .add_service(admin);
+        // Small responses must not wait out Nagle + delayed ACK; each
+        // connection's frames are written many per system call.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map_ok(move |stream| CoalescingStream::accepted(stream, &connections, idle));
+        let drain = drain.cancelled_owned();
+        // A TLS handshake gets as long as a connection has to start its
+        // first request.
+        #[cfg(feature = "tls")]
+        let server: Serving = match tls {
+            Some(tls) => Box::pin(
+                router
+                    .serve_with_incoming_shutdown(tls.secure(incoming, idle.first_request), drain),
+            ),
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, drain)),
+        };
+        #[cfg(not(feature = "tls"))]
+        let server: Serving = Box::pin(router.serve_with_incoming_shutdown(incoming, drain));
         tokio::pin!(server);
 
         tokio::select! {
@@ -520,26 +548,6 @@ impl Application {
         tracing::info!("stopped");
         result
     }
-}
-
-#[cfg(feature = "tls")]
-/// The rustls server configuration: certificate and key, and with a client
-/// CA, optional client certificates (callers may also use bearer tokens).
-fn tls_config(tls: &crate::config::TlsSettings) -> Result<ServerTlsConfig, StartupError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| StartupError::Tls {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-    if let Some(ca) = &tls.client_ca {
-        config = config
-            .client_ca_root(Certificate::from_pem(read(ca)?))
-            .client_auth_optional(true);
-    }
-    Ok(config)
 }
 
 /// CORS for gRPC-Web callers from `origins`; `None` when there are none.

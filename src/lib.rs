@@ -30,8 +30,11 @@ pub mod error;
 pub mod idle;
 pub mod keys;
 pub mod metrics;
+pub mod reload;
 pub mod report;
 pub mod rotation;
 pub mod service;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;

@@ -174,6 +174,8 @@ impl LineWriter {
 
 pub struct AuditLog {
     writer: Option<Mutex<LineWriter>>,
+    /// The file and its mode, for [`AuditLog::reopen`].
+    file: Option<(PathBuf, u32)>,
     fail_closed: bool,
     written: AtomicU64,
     failed: AtomicU64,
@@ -191,13 +193,43 @@ impl AuditLog {
             AuditSink::Stderr => Some(Box::new(std::io::stderr())),
             AuditSink::File(path) => Some(Box::new(open_append(path, settings.file_mode)?)),
         };
-        Ok(Self::with_writer(writer, settings.fail_closed))
+        let file = match &settings.sink {
+            AuditSink::File(path) => Some((path.clone(), settings.file_mode)),
+            _ => None,
+        };
+        Ok(Self {
+            file,
+            ..Self::with_writer(writer, settings.fail_closed)
+        })
+    }
+
+    /// Opens the audit file again by its path (SIGHUP; after logrotate
+    /// renamed it, events go to a new file at the path) and writes a
+    /// `reopened` event there. `Ok(false)` when the log is no file; on an
+    /// error the file in use stays.
+    pub fn reopen(&self) -> std::io::Result<bool> {
+        let (Some(writer), Some((path, mode))) = (&self.writer, &self.file) else {
+            return Ok(false);
+        };
+        let file = open_append(path, *mode)?;
+        *writer.lock().unwrap_or_else(PoisonError::into_inner) = LineWriter {
+            out: Box::new(file),
+            resync: false,
+        };
+        let _ = self.record(&AuditEvent {
+            principal: "keyward",
+            rpc: "keyward/audit",
+            result: "reopened",
+            ..AuditEvent::default()
+        });
+        Ok(true)
     }
 
     /// A log over any writer (tests inject failing ones).
     pub fn with_writer(writer: Option<Box<dyn Write + Send>>, fail_closed: bool) -> Self {
         Self {
             writer: writer.map(|out| Mutex::new(LineWriter { out, resync: false })),
+            file: None,
             fail_closed,
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -424,6 +456,53 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn a_reopen_after_a_rename_writes_to_a_new_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&AuditSettings {
+            sink: AuditSink::File(path.clone()),
+            file_mode: 0o640,
+            ..AuditSettings::default()
+        })
+        .unwrap();
+        let event = |rpc| AuditEvent {
+            principal: "app",
+            rpc,
+            result: "ok",
+            ..AuditEvent::default()
+        };
+        log.record(&event("before")).unwrap();
+        // logrotate: rename, then signal.
+        let rotated = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        assert!(log.reopen().unwrap());
+        log.record(&event("after")).unwrap();
+
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            old.contains("\"before\"") && !old.contains("after"),
+            "{old}"
+        );
+        let lines: Vec<&str> = new.lines().collect();
+        assert_eq!(lines.len(), 2, "{new}");
+        assert!(lines[0].contains("\"reopened\""), "{new}");
+        assert!(lines[1].contains("\"after\""), "{new}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o640);
+
+        // A path that cannot be opened keeps the file in use.
+        std::fs::rename(&path, &rotated).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(log.reopen().is_err());
+        log.record(&event("kept")).unwrap();
+        assert!(std::fs::read_to_string(&rotated).unwrap().contains("kept"));
+        assert!(!AuditLog::off().reopen().unwrap());
+    }
 
     #[test]
     fn events_are_json_lines_and_failures_close() {

@@ -454,6 +454,12 @@ async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP, from now on delivered here instead of ending the process (its
+/// default): `serve` and `worker` reload on it.
+fn hangup_signals() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
 async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     let master = master_secrets(global)?;
     Ok(Services::open_with_targets(

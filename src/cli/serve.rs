@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
 use super::{
-    redact_url, rotation_targets,
+    hangup_signals, redact_url, rotation_targets,
     secrets::{dev_master_secret, master_secrets, warn_about_dot_env, warn_if_others_can_read},
     shutdown_signal,
     worker::{ReplicaArgs, WorkerArgs},
@@ -126,6 +126,20 @@ pub(super) struct ServeArgs {
     insecure_plaintext: bool,
 }
 
+/// On each SIGHUP: reopens the audit file, reads the TLS files again and
+/// reloads the key catalog and api tokens (`reload`).
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: crate::reload::Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!(
+            "SIGHUP received: reopening the audit log, reloading TLS files, keys and tokens"
+        );
+        reloader.reload().await;
+    }
+}
+
 impl ServeArgs {
     /// Authentication, audit and TLS settings; refuses `--dev` (which
     /// serves without authentication) on a non-loopback address unless
@@ -222,7 +236,10 @@ pub(super) async fn serve(global: &GlobalArgs, args: ServeArgs) -> anyhow::Resul
         }
     };
     let settings = args.settings(global, master, auth, audit, tls)?;
+    // Installed before the server listens: SIGHUP's default would kill it.
+    let hangups = hangup_signals()?;
     let app = Application::build(settings).await?;
+    tokio::spawn(reload_on_hangup(hangups, app.reloader()));
     tracing::info!(addr = %app.local_addr()?, database = %redact_url(&global.database_url), "keyward listening");
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -5,7 +5,7 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Args;
 
-use super::{open, shutdown_signal, GlobalArgs};
+use super::{hangup_signals, open, shutdown_signal, GlobalArgs};
 use crate::{
     rotation::worker::WorkerOptions,
     service::{readiness::Readiness, replica::ReplicaOptions},
@@ -82,8 +82,19 @@ pub(super) async fn worker(
     global: &GlobalArgs,
     args: StandaloneWorkerArgs,
 ) -> anyhow::Result<ExitCode> {
+    let mut hangups = hangup_signals()?;
     let services = open(global).await?;
     let grace = Duration::from_secs(args.shutdown_grace_secs);
+    // The worker's one reloadable part is the key catalog.
+    let admin = std::sync::Arc::clone(&services.admin);
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the key catalog");
+            if let Err(err) = admin.refresh().await {
+                tracing::error!(error = %err, "reload failed; keeping the catalog that was loaded");
+            }
+        }
+    });
     let worker = services.worker(args.worker.options(grace));
     let stop = tokio_util::sync::CancellationToken::new();
     let signal_stop = stop.clone();

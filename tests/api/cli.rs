@@ -1177,3 +1177,33 @@ fn files_holding_secrets_are_private_whatever_the_umask() {
     let bad = run(with_secret(dir.path()).args(["token", "list", "--audit-file-mode", "077"]));
     assert_eq!(bad.status.code(), Some(64), "{}", stderr(&bad));
 }
+
+/// SIGHUP does not stop `serve` (its default would): the audit file
+/// logrotate renamed is reopened at its path and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_audit_file_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server =
+        Server::start_with(keyward(dir.path()), &["--dev", "--audit-log", "audit.log"]);
+    server.wait_for_log("keyward listening");
+    let audit = dir.path().join("audit.log");
+    std::fs::rename(&audit, dir.path().join("audit.log.1")).unwrap();
+    server.signal("-HUP");
+    server.wait_for_log("reloaded");
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the server"
+    );
+    let health = HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1);
+    let reopened = std::fs::read_to_string(&audit).unwrap();
+    assert!(reopened.contains("\"reopened\""), "{reopened}");
+    let log = server.log();
+    assert!(log.contains("SIGHUP received"), "{log}");
+    server.signal("-TERM");
+    assert!(server.wait_exit(Duration::from_secs(15)).success());
+}

@@ -212,6 +212,8 @@ pub struct TestApp {
     pub addr: std::net::SocketAddr,
     /// Where metrics are served, with `Options::metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// What `serve` does on SIGHUP.
+    pub reloader: keyward::reload::Reloader,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     dir: tempfile::TempDir,
@@ -272,6 +274,7 @@ async fn start(
     }
     let addr = app.local_addr().unwrap();
     let metrics_addr = app.metrics_addr();
+    let reloader = app.reloader();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         app.run_until_stopped(async {
@@ -295,6 +298,7 @@ async fn start(
         services,
         addr,
         metrics_addr,
+        reloader,
         stop: Some(stop),
         server: Some(server),
         dir,

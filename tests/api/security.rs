@@ -645,6 +645,85 @@ async fn tls_without_client_certificates_serves_token_callers() {
     }
 }
 
+/// What SIGHUP reloads: a renewed server certificate serves new
+/// connections (open ones keep theirs), the audit file renamed by
+/// logrotate is followed by a new one at its path, and a token written
+/// behind the server's back is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_renews_the_certificate_reopens_the_audit_file_and_loads_tokens() {
+    let (pki, app, audit) = secured_app().await;
+    let admin = issue(&app, "ops", &[Role::Admin], Scope::default()).await;
+    let open = pki.channel(&app, None).await;
+    let list = |channel: &Channel| {
+        let mut client = keyward::api::proto::admin_client::AdminClient::new(channel.clone());
+        let request = with_token(keyward::api::proto::ListKeysRequest::default(), &admin);
+        async move { client.list_keys(request).await.map(|_| ()) }
+    };
+    list(&open).await.unwrap();
+
+    // The certificate is renewed under another CA; logrotate renames the
+    // audit file; a token is written by hand.
+    let renewed = Pki::new();
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(renewed.path(file), pki.path(file)).unwrap();
+    }
+    let rotated = pki.path("audit.log.1");
+    std::fs::rename(&audit, &rotated).unwrap();
+    let by_hand = keyward::auth::token::generate();
+    sqlx::query(
+        "INSERT INTO keyward_api_tokens (id, name, token_hash, roles, key_scope, context_scope, created_at) \
+         VALUES ('hand', 'by-hand', ?, 'admin', '', '', CURRENT_TIMESTAMP)",
+    )
+    .bind(keyward::auth::token::hash(&by_hand))
+    .execute(&sqlx::SqlitePool::connect(&app.database_url).await.unwrap())
+    .await
+    .unwrap();
+
+    let reloaded = app.reloader.reload().await;
+    assert_eq!(reloaded.failed, vec![], "{reloaded:?}");
+    for part in ["audit log", "tls", "key catalog", "api tokens"] {
+        assert!(reloaded.done.contains(&part), "{reloaded:?}");
+    }
+
+    // New connections get the new certificate: trusted under the new CA
+    // only. The open connection goes on.
+    list(&renewed.channel(&app, None).await).await.unwrap();
+    assert!(
+        pki.try_channel(&app, None).await.is_err(),
+        "a new connection was served the old certificate"
+    );
+    list(&open).await.unwrap();
+    let mut client = keyward::api::proto::admin_client::AdminClient::new(open.clone());
+    client
+        .list_keys(with_token(
+            keyward::api::proto::ListKeysRequest::default(),
+            &by_hand,
+        ))
+        .await
+        .unwrap();
+
+    // Audited changes after the reload land in the new file.
+    client
+        .create_key(with_token(
+            keyward::api::proto::CreateKeyRequest {
+                key_id: "after-reload".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let new = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        new.lines().next().unwrap().contains("\"reopened\""),
+        "{new}"
+    );
+    assert!(new.contains("after-reload"), "{new}");
+    assert!(!std::fs::read_to_string(&rotated)
+        .unwrap()
+        .contains("after-reload"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_principal_has_its_own_rate_limit() {
     let pki = Pki::new();

@@ -17,11 +17,11 @@ use std::{
 /// cycle, checked separately) and of the entries below it, never above.
 const LAYERS: &[(&str, &[&str])] = &[
     ("cli", &["main.rs", "cli/"]),
-    ("app", &["app.rs"]),
+    ("app", &["app.rs", "reload.rs"]),
     ("config", &["config.rs"]),
     ("metrics", &["metrics.rs"]),
     ("api", &["api/"]),
-    ("transport", &["transport.rs", "idle.rs"]),
+    ("transport", &["transport.rs", "idle.rs", "tls.rs"]),
     (
         "service",
         &[
