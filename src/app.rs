@@ -45,6 +45,7 @@ use crate::{
         crypto::{CryptoService, Limits},
         replica::{ReplicaAgent, ReplicaOptions},
         rotation::Rotations,
+        targets::TargetList,
     },
     store::{replicas::ReplicaKind, Store, StoreError},
     transport::CoalescingStream,
@@ -66,6 +67,10 @@ pub enum StartupError {
     /// A key operation during start-up failed.
     #[error("keys: {0}")]
     Keys(#[from] Error),
+    /// The rotation targets cannot be loaded, or a `--rotation-targets`
+    /// file disagrees with the database's list.
+    #[error("rotation targets: {0}")]
+    Targets(#[source] Error),
     /// The metrics listen address could not be bound.
     #[error("cannot listen for metrics on {addr}: {source}")]
     MetricsBind {
@@ -105,8 +110,9 @@ pub struct Services {
     pub crypto: Arc<CryptoService>,
     pub admin: Arc<KeyAdmin>,
     pub rotations: Arc<Rotations>,
-    /// The tables rotation walks: `connections`, then any configured ones.
-    pub targets: Arc<[RotationTarget]>,
+    /// The tables rotation walks: `connections`, then those listed in the
+    /// database.
+    pub targets: Arc<TargetList>,
 }
 
 impl Services {
@@ -153,7 +159,10 @@ impl Services {
         .await
     }
 
-    /// Like [`Self::open`], with rotation targets beyond `connections`.
+    /// Like [`Self::open`], with the targets of a `--rotation-targets`
+    /// file (`connections` among them or not), which seed the database's
+    /// list when it is empty and must agree with it otherwise; empty: the
+    /// database's list as it is.
     pub async fn open_with_targets(
         database_url: &str,
         master: Option<&MasterSecrets>,
@@ -163,18 +172,23 @@ impl Services {
     ) -> Result<Self, StartupError> {
         let store = Store::connect(database_url).await?;
         store.migrate().await?;
-        // An entry for `connections` (its encoding) replaces the default.
-        let (own, extra): (Vec<_>, Vec<_>) = extra_targets
-            .into_iter()
-            .partition(|t| t.table.as_str() == "connections");
-        let connections = own
-            .into_iter()
-            .next()
-            .unwrap_or_else(RotationTarget::connections);
-        let targets: Arc<[RotationTarget]> = store
-            .resolve_targets(std::iter::once(connections).chain(extra).collect())
-            .await?
-            .into();
+        let file = (!extra_targets.is_empty()).then(|| {
+            // An entry for `connections` (its encoding) replaces the default.
+            let (own, extra): (Vec<_>, Vec<_>) = extra_targets
+                .into_iter()
+                .partition(|t| t.table.as_str() == "connections");
+            let connections = own
+                .into_iter()
+                .next()
+                .unwrap_or_else(RotationTarget::connections);
+            std::iter::once(connections)
+                .chain(extra)
+                .collect::<Vec<_>>()
+        });
+        let targets = TargetList::open(store.clone(), file.as_deref())
+            .await
+            .map_err(StartupError::Targets)?;
+        let targets = Arc::new(targets);
         #[allow(unused_mut)] // only the aws-kms build adds a provider here
         let mut kms = KmsRegistry::default();
         // The AWS client is built on first use, so registering it costs a

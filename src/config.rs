@@ -13,7 +13,8 @@ use crate::{
         secret::{MasterSecret, WeakMasterSecret},
     },
     rotation::{
-        target::{Encoding, RotationTarget, TargetError},
+        definition::ListError,
+        target::{RotationTarget, TargetError},
         worker::WorkerOptions,
     },
     service::crypto::Limits,
@@ -171,53 +172,6 @@ impl Settings {
     }
 }
 
-/// One table of secrets in a `--rotation-targets` file (JSON: a list).
-///
-/// ```json
-/// [{"table": "api_tokens", "id_column": "id",
-///   "context": {"token_id": "id", "tenant": "tenant"},
-///   "columns": {"payload_ciphertext": "secret_ciphertext"}}]
-/// ```
-/// Unnamed envelope columns take the `connections` names
-/// (`encryption_key_id`, `data_key_ciphertext`, `data_key_iv`,
-/// `payload_ciphertext`, `payload_iv`, `last_error`, `last_error_job_id`).
-/// `encoding` (`bytes`, the default, `base64` or `hex`) says how the
-/// ciphertext columns are stored. An entry for `connections` itself may
-/// give only its encoding: `{"table": "connections", "encoding": "base64"}`.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    pub table: String,
-    #[serde(default = "default_id_column")]
-    pub id_column: String,
-    /// Context key → column.
-    #[serde(default)]
-    pub context: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    pub columns: std::collections::BTreeMap<String, String>,
-    /// Legacy `{"ciphertext": column, "iv": column}`, if the table has them.
-    #[serde(default)]
-    pub legacy: Option<LegacyColumnsConfig>,
-    /// A timestamp column set on every write (for the age of the oldest
-    /// row on a key in `keys usage`).
-    #[serde(default)]
-    pub updated_at_column: Option<String>,
-    /// How the ciphertext columns are stored: bytes, base64 or hex.
-    #[serde(default)]
-    pub encoding: Option<String>,
-}
-
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LegacyColumnsConfig {
-    pub ciphertext: String,
-    pub iv: String,
-}
-
-fn default_id_column() -> String {
-    "id".into()
-}
-
 /// Why a `--rotation-targets` file was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -236,61 +190,19 @@ pub enum TargetsFileError {
     Invalid { path: String, source: TargetError },
 }
 
-/// Reads the extra rotation targets from a JSON file.
+/// Reads rotation targets from a JSON file (a list of
+/// [`crate::rotation::definition::TargetDefinition`]s): the list a
+/// database is seeded with, or checked against.
 pub fn load_rotation_targets(path: &Path) -> Result<Vec<RotationTarget>, TargetsFileError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| TargetsFileError::Read {
         path: name.clone(),
         source,
     })?;
-    let configs: Vec<TargetConfig> =
-        serde_json::from_str(&text).map_err(|source| TargetsFileError::Parse {
-            path: name.clone(),
-            source,
-        })?;
-    let mut seen = std::collections::BTreeSet::new();
-    configs
-        .into_iter()
-        .map(|cfg| {
-            if !seen.insert(cfg.table.clone()) {
-                return Err(TargetError::Duplicate(cfg.table));
-            }
-            let encoding = cfg
-                .encoding
-                .as_deref()
-                .map_or(Ok(Encoding::Bytes), Encoding::parse)?;
-            if cfg.table == "connections" {
-                let only_encoding = cfg.context.is_empty()
-                    && cfg.columns.is_empty()
-                    && cfg.legacy.is_none()
-                    && cfg.updated_at_column.is_none()
-                    && cfg.id_column == "id";
-                return if only_encoding {
-                    Ok(RotationTarget::connections().with_encoding(encoding))
-                } else {
-                    Err(TargetError::ConnectionsFixed)
-                };
-            }
-            let context: Vec<(String, String)> = cfg.context.into_iter().collect();
-            let columns: Vec<(&str, &str)> = cfg
-                .columns
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            RotationTarget::new(
-                &cfg.table,
-                &cfg.id_column,
-                &context,
-                &columns,
-                cfg.legacy
-                    .as_ref()
-                    .map(|l| (l.ciphertext.as_str(), l.iv.as_str())),
-                cfg.updated_at_column.as_deref(),
-            )
-            .map(|target| target.with_encoding(encoding))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|source| TargetsFileError::Invalid { path: name, source })
+    crate::rotation::definition::parse_list(&text).map_err(|err| match err {
+        ListError::Json(source) => TargetsFileError::Parse { path: name, source },
+        ListError::Target(source) => TargetsFileError::Invalid { path: name, source },
+    })
 }
 
 /// Where `serve --dev` keeps its generated master secret: beside a SQLite
@@ -321,6 +233,7 @@ pub fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rotation::target::Encoding;
 
     #[test]
     fn a_targets_file_declares_encodings_and_only_that_for_connections() {

@@ -120,6 +120,24 @@ pub enum Error {
     /// A key's probe could not be checked (the KMS failed, …).
     #[error("the key could not be checked: {0}")]
     KeyUnchecked(String),
+    /// A `--rotation-targets` file disagrees with the list in the database.
+    #[error("the rotation targets of --rotation-targets differ from the database's: {0}. Change the list with keyward targets add|remove, or the file to match (keyward targets list)")]
+    TargetsDiffer(String),
+    /// A rotation target names what its table does not have.
+    #[error("rotation target refused: {0}")]
+    TargetNotInSchema(String),
+    /// The table is a rotation target already.
+    #[error("{0} is a rotation target already: remove it first to change its definition")]
+    TargetListed(String),
+    /// The table is not a rotation target.
+    #[error("{0} is not a rotation target (keyward targets list)")]
+    TargetNotListed(String),
+    /// The list cannot change under a job that walks it.
+    #[error("rotation targets cannot change while rotation job {0} is pending or running: wait for it to finish or cancel it (keyward rotate cancel)")]
+    TargetsBusy(String),
+    /// Removing the target would hide rows that still hold envelopes.
+    #[error("{table} still holds {rows} rows under keyward keys: without it keyward would not count them before retiring a key; remove with force to do it anyway (audited)")]
+    TargetInUse { table: String, rows: i64 },
     /// The caller is not authenticated, not allowed, or over its rate limit.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),

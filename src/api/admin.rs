@@ -52,6 +52,27 @@ impl AdminApi {
         Ok(audited(&self.audit, &actor(caller), change, run).await?)
     }
 
+    /// Runs an audited change of the rotation targets; the list after it.
+    async fn change_targets(
+        &self,
+        caller: &Caller,
+        rpc: &'static str,
+        detail: String,
+        run: impl std::future::Future<Output = Result<(), Error>>,
+    ) -> Result<Response<proto::ListRotationTargetsResponse>, Status> {
+        let change = Change {
+            rpc,
+            key_id: None,
+            detail: Some(detail),
+        };
+        self.audited(caller, change, run).await?;
+        Ok(Response::new(self.targets()))
+    }
+
+    fn targets(&self) -> proto::ListRotationTargetsResponse {
+        convert::rotation_targets(&self.admin.targets().current())
+    }
+
     fn job(&self, job: &crate::rotation::RotationJob) -> proto::RotationJob {
         convert::rotation_job(job, &self.admin.catalog_snapshot())
     }
@@ -355,5 +376,42 @@ impl Admin for AdminApi {
         Ok(Response::new(proto::PruneExpiredScopedTokensResponse {
             removed: i64::try_from(removed).unwrap_or(i64::MAX),
         }))
+    }
+
+    async fn list_rotation_targets(
+        &self,
+        _request: Request<proto::ListRotationTargetsRequest>,
+    ) -> Result<Response<proto::ListRotationTargetsResponse>, Status> {
+        self.admin.targets().reload().await?;
+        Ok(Response::new(self.targets()))
+    }
+
+    async fn add_rotation_target(
+        &self,
+        mut request: Request<proto::AddRotationTargetRequest>,
+    ) -> Result<Response<proto::ListRotationTargetsResponse>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let target = crate::service::targets::parse(&request.get_ref().definition_json)?;
+        let detail = crate::rotation::definition::TargetDefinition::of(&target).to_json();
+        let add = self.admin.targets().add(target);
+        self.change_targets(&caller, "keyward.v1.Admin/AddRotationTarget", detail, add)
+            .await
+    }
+
+    async fn remove_rotation_target(
+        &self,
+        mut request: Request<proto::RemoveRotationTargetRequest>,
+    ) -> Result<Response<proto::ListRotationTargetsResponse>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let req = request.into_inner();
+        let detail = format!("table={} force={}", req.table, req.force);
+        let remove = self.admin.targets().remove(&req.table, req.force);
+        self.change_targets(
+            &caller,
+            "keyward.v1.Admin/RemoveRotationTarget",
+            detail,
+            remove,
+        )
+        .await
     }
 }

@@ -295,3 +295,19 @@ pub fn rotation_progress(progress: &Progress, catalog: &Catalog) -> proto::Rotat
         terminal: progress.job.status.is_terminal(),
     }
 }
+
+/// The rotation targets, in the order rotation walks them.
+pub fn rotation_targets(
+    targets: &[crate::rotation::target::RotationTarget],
+) -> proto::ListRotationTargetsResponse {
+    proto::ListRotationTargetsResponse {
+        targets: targets
+            .iter()
+            .map(|t| proto::RotationTarget {
+                table: t.table.as_str().to_owned(),
+                definition_json: crate::rotation::definition::TargetDefinition::of(t).to_json(),
+                encoding: t.encoding.as_str().to_owned(),
+            })
+            .collect(),
+    }
+}

@@ -48,6 +48,12 @@ pub fn code_of(err: &Error) -> Code {
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
         },
+        Error::TargetsDiffer(_)
+        | Error::TargetNotInSchema(_)
+        | Error::TargetsBusy(_)
+        | Error::TargetInUse { .. } => Code::FailedPrecondition,
+        Error::TargetListed(_) => Code::AlreadyExists,
+        Error::TargetNotListed(_) => Code::NotFound,
         Error::Audit(_)
         | Error::KeyUnchecked(_)
         | Error::NotServing(_)

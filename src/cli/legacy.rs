@@ -65,10 +65,11 @@ pub(super) async fn legacy(global: &GlobalArgs, cmd: LegacyCommand) -> anyhow::R
     };
     let audit = operator_audit_if(global, !args.dry_run)?;
     let services = open(global).await?;
+    let targets = services.targets.current();
     let run = cutover(
         &services.store,
         &services.crypto,
-        &services.targets,
+        &targets,
         args.dry_run,
         archive.as_mut(),
     );

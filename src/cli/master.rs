@@ -37,7 +37,7 @@ pub(super) async fn master_secret(
         &services.store,
         &services.crypto,
         &services.admin.catalog_snapshot(),
-        &services.targets,
+        &services.targets.current(),
     )
     .await?;
     print!("{}", render(&status));

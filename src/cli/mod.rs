@@ -30,6 +30,7 @@ mod migrate;
 mod rotate;
 mod secrets;
 mod serve;
+mod targets;
 mod token;
 mod worker;
 
@@ -84,8 +85,9 @@ struct GlobalArgs {
     /// File holding the local KMS master secret (instead of ENCRYPTION_MASTER_KEY).
     #[arg(long, env = "KEYWARD_MASTER_KEY_FILE", global = true)]
     master_key_file: Option<PathBuf>,
-    /// JSON file listing tables of secrets to rotate besides `connections`
-    /// (every server and worker must use the same list).
+    /// JSON file of rotation targets: seeds the database's list when it is
+    /// empty; otherwise it must agree with it, or the process refuses to
+    /// start (keyward targets list).
     #[arg(long, env = "KEYWARD_ROTATION_TARGETS", global = true)]
     rotation_targets: Option<PathBuf>,
     /// Log format.
@@ -279,6 +281,10 @@ enum Command {
     /// Create, list or revoke the bearer tokens callers authenticate with.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// List, add or remove the rotation targets (the tables of secrets
+    /// rotation walks), kept in the database for every process.
+    #[command(subcommand)]
+    Targets(targets::TargetsCommand),
     /// Print a commented configuration file listing every setting with its
     /// default (the repository's keyward.example.toml).
     ConfigExample,
@@ -327,13 +333,24 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("keyward: {err:#}");
-            if err.downcast_ref::<ConfigError>().is_some() {
+            if err.downcast_ref::<ConfigError>().is_some() || disagrees_with_database(&err) {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+/// Whether the process refused to start because its configuration (a
+/// `--rotation-targets` file) disagrees with the database: a usage error.
+fn disagrees_with_database(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::error::Error>(),
+            Some(crate::error::Error::TargetsDiffer(_))
+        )
+    })
 }
 
 /// Says why `.env` was not (wholly) read, never what it holds: a parse
@@ -422,6 +439,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker(args) => worker::worker(&global, args).await,
         Command::Rotate(cmd) => rotate::rotate(&global, cmd).await,
         Command::Token(cmd) => token::token(&global, cmd).await,
+        Command::Targets(cmd) => targets::targets(&global, cmd).await,
         Command::ConfigExample => {
             print!("{}", config_file::example(&Cli::command()));
             Ok(ExitCode::SUCCESS)
@@ -472,7 +490,8 @@ async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     .await?)
 }
 
-/// The extra rotation targets of `--rotation-targets`, if given.
+/// The rotation targets of `--rotation-targets`, if given: they seed the
+/// database's list when it is empty and must agree with it otherwise.
 fn rotation_targets(global: &GlobalArgs) -> anyhow::Result<Vec<RotationTarget>> {
     match &global.rotation_targets {
         None => Ok(Vec::new()),

@@ -7,6 +7,7 @@
 //! outside any transaction, and write them back with a compare-and-swap on
 //! the old ciphertext. Passes repeat until no row is left off the target key.
 
+pub mod definition;
 pub mod pass;
 pub mod target;
 pub mod worker;

@@ -10,6 +10,7 @@
 //! for the lease to expire. Either way the worker holds no lease when
 //! `run` returns.
 
+use crate::service::targets::TargetList;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
@@ -78,7 +79,7 @@ impl Default for WorkerOptions {
 pub struct Worker {
     id: String,
     store: Store,
-    targets: Arc<[RotationTarget]>,
+    targets: Arc<TargetList>,
     crypto: Arc<CryptoService>,
     admin: Arc<KeyAdmin>,
     options: WorkerOptions,
@@ -87,7 +88,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         store: Store,
-        targets: Arc<[RotationTarget]>,
+        targets: Arc<TargetList>,
         crypto: Arc<CryptoService>,
         admin: Arc<KeyAdmin>,
         options: WorkerOptions,
@@ -167,19 +168,16 @@ impl Worker {
         }
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
-        let claim = match self
-            .store
-            .claim_batch(&self.id, lease, &self.targets)
-            .await?
-        {
+        let targets = self.targets.current();
+        let claim = match self.store.claim_batch(&self.id, lease, &targets).await? {
             ClaimOutcome::Idle => return Ok(Step::Idle),
             ClaimOutcome::Waiting => return Ok(Step::Waiting),
             ClaimOutcome::Advanced(job) => return Ok(Step::Advanced(job)),
             ClaimOutcome::Batch(claim) => claim,
         };
-        let Some(table) = self.targets.get(claim.target_index) else {
-            // Only possible when workers run with different target lists.
-            let message = "this worker's rotation targets differ from the job's; run every worker with the same --rotation-targets";
+        let Some(table) = targets.get(claim.target_index) else {
+            // The list cannot change while a job runs (service::targets).
+            let message = "the job's rotation target is no longer listed (keyward targets list)";
             self.store.fail_job(&claim.job.id, message).await?;
             return Ok(Step::Idle);
         };

@@ -5,6 +5,7 @@
 //! probes and the self-test are `service::readiness` (the loader's
 //! [`KeyHealth`]); the retirement plan's decision is `service::retirement`.
 
+use crate::service::targets::TargetList;
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
@@ -117,7 +118,7 @@ pub struct KeyAdmin {
     store: Store,
     catalog: Arc<CatalogLoader>,
     crypto: Arc<CryptoService>,
-    targets: Arc<[RotationTarget]>,
+    targets: Arc<TargetList>,
 }
 
 /// Longest `key_id` accepted.
@@ -128,7 +129,7 @@ impl KeyAdmin {
         store: Store,
         catalog: Arc<KeyCatalog>,
         crypto: Arc<CryptoService>,
-        targets: Arc<[RotationTarget]>,
+        targets: Arc<TargetList>,
     ) -> Self {
         let health = KeyHealth::new(store.clone(), Arc::clone(&crypto), Arc::clone(&targets));
         let catalog = Arc::new(CatalogLoader::new(
@@ -269,7 +270,7 @@ impl KeyAdmin {
         super::probes::prove_key(
             &self.crypto,
             &self.store,
-            &self.targets,
+            &self.targets.current(),
             &record,
             probe.as_deref(),
             Vacant::WriteProbe,
@@ -322,10 +323,11 @@ impl KeyAdmin {
     /// Rows per key (legacy included) in every rotation target: every key
     /// record, then legacy rows, then ids with no record.
     pub async fn key_usage(&self) -> Result<Vec<KeyUsageReport>> {
-        let usage = self.store.key_usage(&self.targets).await?;
+        let targets = self.fresh_targets().await?;
+        let usage = self.store.key_usage(&targets).await?;
         let keys = self.store.list_keys().await?;
         let report_for = |record_id: Option<&str>| -> Vec<KeyUsage> {
-            self.targets
+            targets
                 .iter()
                 .map(|t| {
                     usage
@@ -386,7 +388,7 @@ impl KeyAdmin {
 
     /// The [`RetirePlan`] of a key record already read.
     async fn plan_retirement(&self, key: KeyRecord) -> Result<RetirePlan> {
-        let usage = self.store.key_usage(&self.targets).await?;
+        let usage = self.store.key_usage(&self.fresh_targets().await?).await?;
         let legacy_copies = usage.iter().map(|u| u.legacy_copies).sum();
         let legacy_conflicts = usage.iter().map(|u| u.legacy_conflicts).sum();
         let rows: Vec<KeyUsage> = usage
@@ -421,7 +423,7 @@ impl KeyAdmin {
             KeyStatus::Retired => {
                 let referencing_rows = self
                     .store
-                    .count_key_references(&key.id, &self.targets)
+                    .count_key_references(&key.id, &self.fresh_targets().await?)
                     .await?;
                 return Ok(Retirement {
                     key,
@@ -453,7 +455,10 @@ impl KeyAdmin {
                 next_steps: plan.next_steps,
             });
         }
-        let outcome = self.store.retire_key(&key.id, force, &self.targets).await?;
+        let outcome = self
+            .store
+            .retire_key(&key.id, force, &self.fresh_targets().await?)
+            .await?;
         let retirement = match outcome {
             RetireOutcome::Retired {
                 key,
@@ -476,10 +481,25 @@ impl KeyAdmin {
         Ok(retirement)
     }
 
+    /// The rotation targets as the database lists them now: what counts
+    /// rows on a key (usage, retirement) must not miss a table added a
+    /// moment ago on another host.
+    async fn fresh_targets(&self) -> Result<Arc<Vec<RotationTarget>>> {
+        self.targets.reload().await?;
+        Ok(self.targets.current())
+    }
+
+    /// The rotation targets this process follows.
+    pub fn targets(&self) -> &Arc<TargetList> {
+        &self.targets
+    }
+
     /// Reloads the catalog from the database and re-evaluates readiness
     /// (runbook §1.3).
     pub async fn refresh(&self) -> Result<RefreshSummary> {
         let catalog = self.catalog.reload().await?;
+        // The rotation targets change with the catalog version too.
+        self.targets.reload().await?;
         Ok(RefreshSummary {
             key_count: catalog.keys().len(),
             active_key_id: catalog.active().map(|k| k.key_id.clone()),

@@ -12,4 +12,5 @@ pub mod replica;
 pub mod retirement;
 pub mod rollout;
 pub mod rotation;
+pub mod targets;
 pub mod tokens;

@@ -4,6 +4,7 @@
 //! names other live replicas that cannot use a key. The admin service owns
 //! one [`KeyHealth`] and calls it after every catalog reload.
 
+use crate::service::targets::TargetList;
 use std::{collections::BTreeMap, sync::Arc};
 
 use tokio::sync::watch;
@@ -16,7 +17,6 @@ use super::{
 use crate::{
     error::Result,
     keys::{Catalog, KeyRecord, KeyStatus},
-    rotation::target::RotationTarget,
     store::{replicas::ReplicaRecord, Store},
 };
 
@@ -75,14 +75,14 @@ pub enum Readiness {
 pub struct KeyHealth {
     store: Store,
     crypto: Arc<CryptoService>,
-    targets: Arc<[RotationTarget]>,
+    targets: Arc<TargetList>,
     readiness: watch::Sender<Readiness>,
     /// Which keys this process has proven it can open (`service::probes`).
     proofs: KeyProofs,
 }
 
 impl KeyHealth {
-    pub fn new(store: Store, crypto: Arc<CryptoService>, targets: Arc<[RotationTarget]>) -> Self {
+    pub fn new(store: Store, crypto: Arc<CryptoService>, targets: Arc<TargetList>) -> Self {
         let (readiness, _) = watch::channel(Readiness::Starting);
         Self {
             store,
@@ -117,7 +117,13 @@ impl KeyHealth {
     ) -> Result<BTreeMap<String, Option<KeyFault>>> {
         let faults = self
             .proofs
-            .check(&self.crypto, &self.store, &self.targets, catalog, fresh)
+            .check(
+                &self.crypto,
+                &self.store,
+                &self.targets.current(),
+                catalog,
+                fresh,
+            )
             .await?;
         let foreign = faults
             .values()

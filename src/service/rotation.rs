@@ -5,6 +5,7 @@
 //! for a job that any worker runs: the watcher polls the job row and emits
 //! an event when it changed, or at least once a second.
 
+use crate::service::targets::TargetList;
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
@@ -13,9 +14,7 @@ use futures::Stream;
 use crate::{
     error::{Error, Result},
     keys::{KeyCatalog, KeyStatus},
-    rotation::{
-        target::RotationTarget, Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE,
-    },
+    rotation::{Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE},
     service::{admin::KeyAdmin, rollout},
     store::Store,
 };
@@ -75,7 +74,7 @@ impl Progress {
 
 pub struct Rotations {
     store: Store,
-    targets: Arc<[RotationTarget]>,
+    targets: Arc<TargetList>,
     catalog: Arc<KeyCatalog>,
     admin: Arc<KeyAdmin>,
 }
@@ -83,7 +82,7 @@ pub struct Rotations {
 impl Rotations {
     pub fn new(
         store: Store,
-        targets: Arc<[RotationTarget]>,
+        targets: Arc<TargetList>,
         catalog: Arc<KeyCatalog>,
         admin: Arc<KeyAdmin>,
     ) -> Self {
@@ -184,7 +183,7 @@ impl Rotations {
 
     /// Requeues a failed or cancelled job.
     pub async fn requeue(&self, id: &str) -> Result<RotationJob> {
-        match self.store.requeue_job(id, &self.targets).await? {
+        match self.store.requeue_job(id, &self.targets.current()).await? {
             Some(job) => {
                 tracing::info!(job = %job.id, "rotation job requeued");
                 Ok(job)

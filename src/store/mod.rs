@@ -15,6 +15,7 @@ mod keys;
 pub mod replicas;
 pub mod rotation;
 mod row;
+pub mod targets;
 pub mod tokens;
 mod tx;
 

@@ -130,7 +130,11 @@ impl Store {
     }
 
     /// The declared type of `table.column`, if both exist.
-    async fn declared_type(&self, table: &str, column: &str) -> Result<Option<String>, StoreError> {
+    pub(super) async fn declared_type(
+        &self,
+        table: &str,
+        column: &str,
+    ) -> Result<Option<String>, StoreError> {
         Ok(match &self.pool {
             Pool::Postgres(pool) => super::adopt::column_type(pool, table, column).await?,
             Pool::Sqlite(pool) => {

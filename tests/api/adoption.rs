@@ -202,7 +202,7 @@ async fn adopts_and_rotates(id: &str, id_type: &str) {
     // key's index can serve the page (with sequential scans off, as on a
     // table large enough for the planner to prefer the index; a CAST of
     // the id to text could not use it at all).
-    let target_sql = &app.services.targets[0];
+    let target_sql = &app.services.targets.current()[0];
     assert_eq!(
         target_sql.id_type.as_ref().map(|t| t.as_str()),
         Some(id_type)

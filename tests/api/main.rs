@@ -31,6 +31,7 @@ mod rollover;
 mod rotation;
 mod scale_out;
 mod security;
+mod targets;
 mod tidy;
 mod transport;
 mod workers;

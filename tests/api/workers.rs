@@ -360,7 +360,7 @@ async fn started_and_claimed(
     let keyward::store::rotation::ClaimOutcome::Batch(claim) = app
         .services
         .store
-        .claim_batch(worker, lease, &app.services.targets)
+        .claim_batch(worker, lease, &app.services.targets.current())
         .await
         .unwrap()
     else {
@@ -410,7 +410,12 @@ async fn a_worker_resumed_after_its_lease_expired_changes_nothing() {
         .map(|_| keyward::store::rotation::RowOutcome::Failed("zombie".into()))
         .collect();
     let written = store
-        .finish_batch(&zombie, &app.services.targets[0], &target, &outcomes)
+        .finish_batch(
+            &zombie,
+            &app.services.targets.current()[0],
+            &target,
+            &outcomes,
+        )
         .await
         .unwrap();
     assert!(written.is_none(), "{written:?}");
