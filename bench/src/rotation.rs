@@ -36,7 +36,7 @@ use keyward::{
 use keyward_client::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm};
 
 use crate::{
-    rows::{Rows, Run},
+    rows::{self, Rows, Run},
     DatabaseArgs,
 };
 
@@ -71,6 +71,7 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
         previous: vec![],
         legacy: Default::default(),
     };
+    rows::refuse_a_live_database(database_url).await?;
     let mut settings = Settings::for_database(database_url, Some(master));
     settings.worker = None;
     let app = Application::build(settings).await?;
@@ -82,11 +83,42 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
         let stop = stop_server.clone();
         app.run_until_stopped(async move { stop.cancelled().await })
     });
+    let run = Run::begin(&services, "bench").await?;
+    let measured = measure(&args, &services, &rows, &run, addr).await;
+    // Whatever happened, the run's rows, keys and job go.
+    let removed = rows.remove(&run).await;
+    stop_server.cancel();
+    server.await??;
+    let report = measured?;
+    removed?;
+    report.print();
+    Ok(())
+}
+
+/// What the rotation benchmark measured.
+struct Report {
+    floor_rate: f64,
+    rotation_rate: f64,
+    idle: LoadResult,
+    busy: LoadResult,
+    passes: i64,
+    processed: i64,
+}
+
+/// Steps 1 to 5 of a run (see `run`).
+async fn measure(
+    args: &RotationArgs,
+    services: &keyward::app::Services,
+    rows: &Rows,
+    run: &Run,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Report> {
     let Run {
         id: run_id,
         prefix,
         old_key,
-    } = Run::begin(&services, "bench").await?;
+        ..
+    } = run;
     println!(
         "keyward-bench rotation: {} rows of {} bytes, batch {}, {} workers, {:?} backend",
         args.rows,
@@ -99,10 +131,8 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
     // 1. The table.
     let started = Instant::now();
     let plaintext = vec![0x42u8; args.payload_bytes.max(1)];
-    rows.write(&services, &old_key, &prefix, args.rows, |_| {
-        plaintext.clone()
-    })
-    .await?;
+    rows.write(services, old_key, prefix, args.rows, |_| plaintext.clone())
+        .await?;
     println!(
         "wrote {} rows in {:.1} s",
         args.rows,
@@ -121,10 +151,10 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
         })
         .await?;
     let started = Instant::now();
-    let touched = rows.rewrite_in_place(&prefix, &new_key.id).await?;
+    let touched = rows.rewrite_in_place(prefix, &new_key.id).await?;
     let floor_secs = started.elapsed().as_secs_f64();
     let floor_rate = touched as f64 / floor_secs;
-    rows.rewrite_in_place(&prefix, &old_key.id).await?;
+    rows.rewrite_in_place(prefix, &old_key.id).await?;
     rows.vacuum().await?;
 
     // 3. Idle Encrypt latency.
@@ -197,7 +227,7 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
     let rotation_rate = final_job.counts.succeeded as f64 / rotation_secs;
 
     // 5. Verify and clean up.
-    let remaining = rows.count_off_key(&prefix, &new_key.id).await?;
+    let remaining = rows.count_off_key(prefix, &new_key.id).await?;
     if remaining != 0 {
         bail!("{remaining} rows are not on the new key");
     }
@@ -214,41 +244,56 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
     if opened.plaintext.as_bytes() != plaintext.as_slice() {
         bail!("the sample row decrypted to something else");
     }
-    rows.delete(&prefix, &job.id, &[&old_key.id, &new_key.id])
-        .await?;
-    stop_server.cancel();
-    server.await??;
+    Ok(Report {
+        floor_rate,
+        rotation_rate,
+        idle,
+        busy,
+        passes: final_job.pass,
+        processed: final_job.counts.processed,
+    })
+}
 
-    println!("\n{:<46} {:>12}", "measure", "value");
-    println!(
-        "{:<46} {:>12.0}",
-        "floor: one UPDATE of the same columns, rows/s", floor_rate
-    );
-    println!(
-        "{:<46} {:>12.0}",
-        "rotation (REENCRYPT, local KMS), rows/s", rotation_rate
-    );
-    println!(
-        "{:<46} {:>12.2}",
-        "rotation / floor",
-        rotation_rate / floor_rate
-    );
-    println!("{:<46} {:>12.3}", "Encrypt p99 idle, ms", idle.p99_ms);
-    println!(
-        "{:<46} {:>12.3}",
-        "Encrypt p99 during rotation, ms", busy.p99_ms
-    );
-    println!(
-        "{:<46} {:>12.2}",
-        "p99 during / idle",
-        busy.p99_ms / idle.p99_ms
-    );
-    println!(
-        "{:<46} {:>12}",
-        "rotation passes / rows processed",
-        format!("{} / {}", final_job.pass, final_job.counts.processed)
-    );
-    Ok(())
+impl Report {
+    fn print(&self) {
+        let Report {
+            floor_rate,
+            rotation_rate,
+            idle,
+            busy,
+            passes,
+            processed,
+        } = self;
+        println!("\n{:<46} {:>12}", "measure", "value");
+        println!(
+            "{:<46} {:>12.0}",
+            "floor: one UPDATE of the same columns, rows/s", floor_rate
+        );
+        println!(
+            "{:<46} {:>12.0}",
+            "rotation (REENCRYPT, local KMS), rows/s", rotation_rate
+        );
+        println!(
+            "{:<46} {:>12.2}",
+            "rotation / floor",
+            rotation_rate / floor_rate
+        );
+        println!("{:<46} {:>12.3}", "Encrypt p99 idle, ms", idle.p99_ms);
+        println!(
+            "{:<46} {:>12.3}",
+            "Encrypt p99 during rotation, ms", busy.p99_ms
+        );
+        println!(
+            "{:<46} {:>12.2}",
+            "p99 during / idle",
+            busy.p99_ms / idle.p99_ms
+        );
+        println!(
+            "{:<46} {:>12}",
+            "rotation passes / rows processed",
+            format!("{passes} / {processed}")
+        );
+    }
 }
 
 struct LoadResult {

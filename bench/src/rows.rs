@@ -32,9 +32,11 @@ type EnvelopeColumns = (
 );
 
 /// One benchmark run: its id, the prefix of its rows' ids, and the key it
-/// first writes them under (created active).
+/// first writes them under (created active). Every key it creates has a
+/// key_id starting `{label}-` and holding its id.
 pub struct Run {
     pub id: String,
+    pub label: String,
     pub prefix: String,
     pub old_key: KeyRecord,
 }
@@ -54,6 +56,7 @@ impl Run {
             .await?;
         Ok(Self {
             prefix: format!("{label}-{id}-"),
+            label: label.to_owned(),
             id,
             old_key,
         })
@@ -226,23 +229,29 @@ impl Rows {
             .collect())
     }
 
-    /// Removes the benchmark's rows, its job and its keys.
-    pub async fn delete(&self, prefix: &str, job_id: &str, key_ids: &[&str]) -> anyhow::Result<()> {
+    /// Removes what `run` created: its rows, the jobs to its keys, its
+    /// keys. Called whether the run succeeded or not.
+    pub async fn remove(&self, run: &Run) -> anyhow::Result<()> {
+        let keys = format!("{}-%", run.label);
+        let id = format!("%{}%", run.id);
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM connections WHERE id LIKE $1")
-            .bind(format!("{prefix}%"))
+            .bind(format!("{}%", run.prefix))
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM encryption_rotation_jobs WHERE id = $1")
-            .bind(job_id)
+        sqlx::query(
+            "DELETE FROM encryption_rotation_jobs WHERE target_key_id IN \
+             (SELECT id FROM encryption_keys WHERE key_id LIKE $1 AND key_id LIKE $2)",
+        )
+        .bind(&keys)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM encryption_keys WHERE key_id LIKE $1 AND key_id LIKE $2")
+            .bind(&keys)
+            .bind(&id)
             .execute(&mut *tx)
             .await?;
-        for key in key_ids {
-            sqlx::query("DELETE FROM encryption_keys WHERE id = $1")
-                .bind(*key)
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
         Ok(())
     }
@@ -256,4 +265,50 @@ fn envelope((k, dk, dkiv, ct, iv): EnvelopeColumns) -> Envelope {
         payload_ciphertext: ct.unwrap_or_default(),
         payload_iv: iv.unwrap_or_default(),
     }
+}
+
+/// Refuses a database holding anything this run did not create: a
+/// benchmark activates keys of its own (demoting the active one) and
+/// its rotation walks every row, so it runs only on an empty database.
+/// Says what it found; tables not there yet count as empty.
+pub async fn refuse_a_live_database(database_url: &str) -> anyhow::Result<()> {
+    if keyward::config::sqlite_path(database_url).is_some_and(|file| !file.exists()) {
+        return Ok(());
+    }
+    let rows = Rows::connect(database_url).await?;
+    let mut found = Vec::new();
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT key_id FROM encryption_keys ORDER BY key_id LIMIT 6")
+            .fetch_all(&rows.pool)
+            .await
+            .unwrap_or_default();
+    if !keys.is_empty() {
+        let more = if keys.len() > 5 { ", …" } else { "" };
+        found.push(format!(
+            "keys {}{more}",
+            keys[..keys.len().min(5)].join(", ")
+        ));
+    }
+    for (table, what) in [
+        ("connections", "connections rows"),
+        ("encryption_rotation_jobs", "rotation jobs"),
+        ("keyward_rotation_targets", "listed rotation targets"),
+    ] {
+        let count: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&rows.pool)
+            .await
+            .unwrap_or(0);
+        if count > 0 {
+            found.push(format!("{count} {what}"));
+        }
+    }
+    if !found.is_empty() {
+        anyhow::bail!(
+            "refusing to benchmark on a database that holds {}, which this benchmark did not \
+             create: it would activate its own keys and rotate every row. Use an empty database",
+            found.join(", ")
+        );
+    }
+    rows.pool.close().await;
+    Ok(())
 }

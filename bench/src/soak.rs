@@ -45,7 +45,7 @@ use keyward_client::proto::{
 };
 
 use crate::{
-    rows::{Rows, Run},
+    rows::{self, Rows, Run},
     DatabaseArgs,
 };
 
@@ -152,18 +152,25 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
     let server_bin = server_binary(args.server.clone())?;
     let master_hex = MasterSecret::generate_hex().to_string();
     let master = MasterSecrets::parse(&master_hex, &[])?;
+    rows::refuse_a_live_database(database_url).await?;
     let services = Services::open(database_url, Some(&master), Limits::default()).await?;
     let rows = Rows::connect(database_url).await?;
+    let run = Run::begin(&services, "soak").await?;
     let Run {
         prefix, old_key, ..
-    } = Run::begin(&services, "soak").await?;
+    } = &run;
     println!(
         "keyward-bench soak: {} rows, {} s of load from {} callers, reports every {} s",
         args.rows, args.duration_secs, args.concurrency, args.report_every_secs
     );
     let started = Instant::now();
-    rows.write(&services, &old_key, &prefix, args.rows, row_plaintext)
-        .await?;
+    if let Err(err) = rows
+        .write(&services, old_key, prefix, args.rows, row_plaintext)
+        .await
+    {
+        rows.remove(&run).await?;
+        return Err(err);
+    }
     println!(
         "wrote {} rows in {:.1} s",
         args.rows,
@@ -172,18 +179,19 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
 
     let workdir = tempfile::tempdir()?;
     let mut server =
-        ServerProcess::start(&server_bin, database_url, &master_hex, workdir.path()).await?;
-    let mut soaked = Soaked::default();
-    let outcome = soak(&rows, &server, &prefix, &args, &mut soaked).await;
+        match ServerProcess::start(&server_bin, database_url, &master_hex, workdir.path()).await {
+            Ok(server) => server,
+            Err(err) => {
+                rows.remove(&run).await?;
+                return Err(err);
+            }
+        };
+    let outcome = soak(&rows, &server, prefix, &args).await;
     let stopped = server.stop().await;
     if outcome.is_err() {
         eprintln!("server log:\n{}", server.log_tail());
     }
-    let keys: Vec<&str> = std::iter::once(old_key.id.as_str())
-        .chain(soaked.new_key_id.as_deref())
-        .collect();
-    rows.delete(&prefix, soaked.job_id.as_deref().unwrap_or_default(), &keys)
-        .await?;
+    rows.remove(&run).await?;
     let report = outcome?;
     let peak_kib = stopped?;
     let peak_mib = peak_kib as f64 / 1024.0;
@@ -197,20 +205,12 @@ pub async fn run(args: SoakArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// What a soak created, for the clean-up.
-#[derive(Default)]
-struct Soaked {
-    new_key_id: Option<String>,
-    job_id: Option<String>,
-}
-
 /// Steps 3 to 5; returns whether they passed.
 async fn soak(
     rows: &Rows,
     server: &ServerProcess,
     prefix: &str,
     args: &SoakArgs,
-    soaked: &mut Soaked,
 ) -> anyhow::Result<bool> {
     let channel = server.channel.clone();
     let mut admin = AdminClient::new(channel.clone());
@@ -222,7 +222,6 @@ async fn soak(
         })
         .await?
         .into_inner();
-    soaked.new_key_id = Some(new_key.id.clone());
     let job = admin
         .start_rotation(StartRotationRequest {
             batch_size: args.batch_size,
@@ -230,7 +229,6 @@ async fn soak(
         })
         .await?
         .into_inner();
-    soaked.job_id = Some(job.id.clone());
     let observed = Arc::new(Observed {
         started: Instant::now(),
         every: Duration::from_secs(args.report_every_secs.max(1)),

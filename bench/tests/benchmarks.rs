@@ -81,7 +81,8 @@ fn throughput_reports_every_phase_against_the_floor() {
 
 /// `rotation` on the embedded default (SQLite): its rows, the floor, a
 /// rotation under Encrypt load, the check that every row moved, and its
-/// clean-up, which leaves no row, key or job behind.
+/// clean-up, which leaves no row, key or job behind; on a database holding
+/// keys or rows it did not create, it refuses and changes nothing.
 #[tokio::test]
 async fn rotation_moves_every_row_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,6 +118,34 @@ async fn rotation_moves_every_row_and_leaves_nothing_behind() {
             .unwrap();
         assert_eq!(left, 0, "{table} keeps {left} rows of the benchmark");
     }
+
+    // A catalog it did not create: refused, named, and left as it was.
+    sqlx::query(
+        "INSERT INTO encryption_keys (id, key_id, kms_key_arn, status) \
+         VALUES ('k1', 'primary', 'local:primary', 'active')",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO connections (id, encryption_key_id) VALUES ('real-row', 'k1')")
+        .execute(&db)
+        .await
+        .unwrap();
+    let out = bench(&["rotation", "--rows", "10", "--idle-seconds", "0.1"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("keys primary") && stderr.contains("1 connections rows"),
+        "{stderr}"
+    );
+    let keys: Vec<(String, String)> = sqlx::query_as("SELECT key_id, status FROM encryption_keys")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(keys, [("primary".to_owned(), "active".to_owned())]);
 }
 
 /// `soak`, briefly: a real `keyward serve` child, load, a rotation and the
