@@ -208,6 +208,12 @@ pub fn replica(replica: &ReplicaRecord, catalog: &Catalog, now: DateTime<Utc>) -
             .map(name)
             .unwrap_or_default(),
         active_since: replica.active_since.map(timestamp),
+        master_fingerprints: replica
+            .master_fingerprints
+            .iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect(),
         keys: replica
             .key_readiness
             .iter()

@@ -222,8 +222,15 @@ pub(super) fn print_replicas(replicas: &[ReplicaRecord], catalog: &Catalog, vers
     let name = |id: &str| catalog.get(id).map_or(id.to_owned(), |k| k.key_id.clone());
     println!("catalog version {version}");
     println!(
-        "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>9}  {:<20}  KEYS",
-        "ID", "KIND", "LIVE", "HOST / LISTEN", "CATALOG", "HEARTBEAT", "ACTIVE KEY"
+        "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>9}  {:<20}  {:<33}  KEYS",
+        "ID",
+        "KIND",
+        "LIVE",
+        "HOST / LISTEN",
+        "CATALOG",
+        "HEARTBEAT",
+        "ACTIVE KEY",
+        "MASTER SECRETS (CURRENT,PREVIOUS)"
     );
     for r in replicas {
         let keys: Vec<String> = r
@@ -234,8 +241,17 @@ pub(super) fn print_replicas(replicas: &[ReplicaRecord], catalog: &Catalog, vers
                 Some(reason) => format!("{} NOT READY ({reason})", name(id)),
             })
             .collect();
+        let master = match &r.master_fingerprints {
+            None => "unknown".to_owned(),
+            Some(list) if list.is_empty() => "none".to_owned(),
+            Some(list) => list
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        };
         println!(
-            "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>8}s  {:<20}  {}",
+            "{:<20}  {:<6}  {:<5}  {:<24}  {:>7}  {:>8}s  {:<20}  {master:<33}  {}",
             r.id,
             r.kind.as_str(),
             if r.is_live(now) { "yes" } else { "no" },

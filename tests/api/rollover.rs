@@ -96,6 +96,27 @@ async fn a_master_secret_rollover_finishes(backend: Backend) {
     insert_row(&first, "during-rollout", "written mid-rollout").await;
     plaintexts.insert("during-rollout".into(), "written mid-rollout".into());
     assert_eq!(decrypt_all(&second).await, plaintexts);
+    // The mixed state is visible: each replica's secrets, current first.
+    let listed = first
+        .admin
+        .clone()
+        .list_replicas(keyward::api::proto::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut held: Vec<Vec<String>> = listed
+        .replicas
+        .iter()
+        .map(|r| r.master_fingerprints.clone())
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [vec![new.to_string(), old.to_string()], vec![old.to_string()]]
+    );
+    let shown = stdout(&cli(&first, &["replicas", "list"]));
+    assert!(shown.contains("MASTER SECRETS"), "{shown}");
+    assert!(shown.contains(&format!("{new},{old}")), "{shown}");
 
     // Second replica restarted: every replica has B, and B wraps.
     let second = second.restart(secrets(NEW_SECRET, &[MASTER])).await;
