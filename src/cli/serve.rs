@@ -59,12 +59,16 @@ pub(super) struct ServeArgs {
     worker: WorkerArgs,
     #[command(flatten)]
     replica: ReplicaArgs,
-    /// Most encryption-context entries per request (at most 64).
-    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = crate::service::crypto::Limits::default().max_context_entries)]
-    max_context_entries: usize,
-    /// Most encryption-context bytes per request, keys and values (at most 8192).
-    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = crate::service::crypto::Limits::default().max_context_bytes)]
-    max_context_bytes: usize,
+    /// Most encryption-context entries per request (1 to 64: a larger value
+    /// is refused, as keyward cannot honour it).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_ENTRIES", default_value_t = crate::crypto::context::MAX_ENTRIES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=crate::crypto::context::MAX_ENTRIES as u64))]
+    max_context_entries: u64,
+    /// Most encryption-context bytes per request, keys and values (1 to
+    /// 8192: a larger value is refused).
+    #[arg(long, env = "KEYWARD_MAX_CONTEXT_BYTES", default_value_t = crate::crypto::context::MAX_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=crate::crypto::context::MAX_BYTES as u64))]
+    max_context_bytes: u64,
     #[command(flatten)]
     cache: CacheArgs,
     /// Most concurrent RPCs (HTTP/2 streams) per connection.
@@ -263,8 +267,11 @@ impl ServeArgs {
             limits: Limits {
                 max_plaintext_bytes: args.max_plaintext_bytes,
                 max_batch_items: args.max_batch_items,
-                max_context_entries: args.max_context_entries,
-                max_context_bytes: args.max_context_bytes,
+                // In range (the parser's bounds), so they fit.
+                max_context_entries: usize::try_from(args.max_context_entries)
+                    .unwrap_or(crate::crypto::context::MAX_ENTRIES),
+                max_context_bytes: usize::try_from(args.max_context_bytes)
+                    .unwrap_or(crate::crypto::context::MAX_BYTES),
             },
             max_request_bytes: args.max_request_bytes,
             max_concurrent_streams: args.max_concurrent_streams.max(1),

@@ -1207,3 +1207,22 @@ async fn sighup_reopens_the_audit_file_and_the_server_goes_on() {
     server.signal("-TERM");
     assert!(server.wait_exit(Duration::from_secs(15)).success());
 }
+
+/// Limits beyond what keyward can honour are refused, naming the maximum,
+/// not lowered in silence (flag or environment alike).
+#[test]
+fn limits_beyond_the_built_in_maximum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, env, value, max) in [
+        ("--max-context-entries", "KEYWARD_MAX_CONTEXT_ENTRIES", "65", "1..=64"),
+        ("--max-context-bytes", "KEYWARD_MAX_CONTEXT_BYTES", "9000", "1..=8192"),
+    ] {
+        let by_flag = run(keyward(dir.path()).args(["serve", "--dev", flag, value]));
+        let by_env = run(keyward(dir.path()).env(env, value).args(["serve", "--dev"]));
+        for out in [by_flag, by_env] {
+            assert_eq!(out.status.code(), Some(64), "{flag}: {}", stderr(&out));
+            assert!(stderr(&out).contains(max), "{flag}: {}", stderr(&out));
+        }
+    }
+    assert!(!dir.path().join("keyward.db").exists(), "nothing was started");
+}
