@@ -648,6 +648,9 @@ fn dashboard_dir(dir: &std::path::Path, settings: &Settings) -> Result<Dashboard
             )));
         }
     }
+    files
+        .check_built()
+        .map_err(|err| StartupError::Dashboard(format!("{}: {err}", dir.display())))?;
     Ok(files)
 }
 

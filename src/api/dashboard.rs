@@ -31,10 +31,26 @@ pub struct DashboardDir {
 
 impl DashboardDir {
     /// The directory, canonicalised (it must exist).
+    /// The directory, if it exists.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
-        Ok(Self {
-            root: dir.canonicalize()?,
-        })
+        let root = dir.canonicalize()?;
+        if !root.is_dir() {
+            return Err(std::io::Error::other("not a directory"));
+        }
+        Ok(Self { root })
+    }
+
+    /// Whether it holds a built dashboard (an `index.html`): a missing or
+    /// empty directory would answer 404 to every page, so `serve` refuses
+    /// it at start.
+    pub fn check_built(&self) -> std::io::Result<()> {
+        if self.root.join("index.html").is_file() {
+            return Ok(());
+        }
+        Err(std::io::Error::other(
+            "no index.html: build the dashboard first (cd clients/dashboard && npm ci && \
+             sh generate.sh && npm run build; see clients/README.md)",
+        ))
     }
 
     pub fn root(&self) -> &Path {

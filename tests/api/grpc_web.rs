@@ -240,7 +240,7 @@ async fn the_dashboard_is_served_beside_grpc_and_never_opens_an_rpc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dashboard_dir_holding_the_database_or_a_key_file_is_refused() {
+async fn a_dashboard_dir_holding_the_database_or_a_key_file_or_no_dashboard_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("keyward.db");
     let mut settings = keyward::config::Settings::for_database(
@@ -268,6 +268,21 @@ async fn a_dashboard_dir_holding_the_database_or_a_key_file_is_refused() {
         .expect("a dashboard dir holding the master key file must be refused");
     assert!(refused.to_string().contains("master.key"), "{refused}");
 
+    // A directory that is missing, or holds no built dashboard, would
+    // answer 404 to everything: refused, saying how to build it.
     settings.secret_files.clear();
+    for (dir, why) in [
+        (pages.path().join("dist"), "No such file"),
+        (pages.path().to_owned(), "build the dashboard first"),
+    ] {
+        settings.dashboard_dir = Some(dir);
+        let refused = keyward::app::Application::build(settings.clone())
+            .await
+            .err()
+            .expect("a dashboard dir without a dashboard must be refused");
+        assert!(refused.to_string().contains(why), "{refused}");
+    }
+    std::fs::write(pages.path().join("index.html"), "<h1>keyward</h1>").unwrap();
+    settings.dashboard_dir = Some(pages.path().to_owned());
     keyward::app::Application::build(settings).await.unwrap();
 }
