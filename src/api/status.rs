@@ -44,7 +44,9 @@ pub fn code_of(err: &Error) -> Code {
             _ => Code::FailedPrecondition,
         },
         Error::Auth(auth) => match auth {
-            AuthError::Unauthenticated(_) => Code::Unauthenticated,
+            AuthError::Unauthenticated(_) | AuthError::UnmappedCertificate(_) => {
+                Code::Unauthenticated
+            }
             AuthError::Denied(_) => Code::PermissionDenied,
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
         },

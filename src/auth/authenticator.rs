@@ -146,6 +146,9 @@ impl Authenticator {
             }
         }
         let Some(header) = authorization else {
+            if let [cn] = cert_common_names {
+                return Err(AuthError::UnmappedCertificate(cn.clone()));
+            }
             return Err(AuthError::Unauthenticated(
                 "no credentials: send `authorization: Bearer <token>` (keyward token create) or a client certificate",
             ));

@@ -161,6 +161,10 @@ pub enum AuthError {
     /// No credential, or one that is not valid.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// A client certificate the CA signed whose common name no
+    /// `--mtls-principals` entry maps, and no bearer token.
+    #[error("the client certificate's common name {0:?} is not mapped to a principal (--mtls-principals): map it, or send `authorization: Bearer <token>`")]
+    UnmappedCertificate(String),
     /// A valid credential without the right to this call.
     #[error("{0}")]
     Denied(String),

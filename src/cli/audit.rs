@@ -28,6 +28,28 @@ use crate::{
     },
 };
 
+/// The name of the account the process runs as (a cron job or a
+/// container often has no `$USER`): its user id, looked up in
+/// `/etc/passwd`; `uid:N` when no entry names it.
+fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return "unknown".to_owned();
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    account_of(&passwd, uid).unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+/// The account name `passwd` (the `/etc/passwd` format) gives user id `uid`.
+fn account_of(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let id = fields.nth(1)?;
+        (id.parse() == Ok(uid) && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
 /// The audit log as the operator commands write it.
 pub struct OperatorAudit {
     log: AuditLog,
@@ -36,7 +58,8 @@ pub struct OperatorAudit {
 
 impl OperatorAudit {
     /// Opens the sink; the principal is `cli:` and the user running the
-    /// command (`$USER`, else `$LOGNAME`).
+    /// command (`$USER`, else `$LOGNAME`, else the account of the process's
+    /// user id, as `/etc/passwd` names it, else `uid:N`).
     pub fn open(settings: &AuditSettings) -> anyhow::Result<Self> {
         let log = AuditLog::open(settings).map_err(|e| {
             anyhow::anyhow!("cannot open the audit log ({e}); the command was not run")
@@ -44,7 +67,7 @@ impl OperatorAudit {
         let user = ["USER", "LOGNAME"]
             .iter()
             .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
-            .unwrap_or_else(|| "unknown".to_owned());
+            .unwrap_or_else(os_user);
         Ok(Self {
             log,
             actor: Actor {
@@ -149,6 +172,17 @@ pub(super) async fn audited<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_is_found_by_its_user_id() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      # comment\n\
+                      deploy:x:1001:1001::/home/deploy:/bin/sh\n";
+        assert_eq!(account_of(passwd, 1001).as_deref(), Some("deploy"));
+        assert_eq!(account_of(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(account_of(passwd, 42), None);
+        assert!(!os_user().is_empty());
+    }
 
     #[test]
     fn the_unconfigured_audit_file_follows_the_xdg_state_directory() {

@@ -933,6 +933,16 @@ fn unconfigured_operator_audit_goes_to_the_state_directory() {
     let results: Vec<_> = events.iter().map(|e| e["result"].clone()).collect();
     assert_eq!(results, ["requested", "ok"], "{events:?}");
     assert!(events.iter().all(|e| e["principal"] == "cli:bob"));
+    // Without $USER or $LOGNAME (cron, a container): the account of the
+    // process's user id.
+    let out = run(with_secret(dir.path())
+        .env("HOME", &home)
+        .args(["keys", "create", "--key-id", "later"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let whoami = Command::new("id").arg("-un").output().unwrap();
+    let account = String::from_utf8_lossy(&whoami.stdout).trim().to_owned();
+    let events = json_lines(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(events.last().unwrap()["principal"], format!("cli:{account}"));
     use std::os::unix::fs::PermissionsExt as _;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&file), 0o600);

@@ -776,4 +776,18 @@ async fn a_certificate_with_several_common_names_is_refused() {
             .any(|e| e["result"] == "PERMISSION_DENIED" && e["rpc"] == "keyward.v1.Admin/ListKeys"),
         "{events:#?}"
     );
+    // A trusted certificate whose name no entry maps is told so, not
+    // "no credentials".
+    let stranger = pki.channel(&app, Some("stranger")).await;
+    let refused = keyward::api::proto::admin_client::AdminClient::new(stranger)
+        .list_keys(keyward::api::proto::ListKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(
+        refused
+            .message()
+            .contains("common name \"stranger\" is not mapped to a principal"),
+        "{refused:?}"
+    );
 }
