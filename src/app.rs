@@ -504,7 +504,7 @@ impl Application {
             // Every RPC gets a span, a log line and its metrics here…
             .layer(ObserveLayer::new(rpc_metrics))
             // …and passes authentication and its role check here.
-            .layer(AuthLayer::new(auth, audit))
+            .layer(AuthLayer::new(auth, audit, max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

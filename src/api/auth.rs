@@ -48,11 +48,24 @@ impl Caller {
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
     audit: Arc<AuditLog>,
+    too_large: http::HeaderValue,
 }
 
 impl AuthLayer {
-    pub fn new(auth: Arc<Authenticator>, audit: Arc<AuditLog>) -> Self {
-        Self { auth, audit }
+    /// `max_request_bytes` is the server's `--max-request-bytes`, which the
+    /// answer to a larger request states.
+    pub fn new(auth: Arc<Authenticator>, audit: Arc<AuditLog>, max_request_bytes: usize) -> Self {
+        let message = format!(
+            "request message is larger than the {max_request_bytes} bytes the server accepts \
+             (--max-request-bytes): send smaller requests or split the batch"
+        );
+        Self {
+            auth,
+            audit,
+            // Digits, letters, spaces and punctuation: a valid header value.
+            too_large: http::HeaderValue::from_str(&message)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("request message too large")),
+        }
     }
 }
 
@@ -64,6 +77,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             auth: Arc::clone(&self.auth),
             audit: Arc::clone(&self.audit),
+            too_large: self.too_large.clone(),
         }
     }
 }
@@ -73,6 +87,7 @@ pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
     audit: Arc<AuditLog>,
+    too_large: http::HeaderValue,
 }
 
 impl<S, B> Service<http::Request<B>> for AuthService<S>
@@ -85,6 +100,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let mut inner = super::take_ready(&mut self.inner);
         let (auth, audit) = (Arc::clone(&self.auth), Arc::clone(&self.audit));
+        let too_large = self.too_large.clone();
         Box::pin(async move {
             let Some(role) = Role::required_for(request.uri().path()) else {
                 return inner.call(request).await;
@@ -111,7 +127,7 @@ where
                     super::observe::note_principal(&principal.name);
                     request.extensions_mut().insert(Caller { principal, peer });
                     let mut response = inner.call(request).await?;
-                    too_large_is_resource_exhausted(&mut response);
+                    too_large_is_resource_exhausted(&mut response, too_large);
                     Ok(response)
                 }
                 Err((principal, err)) => {
@@ -141,16 +157,14 @@ where
 /// OUT_OF_RANGE before any handler runs; gRPC's convention (and keyward's
 /// documented contract) is RESOURCE_EXHAUSTED. keyward itself never returns
 /// OUT_OF_RANGE, so the code alone identifies the case.
-fn too_large_is_resource_exhausted(response: &mut http::Response<tonic::body::Body>) {
+fn too_large_is_resource_exhausted(
+    response: &mut http::Response<tonic::body::Body>,
+    message: http::HeaderValue,
+) {
     let headers = response.headers_mut();
     if headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"11") {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static(
-                "request message is larger than the server accepts (--max-request-bytes): send smaller requests or split the batch",
-            ),
-        );
+        headers.insert("grpc-message", message);
     }
 }
 

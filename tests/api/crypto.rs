@@ -567,8 +567,9 @@ async fn an_oversized_request_is_resource_exhausted() {
     };
     let status = assert_code(client.encrypt(huge).await, Code::ResourceExhausted);
     assert!(
-        status.message().contains("--max-request-bytes"),
-        "{status:?}"
+        status.message().contains("the 16777216 bytes")
+            && status.message().contains("--max-request-bytes"),
+        "the refusal states the limit: {status:?}"
     );
     // The connection is still good for the next call.
     client
