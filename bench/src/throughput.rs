@@ -39,6 +39,7 @@ use keyward_client::proto::{
 };
 
 use crate::server::InProcessServer;
+use tonic::metadata::AsciiMetadataValue;
 
 #[derive(Debug, Clone, Args)]
 pub struct ThroughputArgs {
@@ -46,6 +47,15 @@ pub struct ThroughputArgs {
     /// in-process on a temporary SQLite database.
     #[arg(long, env = "KEYWARD_BENCH_TARGET")]
     pub target: Option<String>,
+    /// Bearer token for a `--target` that requires authentication (a token
+    /// with the encrypt and decrypt roles: keyward token create).
+    #[arg(
+        long,
+        env = "KEYWARD_TOKEN",
+        hide_env_values = true,
+        requires = "target"
+    )]
+    pub token: Option<String>,
     /// Requests in flight at once (one HTTP/2 channel).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -125,6 +135,12 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
         [("connection_id".to_owned(), "bench".to_owned())].into();
     let payload = bytes::Bytes::from(vec![0x5a_u8; args.payload_bytes.max(1)]);
     let form = args.form.proto() as i32;
+    let authorization: Option<AsciiMetadataValue> = args
+        .token
+        .as_deref()
+        .map(|token| format!("Bearer {token}").parse())
+        .transpose()
+        .context("--token is not a valid header value")?;
     let encrypt_request = EncryptRequest {
         plaintext: payload,
         context: context.clone(),
@@ -140,25 +156,31 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
         slice.as_secs_f64()
     );
 
+    let mut first = tonic::Request::new(EncryptRequest {
+        form: EnvelopeForm::Blob as i32,
+        ..encrypt_request.clone()
+    });
+    if let Some(value) = &authorization {
+        first.metadata_mut().insert("authorization", value.clone());
+    }
     let blob = CryptoClient::new(channel.clone())
-        .encrypt(EncryptRequest {
-            form: EnvelopeForm::Blob as i32,
-            ..encrypt_request.clone()
-        })
+        .encrypt(first)
         .await?
         .into_inner()
         .blob;
 
     let health = PreEncodedCall::new(
         &channel,
+        &authorization,
         HEALTH_CHECK,
         &HealthCheckRequest {
             service: String::new(),
         },
     );
-    let encrypt = PreEncodedCall::new(&channel, ENCRYPT, &encrypt_request);
+    let encrypt = PreEncodedCall::new(&channel, &authorization, ENCRYPT, &encrypt_request);
     let decrypt = PreEncodedCall::new(
         &channel,
+        &authorization,
         DECRYPT,
         &DecryptRequest {
             context: context.clone(),
@@ -167,6 +189,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
     );
     let batch = PreEncodedCall::new(
         &channel,
+        &authorization,
         BATCH_ENCRYPT,
         &BatchEncryptRequest {
             items: vec![encrypt_request.clone(); batch_size],
@@ -312,11 +335,19 @@ struct PreEncodedCall {
     grpc: tonic::client::Grpc<Channel>,
     path: PathAndQuery,
     request: Bytes,
+    /// `Bearer …` for a server that requires authentication.
+    authorization: Option<AsciiMetadataValue>,
 }
 
 impl PreEncodedCall {
-    fn new(channel: &Channel, path: &'static str, request: &impl Message) -> Self {
+    fn new(
+        channel: &Channel,
+        authorization: &Option<AsciiMetadataValue>,
+        path: &'static str,
+        request: &impl Message,
+    ) -> Self {
         Self {
+            authorization: authorization.clone(),
             // A batch's response outgrows tonic's 4 MiB default from 4 KiB
             // payloads on; the server's own limits bound it.
             grpc: tonic::client::Grpc::new(channel.clone()).max_decoding_message_size(usize::MAX),
@@ -331,8 +362,12 @@ impl PreEncodedCall {
             .ready()
             .await
             .map_err(|err| tonic::Status::unavailable(format!("channel not ready: {err}")))?;
+        let mut request = tonic::Request::new(self.request);
+        if let Some(value) = self.authorization {
+            request.metadata_mut().insert("authorization", value);
+        }
         self.grpc
-            .unary(tonic::Request::new(self.request), self.path, RawCodec)
+            .unary(request, self.path, RawCodec)
             .await
             .map(tonic::Response::into_inner)
     }

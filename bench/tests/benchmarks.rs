@@ -148,6 +148,56 @@ async fn rotation_moves_every_row_and_leaves_nothing_behind() {
     assert_eq!(keys, [("primary".to_owned(), "active".to_owned())]);
 }
 
+/// `throughput --target --token` measures a server that requires
+/// authentication (a real `keyward serve` on a database holding a token);
+/// without the token every call would be refused.
+#[test]
+fn throughput_sends_a_token_to_a_server_that_requires_one() {
+    let keyward = std::path::Path::new(BIN).with_file_name("keyward");
+    assert!(keyward.is_file(), "{} is not built", keyward.display());
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("k.db").display());
+    let token = Command::new(&keyward)
+        .args(["token", "create", "--name", "bench", "--role", "encrypt", "--role", "decrypt"])
+        .args(["--audit-log", "off"])
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // --dev keeps authentication on: the database holds a token.
+    let mut server = Command::new(&keyward)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the server never listened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let args = ["throughput", "--target", &target, "--seconds", "0.6", "--rounds", "1"];
+    let refused = bench(&args).output().unwrap();
+    let with_token = bench(&args).env("KEYWARD_TOKEN", &token).output();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!refused.status.success());
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(refusal.contains("no credentials"), "{refusal}");
+    assert_lines(&passed(with_token.unwrap()), &["Encrypt", "Decrypt"]);
+}
+
 /// `soak`, briefly: a real `keyward serve` child, load, a rotation and the
 /// read-back, with zero errors. The child is the `keyward` beside
 /// `keyward-bench`, which `cargo test --workspace` (scripts/test) builds.

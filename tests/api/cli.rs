@@ -942,7 +942,10 @@ fn unconfigured_operator_audit_goes_to_the_state_directory() {
     let whoami = Command::new("id").arg("-un").output().unwrap();
     let account = String::from_utf8_lossy(&whoami.stdout).trim().to_owned();
     let events = json_lines(&std::fs::read_to_string(&file).unwrap());
-    assert_eq!(events.last().unwrap()["principal"], format!("cli:{account}"));
+    assert_eq!(
+        events.last().unwrap()["principal"],
+        format!("cli:{account}")
+    );
     use std::os::unix::fs::PermissionsExt as _;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&file), 0o600);
@@ -1224,8 +1227,18 @@ async fn sighup_reopens_the_audit_file_and_the_server_goes_on() {
 fn limits_beyond_the_built_in_maximum_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for (flag, env, value, max) in [
-        ("--max-context-entries", "KEYWARD_MAX_CONTEXT_ENTRIES", "65", "1..=64"),
-        ("--max-context-bytes", "KEYWARD_MAX_CONTEXT_BYTES", "9000", "1..=8192"),
+        (
+            "--max-context-entries",
+            "KEYWARD_MAX_CONTEXT_ENTRIES",
+            "65",
+            "1..=64",
+        ),
+        (
+            "--max-context-bytes",
+            "KEYWARD_MAX_CONTEXT_BYTES",
+            "9000",
+            "1..=8192",
+        ),
     ] {
         let by_flag = run(keyward(dir.path()).args(["serve", "--dev", flag, value]));
         let by_env = run(keyward(dir.path()).env(env, value).args(["serve", "--dev"]));
@@ -1234,5 +1247,8 @@ fn limits_beyond_the_built_in_maximum_are_refused() {
             assert!(stderr(&out).contains(max), "{flag}: {}", stderr(&out));
         }
     }
-    assert!(!dir.path().join("keyward.db").exists(), "nothing was started");
+    assert!(
+        !dir.path().join("keyward.db").exists(),
+        "nothing was started"
+    );
 }

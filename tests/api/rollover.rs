@@ -112,7 +112,10 @@ async fn a_master_secret_rollover_finishes(backend: Backend) {
     held.sort();
     assert_eq!(
         held,
-        [vec![new.to_string(), old.to_string()], vec![old.to_string()]]
+        [
+            vec![new.to_string(), old.to_string()],
+            vec![old.to_string()]
+        ]
     );
     let shown = stdout(&cli(&first, &["replicas", "list"]));
     assert!(shown.contains("MASTER SECRETS"), "{shown}");
