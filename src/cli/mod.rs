@@ -96,7 +96,7 @@ struct GlobalArgs {
     /// Log at INFO as `serve` and `worker` do; other commands log only
     /// warnings and errors by default, so their output is what was asked
     /// for (`RUST_LOG` overrides both).
-    #[arg(short, long, global = true)]
+    #[arg(short, long, env = "KEYWARD_VERBOSE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     verbose: bool,
     #[command(flatten)]
     aws: AwsArgs,
@@ -550,6 +550,28 @@ mod tests {
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// The README's promise: every global flag and every flag of `serve`
+    /// and `worker` (the long-running processes) has an environment
+    /// variable. The operator commands' own arguments do not.
+    #[test]
+    fn every_process_flag_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let flags = |cmd: &clap::Command| -> Vec<String> {
+            cmd.get_arguments()
+                .filter(|a| !a.is_positional() && !matches!(a.get_id().as_str(), "help" | "version"))
+                .filter(|a| a.get_env().is_none())
+                .map(|a| a.get_id().to_string())
+                .collect()
+        };
+        let mut missing = flags(&cli);
+        for name in ["serve", "worker"] {
+            let sub = cli.find_subcommand(name).expect("the subcommand exists");
+            missing.extend(flags(sub).into_iter().map(|f| format!("{name} --{f}")));
+        }
+        assert!(missing.is_empty(), "flags without an environment variable: {missing:?}");
     }
 
     /// Every command a retirement plan tells the operator to run exists
