@@ -158,13 +158,19 @@ fn throughput_sends_a_token_to_a_server_that_requires_one() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("k.db").display());
     let token = Command::new(&keyward)
-        .args(["token", "create", "--name", "bench", "--role", "encrypt", "--role", "decrypt"])
+        .args([
+            "token", "create", "--name", "bench", "--role", "encrypt", "--role", "decrypt",
+        ])
         .args(["--audit-log", "off"])
         .env_clear()
         .env("DATABASE_URL", &url)
         .output()
         .unwrap();
-    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
     let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -184,10 +190,21 @@ fn throughput_sends_a_token_to_a_server_that_requires_one() {
     let target = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "the server never listened");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never listened"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let args = ["throughput", "--target", &target, "--seconds", "0.6", "--rounds", "1"];
+    let args = [
+        "throughput",
+        "--target",
+        &target,
+        "--seconds",
+        "0.6",
+        "--rounds",
+        "1",
+    ];
     let refused = bench(&args).output().unwrap();
     let with_token = bench(&args).env("KEYWARD_TOKEN", &token).output();
     let _ = server.kill();

@@ -561,7 +561,9 @@ mod tests {
         let cli = Cli::command();
         let flags = |cmd: &clap::Command| -> Vec<String> {
             cmd.get_arguments()
-                .filter(|a| !a.is_positional() && !matches!(a.get_id().as_str(), "help" | "version"))
+                .filter(|a| {
+                    !a.is_positional() && !matches!(a.get_id().as_str(), "help" | "version")
+                })
                 .filter(|a| a.get_env().is_none())
                 .map(|a| a.get_id().to_string())
                 .collect()
@@ -571,7 +573,10 @@ mod tests {
             let sub = cli.find_subcommand(name).expect("the subcommand exists");
             missing.extend(flags(sub).into_iter().map(|f| format!("{name} --{f}")));
         }
-        assert!(missing.is_empty(), "flags without an environment variable: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "flags without an environment variable: {missing:?}"
+        );
     }
 
     /// Every command a retirement plan tells the operator to run exists

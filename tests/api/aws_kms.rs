@@ -629,3 +629,42 @@ async fn with_the_cache_off_every_encrypt_calls_kms() {
     assert_eq!(kms_calls(&app, KmsOperation::GenerateDataKey) - before, 20);
     assert!(kms_calls(&app, KmsOperation::Decrypt) >= 20);
 }
+
+/// A key named by its full ARN needs no configured region: the ARN says
+/// where the key lives. A bare key id without a region is refused, saying
+/// how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_arn_carries_its_region() {
+    use keyward::crypto::kms::{aws::AwsKms, KekRef, KmsError, KmsProvider};
+    let Some(endpoint) = crate::moto::endpoint_or_skip() else {
+        return;
+    };
+    let arn = crate::moto::create_key(&crate::moto::client(endpoint).await).await;
+    assert!(
+        arn.starts_with(&format!("arn:aws:kms:{}:", crate::moto::REGION)),
+        "{arn}"
+    );
+    let mut settings = crate::moto::kms_settings(endpoint).aws;
+    settings.region = None;
+    let kms = AwsKms::new(settings);
+    let kek = |kms_key_arn| KekRef {
+        record_id: "r1",
+        kms_key_arn,
+    };
+    kms.check_key(kek(&arn)).await.unwrap();
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        let refused = kms
+            .check_key(kek(crate::moto::key_id(&arn)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, KmsError::NotConfigured { .. }),
+            "{refused:?}"
+        );
+        assert!(
+            refused.to_string().contains("name the key by its ARN"),
+            "{refused}"
+        );
+    }
+}

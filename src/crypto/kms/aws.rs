@@ -38,51 +38,88 @@ pub use super::AwsKmsSettings;
 /// The `aws-kms` provider.
 pub struct AwsKms {
     settings: AwsKmsSettings,
-    client: OnceCell<Client>,
+    /// The region the standard chain gives (`--aws-region`, `AWS_REGION`,
+    /// profile), read on first use; `None` when it gives none.
+    configured_region: OnceCell<Option<String>>,
+    /// One SDK client per region, built on first use.
+    clients: tokio::sync::RwLock<HashMap<String, Client>>,
 }
 
 impl AwsKms {
     pub fn new(settings: AwsKmsSettings) -> Self {
         Self {
             settings,
-            client: OnceCell::new(),
+            configured_region: OnceCell::new(),
+            clients: tokio::sync::RwLock::default(),
         }
     }
 
-    /// The SDK client, built on first use. A region and credentials must
-    /// resolve; until they do, every call fails with
-    /// [`KmsError::NotConfigured`] and the next call tries again (a role's
-    /// credentials may appear after start-up).
-    async fn client(&self) -> Result<&Client, KmsError> {
-        self.client
-            .get_or_try_init(|| async {
-                let config = load_sdk_config(&self.settings).await;
-                if config.region().is_none() {
-                    return Err(KmsError::NotConfigured {
-                        provider: ProviderKind::AwsKms,
-                        reason: "no AWS region: set AWS_REGION or --aws-region".into(),
-                    });
-                }
-                let credentials = config.credentials_provider().ok_or_else(|| {
-                    KmsError::NotConfigured {
-                        provider: ProviderKind::AwsKms,
-                        reason: "no AWS credentials provider".into(),
-                    }
-                })?;
-                credentials
-                    .provide_credentials()
-                    .await
-                    .map_err(|err| KmsError::NotConfigured {
-                        provider: ProviderKind::AwsKms,
-                        reason: format!(
-                            "no AWS credentials could be loaded (environment, profile, web identity, \
-                             instance role): {}",
-                            crate::report::chain(&err)
-                        ),
-                    })?;
-                Ok(Client::new(&config))
-            })
+    /// The SDK client for `key`: in the region its ARN names
+    /// (`arn:aws:kms:REGION:…`, which fixes where the key lives), else the
+    /// configured one. A region and credentials must resolve; until they
+    /// do, every call fails with [`KmsError::NotConfigured`] and the next
+    /// call tries again (a role's credentials may appear after start-up).
+    async fn client(&self, key: &str) -> Result<Client, KmsError> {
+        let region = match arn_region(key) {
+            Some(region) => region.to_owned(),
+            None => self
+                .configured_region
+                .get_or_init(|| async {
+                    load_sdk_config(&self.settings)
+                        .await
+                        .region()
+                        .map(ToString::to_string)
+                })
+                .await
+                .clone()
+                .ok_or_else(|| KmsError::NotConfigured {
+                    provider: ProviderKind::AwsKms,
+                    reason: format!(
+                        "no AWS region for {key}: name the key by its ARN \
+                         (arn:aws:kms:REGION:ACCOUNT:key/ID), or set AWS_REGION or --aws-region"
+                    ),
+                })?,
+        };
+        if let Some(client) = self.clients.read().await.get(&region) {
+            return Ok(client.clone());
+        }
+        let settings = AwsKmsSettings {
+            region: Some(region.clone()),
+            ..self.settings.clone()
+        };
+        let config = load_sdk_config(&settings).await;
+        let credentials = config
+            .credentials_provider()
+            .ok_or_else(|| KmsError::NotConfigured {
+                provider: ProviderKind::AwsKms,
+                reason: "no AWS credentials provider".into(),
+            })?;
+        credentials
+            .provide_credentials()
             .await
+            .map_err(|err| KmsError::NotConfigured {
+                provider: ProviderKind::AwsKms,
+                reason: format!(
+                    "no AWS credentials could be loaded (environment, profile, web identity, \
+                     instance role): {}",
+                    crate::report::chain(&err)
+                ),
+            })?;
+        let client = Client::new(&config);
+        self.clients.write().await.insert(region, client.clone());
+        Ok(client)
+    }
+}
+
+/// The region a KMS key ARN names (`arn:PARTITION:kms:REGION:ACCOUNT:…`);
+/// `None` for a key id or an alias name.
+fn arn_region(key: &str) -> Option<&str> {
+    let mut parts = key.splitn(6, ':');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("arn"), Some(_partition), Some("kms"), Some(region)) if !region.is_empty() => {
+            Some(region)
+        }
+        _ => None,
     }
 }
 
@@ -189,7 +226,7 @@ impl KmsProvider for AwsKms {
         context: &EncryptionContext,
     ) -> Result<GeneratedKey, KmsError> {
         let out = self
-            .client()
+            .client(kek.kms_key_arn)
             .await?
             .generate_data_key()
             .key_id(kek.kms_key_arn)
@@ -220,7 +257,7 @@ impl KmsProvider for AwsKms {
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
         let out = self
-            .client()
+            .client(kek.kms_key_arn)
             .await?
             .encrypt()
             .key_id(kek.kms_key_arn)
@@ -250,7 +287,7 @@ impl KmsProvider for AwsKms {
             return Err(KmsError::UnwrapFailed);
         }
         let out = self
-            .client()
+            .client(kek.kms_key_arn)
             .await?
             .decrypt()
             .key_id(kek.kms_key_arn)
@@ -274,7 +311,7 @@ impl KmsProvider for AwsKms {
             return Err(KmsError::UnwrapFailed);
         }
         let out = self
-            .client()
+            .client(target.kms_key_arn)
             .await?
             .re_encrypt()
             .ciphertext_blob(Blob::new(wrapped_key.to_vec()))
@@ -296,7 +333,7 @@ impl KmsProvider for AwsKms {
 
     async fn check_key(&self, kek: KekRef<'_>) -> Result<(), KmsError> {
         let out = self
-            .client()
+            .client(kek.kms_key_arn)
             .await?
             .describe_key()
             .key_id(kek.kms_key_arn)
@@ -317,6 +354,21 @@ impl KmsProvider for AwsKms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_arn_names_its_region() {
+        assert_eq!(
+            arn_region("arn:aws:kms:eu-west-1:111122223333:key/1234abcd"),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            arn_region("arn:aws-us-gov:kms:us-gov-west-1:111122223333:alias/app"),
+            Some("us-gov-west-1")
+        );
+        assert_eq!(arn_region("1234abcd-12ab-34cd-56ef-1234567890ab"), None);
+        assert_eq!(arn_region("alias/app"), None);
+        assert_eq!(arn_region("arn:aws:s3:::bucket"), None);
+    }
 
     #[test]
     fn kms_codes_map_to_keyward_errors() {
