@@ -198,3 +198,55 @@ async fn a_targets_file_seeds_the_list_and_a_disagreeing_one_is_refused() {
         "{err}"
     );
 }
+
+/// The README's `keyward targets` block, run verbatim with bash on a
+/// database that has the table it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_targets_block_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block: String = readme
+        .split("<!-- targets:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- targets:end -->").next())
+        .expect("README.md has the targets block")
+        .lines()
+        .filter(|line| !line.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let app = spawn_with(Backend::Sqlite, Options::default())
+        .await
+        .unwrap();
+    app.sql(
+        "CREATE TABLE api_tokens (id INTEGER PRIMARY KEY, tenant TEXT NOT NULL, encryption_key_id TEXT,
+           data_key_ciphertext BLOB, data_key_iv BLOB, secret_ciphertext BLOB, payload_iv BLOB,
+           last_error TEXT, last_error_job_id TEXT)",
+    )
+    .await;
+    let home = tempfile::tempdir().unwrap();
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_keyward"))
+        .parent()
+        .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &block])
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", home.path())
+        .env("DATABASE_URL", &app.database_url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let listed = stdout(&out);
+    // add and list print the list with api_tokens; remove prints it without.
+    assert_eq!(listed.matches("api_tokens ").count(), 2, "{listed}");
+    assert!(
+        listed.contains(r#""payload_ciphertext":"secret_ciphertext""#),
+        "{listed}"
+    );
+    assert_eq!(listed(&app).await, ["connections"]);
+}
