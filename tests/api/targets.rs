@@ -241,12 +241,12 @@ async fn the_readme_targets_block_runs_as_written() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    let listed = stdout(&out);
+    let printed = stdout(&out);
     // add and list print the list with api_tokens; remove prints it without.
-    assert_eq!(listed.matches("api_tokens ").count(), 2, "{listed}");
+    assert_eq!(printed.matches("api_tokens ").count(), 2, "{printed}");
     assert!(
-        listed.contains(r#""payload_ciphertext":"secret_ciphertext""#),
-        "{listed}"
+        printed.contains(r#""payload_ciphertext":"secret_ciphertext""#),
+        "{printed}"
     );
     assert_eq!(listed(&app).await, ["connections"]);
 }
