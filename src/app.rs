@@ -67,6 +67,10 @@ pub enum StartupError {
     /// A key operation during start-up failed.
     #[error("keys: {0}")]
     Keys(#[from] Error),
+    /// A setting every process shares (the legacy format) disagrees with
+    /// the one the database records.
+    #[error("{0}")]
+    Settings(#[source] Error),
     /// The rotation targets cannot be loaded, or a `--rotation-targets`
     /// file disagrees with the database's list.
     #[error("rotation targets: {0}")]
@@ -207,12 +211,15 @@ impl Services {
                 master.current.clone(),
                 master.previous.clone(),
             ));
+            let format = crate::service::legacy_format::resolve(&store, master.legacy.as_ref())
+                .await
+                .map_err(StartupError::Settings)?;
             for secret in master.all() {
-                if let Err(err) = master.legacy.derive(secret) {
+                if let Err(err) = format.derive(secret) {
                     tracing::warn!(master_secret = %secret.fingerprint(), "{err}: legacy rows cannot be decrypted under master secret {}", secret.fingerprint());
                 }
             }
-            legacy = Some(LegacyKeys::with_format(master.legacy.clone(), master.all()));
+            legacy = Some(LegacyKeys::with_format(format, master.all()));
         }
         let catalog = Arc::new(KeyCatalog::default());
         let crypto = Arc::new(CryptoService::new(

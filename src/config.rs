@@ -27,8 +27,10 @@ use crate::{
 pub struct MasterSecrets {
     pub current: MasterSecret,
     pub previous: Vec<MasterSecret>,
-    /// The application's legacy scheme (default: keyward's documented one).
-    pub legacy: LegacyFormat,
+    /// The application's legacy scheme as this process was given it
+    /// (`--legacy-*`); `None`: the one the database records, else
+    /// keyward's documented default (`service::legacy_format`).
+    pub legacy: Option<LegacyFormat>,
 }
 
 impl MasterSecrets {
@@ -47,7 +49,7 @@ impl MasterSecrets {
                 .filter(|p| !p.is_empty())
                 .map(MasterSecret::new)
                 .collect::<Result<_, _>>()?,
-            legacy: LegacyFormat::default(),
+            legacy: None,
         })
     }
 }

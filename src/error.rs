@@ -123,6 +123,9 @@ pub enum Error {
     /// A `--rotation-targets` file disagrees with the list in the database.
     #[error("the rotation targets of --rotation-targets differ from the database's: {0}. Change the list with keyward targets add|remove, or the file to match (keyward targets list)")]
     TargetsDiffer(String),
+    /// The legacy format this process was given is not the one recorded.
+    #[error("this process's legacy format {given} differs from the one the database records, {recorded}: pass the same --legacy-* flags (or none, to follow the record), or change the record with keyward legacy format --set")]
+    LegacyFormatDiffers { recorded: String, given: String },
     /// A rotation target names what its table does not have.
     #[error("rotation target refused: {0}")]
     TargetNotInSchema(String),

@@ -51,6 +51,7 @@ pub fn code_of(err: &Error) -> Code {
             AuthError::RateLimited { .. } => Code::ResourceExhausted,
         },
         Error::TargetsDiffer(_)
+        | Error::LegacyFormatDiffers { .. }
         | Error::TargetNotInSchema(_)
         | Error::TargetsBusy(_)
         | Error::TargetInUse { .. } => Code::FailedPrecondition,

@@ -24,6 +24,12 @@ pub(super) enum LegacyCommand {
     /// a row decrypt to the same plaintext; list conflicts, clear nothing
     /// else. Exits 0 when no legacy copy is left, 65 when some remain.
     Cutover(CutoverArgs),
+    /// Show the legacy format every process uses, as the database records
+    /// it; with --set, record the one the --legacy-* flags give (audited).
+    Format {
+        #[arg(long)]
+        set: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -43,7 +49,10 @@ pub(super) struct CutoverArgs {
 }
 
 pub(super) async fn legacy(global: &GlobalArgs, cmd: LegacyCommand) -> anyhow::Result<ExitCode> {
-    let LegacyCommand::Cutover(args) = cmd;
+    let args = match cmd {
+        LegacyCommand::Cutover(args) => args,
+        LegacyCommand::Format { set } => return format(global, set).await,
+    };
     if !args.dry_run && !args.old_pods_stopped {
         bail!(ConfigError(
             "legacy cutover clears what the application's old pods read: run it with --dry-run \
@@ -183,16 +192,43 @@ pub(super) async fn legacy_encrypt(
     if plaintext.is_empty() {
         bail!("no plaintext on standard input");
     }
-    let (iv, ciphertext) = master
-        .legacy
-        .encrypt(&master.current, &plaintext)
-        .map_err(|e| ConfigError(e.to_string()))?;
     let store = crate::store::Store::connect(&global.database_url).await?;
     store.migrate().await?;
+    let format = crate::service::legacy_format::resolve(&store, master.legacy.as_ref()).await?;
+    let (iv, ciphertext) = format
+        .encrypt(&master.current, &plaintext)
+        .map_err(|e| ConfigError(e.to_string()))?;
     let iv = (!iv.is_empty()).then_some(iv.as_slice());
     store
         .write_legacy_connection(&args.connection_id, args.name.as_deref(), &ciphertext, iv)
         .await?;
     println!("{}", args.connection_id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keyward legacy format [--set]`.
+async fn format(global: &GlobalArgs, set: bool) -> anyhow::Result<ExitCode> {
+    use crate::service::legacy_format;
+    let store = crate::store::Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    if set {
+        let Some(format) = global.legacy.format() else {
+            bail!(ConfigError(
+                "legacy format --set records the format the --legacy-* flags give: pass them"
+                    .into()
+            ));
+        };
+        let audit = super::audit::operator_audit_if(global, true)?;
+        let change = legacy_format::record(&store, &format);
+        super::audit::audited(&audit, "cli/legacy format", None, format.to_json(), change).await?;
+    }
+    match legacy_format::recorded(&store).await? {
+        Some(json) => println!("{json}"),
+        None => println!(
+            "none recorded: keyward's default, {}",
+            crate::crypto::legacy::LegacyFormat::default().to_json()
+        ),
+    }
+    store.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -343,12 +343,16 @@ pub fn main() -> ExitCode {
 }
 
 /// Whether the process refused to start because its configuration (a
-/// `--rotation-targets` file) disagrees with the database: a usage error.
+/// `--rotation-targets` file, `--legacy-*` flags) disagrees with the
+/// database: a usage error.
 fn disagrees_with_database(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<crate::error::Error>(),
-            Some(crate::error::Error::TargetsDiffer(_))
+            Some(
+                crate::error::Error::TargetsDiffer(_)
+                    | crate::error::Error::LegacyFormatDiffers { .. }
+            )
         )
     })
 }

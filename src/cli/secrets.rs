@@ -22,24 +22,22 @@ use crate::{
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Legacy format")]
 pub(super) struct LegacyFormatArgs {
-    /// How the legacy key derives from the master secret.
-    #[arg(long, env = "KEYWARD_LEGACY_KDF", value_enum, default_value_t = KdfName::HkdfSha256, global = true)]
-    legacy_kdf: KdfName,
-    /// HKDF salt of the legacy key (empty: none).
-    #[arg(
-        long,
-        env = "KEYWARD_LEGACY_KDF_SALT",
-        default_value = "",
-        global = true
-    )]
-    legacy_kdf_salt: String,
-    /// HKDF info string of the legacy key.
-    #[arg(long, env = "KEYWARD_LEGACY_KDF_INFO", default_value = DEFAULT_INFO, global = true)]
-    legacy_kdf_info: String,
+    /// How the legacy key derives from the master secret [default:
+    /// hkdf-sha256]. Given any --legacy-* flag, the format is recorded in
+    /// the database for every process; given none, the recorded one holds.
+    #[arg(long, env = "KEYWARD_LEGACY_KDF", value_enum, global = true)]
+    legacy_kdf: Option<KdfName>,
+    /// HKDF salt of the legacy key [default: none].
+    #[arg(long, env = "KEYWARD_LEGACY_KDF_SALT", global = true)]
+    legacy_kdf_salt: Option<String>,
+    /// HKDF info string of the legacy key [default: connections:credentials].
+    #[arg(long, env = "KEYWARD_LEGACY_KDF_INFO", global = true)]
+    legacy_kdf_info: Option<String>,
     /// Where a legacy ciphertext's IV and tag are: the IV in
-    /// credentials_iv (separate), or both in encrypted_credentials.
-    #[arg(long, env = "KEYWARD_LEGACY_LAYOUT", value_enum, default_value_t = LayoutName::Separate, global = true)]
-    legacy_layout: LayoutName,
+    /// credentials_iv (separate), or both in encrypted_credentials
+    /// [default: separate].
+    #[arg(long, env = "KEYWARD_LEGACY_LAYOUT", value_enum, global = true)]
+    legacy_layout: Option<LayoutName>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -63,22 +61,31 @@ enum LayoutName {
 }
 
 impl LegacyFormatArgs {
-    pub(super) fn format(&self) -> LegacyFormat {
-        LegacyFormat {
-            kdf: match self.legacy_kdf {
+    /// The format these flags give; `None` when none is given (the
+    /// database's record holds).
+    pub(super) fn format(&self) -> Option<LegacyFormat> {
+        let given = self.legacy_kdf.is_some()
+            || self.legacy_kdf_salt.is_some()
+            || self.legacy_kdf_info.is_some()
+            || self.legacy_layout.is_some();
+        given.then(|| LegacyFormat {
+            kdf: match self.legacy_kdf.unwrap_or(KdfName::HkdfSha256) {
                 KdfName::HkdfSha256 => LegacyKdf::HkdfSha256 {
-                    salt: self.legacy_kdf_salt.clone(),
-                    info: self.legacy_kdf_info.clone(),
+                    salt: self.legacy_kdf_salt.clone().unwrap_or_default(),
+                    info: self
+                        .legacy_kdf_info
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_INFO.to_owned()),
                 },
                 KdfName::Sha256 => LegacyKdf::Sha256,
                 KdfName::RawHex => LegacyKdf::RawHex,
             },
-            layout: match self.legacy_layout {
+            layout: match self.legacy_layout.unwrap_or(LayoutName::Separate) {
                 LayoutName::Separate => LegacyLayout::Separate,
                 LayoutName::IvCiphertextTag => LegacyLayout::IvCiphertextTag,
                 LayoutName::IvTagCiphertext => LegacyLayout::IvTagCiphertext,
             },
-        }
+        })
     }
 }
 

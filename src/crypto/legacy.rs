@@ -97,7 +97,57 @@ impl Default for LegacyFormat {
 #[error("the legacy KDF raw-hex takes a master secret of 64 hex digits (a 32-byte key)")]
 pub struct NotAHexKey;
 
+/// The recorded form of a [`LegacyFormat`] (JSON, as the database keeps
+/// it): no secret in it, only how keys derive and where IVs sit.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Recorded {
+    kdf: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    salt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    info: Option<String>,
+    layout: String,
+}
+
 impl LegacyFormat {
+    /// The format as one line of JSON (`keyward_settings`).
+    pub fn to_json(&self) -> String {
+        let (kdf, salt, info) = match &self.kdf {
+            LegacyKdf::HkdfSha256 { salt, info } => {
+                ("hkdf-sha256", Some(salt.clone()), Some(info.clone()))
+            }
+            LegacyKdf::Sha256 => ("sha256", None, None),
+            LegacyKdf::RawHex => ("raw-hex", None, None),
+        };
+        let recorded = Recorded {
+            kdf: kdf.to_owned(),
+            salt,
+            info,
+            layout: self.layout.as_str().to_owned(),
+        };
+        // Strings only: it always serializes.
+        serde_json::to_string(&recorded).unwrap_or_default()
+    }
+
+    /// A format [`Self::to_json`] wrote; `None` for anything else.
+    pub fn from_json(json: &str) -> Option<Self> {
+        let recorded: Recorded = serde_json::from_str(json).ok()?;
+        let kdf = match recorded.kdf.as_str() {
+            "hkdf-sha256" => LegacyKdf::HkdfSha256 {
+                salt: recorded.salt.unwrap_or_default(),
+                info: recorded.info.unwrap_or_else(|| DEFAULT_INFO.to_owned()),
+            },
+            "sha256" => LegacyKdf::Sha256,
+            "raw-hex" => LegacyKdf::RawHex,
+            _ => return None,
+        };
+        Some(Self {
+            kdf,
+            layout: LegacyLayout::parse(&recorded.layout)?,
+        })
+    }
+
     /// The legacy key of one master secret.
     pub fn derive(&self, master: &MasterSecret) -> Result<SecretKey, NotAHexKey> {
         match &self.kdf {
@@ -237,6 +287,35 @@ pub fn encrypt_legacy(master: &MasterSecret, plaintext: &[u8]) -> ([u8; NONCE_LE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_format_is_recorded_and_read_back() {
+        let formats = [
+            LegacyFormat::default(),
+            LegacyFormat {
+                kdf: LegacyKdf::HkdfSha256 {
+                    salt: "platform-salt".into(),
+                    info: "credentials/v2".into(),
+                },
+                layout: LegacyLayout::IvTagCiphertext,
+            },
+            LegacyFormat {
+                kdf: LegacyKdf::RawHex,
+                layout: LegacyLayout::IvCiphertextTag,
+            },
+        ];
+        for format in formats {
+            assert_eq!(LegacyFormat::from_json(&format.to_json()), Some(format));
+        }
+        assert_eq!(
+            LegacyFormat::default().to_json(),
+            r#"{"kdf":"hkdf-sha256","salt":"","info":"connections:credentials","layout":"separate"}"#
+        );
+        assert_eq!(
+            LegacyFormat::from_json(r#"{"kdf":"md5","layout":"separate"}"#),
+            None
+        );
+    }
 
     #[test]
     fn fixture_rows_decrypt_under_current_or_previous_master() {

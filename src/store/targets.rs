@@ -1,7 +1,9 @@
-//! `keyward_rotation_targets`: the definitions of the rotation targets
+//! What every process must share, kept in the database:
+//! `keyward_rotation_targets`, the definitions of the rotation targets
 //! beyond `connections` (and `connections`' encoding), in the order
-//! rotation walks them. A change moves the catalog version (migration
-//! 0009), so every process reloads the list with the catalog.
+//! rotation walks them (a change moves the catalog version, migration
+//! 0009, so every process reloads the list with the catalog); and
+//! `keyward_settings`, settings recorded once (the legacy format).
 //!
 //! A change is refused while a rotation job is pending or running: a job
 //! walks the targets by their position in the list it started with.
@@ -159,5 +161,40 @@ impl super::Store {
         tx.execute(sql, &args).await?;
         tx.commit().await?;
         Ok(TargetChange::Done)
+    }
+}
+
+impl super::Store {
+    /// A shared setting's recorded value (`keyward_settings`).
+    pub async fn setting(&self, name: &str) -> Result<Option<String>, StoreError> {
+        Ok(super::on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT value FROM keyward_settings WHERE name = $1"
+        )
+        .bind(name)
+        .fetch_optional(pool)
+        .await)?)
+    }
+
+    /// Records a shared setting: only if none is recorded, unless
+    /// `replace`. Whether it was written.
+    pub async fn record_setting(
+        &self,
+        name: &str,
+        value: &str,
+        replace: bool,
+    ) -> Result<bool, StoreError> {
+        let sql = if replace {
+            "INSERT INTO keyward_settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = CURRENT_TIMESTAMP"
+        } else {
+            "INSERT INTO keyward_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING"
+        };
+        let written = super::on_pool!(self, |pool| sqlx::query(sql)
+            .bind(name)
+            .bind(value)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(written > 0)
     }
 }

@@ -1,8 +1,9 @@
 //! A platform whose legacy scheme is not keyward's default is adopted by
 //! configuration: its own HKDF salt and info, and Node's `iv ‖ tag ‖
 //! ciphertext` in `encrypted_credentials` with no `credentials_iv`. Its
-//! rows decrypt, rotate, and are cut over; without the configuration the
-//! cutover cannot read them and clears nothing.
+//! rows decrypt, rotate, and are cut over; the format is recorded in the
+//! database, so an operator command given none follows it, and one given
+//! another refuses to start.
 
 use std::collections::HashMap;
 
@@ -43,7 +44,7 @@ fn format() -> LegacyFormat {
 
 async fn a_legacy_scheme_of_the_platforms_own_is_configured(backend: Backend) {
     let mut secrets = master(MASTER, &[]);
-    secrets.legacy = format();
+    secrets.legacy = Some(format());
     let options = Options {
         master: Some(secrets),
         ..Options::default()
@@ -93,17 +94,43 @@ async fn a_legacy_scheme_of_the_platforms_own_is_configured(backend: Backend) {
             .args(flags)
             .args(["legacy", "cutover", "--old-pods-stopped"]))
     };
-    // keyward's default scheme cannot read them: nothing is cleared.
-    let out = cutover(&[]);
+    // The server recorded the format: a process given another refuses to
+    // start, naming both, and clears nothing.
+    let out = cutover(&["--legacy-layout", "separate"]);
     assert_eq!(
         out.status.code(),
-        Some(65),
+        Some(64),
         "{}{}",
         stdout(&out),
         stderr(&out)
     );
-    assert!(stdout(&out).contains("unreadable: 3"), "{}", stdout(&out));
-    let out = cutover(&FLAGS);
+    assert!(
+        stderr(&out).contains("differs from the one the database records"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(app
+        .connections()
+        .await
+        .iter()
+        .all(|r| r.encrypted_credentials.is_some()));
+    // Its own flags agree; no flags follow the record.
+    let out = cutover(&FLAGS[..2]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a partial format is another format"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let shown = run(keyward(dir.path())
+        .env("DATABASE_URL", &app.database_url)
+        .args(["legacy", "format"]));
+    assert!(
+        stdout(&shown).contains("iv-tag-ciphertext"),
+        "{}",
+        stdout(&shown)
+    );
+    let out = cutover(&[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains("cleared 3 legacy copies"),
