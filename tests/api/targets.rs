@@ -250,3 +250,34 @@ async fn the_readme_targets_block_runs_as_written() {
     );
     assert_eq!(listed(&app).await, ["connections"]);
 }
+
+/// The same list on PostgreSQL: added through one replica, followed by
+/// another, checked against the table, removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_is_shared_on_postgres_too() {
+    let Some(app) = spawn_with(Backend::Postgres, Options::default()).await else {
+        return;
+    };
+    let replica = app.replica(Options::default()).await;
+    app.sql(
+        "CREATE TABLE api_tokens (id BIGINT PRIMARY KEY, encryption_key_id TEXT,
+           data_key_ciphertext BYTEA, data_key_iv BYTEA, secret_ciphertext BYTEA, payload_iv BYTEA,
+           last_error TEXT, last_error_job_id TEXT)",
+    )
+    .await;
+    let missing = API_TOKENS.replace("\"token_id\": \"id\"", "\"token_id\": \"token\"");
+    assert_code(add(&app, &missing).await, Code::FailedPrecondition);
+    assert_eq!(add(&app, API_TOKENS).await.unwrap(), ["connections", "api_tokens"]);
+    assert_eq!(listed(&replica).await, ["connections", "api_tokens"]);
+    let encoded = add(&replica, r#"{"table": "connections", "encoding": "bytes"}"#).await;
+    assert_eq!(encoded.unwrap(), ["connections", "api_tokens"]);
+    app.admin
+        .clone()
+        .remove_rotation_target(RemoveRotationTargetRequest {
+            table: "api_tokens".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed(&replica).await, ["connections"]);
+}
