@@ -267,7 +267,10 @@ async fn the_list_is_shared_on_postgres_too() {
     .await;
     let missing = API_TOKENS.replace("\"token_id\": \"id\"", "\"token_id\": \"token\"");
     assert_code(add(&app, &missing).await, Code::FailedPrecondition);
-    assert_eq!(add(&app, API_TOKENS).await.unwrap(), ["connections", "api_tokens"]);
+    assert_eq!(
+        add(&app, API_TOKENS).await.unwrap(),
+        ["connections", "api_tokens"]
+    );
     assert_eq!(listed(&replica).await, ["connections", "api_tokens"]);
     let encoded = add(&replica, r#"{"table": "connections", "encoding": "bytes"}"#).await;
     assert_eq!(encoded.unwrap(), ["connections", "api_tokens"]);
