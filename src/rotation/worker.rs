@@ -10,13 +10,13 @@
 //! for the lease to expire. Either way the worker holds no lease when
 //! `run` returns.
 
-use crate::service::targets::TargetList;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{target::RotationTarget, JobStatus, Mode, RotationJob};
+use crate::service::targets::TargetList;
 use crate::{
     crypto::kms::local::tag_names,
     error::{Error, Result},

@@ -5,7 +5,6 @@
 //! probes and the self-test are `service::readiness` (the loader's
 //! [`KeyHealth`]); the retirement plan's decision is `service::retirement`.
 
-use crate::service::targets::TargetList;
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::watch;
@@ -19,6 +18,7 @@ use super::{
     replica,
     retirement::{self, RetireFacts, RetirePlan},
 };
+use crate::service::targets::TargetList;
 use crate::{
     crypto::kms::{provider_of_new_key, ProviderKind},
     error::{Error, Result},

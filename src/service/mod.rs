@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod cutover;
 pub mod legacy_format;
 pub mod probes;
+pub mod progress;
 pub mod readiness;
 pub mod replica;
 pub mod retirement;

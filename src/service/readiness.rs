@@ -4,7 +4,6 @@
 //! names other live replicas that cannot use a key. The admin service owns
 //! one [`KeyHealth`] and calls it after every catalog reload.
 
-use crate::service::targets::TargetList;
 use std::{collections::BTreeMap, sync::Arc};
 
 use tokio::sync::watch;
@@ -14,6 +13,7 @@ use super::{
     probes::{KeyFault, KeyProofs},
     replica,
 };
+use crate::service::targets::TargetList;
 use crate::{
     error::Result,
     keys::{Catalog, KeyRecord, KeyStatus},

@@ -2,15 +2,16 @@
 //! inspect, cancel, requeue; and scoped-token pruning.
 //!
 //! Progress lives in the database, so any replica can serve WatchRotation
-//! for a job that any worker runs: the watcher polls the job row and emits
-//! an event when it changed, or at least once a second.
+//! for a job that any worker runs: one poller per watched job in this
+//! process reads the job row and every stream on it follows that poller
+//! (`service::progress`).
 
-use crate::service::targets::TargetList;
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use chrono::Utc;
 use futures::Stream;
 
+use crate::service::{progress::ProgressHub, targets::TargetList};
 use crate::{
     error::{Error, Result},
     keys::{KeyCatalog, KeyStatus},
@@ -77,6 +78,7 @@ pub struct Rotations {
     targets: Arc<TargetList>,
     catalog: Arc<KeyCatalog>,
     admin: Arc<KeyAdmin>,
+    progress: Arc<ProgressHub>,
 }
 
 impl Rotations {
@@ -87,6 +89,7 @@ impl Rotations {
         admin: Arc<KeyAdmin>,
     ) -> Self {
         Self {
+            progress: Arc::new(ProgressHub::new(store.clone())),
             store,
             targets,
             catalog,
@@ -205,10 +208,12 @@ impl Rotations {
         &self,
         id: &str,
     ) -> Result<impl Stream<Item = Result<Progress>> + Send + 'static> {
-        let first = self.get(id).await?;
-        let store = self.store.clone();
-        let id = id.to_owned();
-        Ok(progress_stream(store, id, first))
+        self.progress.watch(id).await
+    }
+
+    /// The one reader per watched job in this process.
+    pub fn progress(&self) -> &Arc<ProgressHub> {
+        &self.progress
     }
 
     /// The `connection_scoped_tokens` a prune would remove.
@@ -222,62 +227,4 @@ impl Rotations {
         tracing::info!(removed, "expired or used scoped tokens pruned");
         Ok(removed)
     }
-}
-
-/// Polls the job row every 200 ms; yields when it changed or a second passed.
-fn progress_stream(
-    store: Store,
-    id: String,
-    first: RotationJob,
-) -> impl Stream<Item = Result<Progress>> + Send + 'static {
-    const POLL: Duration = Duration::from_millis(200);
-    const HEARTBEAT: Duration = Duration::from_secs(1);
-    struct State {
-        store: Store,
-        id: String,
-        last: Option<RotationJob>,
-        pending_first: Option<RotationJob>,
-        last_sent: tokio::time::Instant,
-        done: bool,
-    }
-    let state = State {
-        store,
-        id,
-        last: None,
-        pending_first: Some(first),
-        last_sent: tokio::time::Instant::now(),
-        done: false,
-    };
-    futures::stream::unfold(state, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        if let Some(job) = st.pending_first.take() {
-            st.done = job.status.is_terminal();
-            st.last = Some(job.clone());
-            st.last_sent = tokio::time::Instant::now();
-            return Some((Ok(Progress::of(job)), st));
-        }
-        loop {
-            tokio::time::sleep(POLL).await;
-            let job = match st.store.get_job(&st.id).await {
-                Ok(Some(job)) => job,
-                Ok(None) => {
-                    st.done = true;
-                    return Some((Err(Error::JobNotFound(st.id.clone())), st));
-                }
-                Err(err) => {
-                    st.done = true;
-                    return Some((Err(err.into()), st));
-                }
-            };
-            let changed = st.last.as_ref() != Some(&job);
-            if changed || st.last_sent.elapsed() >= HEARTBEAT {
-                st.done = job.status.is_terminal();
-                st.last = Some(job.clone());
-                st.last_sent = tokio::time::Instant::now();
-                return Some((Ok(Progress::of(job)), st));
-            }
-        }
-    })
 }

@@ -26,6 +26,7 @@ mod master_secret;
 mod metrics;
 mod moto;
 mod postgres;
+mod progress;
 mod replicas;
 mod rollover;
 mod rotation;
