@@ -52,6 +52,24 @@ impl AdminApi {
         Ok(audited(&self.audit, &actor(caller), change, run).await?)
     }
 
+    /// Runs an audited change of a rotation job; the job after it.
+    async fn change_job(
+        &self,
+        caller: &Caller,
+        rpc: &'static str,
+        job_id: &str,
+        detail: String,
+        run: impl std::future::Future<Output = Result<crate::rotation::RotationJob, Error>>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let change = Change {
+            rpc,
+            key_id: None,
+            detail: Some(format!("job_id={job_id}{detail}")),
+        };
+        let job = self.audited(caller, change, run).await?;
+        Ok(Response::new(self.job(&job)))
+    }
+
     /// Runs an audited change of the rotation targets; the list after it.
     async fn change_targets(
         &self,
@@ -340,15 +358,15 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::RotationJob>, Status> {
         let caller = Caller::take(&mut request)?;
         let job_id = request.into_inner().job_id;
-        let change = Change {
-            rpc: "keyward.v1.Admin/CancelRotation",
-            key_id: None,
-            detail: Some(format!("job_id={job_id}")),
-        };
-        let job = self
-            .audited(&caller, change, self.rotations.cancel(&job_id))
-            .await?;
-        Ok(Response::new(self.job(&job)))
+        let cancel = self.rotations.cancel(&job_id);
+        self.change_job(
+            &caller,
+            "keyward.v1.Admin/CancelRotation",
+            &job_id,
+            String::new(),
+            cancel,
+        )
+        .await
     }
 
     async fn requeue_rotation(
@@ -357,15 +375,70 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::RotationJob>, Status> {
         let caller = Caller::take(&mut request)?;
         let job_id = request.into_inner().job_id;
-        let change = Change {
-            rpc: "keyward.v1.Admin/RequeueRotation",
-            key_id: None,
-            detail: Some(format!("job_id={job_id}")),
-        };
-        let job = self
-            .audited(&caller, change, self.rotations.requeue(&job_id))
-            .await?;
-        Ok(Response::new(self.job(&job)))
+        let requeue = self.rotations.requeue(&job_id);
+        self.change_job(
+            &caller,
+            "keyward.v1.Admin/RequeueRotation",
+            &job_id,
+            String::new(),
+            requeue,
+        )
+        .await
+    }
+
+    async fn pause_rotation(
+        &self,
+        mut request: Request<proto::PauseRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let job_id = request.into_inner().job_id;
+        self.change_job(
+            &caller,
+            "keyward.v1.Admin/PauseRotation",
+            &job_id,
+            String::new(),
+            self.rotations.set_paused(&job_id, true),
+        )
+        .await
+    }
+
+    async fn resume_rotation(
+        &self,
+        mut request: Request<proto::ResumeRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let job_id = request.into_inner().job_id;
+        self.change_job(
+            &caller,
+            "keyward.v1.Admin/ResumeRotation",
+            &job_id,
+            String::new(),
+            self.rotations.set_paused(&job_id, false),
+        )
+        .await
+    }
+
+    async fn update_rotation(
+        &self,
+        mut request: Request<proto::UpdateRotationRequest>,
+    ) -> Result<Response<proto::RotationJob>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let req = request.into_inner();
+        let detail = format!(
+            " batch_size={:?} max_rows_per_second={:?}",
+            req.batch_size, req.max_rows_per_second
+        );
+        let tune = self
+            .rotations
+            .tune(&req.job_id, req.batch_size, req.max_rows_per_second);
+        self.change_job(
+            &caller,
+            "keyward.v1.Admin/UpdateRotation",
+            &req.job_id,
+            detail,
+            tune,
+        )
+        .await
     }
 
     async fn prune_expired_scoped_tokens(

@@ -144,7 +144,12 @@ pub fn rotation_mode(mode: i32) -> Option<Mode> {
     }
 }
 
-fn rotation_status(status: JobStatus) -> proto::RotationStatus {
+/// A job's status as callers see it: a paused job that has not ended is
+/// PAUSED.
+fn rotation_status(status: JobStatus, paused: bool) -> proto::RotationStatus {
+    if paused && !status.is_terminal() {
+        return proto::RotationStatus::Paused;
+    }
     match status {
         JobStatus::Pending => proto::RotationStatus::Pending,
         JobStatus::Running => proto::RotationStatus::Running,
@@ -158,7 +163,7 @@ fn rotation_status(status: JobStatus) -> proto::RotationStatus {
 pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob {
     proto::RotationJob {
         id: job.id.clone(),
-        status: rotation_status(job.status) as i32,
+        status: rotation_status(job.status, job.paused) as i32,
         target_encryption_key_id: job.target_key_id.clone(),
         target_key_id: catalog
             .get(&job.target_key_id)

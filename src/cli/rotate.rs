@@ -51,6 +51,22 @@ pub(super) enum RotateCommand {
     Cancel { job_id: String },
     /// Put a failed or cancelled job back in the queue.
     Requeue { job_id: String },
+    /// Pause a pending or running job: it claims no batch (one in flight
+    /// finishes), holds no lease and keeps its counts.
+    Pause { job_id: String },
+    /// Resume a paused job where it stopped.
+    Resume { job_id: String },
+    /// Change a pending or running job's batch size or row rate from its
+    /// next batch on.
+    Update {
+        job_id: String,
+        /// Rows per batch (1..10000).
+        #[arg(long)]
+        batch_size: Option<i64>,
+        /// Rows per second per worker; 0 lifts the limit.
+        #[arg(long)]
+        max_rows_per_second: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -62,7 +78,12 @@ pub(super) enum RotateMode {
 pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::Result<ExitCode> {
     let changes = matches!(
         cmd,
-        RotateCommand::Start { .. } | RotateCommand::Cancel { .. } | RotateCommand::Requeue { .. }
+        RotateCommand::Start { .. }
+            | RotateCommand::Cancel { .. }
+            | RotateCommand::Requeue { .. }
+            | RotateCommand::Pause { .. }
+            | RotateCommand::Resume { .. }
+            | RotateCommand::Update { .. }
     );
     let audit = operator_audit_if(global, changes)?;
     let services = open(global).await?;
@@ -113,6 +134,22 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
             let requeue = rotations.requeue(&job_id);
             print_changed_job(&audit, "cli/rotate requeue", &job_id, requeue).await
         }
+        RotateCommand::Pause { job_id } => {
+            let pause = rotations.set_paused(&job_id, true);
+            print_changed_job(&audit, "cli/rotate pause", &job_id, pause).await
+        }
+        RotateCommand::Resume { job_id } => {
+            let resume = rotations.set_paused(&job_id, false);
+            print_changed_job(&audit, "cli/rotate resume", &job_id, resume).await
+        }
+        RotateCommand::Update {
+            job_id,
+            batch_size,
+            max_rows_per_second,
+        } => {
+            let tune = rotations.tune(&job_id, batch_size, max_rows_per_second);
+            print_changed_job(&audit, "cli/rotate update", &job_id, tune).await
+        }
     }
 }
 
@@ -150,7 +187,10 @@ pub(super) async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Re
             .unwrap_or_else(|| "eta -".into());
         bar.set_message(format!(
             "{} pass {}  {:.0} rows/s  {eta}  failed {}",
-            job.status, job.pass, progress.rows_per_second, job.counts.failed
+            job.shown_status(),
+            job.pass,
+            progress.rows_per_second,
+            job.counts.failed
         ));
         last = Some(progress);
     }
@@ -198,7 +238,11 @@ pub(super) fn print_jobs(jobs: &[RotationJob]) {
         println!(
             "{:<36}  {:<22}  {:<9}  {:>4}  {:>8}  {:>9}  {:>8}  {:>7}  {:>7}  {:>5}  {}",
             j.id,
-            format!("{}{}", j.status, if j.dry_run { " (dry run)" } else { "" }),
+            format!(
+                "{}{}",
+                j.shown_status(),
+                if j.dry_run { " (dry run)" } else { "" }
+            ),
             j.mode.as_str(),
             j.pass,
             j.counts.total,

@@ -123,6 +123,8 @@ pub struct RotationJob {
     pub pass: i64,
     pub last_error: Option<String>,
     pub cancel_requested: bool,
+    /// Paused by an operator: no batch is claimed until it is resumed.
+    pub paused: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -156,6 +158,18 @@ pub const MAX_BATCH_SIZE: i64 = 10_000;
 /// connection credentials with exactly this context.
 pub const CONNECTION_CONTEXT_KEY: &str = "connection_id";
 
+impl RotationJob {
+    /// The status as operators see it: `paused` for a paused job that has
+    /// not ended.
+    pub fn shown_status(&self) -> &'static str {
+        if self.paused && !self.status.is_terminal() {
+            "paused"
+        } else {
+            self.status.as_str()
+        }
+    }
+}
+
 #[cfg(test)]
 impl RotationJob {
     /// A running REENCRYPT job `id` to key record `target_key_id`, for unit
@@ -173,6 +187,7 @@ impl RotationJob {
             pass: 1,
             last_error: None,
             cancel_requested: false,
+            paused: false,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             started_at: None,

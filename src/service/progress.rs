@@ -22,7 +22,8 @@ use std::{
 use futures::Stream;
 use tokio::sync::watch;
 
-use super::rotation::Progress;
+use chrono::Utc;
+
 use crate::{
     error::{Error, Result},
     rotation::RotationJob,
@@ -33,6 +34,46 @@ use crate::{
 pub const POLL: Duration = Duration::from_millis(200);
 /// The longest a stream goes without a message.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// One WatchRotation event.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub job: RotationJob,
+    /// Rows per second since the job started.
+    pub rows_per_second: f64,
+    /// Seconds left at that rate; `None` when unknown.
+    pub eta_seconds: Option<f64>,
+}
+
+impl Progress {
+    /// The progress of `job` as of now.
+    pub fn of(job: RotationJob) -> Self {
+        let elapsed = job
+            .started_at
+            .map(|s| {
+                (job.completed_at.unwrap_or_else(Utc::now) - s).num_milliseconds() as f64 / 1000.0
+            })
+            .unwrap_or(0.0);
+        let rows_per_second = if elapsed > 0.0 {
+            job.counts.processed as f64 / elapsed
+        } else {
+            0.0
+        };
+        let remaining = (job.counts.total - job.counts.processed).max(0) as f64;
+        let eta_seconds = if job.status.is_terminal() {
+            Some(0.0)
+        } else if rows_per_second > 0.0 {
+            Some(remaining / rows_per_second)
+        } else {
+            None
+        };
+        Self {
+            job,
+            rows_per_second,
+            eta_seconds,
+        }
+    }
+}
 
 /// What a poller last read of its job; `None`: the row is gone (deleted
 /// by hand).

@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use futures::Stream;
 
 use crate::service::{progress::ProgressHub, targets::TargetList};
@@ -33,45 +32,7 @@ pub struct StartRotation {
     pub max_rows_per_second: i64,
 }
 
-/// One WatchRotation event.
-#[derive(Debug, Clone)]
-pub struct Progress {
-    pub job: RotationJob,
-    /// Rows per second since the job started.
-    pub rows_per_second: f64,
-    /// Seconds left at that rate; `None` when unknown.
-    pub eta_seconds: Option<f64>,
-}
-
-impl Progress {
-    /// The progress of `job` as of now.
-    pub fn of(job: RotationJob) -> Self {
-        let elapsed = job
-            .started_at
-            .map(|s| {
-                (job.completed_at.unwrap_or_else(Utc::now) - s).num_milliseconds() as f64 / 1000.0
-            })
-            .unwrap_or(0.0);
-        let rows_per_second = if elapsed > 0.0 {
-            job.counts.processed as f64 / elapsed
-        } else {
-            0.0
-        };
-        let remaining = (job.counts.total - job.counts.processed).max(0) as f64;
-        let eta_seconds = if job.status.is_terminal() {
-            Some(0.0)
-        } else if rows_per_second > 0.0 {
-            Some(remaining / rows_per_second)
-        } else {
-            None
-        };
-        Self {
-            job,
-            rows_per_second,
-            eta_seconds,
-        }
-    }
-}
+pub use super::progress::Progress;
 
 pub struct Rotations {
     store: Store,
@@ -182,6 +143,66 @@ impl Rotations {
             .ok_or_else(|| Error::JobNotFound(id.to_owned()))?;
         tracing::info!(job = %job.id, status = %job.status, "rotation job cancel requested");
         Ok(job)
+    }
+
+    /// Pauses (`true`) or resumes a pending or running job: paused, it
+    /// claims no batch (one in flight finishes and releases its lease) and
+    /// keeps its counts and place.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<RotationJob> {
+        match self.store.set_job_paused(id, paused).await? {
+            Some(job) => {
+                tracing::info!(job = %job.id, paused, "rotation job {}", if paused { "paused" } else { "resumed" });
+                Ok(job)
+            }
+            None => {
+                let job = self.get(id).await?;
+                Err(Error::JobStatusConflict {
+                    job_id: job.id,
+                    status: job.status,
+                    hint:
+                        "only pending or running jobs not being cancelled can be paused or resumed",
+                })
+            }
+        }
+    }
+
+    /// Changes a pending or running job's batch size and row rate (each
+    /// when given; a rate of 0 lifts the limit), from its next batch on.
+    pub async fn tune(
+        &self,
+        id: &str,
+        batch_size: Option<i64>,
+        max_rows_per_second: Option<i64>,
+    ) -> Result<RotationJob> {
+        if let Some(size) = batch_size {
+            if !(1..=MAX_BATCH_SIZE).contains(&size) {
+                return Err(Error::InvalidField {
+                    field: "batch_size",
+                    reason: format!("{size} is not within 1..={MAX_BATCH_SIZE}"),
+                });
+            }
+        }
+        if let Some(rate) = max_rows_per_second.filter(|r| *r < 0) {
+            return Err(Error::InvalidField {
+                field: "max_rows_per_second",
+                reason: format!("{rate} is negative; 0 lifts the limit"),
+            });
+        }
+        let rate = max_rows_per_second.map(|r| (r > 0).then_some(r));
+        match self.store.tune_job(id, batch_size, rate).await? {
+            Some(job) => {
+                tracing::info!(job = %job.id, batch_size = job.batch_size, max_rows_per_second = ?job.max_rows_per_second, "rotation job re-tuned");
+                Ok(job)
+            }
+            None => {
+                let job = self.get(id).await?;
+                Err(Error::JobStatusConflict {
+                    job_id: job.id,
+                    status: job.status,
+                    hint: "only pending or running jobs can be re-tuned",
+                })
+            }
+        }
     }
 
     /// Requeues a failed or cancelled job.

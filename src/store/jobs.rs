@@ -12,7 +12,7 @@ use crate::rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, R
 pub(super) const JOB_COLUMNS: &str = "id, CAST(status AS TEXT) AS status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
-     replicas_waited_since, wrap_tag";
+     replicas_waited_since, wrap_tag, paused";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct JobRow {
@@ -40,6 +40,7 @@ pub(super) struct JobRow {
     late_rows: i64,
     pub(super) replicas_waited_since: Option<DateTime<Utc>>,
     wrap_tag: Option<Vec<u8>>,
+    paused: bool,
 }
 
 impl TryFrom<JobRow> for RotationJob {
@@ -69,6 +70,7 @@ impl TryFrom<JobRow> for RotationJob {
             pass: row.pass,
             last_error: row.last_error,
             cancel_requested: row.cancel_requested,
+            paused: row.paused,
             created_at: row.created_at,
             updated_at: row.updated_at,
             started_at: row.started_at,
@@ -180,8 +182,8 @@ impl Store {
             .execute(pool)
             .await?;
             sqlx::query(
-                "UPDATE encryption_rotation_jobs SET cancel_requested = TRUE, updated_at = $2 \
-                 WHERE id = $1 AND status = 'running'",
+                "UPDATE encryption_rotation_jobs SET cancel_requested = TRUE, paused = FALSE, \
+                 updated_at = $2 WHERE id = $1 AND status = 'running'",
             )
             .bind(id)
             .bind(now)
@@ -189,6 +191,60 @@ impl Store {
             .await
             .map(|_| ())
         })?;
+        self.get_job(id).await
+    }
+
+    /// Pauses or resumes a pending or running job (a running job being
+    /// cancelled is not paused again). `None` if the job is in another
+    /// state or does not exist.
+    pub async fn set_job_paused(
+        &self,
+        id: &str,
+        paused: bool,
+    ) -> Result<Option<RotationJob>, StoreError> {
+        let done = super::on_pool!(self, |pool| sqlx::query(
+            "UPDATE encryption_rotation_jobs SET paused = $2, updated_at = $3 \
+             WHERE id = $1 AND status IN ('pending', 'running') AND NOT cancel_requested"
+        )
+        .bind(id)
+        .bind(paused)
+        .bind(Utc::now())
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Ok(None);
+        }
+        self.get_job(id).await
+    }
+
+    /// Changes the batch size and the row rate of a pending or running job
+    /// (each when given; a rate of `Some(None)` lifts the limit). `None`
+    /// if the job is in another state or does not exist.
+    pub async fn tune_job(
+        &self,
+        id: &str,
+        batch_size: Option<i64>,
+        max_rows_per_second: Option<Option<i64>>,
+    ) -> Result<Option<RotationJob>, StoreError> {
+        let done = super::on_pool!(self, |pool| sqlx::query(
+            "UPDATE encryption_rotation_jobs SET \
+             batch_size = CASE WHEN $2 THEN $3 ELSE batch_size END, \
+             max_rows_per_second = CASE WHEN $4 THEN $5 ELSE max_rows_per_second END, \
+             updated_at = $6 WHERE id = $1 AND status IN ('pending', 'running')"
+        )
+        .bind(id)
+        .bind(batch_size.is_some())
+        .bind(batch_size.unwrap_or(0))
+        .bind(max_rows_per_second.is_some())
+        .bind(max_rows_per_second.flatten())
+        .bind(Utc::now())
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        if done == 0 {
+            return Ok(None);
+        }
         self.get_job(id).await
     }
 
@@ -204,7 +260,7 @@ impl Store {
         let done = super::on_pool!(self, |pool| {
             sqlx::query(
             "UPDATE encryption_rotation_jobs SET status = 'pending', cursor = NULL, target_index = 0, pass = 0, \
-             cancel_requested = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
+             cancel_requested = FALSE, paused = FALSE, completed_at = NULL, last_error = NULL, total_rows = 0, \
              processed_rows = 0, succeeded_rows = 0, failed_rows = 0, skipped_rows = 0, late_rows = 0, \
              replicas_waited_since = NULL, updated_at = $2 \
              WHERE id = $1 AND status IN ('failed', 'cancelled')"

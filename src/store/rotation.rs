@@ -309,7 +309,7 @@ async fn claim(
     let now = Utc::now();
     let pick = format!(
         "SELECT {JOB_COLUMNS} FROM encryption_rotation_jobs WHERE status IN ('pending', 'running') \
-         ORDER BY created_at, id LIMIT 1{}",
+         AND NOT paused ORDER BY created_at, id LIMIT 1{}",
         tx.lock_clause()
     );
     let Some(row) = tx.fetch_all::<JobRow>(&pick, &[]).await?.into_iter().next() else {

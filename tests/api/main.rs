@@ -20,6 +20,7 @@ mod grpc_web;
 mod grpcurl;
 mod helpers;
 mod hostile;
+mod job_control;
 mod legacy_format;
 mod legacy_scope;
 mod master_secret;

@@ -318,7 +318,7 @@ async fn authorization_matrix_covers_every_rpc() {
     ];
 
     let methods = keyward_methods();
-    assert_eq!(methods.len(), 22, "{methods:?}");
+    assert_eq!(methods.len(), 25, "{methods:?}");
     let mut table = String::new();
     for method in &methods {
         let needed = Role::required_for(method).unwrap();

@@ -46,6 +46,10 @@ async fn prepared(rows: usize) -> Option<(TestApp, HashMap<String, String>, Stri
     }
     app.insert_connections(&inserts).await;
     let target = activate_new_key(&app, "next").await;
+    // A pass ends only once every serve replica encrypts with the target
+    // (it waits for one that does not, a Waiting step these tests do not
+    // expect): let this one's heartbeat report the new key first.
+    app.wait_for_heartbeat().await;
     Some((app, expected, target))
 }
 

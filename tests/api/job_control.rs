@@ -1,0 +1,138 @@
+//! Operators pause, resume and re-tune a rotation job while it runs: a
+//! paused job claims nothing, holds no lease and keeps its counts; resumed,
+//! it goes on where it stopped.
+
+use std::collections::HashMap;
+
+use keyward::{
+    api::proto::{
+        PauseRotationRequest, ResumeRotationRequest, RotationStatus, StartRotationRequest,
+        UpdateRotationRequest,
+    },
+    rotation::worker::Step,
+};
+use tonic::Code;
+
+use crate::{
+    adoption::keyward_on,
+    cli::stderr,
+    helpers::{assert_code, spawn_with, Backend, Options},
+    on_both_backends,
+    rotation::{activate_new_key, decrypt_all, insert_row, start},
+};
+
+async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backend) {
+    let options = Options {
+        worker: None,
+        ..Options::default()
+    };
+    let Some(app) = spawn_with(backend, options).await else {
+        return;
+    };
+    let mut plaintexts = HashMap::new();
+    for i in 0..30 {
+        let (id, value) = (format!("row-{i:02}"), format!("secret {i}"));
+        insert_row(&app, &id, &value).await;
+        plaintexts.insert(id, value);
+    }
+    activate_new_key(&app, "next").await;
+    // A pass ends only once this replica reports the new key.
+    app.wait_for_heartbeat().await;
+    let job_id = start(
+        &app,
+        StartRotationRequest {
+            batch_size: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    let worker = app.services.worker(Default::default());
+    let step = worker.try_execute_task().await.unwrap();
+    assert!(matches!(step, Step::Batch { rows: 10, .. }), "{step:?}");
+
+    let mut admin = app.admin.clone();
+    let job = |id: &str| PauseRotationRequest { job_id: id.into() };
+    let paused = admin
+        .pause_rotation(job(&job_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.status, RotationStatus::Paused as i32);
+    assert_eq!(paused.processed_rows, 10);
+    // Paused: no batch is claimed, so no lease is held.
+    for _ in 0..3 {
+        let step = worker.try_execute_task().await.unwrap();
+        assert!(
+            matches!(step, Step::Idle),
+            "a paused job gave a batch: {step:?}"
+        );
+    }
+    let claimed = app
+        .services
+        .store
+        .claim_batch(
+            "probe",
+            chrono::Duration::seconds(30),
+            &app.services.targets.current(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        claimed,
+        keyward::store::rotation::ClaimOutcome::Idle
+    ));
+
+    // Re-tuned while paused: the next batches are of 5.
+    let tuned = admin
+        .update_rotation(UpdateRotationRequest {
+            job_id: job_id.clone(),
+            batch_size: Some(5),
+            max_rows_per_second: Some(0),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((tuned.batch_size, tuned.processed_rows), (5, 10));
+    let refused = admin
+        .update_rotation(UpdateRotationRequest {
+            job_id: job_id.clone(),
+            batch_size: Some(0),
+            max_rows_per_second: None,
+        })
+        .await;
+    assert_code(refused, Code::InvalidArgument);
+
+    let resumed = admin
+        .resume_rotation(ResumeRotationRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(resumed.status, RotationStatus::Paused as i32);
+    let step = worker.try_execute_task().await.unwrap();
+    assert!(matches!(step, Step::Batch { rows: 5, .. }), "{step:?}");
+    let mut steps = 0;
+    let done = loop {
+        if let Step::Advanced(job) = worker.try_execute_task().await.unwrap() {
+            if job.status.is_terminal() {
+                break job;
+            }
+        }
+        steps += 1;
+        assert!(steps < 100, "the job never ended");
+    };
+    assert_eq!(done.counts.succeeded, 30, "{done:?}");
+    assert_eq!(decrypt_all(&app).await, plaintexts);
+
+    // A job that has ended cannot be paused.
+    let out = keyward_on(&app.database_url, &["rotate", "pause", &job_id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only pending or running"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+on_both_backends!(a_paused_job_claims_nothing_and_resumes_where_it_stopped);
