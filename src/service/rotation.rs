@@ -154,15 +154,12 @@ impl Rotations {
                 tracing::info!(job = %job.id, paused, "rotation job {}", if paused { "paused" } else { "resumed" });
                 Ok(job)
             }
-            None => {
-                let job = self.get(id).await?;
-                Err(Error::JobStatusConflict {
-                    job_id: job.id,
-                    status: job.status,
-                    hint:
-                        "only pending or running jobs not being cancelled can be paused or resumed",
-                })
-            }
+            None => Err(self
+                .conflict(
+                    id,
+                    "only pending or running jobs not being cancelled can be paused or resumed",
+                )
+                .await?),
         }
     }
 
@@ -194,15 +191,21 @@ impl Rotations {
                 tracing::info!(job = %job.id, batch_size = job.batch_size, max_rows_per_second = ?job.max_rows_per_second, "rotation job re-tuned");
                 Ok(job)
             }
-            None => {
-                let job = self.get(id).await?;
-                Err(Error::JobStatusConflict {
-                    job_id: job.id,
-                    status: job.status,
-                    hint: "only pending or running jobs can be re-tuned",
-                })
-            }
+            None => Err(self
+                .conflict(id, "only pending or running jobs can be re-tuned")
+                .await?),
         }
+    }
+
+    /// Why job `id` refused a change its state does not allow (or that it
+    /// does not exist).
+    async fn conflict(&self, id: &str, hint: &'static str) -> Result<Error> {
+        let job = self.get(id).await?;
+        Ok(Error::JobStatusConflict {
+            job_id: job.id,
+            status: job.status,
+            hint,
+        })
     }
 
     /// Requeues a failed or cancelled job.
@@ -212,14 +215,9 @@ impl Rotations {
                 tracing::info!(job = %job.id, "rotation job requeued");
                 Ok(job)
             }
-            None => {
-                let job = self.get(id).await?;
-                Err(Error::JobStatusConflict {
-                    job_id: job.id,
-                    status: job.status,
-                    hint: "only failed or cancelled jobs can be requeued",
-                })
-            }
+            None => Err(self
+                .conflict(id, "only failed or cancelled jobs can be requeued")
+                .await?),
         }
     }
 

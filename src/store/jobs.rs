@@ -212,10 +212,7 @@ impl Store {
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
-        if done == 0 {
-            return Ok(None);
-        }
-        self.get_job(id).await
+        self.job_if_changed(id, done).await
     }
 
     /// Changes the batch size and the row rate of a pending or running job
@@ -242,7 +239,12 @@ impl Store {
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
-        if done == 0 {
+        self.job_if_changed(id, done).await
+    }
+
+    /// The job after an update that changed `rows` rows: `None` if none.
+    async fn job_if_changed(&self, id: &str, rows: u64) -> Result<Option<RotationJob>, StoreError> {
+        if rows == 0 {
             return Ok(None);
         }
         self.get_job(id).await
