@@ -310,6 +310,7 @@ impl Admin for AdminApi {
             dry_run: req.dry_run,
             batch_size: req.batch_size,
             max_rows_per_second: req.max_rows_per_second,
+            target_batch_ms: req.target_batch_ms,
         });
         let job = self.audited(&caller, change, start).await?;
         Ok(Response::new(self.job(&job)))
@@ -425,12 +426,15 @@ impl Admin for AdminApi {
         let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
         let detail = format!(
-            " batch_size={:?} max_rows_per_second={:?}",
-            req.batch_size, req.max_rows_per_second
+            " batch_size={:?} max_rows_per_second={:?} target_batch_ms={:?}",
+            req.batch_size, req.max_rows_per_second, req.target_batch_ms
         );
-        let tune = self
-            .rotations
-            .tune(&req.job_id, req.batch_size, req.max_rows_per_second);
+        let tune = self.rotations.tune(
+            &req.job_id,
+            req.batch_size,
+            req.max_rows_per_second,
+            req.target_batch_ms,
+        );
         self.change_job(
             &caller,
             "keyward.v1.Admin/UpdateRotation",

@@ -189,6 +189,7 @@ pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob 
         started_at: job.started_at.map(timestamp),
         completed_at: job.completed_at.map(timestamp),
         late_rows: job.counts.late,
+        target_batch_ms: job.target_batch_ms.unwrap_or(0),
     }
 }
 

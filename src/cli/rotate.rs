@@ -28,9 +28,13 @@ pub(super) enum RotateCommand {
         /// Decrypt-verify every row and write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Rows per batch (1..10000).
-        #[arg(long, default_value_t = 500)]
+        /// Rows per batch (1..10000); 0 (the default): adaptive, each batch
+        /// sized to take about --target-batch-ms.
+        #[arg(long, default_value_t = 0)]
         batch_size: i64,
+        /// What an adaptive batch aims to take, in ms (10..60000); 0: 250.
+        #[arg(long, default_value_t = 0)]
+        target_batch_ms: i64,
         /// Rows per second per worker; 0 = unthrottled.
         #[arg(long, default_value_t = 0)]
         max_rows_per_second: i64,
@@ -60,12 +64,15 @@ pub(super) enum RotateCommand {
     /// next batch on.
     Update {
         job_id: String,
-        /// Rows per batch (1..10000).
+        /// Rows per batch (1..10000; 0: adaptive).
         #[arg(long)]
         batch_size: Option<i64>,
         /// Rows per second per worker; 0 lifts the limit.
         #[arg(long)]
         max_rows_per_second: Option<i64>,
+        /// What an adaptive batch aims to take, in ms; 0: 250.
+        #[arg(long)]
+        target_batch_ms: Option<i64>,
     },
 }
 
@@ -95,6 +102,7 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
             dry_run,
             batch_size,
             max_rows_per_second,
+            target_batch_ms,
             watch,
         } => {
             let target = target.unwrap_or_default();
@@ -108,6 +116,7 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
                 dry_run,
                 batch_size,
                 max_rows_per_second,
+                target_batch_ms,
             });
             let key_id = Some(target.as_str()).filter(|t| !t.is_empty());
             let job = audited(&audit, "cli/rotate start", key_id, detail, start).await?;
@@ -146,8 +155,9 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
             job_id,
             batch_size,
             max_rows_per_second,
+            target_batch_ms,
         } => {
-            let tune = rotations.tune(&job_id, batch_size, max_rows_per_second);
+            let tune = rotations.tune(&job_id, batch_size, max_rows_per_second, target_batch_ms);
             print_changed_job(&audit, "cli/rotate update", &job_id, tune).await
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod definition;
 pub mod pass;
+pub mod sizing;
 pub mod target;
 pub mod worker;
 
@@ -117,8 +118,11 @@ pub struct RotationJob {
     pub target_key_id: String,
     pub mode: Mode,
     pub dry_run: bool,
+    /// Rows per batch; 0: adaptive (`sizing`).
     pub batch_size: i64,
     pub max_rows_per_second: Option<i64>,
+    /// What an adaptive batch aims to take, in ms; `None`: 250.
+    pub target_batch_ms: Option<i64>,
     pub counts: Counts,
     pub pass: i64,
     pub last_error: Option<String>,
@@ -143,11 +147,13 @@ pub struct NewJob {
     pub dry_run: bool,
     pub batch_size: i64,
     pub max_rows_per_second: Option<i64>,
+    pub target_batch_ms: Option<i64>,
     /// See [`RotationJob::wrap_tag`].
     pub wrap_tag: Option<Vec<u8>>,
 }
 
-/// Default rows per batch.
+/// Rows of an adaptive job's first batch (and what a job's batch size
+/// defaulted to before batches were adaptive).
 pub const DEFAULT_BATCH_SIZE: i64 = 500;
 /// Largest batch a job may ask for.
 pub const MAX_BATCH_SIZE: i64 = 10_000;
@@ -183,6 +189,7 @@ impl RotationJob {
             dry_run: false,
             batch_size: 500,
             max_rows_per_second: None,
+            target_batch_ms: None,
             counts: Counts::default(),
             pass: 1,
             last_error: None,

@@ -33,6 +33,9 @@ const ROW_CONCURRENCY: usize = 16;
 
 /// What one step did.
 #[derive(Debug)]
+// One value per batch: its size does not matter, and a boxed job would
+// only make every match on it longer.
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     /// Nothing to do.
     Idle,
@@ -83,6 +86,9 @@ pub struct Worker {
     crypto: Arc<CryptoService>,
     admin: Arc<KeyAdmin>,
     options: WorkerOptions,
+    /// The size of this worker's next batch of an adaptive job
+    /// (`super::sizing`).
+    adaptive_size: std::sync::Mutex<i64>,
 }
 
 impl Worker {
@@ -105,7 +111,28 @@ impl Worker {
             crypto,
             admin,
             options,
+            adaptive_size: std::sync::Mutex::new(super::sizing::FIRST_ADAPTIVE_BATCH),
         }
+    }
+
+    fn adaptive_size(&self) -> i64 {
+        *self
+            .adaptive_size
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sizes the next batch of an adaptive job from how long this one took.
+    fn learn(&self, job: &RotationJob, rows: usize, took: Duration) {
+        if job.batch_size > 0 {
+            return;
+        }
+        let target = super::sizing::target_of(job.target_batch_ms);
+        let mut size = self
+            .adaptive_size
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *size = super::sizing::next_batch_size(*size, rows, took, target);
     }
 
     pub fn id(&self) -> &str {
@@ -169,7 +196,11 @@ impl Worker {
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
         let targets = self.targets.current();
-        let claim = match self.store.claim_batch(&self.id, lease, &targets).await? {
+        let claim = match self
+            .store
+            .claim_batch_sized(&self.id, lease, &targets, self.adaptive_size())
+            .await?
+        {
             ClaimOutcome::Idle => return Ok(Step::Idle),
             ClaimOutcome::Waiting => return Ok(Step::Waiting),
             ClaimOutcome::Advanced(job) => return Ok(Step::Advanced(job)),
@@ -233,6 +264,7 @@ impl Worker {
                 rows: outcomes.len(),
             });
         };
+        self.learn(&claim.job, outcomes.len(), started.elapsed());
         tracing::debug!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
             succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
             "rotation batch written");

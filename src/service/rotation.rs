@@ -14,9 +14,9 @@ use crate::service::{progress::ProgressHub, targets::TargetList};
 use crate::{
     error::{Error, Result},
     keys::{KeyCatalog, KeyStatus},
-    rotation::{Mode, NewJob, RotationJob, DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE},
+    rotation::{sizing, Mode, NewJob, RotationJob, MAX_BATCH_SIZE},
     service::{admin::KeyAdmin, rollout},
-    store::Store,
+    store::{JobTuning, Store},
 };
 
 /// Options of StartRotation.
@@ -26,13 +26,32 @@ pub struct StartRotation {
     pub target: String,
     pub mode: Option<Mode>,
     pub dry_run: bool,
-    /// 0: the default (500).
+    /// Rows per batch; 0 (the default): adaptive, each batch sized to take
+    /// about `target_batch_ms`.
     pub batch_size: i64,
     /// 0: unthrottled.
     pub max_rows_per_second: i64,
+    /// What an adaptive batch aims to take, in ms; 0: 250.
+    pub target_batch_ms: i64,
 }
 
 pub use super::progress::Progress;
+
+/// A target batch duration as a request gives it (0: the default).
+fn target_batch_ms(ms: i64) -> Result<Option<i64>> {
+    match ms {
+        0 => Ok(None),
+        ms if sizing::TARGET_BATCH_MS.contains(&ms) => Ok(Some(ms)),
+        ms => Err(Error::InvalidField {
+            field: "target_batch_ms",
+            reason: format!(
+                "{ms} is not within {}..={} (ms), or 0 (the default, 250)",
+                sizing::TARGET_BATCH_MS.start(),
+                sizing::TARGET_BATCH_MS.end()
+            ),
+        }),
+    }
+}
 
 pub struct Rotations {
     store: Store,
@@ -83,15 +102,15 @@ impl Rotations {
             });
         }
         let batch_size = match req.batch_size {
-            0 => DEFAULT_BATCH_SIZE,
-            n if (1..=MAX_BATCH_SIZE).contains(&n) => n,
+            n if (0..=MAX_BATCH_SIZE).contains(&n) => n,
             _ => {
                 return Err(Error::InvalidField {
                     field: "batch_size",
-                    reason: format!("must be between 1 and {MAX_BATCH_SIZE}"),
+                    reason: format!("must be between 1 and {MAX_BATCH_SIZE}, or 0 (adaptive)"),
                 })
             }
         };
+        let target_batch_ms = target_batch_ms(req.target_batch_ms)?;
         if req.max_rows_per_second < 0 {
             return Err(Error::InvalidField {
                 field: "max_rows_per_second",
@@ -116,6 +135,7 @@ impl Rotations {
                 dry_run: req.dry_run,
                 batch_size,
                 max_rows_per_second: Some(req.max_rows_per_second).filter(|r| *r > 0),
+                target_batch_ms,
                 wrap_tag,
             })
             .await?;
@@ -163,30 +183,37 @@ impl Rotations {
         }
     }
 
-    /// Changes a pending or running job's batch size and row rate (each
-    /// when given; a rate of 0 lifts the limit), from its next batch on.
+    /// Changes a pending or running job's batch size (0: adaptive), row
+    /// rate (0 lifts the limit) and target batch duration (0: the
+    /// default), each when given, from its next batch on.
     pub async fn tune(
         &self,
         id: &str,
         batch_size: Option<i64>,
         max_rows_per_second: Option<i64>,
+        target_batch_ms: Option<i64>,
     ) -> Result<RotationJob> {
         if let Some(size) = batch_size {
-            if !(1..=MAX_BATCH_SIZE).contains(&size) {
+            if !(0..=MAX_BATCH_SIZE).contains(&size) {
                 return Err(Error::InvalidField {
                     field: "batch_size",
-                    reason: format!("{size} is not within 1..={MAX_BATCH_SIZE}"),
+                    reason: format!("{size} is not within 1..={MAX_BATCH_SIZE}, or 0 (adaptive)"),
                 });
             }
         }
+        let target_batch_ms = target_batch_ms.map(self::target_batch_ms).transpose()?;
         if let Some(rate) = max_rows_per_second.filter(|r| *r < 0) {
             return Err(Error::InvalidField {
                 field: "max_rows_per_second",
                 reason: format!("{rate} is negative; 0 lifts the limit"),
             });
         }
-        let rate = max_rows_per_second.map(|r| (r > 0).then_some(r));
-        match self.store.tune_job(id, batch_size, rate).await? {
+        let tuning = JobTuning {
+            batch_size,
+            max_rows_per_second: max_rows_per_second.map(|r| (r > 0).then_some(r)),
+            target_batch_ms,
+        };
+        match self.store.tune_job(id, &tuning).await? {
             Some(job) => {
                 tracing::info!(job = %job.id, batch_size = job.batch_size, max_rows_per_second = ?job.max_rows_per_second, "rotation job re-tuned");
                 Ok(job)

@@ -7,12 +7,20 @@ use chrono::{DateTime, Utc};
 use super::{Store, StoreError};
 use crate::rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob};
 
+/// What `Store::tune_job` changes: each field when `Some`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobTuning {
+    pub batch_size: Option<i64>,
+    pub max_rows_per_second: Option<Option<i64>>,
+    pub target_batch_ms: Option<Option<i64>>,
+}
+
 /// The columns a job is read from; the status as text, as for key records
 /// (`store::keys`), since an application's table may declare it an enum.
 pub(super) const JOB_COLUMNS: &str = "id, CAST(status AS TEXT) AS status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
-     replicas_waited_since, wrap_tag, paused";
+     replicas_waited_since, wrap_tag, paused, target_batch_ms";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct JobRow {
@@ -41,6 +49,7 @@ pub(super) struct JobRow {
     pub(super) replicas_waited_since: Option<DateTime<Utc>>,
     wrap_tag: Option<Vec<u8>>,
     paused: bool,
+    target_batch_ms: Option<i64>,
 }
 
 impl TryFrom<JobRow> for RotationJob {
@@ -59,6 +68,7 @@ impl TryFrom<JobRow> for RotationJob {
             dry_run: row.dry_run,
             batch_size: row.batch_size,
             max_rows_per_second: row.max_rows_per_second,
+            target_batch_ms: row.target_batch_ms,
             counts: Counts {
                 total: row.total_rows,
                 processed: row.processed_rows,
@@ -86,8 +96,8 @@ impl Store {
         let now = Utc::now();
         let sql = format!(
             "INSERT INTO encryption_rotation_jobs (id, status, target_key_id, mode, dry_run, batch_size, \
-             max_rows_per_second, created_at, updated_at, wrap_tag) \
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7, $8) \
+             max_rows_per_second, created_at, updated_at, wrap_tag, target_batch_ms) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7, $8, $9) \
              RETURNING {JOB_COLUMNS}"
         );
         let row: JobRow = super::on_pool!(self, |pool| sqlx::query_as(&sql)
@@ -99,6 +109,7 @@ impl Store {
             .bind(new.max_rows_per_second)
             .bind(now)
             .bind(&new.wrap_tag)
+            .bind(new.target_batch_ms)
             .fetch_one(pool)
             .await)?;
         row.try_into()
@@ -215,27 +226,30 @@ impl Store {
         self.job_if_changed(id, done).await
     }
 
-    /// Changes the batch size and the row rate of a pending or running job
-    /// (each when given; a rate of `Some(None)` lifts the limit). `None`
-    /// if the job is in another state or does not exist.
+    /// Changes the batch size, the row rate and the target batch duration
+    /// of a pending or running job (each when given; `Some(None)` clears a
+    /// rate or a target). `None` if the job is in another state or does
+    /// not exist.
     pub async fn tune_job(
         &self,
         id: &str,
-        batch_size: Option<i64>,
-        max_rows_per_second: Option<Option<i64>>,
+        tune: &JobTuning,
     ) -> Result<Option<RotationJob>, StoreError> {
         let done = super::on_pool!(self, |pool| sqlx::query(
             "UPDATE encryption_rotation_jobs SET \
              batch_size = CASE WHEN $2 THEN $3 ELSE batch_size END, \
              max_rows_per_second = CASE WHEN $4 THEN $5 ELSE max_rows_per_second END, \
+             target_batch_ms = CASE WHEN $7 THEN $8 ELSE target_batch_ms END, \
              updated_at = $6 WHERE id = $1 AND status IN ('pending', 'running')"
         )
         .bind(id)
-        .bind(batch_size.is_some())
-        .bind(batch_size.unwrap_or(0))
-        .bind(max_rows_per_second.is_some())
-        .bind(max_rows_per_second.flatten())
+        .bind(tune.batch_size.is_some())
+        .bind(tune.batch_size.unwrap_or(0))
+        .bind(tune.max_rows_per_second.is_some())
+        .bind(tune.max_rows_per_second.flatten())
         .bind(Utc::now())
+        .bind(tune.target_batch_ms.is_some())
+        .bind(tune.target_batch_ms.flatten())
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;

@@ -28,6 +28,7 @@ use sqlx::{
     PgPool, SqlitePool,
 };
 
+pub use jobs::JobTuning;
 pub use keys::{NewKey, RetireOutcome};
 
 /// keyward's first migration, the one adoption stands in for.

@@ -159,8 +159,22 @@ impl Store {
         lease: Duration,
         targets: &[RotationTarget],
     ) -> Result<ClaimOutcome, StoreError> {
+        let first = crate::rotation::sizing::FIRST_ADAPTIVE_BATCH;
+        self.claim_batch_sized(worker_id, lease, targets, first)
+            .await
+    }
+
+    /// [`Self::claim_batch`], taking `adaptive_size` rows when the job's
+    /// batches are adaptive (its `batch_size` is 0: the worker sizes them).
+    pub async fn claim_batch_sized(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+        targets: &[RotationTarget],
+        adaptive_size: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
         let mut tx = WriteTx::begin(&self.pool).await?;
-        let outcome = claim(&mut tx, worker_id, lease, targets).await?;
+        let outcome = claim(&mut tx, worker_id, lease, targets, adaptive_size).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -305,6 +319,7 @@ async fn claim(
     worker_id: &str,
     lease: Duration,
     targets: &[RotationTarget],
+    adaptive_size: i64,
 ) -> Result<ClaimOutcome, StoreError> {
     let now = Utc::now();
     let pick = format!(
@@ -336,7 +351,7 @@ async fn claim(
     if job.status == JobStatus::Pending {
         start(tx, &mut job, targets, now).await?;
     }
-    if let Some(rows) = next_rows(tx, &job, targets, &mut place).await? {
+    if let Some(rows) = next_rows(tx, &job, targets, &mut place, adaptive_size).await? {
         let id = record_lease(tx, &job, &place, &rows, worker_id, now + lease, now).await?;
         return Ok(ClaimOutcome::Batch(Claim {
             id,
@@ -434,7 +449,13 @@ async fn next_rows(
     job: &RotationJob,
     targets: &[RotationTarget],
     place: &mut Place,
+    adaptive_size: i64,
 ) -> Result<Option<Vec<RotationRow>>, StoreError> {
+    let size = if job.batch_size > 0 {
+        job.batch_size
+    } else {
+        adaptive_size
+    };
     while let Some(target) = targets.get(place.index) {
         let tag = wrap_tag(job, target);
         let rows: Vec<RotationRow> = tx
@@ -444,7 +465,7 @@ async fn next_rows(
                     (&job.target_key_id).into(),
                     (&job.id).into(),
                     (&place.cursor).into(),
-                    job.batch_size.into(),
+                    size.into(),
                     Arg::stored(target.encoding, tag.as_ref()),
                 ],
             )

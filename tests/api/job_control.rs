@@ -88,6 +88,7 @@ async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backe
             job_id: job_id.clone(),
             batch_size: Some(5),
             max_rows_per_second: Some(0),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -96,8 +97,8 @@ async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backe
     let refused = admin
         .update_rotation(UpdateRotationRequest {
             job_id: job_id.clone(),
-            batch_size: Some(0),
-            max_rows_per_second: None,
+            batch_size: Some(-1),
+            ..Default::default()
         })
         .await;
     assert_code(refused, Code::InvalidArgument);
@@ -135,4 +136,64 @@ async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backe
     );
 }
 
-on_both_backends!(a_paused_job_claims_nothing_and_resumes_where_it_stopped);
+/// A job started with no batch size (the default) is adaptive: its first
+/// batch is 500 rows, later ones are sized by each worker to take about
+/// the target duration (the sizing itself is unit-tested in
+/// `rotation::sizing`), and it moves every row.
+async fn an_adaptive_job_moves_every_row(backend: Backend) {
+    let options = Options {
+        worker: None,
+        ..Options::default()
+    };
+    let Some(app) = spawn_with(backend, options).await else {
+        return;
+    };
+    let mut plaintexts = HashMap::new();
+    let mut inserts = Vec::new();
+    for i in 0..1200 {
+        let (id, value) = (format!("row-{i:04}"), format!("secret {i}"));
+        let sealed = app
+            .encrypt(value.as_bytes(), &[("connection_id", id.as_str())])
+            .await;
+        inserts.push((id.clone(), sealed.envelope.unwrap()));
+        plaintexts.insert(id, value);
+    }
+    app.insert_connections(&inserts).await;
+    activate_new_key(&app, "next").await;
+    app.wait_for_heartbeat().await;
+    let job_id = start(&app, StartRotationRequest::default()).await;
+    let refused = app
+        .admin
+        .clone()
+        .update_rotation(UpdateRotationRequest {
+            job_id: job_id.clone(),
+            target_batch_ms: Some(5),
+            ..Default::default()
+        })
+        .await;
+    assert_code(refused, Code::InvalidArgument);
+    let worker = app.services.worker(Default::default());
+    let step = worker.try_execute_task().await.unwrap();
+    assert!(matches!(step, Step::Batch { rows: 500, .. }), "{step:?}");
+    let mut batches = vec![500];
+    let done = loop {
+        match worker.try_execute_task().await.unwrap() {
+            Step::Batch { rows, .. } => batches.push(rows),
+            Step::Advanced(job) if job.status.is_terminal() => break job,
+            _ => {}
+        }
+        assert!(batches.len() < 200, "the job never ended: {batches:?}");
+    };
+    assert_eq!(
+        (done.batch_size, done.counts.succeeded),
+        (0, 1200),
+        "{done:?} {batches:?}"
+    );
+    assert_eq!(decrypt_all(&app).await, plaintexts);
+    eprintln!("adaptive batches: {batches:?}");
+}
+
+on_both_backends!(
+    a_paused_job_claims_nothing_and_resumes_where_it_stopped,
+    an_adaptive_job_moves_every_row,
+);
