@@ -16,28 +16,43 @@ use tonic::Code;
 use crate::{
     adoption::keyward_on,
     cli::stderr,
-    helpers::{assert_code, spawn_with, Backend, Options},
+    helpers::{assert_code, spawn_with, Backend, Options, TestApp},
     on_both_backends,
-    rotation::{activate_new_key, decrypt_all, insert_row, start},
+    rotation::{activate_new_key, decrypt_all, start},
 };
 
-async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backend) {
+/// A server without a worker (the tests step one), `rows` rows under its
+/// first key and a new active key; their plaintexts by id.
+async fn rows_off_the_active_key(
+    backend: Backend,
+    rows: usize,
+) -> Option<(TestApp, HashMap<String, String>)> {
     let options = Options {
         worker: None,
         ..Options::default()
     };
-    let Some(app) = spawn_with(backend, options).await else {
-        return;
-    };
+    let app = spawn_with(backend, options).await?;
     let mut plaintexts = HashMap::new();
-    for i in 0..30 {
-        let (id, value) = (format!("row-{i:02}"), format!("secret {i}"));
-        insert_row(&app, &id, &value).await;
+    let mut inserts = Vec::new();
+    for i in 0..rows {
+        let (id, value) = (format!("row-{i:04}"), format!("secret {i}"));
+        let sealed = app
+            .encrypt(value.as_bytes(), &[("connection_id", id.as_str())])
+            .await;
+        inserts.push((id.clone(), sealed.envelope.unwrap()));
         plaintexts.insert(id, value);
     }
+    app.insert_connections(&inserts).await;
     activate_new_key(&app, "next").await;
     // A pass ends only once this replica reports the new key.
     app.wait_for_heartbeat().await;
+    Some((app, plaintexts))
+}
+
+async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backend) {
+    let Some((app, plaintexts)) = rows_off_the_active_key(backend, 30).await else {
+        return;
+    };
     let job_id = start(
         &app,
         StartRotationRequest {
@@ -141,26 +156,9 @@ async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backe
 /// the target duration (the sizing itself is unit-tested in
 /// `rotation::sizing`), and it moves every row.
 async fn an_adaptive_job_moves_every_row(backend: Backend) {
-    let options = Options {
-        worker: None,
-        ..Options::default()
-    };
-    let Some(app) = spawn_with(backend, options).await else {
+    let Some((app, plaintexts)) = rows_off_the_active_key(backend, 1200).await else {
         return;
     };
-    let mut plaintexts = HashMap::new();
-    let mut inserts = Vec::new();
-    for i in 0..1200 {
-        let (id, value) = (format!("row-{i:04}"), format!("secret {i}"));
-        let sealed = app
-            .encrypt(value.as_bytes(), &[("connection_id", id.as_str())])
-            .await;
-        inserts.push((id.clone(), sealed.envelope.unwrap()));
-        plaintexts.insert(id, value);
-    }
-    app.insert_connections(&inserts).await;
-    activate_new_key(&app, "next").await;
-    app.wait_for_heartbeat().await;
     let job_id = start(&app, StartRotationRequest::default()).await;
     let refused = app
         .admin
