@@ -203,6 +203,7 @@ export class KeywardClient {
       dryRun: false,
       batchSize: 0,
       maxRowsPerSecond: 0,
+      targetBatchMs: 0,
       ...request,
     });
   }
