@@ -43,6 +43,7 @@ use crate::{
     service::{
         admin::{CreateKey, KeyAdmin, Readiness},
         crypto::{CryptoService, Limits},
+        foreground::{self, ForegroundLatency},
         replica::{ReplicaAgent, ReplicaOptions},
         rotation::Rotations,
         targets::TargetList,
@@ -458,6 +459,15 @@ impl Application {
             listener.local_addr().ok(),
             settings.replica,
         );
+        // Encrypt/Decrypt latency, published for rotations with a latency
+        // budget under this replica's heartbeat row.
+        let foreground = Arc::new(ForegroundLatency::default());
+        tokio::spawn(foreground::publish(
+            services.store.clone(),
+            Arc::clone(&foreground),
+            agent.id().to_owned(),
+            stop.clone(),
+        ));
         let agent = tokio::spawn(agent.run(stop.clone()));
         tokio::spawn(refresh_catalog_periodically(
             Arc::clone(&services.admin),
@@ -509,7 +519,7 @@ impl Application {
             .layer(tower::util::option_layer(cors))
             .layer(tonic_web::GrpcWebLayer::new())
             // Every RPC gets a span, a log line and its metrics here…
-            .layer(ObserveLayer::new(rpc_metrics))
+            .layer(ObserveLayer::new(rpc_metrics, Some(foreground)))
             // …and passes authentication and its role check here.
             .layer(AuthLayer::new(auth, audit, max))
             .add_service(health_service)

@@ -34,7 +34,7 @@ use crate::{
         cache::CacheStats,
         kms::{KmsCallStats, KmsOperation, ProviderKind},
     },
-    rotation::JobStatus,
+    rotation::{throttle::Signal, JobStatus},
     service::{admin::KeyAdmin, rotation::Progress},
     store::Store,
 };
@@ -76,6 +76,11 @@ struct RotationGauges {
     rows_failed: Family<JobLabels, Gauge>,
     rows_per_second: Family<JobLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     rows_late: Family<JobLabels, Gauge>,
+    /// 1 while a running job is paused or throttled.
+    throttled: Family<JobLabels, Gauge>,
+    /// Worker-seconds each running job spent throttled, by signal: a
+    /// counter read from the job rows (`ThrottleCollector`).
+    throttled_seconds: Arc<std::sync::Mutex<Vec<(ThrottleLabels, f64)>>>,
     /// 1 when the last scrape could read the jobs, else 0.
     up: Gauge,
 }
@@ -132,6 +137,11 @@ impl Metrics {
                 "Rows a running rotation job's later passes caught, written off target while it ran",
                 &rotation.rows_late,
             ),
+            (
+                "rotation_job_throttled",
+                "1 while a running rotation job is paused or throttled (see its throttle_reason)",
+                &rotation.throttled,
+            ),
         ] {
             registry.register(name, help, family.clone());
         }
@@ -168,6 +178,9 @@ impl Metrics {
             "1 when the last scrape could read the rotation jobs from the database",
             rotation.up.clone(),
         );
+        registry.register_collector(Box::new(ThrottleCollector(Arc::clone(
+            &rotation.throttled_seconds,
+        ))));
         registry.register_collector(Box::new(KmsCollector(kms)));
         registry.register_collector(Box::new(CacheCollector(cache)));
         registry.register_collector(Box::new(AuditCollector(audit)));
@@ -237,9 +250,12 @@ impl Metrics {
             &gauges.rows_processed,
             &gauges.rows_failed,
             &gauges.rows_late,
+            &gauges.throttled,
         ] {
             family.clear();
         }
+        let mut throttled_seconds = Vec::new();
+        let now = chrono::Utc::now();
         gauges.rows_per_second.clear();
         for job in running {
             let labels = JobLabels {
@@ -254,11 +270,32 @@ impl Metrics {
                 .set(counts.processed);
             gauges.rows_failed.get_or_create(&labels).set(counts.failed);
             gauges.rows_late.get_or_create(&labels).set(counts.late);
+            let job = &progress.job;
+            gauges
+                .throttled
+                .get_or_create(&labels)
+                .set(i64::from(job.throttle_reason(now).is_some()));
+            for (signal, seconds) in [
+                (Signal::Foreground, job.throttle.foreground_seconds),
+                (Signal::Lag, job.throttle.lag_seconds),
+            ] {
+                throttled_seconds.push((
+                    ThrottleLabels {
+                        job_id: job.id.clone(),
+                        reason: signal.label(),
+                    },
+                    seconds,
+                ));
+            }
             gauges
                 .rows_per_second
                 .get_or_create(&labels)
                 .set(progress.rows_per_second);
         }
+        *gauges
+            .throttled_seconds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = throttled_seconds;
     }
 
     /// Rows per key and target; on failure the gauges keep their last
@@ -373,6 +410,37 @@ fn kms_series() -> impl Iterator<Item = (ProviderKind, KmsOperation, bool, KmsLa
             })
         })
     })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ThrottleLabels {
+    job_id: String,
+    reason: &'static str,
+}
+
+/// `keyward_rotation_throttled_seconds_total{job_id, reason}`: as the
+/// running jobs' rows held it at the last scrape.
+#[derive(Debug)]
+struct ThrottleCollector(Arc<std::sync::Mutex<Vec<(ThrottleLabels, f64)>>>);
+
+impl Collector for ThrottleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let values = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut family = encoder.encode_descriptor(
+            "rotation_throttled_seconds",
+            "Worker-seconds a running rotation job's workers spent throttled, by job and reason \
+             (foreground_p99: its latency budget; replication_lag: a standby)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, seconds) in values.iter() {
+            ConstCounter::new(*seconds).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 struct KmsCollector(Arc<KmsCallStats>);

@@ -17,7 +17,7 @@ use crate::{
     service::{
         admin::{CreateKey, KeyAdmin, Staging},
         audited::{audited, record_forced_retirement, Actor, Change},
-        rotation::{Rotations, StartRotation},
+        rotation::{Retune, Rotations, StartRotation},
     },
 };
 
@@ -311,6 +311,9 @@ impl Admin for AdminApi {
             batch_size: req.batch_size,
             max_rows_per_second: req.max_rows_per_second,
             target_batch_ms: req.target_batch_ms,
+            max_foreground_p99_ms: req.max_foreground_p99_ms,
+            min_rows_per_second: req.min_rows_per_second,
+            max_replication_lag_ms: req.max_replication_lag_ms,
         });
         let job = self.audited(&caller, change, start).await?;
         Ok(Response::new(self.job(&job)))
@@ -425,16 +428,16 @@ impl Admin for AdminApi {
     ) -> Result<Response<proto::RotationJob>, Status> {
         let caller = Caller::take(&mut request)?;
         let req = request.into_inner();
-        let detail = format!(
-            " batch_size={:?} max_rows_per_second={:?} target_batch_ms={:?}",
-            req.batch_size, req.max_rows_per_second, req.target_batch_ms
-        );
-        let tune = self.rotations.tune(
-            &req.job_id,
-            req.batch_size,
-            req.max_rows_per_second,
-            req.target_batch_ms,
-        );
+        let retune = Retune {
+            batch_size: req.batch_size,
+            max_rows_per_second: req.max_rows_per_second,
+            target_batch_ms: req.target_batch_ms,
+            max_foreground_p99_ms: req.max_foreground_p99_ms,
+            min_rows_per_second: req.min_rows_per_second,
+            max_replication_lag_ms: req.max_replication_lag_ms,
+        };
+        let detail = format!(" {retune:?}");
+        let tune = self.rotations.tune(&req.job_id, retune);
         self.change_job(
             &caller,
             "keyward.v1.Admin/UpdateRotation",

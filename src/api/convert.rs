@@ -161,6 +161,7 @@ fn rotation_status(status: JobStatus, paused: bool) -> proto::RotationStatus {
 }
 
 pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob {
+    let reason = job.throttle_reason(chrono::Utc::now());
     proto::RotationJob {
         id: job.id.clone(),
         status: rotation_status(job.status, job.paused) as i32,
@@ -190,6 +191,13 @@ pub fn rotation_job(job: &RotationJob, catalog: &Catalog) -> proto::RotationJob 
         completed_at: job.completed_at.map(timestamp),
         late_rows: job.counts.late,
         target_batch_ms: job.target_batch_ms.unwrap_or(0),
+        max_foreground_p99_ms: job.limits.max_foreground_p99_ms.unwrap_or(0.0),
+        min_rows_per_second: job.limits.min_rows_per_second.unwrap_or(0),
+        max_replication_lag_ms: job.limits.max_replication_lag_ms.unwrap_or(0),
+        throttled: reason.is_some(),
+        throttle_reason: reason.unwrap_or_default().to_owned(),
+        throttled_foreground_seconds: job.throttle.foreground_seconds,
+        throttled_lag_seconds: job.throttle.lag_seconds,
     }
 }
 

@@ -40,6 +40,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::service::foreground::ForegroundLatency;
+
 use super::{
     proto::FILE_DESCRIPTOR_SET,
     status::{code_label, INTERNAL_MESSAGE},
@@ -167,13 +169,27 @@ fn record_notes(span: &Span, notes: &Notes) {
 #[derive(Clone, Default)]
 pub struct ObserveLayer {
     metrics: Option<Arc<RpcMetrics>>,
+    foreground: Option<Arc<ForegroundLatency>>,
 }
 
 impl ObserveLayer {
-    /// Spans and logs always; metrics when `metrics` is given.
-    pub fn new(metrics: Option<Arc<RpcMetrics>>) -> Self {
-        Self { metrics }
+    /// Spans and logs always; metrics when `metrics` is given; successful
+    /// Encrypt and Decrypt latencies into `foreground` when given (the
+    /// rotation latency budget's measure).
+    pub fn new(
+        metrics: Option<Arc<RpcMetrics>>,
+        foreground: Option<Arc<ForegroundLatency>>,
+    ) -> Self {
+        Self {
+            metrics,
+            foreground,
+        }
     }
+}
+
+/// The calls a rotation's latency budget protects.
+fn is_foreground(method: Method) -> bool {
+    method.service == "keyward.v1.Crypto" && matches!(method.name, "Encrypt" | "Decrypt")
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -183,6 +199,7 @@ impl<S> Layer<S> for ObserveLayer {
         ObserveService {
             inner,
             metrics: self.metrics.clone(),
+            foreground: self.foreground.clone(),
         }
     }
 }
@@ -191,6 +208,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct ObserveService<S> {
     inner: S,
     metrics: Option<Arc<RpcMetrics>>,
+    foreground: Option<Arc<ForegroundLatency>>,
 }
 
 impl<S, B> Service<http::Request<B>> for ObserveService<S>
@@ -221,6 +239,7 @@ where
             span: span.clone(),
             started: Instant::now(),
             metrics: self.metrics.clone(),
+            foreground: self.foreground.clone().filter(|_| is_foreground(method)),
             notes: Arc::clone(&notes),
             finished: false,
         };
@@ -339,6 +358,8 @@ struct Call {
     span: Span,
     started: Instant,
     metrics: Option<Arc<RpcMetrics>>,
+    /// Set for the calls the latency budget counts.
+    foreground: Option<Arc<ForegroundLatency>>,
     notes: SharedNotes,
     finished: bool,
 }
@@ -363,6 +384,11 @@ impl Call {
         let elapsed = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
             metrics.observe(self.method, outcome.label(), elapsed);
+        }
+        if let Some(foreground) = &self.foreground {
+            if outcome == Outcome::Answered(tonic::Code::Ok) {
+                foreground.record(elapsed);
+            }
         }
         let level = outcome.level();
         // Entered first: a filter may enable events inside `rpc` spans.

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     rotation::{JobStatus, Mode, RotationJob},
-    service::rotation::{Rotations, StartRotation},
+    service::rotation::{Retune, Rotations, StartRotation},
 };
 
 #[derive(Debug, Subcommand)]
@@ -38,6 +38,19 @@ pub(super) enum RotateCommand {
         /// Rows per second per worker; 0 = unthrottled.
         #[arg(long, default_value_t = 0)]
         max_rows_per_second: i64,
+        /// The latency budget: slow down while any serve replica's
+        /// Encrypt/Decrypt p99 is over this many ms, stop claiming while it
+        /// is over twice it; 0 = none.
+        #[arg(long, default_value_t = 0.0)]
+        max_foreground_p99_ms: f64,
+        /// With a budget: rows per second per worker kept even over it
+        /// (breaking it on purpose); 0 = the job may pause.
+        #[arg(long, default_value_t = 0)]
+        min_rows_per_second: i64,
+        /// PostgreSQL: claim nothing while a standby replays further behind
+        /// than this many ms (or its lag cannot be read); 0 = none.
+        #[arg(long, default_value_t = 0)]
+        max_replication_lag_ms: i64,
         /// Follow progress until the job ends; exit 0 only if it completed cleanly.
         #[arg(long)]
         watch: bool,
@@ -73,6 +86,15 @@ pub(super) enum RotateCommand {
         /// What an adaptive batch aims to take, in ms; 0: 250.
         #[arg(long)]
         target_batch_ms: Option<i64>,
+        /// The latency budget in ms; 0 lifts it.
+        #[arg(long)]
+        max_foreground_p99_ms: Option<f64>,
+        /// The rate kept over the budget; 0 lifts it.
+        #[arg(long)]
+        min_rows_per_second: Option<i64>,
+        /// The replication-lag limit in ms; 0 lifts it.
+        #[arg(long)]
+        max_replication_lag_ms: Option<i64>,
     },
 }
 
@@ -103,6 +125,9 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
             batch_size,
             max_rows_per_second,
             target_batch_ms,
+            max_foreground_p99_ms,
+            min_rows_per_second,
+            max_replication_lag_ms,
             watch,
         } => {
             let target = target.unwrap_or_default();
@@ -117,6 +142,9 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
                 batch_size,
                 max_rows_per_second,
                 target_batch_ms,
+                max_foreground_p99_ms,
+                min_rows_per_second,
+                max_replication_lag_ms,
             });
             let key_id = Some(target.as_str()).filter(|t| !t.is_empty());
             let job = audited(&audit, "cli/rotate start", key_id, detail, start).await?;
@@ -156,8 +184,21 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
             batch_size,
             max_rows_per_second,
             target_batch_ms,
+            max_foreground_p99_ms,
+            min_rows_per_second,
+            max_replication_lag_ms,
         } => {
-            let tune = rotations.tune(&job_id, batch_size, max_rows_per_second, target_batch_ms);
+            let tune = rotations.tune(
+                &job_id,
+                Retune {
+                    batch_size,
+                    max_rows_per_second,
+                    target_batch_ms,
+                    max_foreground_p99_ms,
+                    min_rows_per_second,
+                    max_replication_lag_ms,
+                },
+            );
             print_changed_job(&audit, "cli/rotate update", &job_id, tune).await
         }
     }
@@ -195,8 +236,13 @@ pub(super) async fn watch_job(rotations: &Rotations, job_id: &str) -> anyhow::Re
             .eta_seconds
             .map(|s| format!("eta {s:.0}s"))
             .unwrap_or_else(|| "eta -".into());
+        // Like gh-ost's `State: throttled, lag=0.51s`.
+        let state = job
+            .throttle_reason(chrono::Utc::now())
+            .map(|reason| format!("  throttled: {reason}"))
+            .unwrap_or_default();
         bar.set_message(format!(
-            "{} pass {}  {:.0} rows/s  {eta}  failed {}",
+            "{} pass {}  {:.0} rows/s  {eta}  failed {}{state}",
             job.shown_status(),
             job.pass,
             progress.rows_per_second,

@@ -7,10 +7,12 @@
 //! outside any transaction, and write them back with a compare-and-swap on
 //! the old ciphertext. Passes repeat until no row is left off the target key.
 
+pub mod brake;
 pub mod definition;
 pub mod pass;
 pub mod sizing;
 pub mod target;
+pub mod throttle;
 pub mod worker;
 
 use std::fmt;
@@ -109,8 +111,44 @@ pub struct Counts {
     pub late: i64,
 }
 
+/// What a job slows down for (each `None`: no such limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// The Encrypt/Decrypt p99 (ms) no live serve replica may exceed: the
+    /// latency budget. Workers slow down while one does, and stop claiming
+    /// while one is well over it.
+    pub max_foreground_p99_ms: Option<f64>,
+    /// With a budget: the rate (rows per second per worker) the job keeps
+    /// even over it, breaking the budget on purpose.
+    pub min_rows_per_second: Option<i64>,
+    /// The replay lag (ms) no streaming standby may exceed (PostgreSQL):
+    /// workers claim nothing while one does, or while it cannot be read.
+    pub max_replication_lag_ms: Option<i64>,
+}
+
+impl Limits {
+    /// Whether workers have anything to watch.
+    pub fn any(&self) -> bool {
+        self.max_foreground_p99_ms.is_some() || self.max_replication_lag_ms.is_some()
+    }
+}
+
+/// Why a job runs slower than it could, as its workers last said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Throttle {
+    /// e.g. `foreground p99 2.4 ms > budget 1.0 ms on replica X`.
+    pub reason: Option<String>,
+    /// The reason holds until then unless a worker says it again (a worker
+    /// that died does not leave its job throttled).
+    pub until: Option<DateTime<Utc>>,
+    /// Worker-seconds spent throttled on the latency budget.
+    pub foreground_seconds: f64,
+    /// Worker-seconds spent throttled on replication lag.
+    pub lag_seconds: f64,
+}
+
 /// One rotation job.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RotationJob {
     pub id: String,
     pub status: JobStatus,
@@ -129,6 +167,8 @@ pub struct RotationJob {
     pub cancel_requested: bool,
     /// Paused by an operator: no batch is claimed until it is resumed.
     pub paused: bool,
+    pub limits: Limits,
+    pub throttle: Throttle,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -148,6 +188,7 @@ pub struct NewJob {
     pub batch_size: i64,
     pub max_rows_per_second: Option<i64>,
     pub target_batch_ms: Option<i64>,
+    pub limits: Limits,
     /// See [`RotationJob::wrap_tag`].
     pub wrap_tag: Option<Vec<u8>>,
 }
@@ -174,6 +215,21 @@ impl RotationJob {
             self.status.as_str()
         }
     }
+
+    /// Why the job is slower than it could be at `now`, if it is: paused
+    /// by an operator, or throttled by its workers.
+    pub fn throttle_reason(&self, now: DateTime<Utc>) -> Option<&str> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        if self.paused {
+            return Some("paused");
+        }
+        match (&self.throttle.reason, self.throttle.until) {
+            (Some(reason), Some(until)) if until > now => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +251,8 @@ impl RotationJob {
             last_error: None,
             cancel_requested: false,
             paused: false,
+            limits: Limits::default(),
+            throttle: Throttle::default(),
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             started_at: None,

@@ -15,7 +15,7 @@ use std::{sync::Arc, time::Duration};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{target::RotationTarget, JobStatus, Mode, RotationJob};
+use super::{brake::Brake, target::RotationTarget, throttle, JobStatus, Mode, RotationJob};
 use crate::service::targets::TargetList;
 use crate::{
     crypto::kms::local::tag_names,
@@ -30,6 +30,8 @@ use crate::{
 
 /// Rows of one batch rotated concurrently (they wait on KMS calls).
 const ROW_CONCURRENCY: usize = 16;
+/// How often a held worker looks again whether it may go on.
+const THROTTLED_POLL: Duration = Duration::from_millis(250);
 
 /// What one step did.
 #[derive(Debug)]
@@ -51,6 +53,9 @@ pub enum Step {
     LeaseLost { job_id: String, rows: usize },
     /// A job started a new pass or ended.
     Advanced(RotationJob),
+    /// Nothing was claimed: the job's limits hold the worker back
+    /// (`super::brake`).
+    Throttled { job_id: String, reason: String },
     /// Nothing was claimed: this process cannot open some key's data
     /// (another master secret wrote it), so it would only fail rows that a
     /// rightly configured worker can rotate.
@@ -89,6 +94,8 @@ pub struct Worker {
     /// The size of this worker's next batch of an adaptive job
     /// (`super::sizing`).
     adaptive_size: std::sync::Mutex<i64>,
+    /// What holds this worker back under its job's limits.
+    brake: Brake,
 }
 
 impl Worker {
@@ -100,12 +107,14 @@ impl Worker {
         options: WorkerOptions,
     ) -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        let id = format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         Self {
-            id: format!(
-                "{host}-{}-{}",
-                std::process::id(),
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
+            brake: Brake::new(store.clone(), id.clone()),
+            id,
             store,
             targets,
             crypto,
@@ -151,6 +160,7 @@ impl Worker {
                     self.options.idle_poll.max(Duration::from_secs(5))
                 }
                 Ok(Step::Waiting) => Duration::from_millis(100),
+                Ok(Step::Throttled { .. }) => THROTTLED_POLL,
                 Ok(Step::Batch { .. } | Step::LeaseLost { .. }) => Duration::ZERO,
                 Ok(Step::Abandoned { job_id, rows }) => {
                     tracing::warn!(worker = %self.id, job = %job_id, rows,
@@ -193,12 +203,21 @@ impl Worker {
         if let Some(reason) = self.admin.misconfigured() {
             return Ok(Step::Held(reason));
         }
+        let mut cap = None;
+        if let Some((job_id, verdict)) = self.brake.before_claim().await? {
+            if verdict.hold {
+                let reason = verdict.reason.map(|why| why.text).unwrap_or_default();
+                return Ok(Step::Throttled { job_id, reason });
+            }
+            cap = verdict.cap;
+        }
         let lease =
             chrono::Duration::from_std(self.options.lease).unwrap_or(chrono::Duration::seconds(30));
         let targets = self.targets.current();
+        let size = throttle::batch_under_cap(self.adaptive_size(), cap);
         let claim = match self
             .store
-            .claim_batch_sized(&self.id, lease, &targets, self.adaptive_size())
+            .claim_batch_sized(&self.id, lease, &targets, size)
             .await?
         {
             ClaimOutcome::Idle => return Ok(Step::Idle),
@@ -264,13 +283,25 @@ impl Worker {
                 rows: outcomes.len(),
             });
         };
-        self.learn(&claim.job, outcomes.len(), started.elapsed());
+        let took = started.elapsed();
+        self.learn(&claim.job, outcomes.len(), took);
+        self.brake
+            .after_batch(&claim.job, outcomes.len(), took)
+            .await;
         tracing::debug!(worker = %self.id, job = %claim.job.id, rows = outcomes.len(),
             succeeded = counts.succeeded, failed = counts.failed, skipped = counts.skipped,
             "rotation batch written");
-        if let Some(rate) = claim.job.max_rows_per_second.filter(|r| *r > 0) {
-            // The throttle holds no lease: a stop cuts it short.
-            let budget = Duration::from_secs_f64(outcomes.len() as f64 / rate as f64);
+        let rate = claim
+            .job
+            .max_rows_per_second
+            .filter(|r| *r > 0)
+            .map(|r| r as f64)
+            .into_iter()
+            .chain(cap)
+            .reduce(f64::min);
+        if let Some(rate) = rate {
+            // The pause holds no lease: a stop cuts it short.
+            let budget = Duration::from_secs_f64(outcomes.len() as f64 / rate);
             tokio::select! {
                 () = tokio::time::sleep_until(started + budget) => {}
                 () = stop.cancelled() => {}

@@ -6,6 +6,7 @@ pub mod audited;
 pub mod catalog;
 pub mod crypto;
 pub mod cutover;
+pub mod foreground;
 pub mod legacy_format;
 pub mod probes;
 pub mod progress;

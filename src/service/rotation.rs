@@ -14,9 +14,9 @@ use crate::service::{progress::ProgressHub, targets::TargetList};
 use crate::{
     error::{Error, Result},
     keys::{KeyCatalog, KeyStatus},
-    rotation::{sizing, Mode, NewJob, RotationJob, MAX_BATCH_SIZE},
+    rotation::{sizing, Limits, Mode, NewJob, RotationJob, MAX_BATCH_SIZE},
     service::{admin::KeyAdmin, rollout},
-    store::{JobTuning, Store},
+    store::{Backend, JobTuning, Store},
 };
 
 /// Options of StartRotation.
@@ -33,6 +33,55 @@ pub struct StartRotation {
     pub max_rows_per_second: i64,
     /// What an adaptive batch aims to take, in ms; 0: 250.
     pub target_batch_ms: i64,
+    /// The latency budget: the Encrypt/Decrypt p99 (ms) no serve replica
+    /// may exceed; 0: none.
+    pub max_foreground_p99_ms: f64,
+    /// With a budget, the rows per second per worker kept even over it;
+    /// 0: none (a job may pause while well over its budget).
+    pub min_rows_per_second: i64,
+    /// The replay lag (ms) no standby may exceed (PostgreSQL); 0: none.
+    pub max_replication_lag_ms: i64,
+}
+
+/// What UpdateRotation changes: each field when given, with the meaning
+/// it has in [`StartRotation`] (0 lifts a limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retune {
+    pub batch_size: Option<i64>,
+    pub max_rows_per_second: Option<i64>,
+    pub target_batch_ms: Option<i64>,
+    pub max_foreground_p99_ms: Option<f64>,
+    pub min_rows_per_second: Option<i64>,
+    pub max_replication_lag_ms: Option<i64>,
+}
+
+/// The largest latency budget and replication-lag limit, in ms.
+const MAX_LIMIT_MS: f64 = 3_600_000.0;
+
+/// A latency budget as a request gives it (0: none).
+fn budget_ms(ms: f64) -> Result<Option<f64>> {
+    if ms == 0.0 {
+        Ok(None)
+    } else if ms.is_finite() && ms > 0.0 && ms <= MAX_LIMIT_MS {
+        Ok(Some(ms))
+    } else {
+        Err(Error::InvalidField {
+            field: "max_foreground_p99_ms",
+            reason: format!("{ms} is not a duration in ms within (0, {MAX_LIMIT_MS}], or 0 (none)"),
+        })
+    }
+}
+
+/// A count a request gives where 0 means none and negatives are refused.
+fn optional_count(field: &'static str, value: i64) -> Result<Option<i64>> {
+    match value {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(v)),
+        v => Err(Error::InvalidField {
+            field,
+            reason: format!("{v} is negative; 0 means none"),
+        }),
+    }
 }
 
 pub use super::progress::Progress;
@@ -111,10 +160,17 @@ impl Rotations {
             }
         };
         let target_batch_ms = target_batch_ms(req.target_batch_ms)?;
-        if req.max_rows_per_second < 0 {
+        let max_rows_per_second = optional_count("max_rows_per_second", req.max_rows_per_second)?;
+        let limits = Limits {
+            max_foreground_p99_ms: budget_ms(req.max_foreground_p99_ms)?,
+            min_rows_per_second: optional_count("min_rows_per_second", req.min_rows_per_second)?,
+            max_replication_lag_ms: self.lag_limit(req.max_replication_lag_ms)?,
+        };
+        if limits.min_rows_per_second.is_some() && limits.max_foreground_p99_ms.is_none() {
             return Err(Error::InvalidField {
-                field: "max_rows_per_second",
-                reason: "must not be negative".into(),
+                field: "min_rows_per_second",
+                reason: "is the floor kept under a latency budget: give max_foreground_p99_ms too"
+                    .into(),
             });
         }
         // A master-secret rollover: rows on the target key that another
@@ -134,8 +190,9 @@ impl Rotations {
                 mode: req.mode.unwrap_or(Mode::Reencrypt),
                 dry_run: req.dry_run,
                 batch_size,
-                max_rows_per_second: Some(req.max_rows_per_second).filter(|r| *r > 0),
+                max_rows_per_second,
                 target_batch_ms,
+                limits,
                 wrap_tag,
             })
             .await?;
@@ -184,16 +241,10 @@ impl Rotations {
     }
 
     /// Changes a pending or running job's batch size (0: adaptive), row
-    /// rate (0 lifts the limit) and target batch duration (0: the
-    /// default), each when given, from its next batch on.
-    pub async fn tune(
-        &self,
-        id: &str,
-        batch_size: Option<i64>,
-        max_rows_per_second: Option<i64>,
-        target_batch_ms: Option<i64>,
-    ) -> Result<RotationJob> {
-        if let Some(size) = batch_size {
+    /// rate, target batch duration and limits, each when given, from its
+    /// next batch on (workers read a throttled job's limits every second).
+    pub async fn tune(&self, id: &str, retune: Retune) -> Result<RotationJob> {
+        if let Some(size) = retune.batch_size {
             if !(0..=MAX_BATCH_SIZE).contains(&size) {
                 return Err(Error::InvalidField {
                     field: "batch_size",
@@ -201,27 +252,50 @@ impl Rotations {
                 });
             }
         }
-        let target_batch_ms = target_batch_ms.map(self::target_batch_ms).transpose()?;
-        if let Some(rate) = max_rows_per_second.filter(|r| *r < 0) {
-            return Err(Error::InvalidField {
-                field: "max_rows_per_second",
-                reason: format!("{rate} is negative; 0 lifts the limit"),
-            });
-        }
+        let count = |field, value: Option<i64>| value.map(|v| optional_count(field, v)).transpose();
         let tuning = JobTuning {
-            batch_size,
-            max_rows_per_second: max_rows_per_second.map(|r| (r > 0).then_some(r)),
-            target_batch_ms,
+            batch_size: retune.batch_size,
+            max_rows_per_second: count("max_rows_per_second", retune.max_rows_per_second)?,
+            target_batch_ms: retune
+                .target_batch_ms
+                .map(self::target_batch_ms)
+                .transpose()?,
+            max_foreground_p99_ms: retune.max_foreground_p99_ms.map(budget_ms).transpose()?,
+            min_rows_per_second: count("min_rows_per_second", retune.min_rows_per_second)?,
+            max_replication_lag_ms: retune
+                .max_replication_lag_ms
+                .map(|ms| self.lag_limit(ms))
+                .transpose()?,
         };
         match self.store.tune_job(id, &tuning).await? {
             Some(job) => {
-                tracing::info!(job = %job.id, batch_size = job.batch_size, max_rows_per_second = ?job.max_rows_per_second, "rotation job re-tuned");
+                tracing::info!(job = %job.id, batch_size = job.batch_size, max_rows_per_second = ?job.max_rows_per_second,
+                    limits = ?job.limits, "rotation job re-tuned");
                 Ok(job)
             }
             None => Err(self
                 .conflict(id, "only pending or running jobs can be re-tuned")
                 .await?),
         }
+    }
+
+    /// A replication-lag limit as a request gives it (0: none); refused
+    /// on SQLite, which has no standbys.
+    fn lag_limit(&self, ms: i64) -> Result<Option<i64>> {
+        let limit = optional_count("max_replication_lag_ms", ms)?;
+        if limit.is_some() && self.store.backend() == Backend::Sqlite {
+            return Err(Error::InvalidField {
+                field: "max_replication_lag_ms",
+                reason: "SQLite has no replication to wait for; give 0".into(),
+            });
+        }
+        if limit.is_some_and(|ms| ms as f64 > MAX_LIMIT_MS) {
+            return Err(Error::InvalidField {
+                field: "max_replication_lag_ms",
+                reason: format!("{ms} is over {MAX_LIMIT_MS} ms"),
+            });
+        }
+        Ok(limit)
     }
 
     /// Why job `id` refused a change its state does not allow (or that it

@@ -5,7 +5,9 @@
 use chrono::{DateTime, Utc};
 
 use super::{Store, StoreError};
-use crate::rotation::{target::RotationTarget, Counts, JobStatus, Mode, NewJob, RotationJob};
+use crate::rotation::{
+    target::RotationTarget, Counts, JobStatus, Limits, Mode, NewJob, RotationJob, Throttle,
+};
 
 /// What `Store::tune_job` changes: each field when `Some`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -13,6 +15,22 @@ pub struct JobTuning {
     pub batch_size: Option<i64>,
     pub max_rows_per_second: Option<Option<i64>>,
     pub target_batch_ms: Option<Option<i64>>,
+    pub max_foreground_p99_ms: Option<Option<f64>>,
+    pub min_rows_per_second: Option<Option<i64>>,
+    pub max_replication_lag_ms: Option<Option<i64>>,
+}
+
+/// A worker's word on why a job is throttled (`Store::report_throttle`).
+#[derive(Debug, Clone, Copy)]
+pub struct ThrottleReport<'a> {
+    pub worker: &'a str,
+    /// `None`: no longer throttled (clears the reason if this worker set it).
+    pub reason: Option<&'a str>,
+    /// How long the reason holds unless reported again.
+    pub holds_for: chrono::Duration,
+    /// Throttled worker-seconds since this worker's last report, by signal.
+    pub foreground_seconds: f64,
+    pub lag_seconds: f64,
 }
 
 /// The columns a job is read from; the status as text, as for key records
@@ -20,7 +38,8 @@ pub struct JobTuning {
 pub(super) const JOB_COLUMNS: &str = "id, CAST(status AS TEXT) AS status, target_key_id, mode, dry_run, batch_size, max_rows_per_second, \
      total_rows, processed_rows, succeeded_rows, failed_rows, skipped_rows, pass, last_error, cursor, \
      target_index, cancel_requested, created_at, updated_at, started_at, completed_at, late_rows, \
-     replicas_waited_since, wrap_tag, paused, target_batch_ms";
+     replicas_waited_since, wrap_tag, paused, target_batch_ms, max_foreground_p99_ms, min_rows_per_second, \
+     max_replication_lag_ms, throttle_reason, throttled_until, throttled_p99_seconds, throttled_lag_seconds";
 
 #[derive(sqlx::FromRow)]
 pub(super) struct JobRow {
@@ -50,6 +69,13 @@ pub(super) struct JobRow {
     wrap_tag: Option<Vec<u8>>,
     paused: bool,
     target_batch_ms: Option<i64>,
+    max_foreground_p99_ms: Option<f64>,
+    min_rows_per_second: Option<i64>,
+    max_replication_lag_ms: Option<i64>,
+    throttle_reason: Option<String>,
+    throttled_until: Option<DateTime<Utc>>,
+    throttled_p99_seconds: f64,
+    throttled_lag_seconds: f64,
 }
 
 impl TryFrom<JobRow> for RotationJob {
@@ -81,6 +107,17 @@ impl TryFrom<JobRow> for RotationJob {
             last_error: row.last_error,
             cancel_requested: row.cancel_requested,
             paused: row.paused,
+            limits: Limits {
+                max_foreground_p99_ms: row.max_foreground_p99_ms,
+                min_rows_per_second: row.min_rows_per_second,
+                max_replication_lag_ms: row.max_replication_lag_ms,
+            },
+            throttle: Throttle {
+                reason: row.throttle_reason,
+                until: row.throttled_until,
+                foreground_seconds: row.throttled_p99_seconds,
+                lag_seconds: row.throttled_lag_seconds,
+            },
             created_at: row.created_at,
             updated_at: row.updated_at,
             started_at: row.started_at,
@@ -96,8 +133,9 @@ impl Store {
         let now = Utc::now();
         let sql = format!(
             "INSERT INTO encryption_rotation_jobs (id, status, target_key_id, mode, dry_run, batch_size, \
-             max_rows_per_second, created_at, updated_at, wrap_tag, target_batch_ms) \
-             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7, $8, $9) \
+             max_rows_per_second, created_at, updated_at, wrap_tag, target_batch_ms, max_foreground_p99_ms, \
+             min_rows_per_second, max_replication_lag_ms) \
+             VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12) \
              RETURNING {JOB_COLUMNS}"
         );
         let row: JobRow = super::on_pool!(self, |pool| sqlx::query_as(&sql)
@@ -110,6 +148,9 @@ impl Store {
             .bind(now)
             .bind(&new.wrap_tag)
             .bind(new.target_batch_ms)
+            .bind(new.limits.max_foreground_p99_ms)
+            .bind(new.limits.min_rows_per_second)
+            .bind(new.limits.max_replication_lag_ms)
             .fetch_one(pool)
             .await)?;
         row.try_into()
@@ -240,6 +281,9 @@ impl Store {
              batch_size = CASE WHEN $2 THEN $3 ELSE batch_size END, \
              max_rows_per_second = CASE WHEN $4 THEN $5 ELSE max_rows_per_second END, \
              target_batch_ms = CASE WHEN $7 THEN $8 ELSE target_batch_ms END, \
+             max_foreground_p99_ms = CASE WHEN $9 THEN $10 ELSE max_foreground_p99_ms END, \
+             min_rows_per_second = CASE WHEN $11 THEN $12 ELSE min_rows_per_second END, \
+             max_replication_lag_ms = CASE WHEN $13 THEN $14 ELSE max_replication_lag_ms END, \
              updated_at = $6 WHERE id = $1 AND status IN ('pending', 'running')"
         )
         .bind(id)
@@ -250,10 +294,49 @@ impl Store {
         .bind(Utc::now())
         .bind(tune.target_batch_ms.is_some())
         .bind(tune.target_batch_ms.flatten())
+        .bind(tune.max_foreground_p99_ms.is_some())
+        .bind(tune.max_foreground_p99_ms.flatten())
+        .bind(tune.min_rows_per_second.is_some())
+        .bind(tune.min_rows_per_second.flatten())
+        .bind(tune.max_replication_lag_ms.is_some())
+        .bind(tune.max_replication_lag_ms.flatten())
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
         self.job_if_changed(id, done).await
+    }
+
+    /// Records what a worker says about job `id`'s throttling: the reason
+    /// (or its end, which clears a reason only this worker set) and the
+    /// throttled time since its last report. Only a running job.
+    pub async fn report_throttle(
+        &self,
+        id: &str,
+        report: &ThrottleReport<'_>,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        super::on_pool!(self, |pool| sqlx::query(
+            "UPDATE encryption_rotation_jobs SET \
+             throttle_reason = CASE WHEN $3 IS NOT NULL THEN $3 \
+                 WHEN throttled_by = $2 THEN NULL ELSE throttle_reason END, \
+             throttled_until = CASE WHEN $3 IS NOT NULL THEN $4 \
+                 WHEN throttled_by = $2 THEN NULL ELSE throttled_until END, \
+             throttled_by = CASE WHEN $3 IS NOT NULL THEN $2 \
+                 WHEN throttled_by = $2 THEN NULL ELSE throttled_by END, \
+             throttled_p99_seconds = throttled_p99_seconds + $5, \
+             throttled_lag_seconds = throttled_lag_seconds + $6 \
+             WHERE id = $1 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(report.worker)
+        .bind(report.reason)
+        .bind(now + report.holds_for)
+        .bind(report.foreground_seconds)
+        .bind(report.lag_seconds)
+        .execute(pool)
+        .await
+        .map(drop))?;
+        Ok(())
     }
 
     /// The job after an update that changed `rows` rows: `None` if none.

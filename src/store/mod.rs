@@ -15,6 +15,7 @@ mod keys;
 pub mod replicas;
 pub mod rotation;
 mod row;
+pub mod signals;
 pub mod targets;
 pub mod tokens;
 mod tx;
@@ -28,7 +29,7 @@ use sqlx::{
     PgPool, SqlitePool,
 };
 
-pub use jobs::JobTuning;
+pub use jobs::{JobTuning, ThrottleReport};
 pub use keys::{NewKey, RetireOutcome};
 
 /// keyward's first migration, the one adoption stands in for.

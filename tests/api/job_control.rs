@@ -23,15 +23,29 @@ use crate::{
 
 /// A server without a worker (the tests step one), `rows` rows under its
 /// first key and a new active key; their plaintexts by id.
-async fn rows_off_the_active_key(
+pub(crate) async fn rows_off_the_active_key(
     backend: Backend,
     rows: usize,
 ) -> Option<(TestApp, HashMap<String, String>)> {
-    let options = Options {
+    let app = spawn_with(backend, workerless()).await?;
+    let plaintexts = put_rows_off_the_active_key(&app, rows).await;
+    Some((app, plaintexts))
+}
+
+/// Options of a server without a worker.
+pub(crate) fn workerless() -> Options {
+    Options {
         worker: None,
         ..Options::default()
-    };
-    let app = spawn_with(backend, options).await?;
+    }
+}
+
+/// Writes `rows` rows under `app`'s active key and activates a new one;
+/// their plaintexts by id.
+pub(crate) async fn put_rows_off_the_active_key(
+    app: &TestApp,
+    rows: usize,
+) -> HashMap<String, String> {
     let mut plaintexts = HashMap::new();
     let mut inserts = Vec::new();
     for i in 0..rows {
@@ -43,10 +57,10 @@ async fn rows_off_the_active_key(
         plaintexts.insert(id, value);
     }
     app.insert_connections(&inserts).await;
-    activate_new_key(&app, "next").await;
+    activate_new_key(app, "next").await;
     // A pass ends only once this replica reports the new key.
     app.wait_for_heartbeat().await;
-    Some((app, plaintexts))
+    plaintexts
 }
 
 async fn a_paused_job_claims_nothing_and_resumes_where_it_stopped(backend: Backend) {

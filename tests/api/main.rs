@@ -10,6 +10,7 @@ mod adoption;
 mod adoption_sqlite;
 mod audit_bounds;
 mod aws_kms;
+mod budget;
 mod cli;
 mod clients;
 mod config;

@@ -326,6 +326,16 @@ async fn metrics_follow_traffic_rotation_and_audit(backend: Backend) {
     assert!(running.get("keyward_rotation_job_rows_per_second", &job) > 0.0);
     assert_eq!(running.get("keyward_rotation_job_rows_failed", &job), 0.0);
     assert_eq!(running.get("keyward_rotation_metrics_up", &[]), 1.0);
+    // No limits: never throttled (the throttled paths are tests/api/budget.rs).
+    assert_eq!(running.get("keyward_rotation_job_throttled", &job), 0.0);
+    for reason in ["foreground_p99", "replication_lag"] {
+        let labels = [("job_id", job_id.as_str()), ("reason", reason)];
+        assert!(running.has("keyward_rotation_throttled_seconds_total", &labels));
+        assert_eq!(
+            running.get("keyward_rotation_throttled_seconds_total", &labels),
+            0.0
+        );
+    }
 
     let events = watch_all(&app, &job_id).await;
     let last = events.last().unwrap().job.clone().unwrap();

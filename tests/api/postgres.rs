@@ -101,8 +101,128 @@ fn pg_command(bin: &Path, root: bool) -> Command {
 }
 
 fn start_cluster() -> Result<String, String> {
-    let bin = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb, pg_ctl) found")?;
-    let root = is_root();
+    Ok(Cluster::start()?.url())
+}
+
+/// A PostgreSQL cluster this test process started, stopped and removed
+/// when the process exits.
+pub struct Cluster {
+    bin: PathBuf,
+    root: bool,
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// A new primary cluster on a free port.
+    pub fn start() -> Result<Cluster, String> {
+        let bin = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb, pg_ctl) found")?;
+        // Where the other binaries (pg_basebackup) are too, when PATH holds
+        // links to a few.
+        let bin = bin
+            .join("pg_ctl")
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or(bin);
+        let root = is_root();
+        let dir = scratch_dir(root)?;
+        let out = pg_command(&bin.join("initdb"), root)
+            .args(["-D"])
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let cluster = Cluster {
+            bin,
+            root,
+            dir,
+            port: free_port()?,
+        };
+        cluster.run("")?;
+        Ok(cluster)
+    }
+
+    /// A streaming standby of this cluster (`pg_basebackup -R`), reporting
+    /// itself as `name` in the primary's `pg_stat_replication`.
+    // The benchmarks' tests share this file and start no standby.
+    #[allow(dead_code)]
+    pub fn standby(&self, name: &str) -> Result<Cluster, String> {
+        let dir = scratch_dir(self.root)?;
+        let out = pg_command(&self.bin.join("pg_basebackup"), self.root)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .output()
+            .map_err(|e| format!("pg_basebackup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let standby = Cluster {
+            bin: self.bin.clone(),
+            root: self.root,
+            dir,
+            port: free_port()?,
+        };
+        standby.run(&format!("-c hot_standby=on -c cluster_name={name}"))?;
+        Ok(standby)
+    }
+
+    /// The server URL (no database).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server with `extra` options, and its reaper.
+    fn run(&self, extra: &str) -> Result<(), String> {
+        let data = self.dir.join("data");
+        let options = format!(
+            "-p {port} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=300 {extra}",
+            port = self.port,
+            dir = self.dir.display()
+        );
+        let out = pg_command(&self.bin.join("pg_ctl"), self.root)
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+            return Err(format!(
+                "pg_ctl start failed: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        spawn_reaper(&self.bin, &data, &self.dir, self.root);
+        Ok(())
+    }
+}
+
+/// A new directory for a cluster, owned by `postgres` when we are root.
+fn scratch_dir(root: bool) -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
         "keyward-pg-{}-{}",
         std::process::id(),
@@ -119,47 +239,14 @@ fn start_cluster() -> Result<String, String> {
             return Err("chown of the cluster directory to postgres failed".into());
         }
     }
-    let data = dir.join("data");
-    let out = pg_command(&bin.join("initdb"), root)
-        .args(["-D"])
-        .arg(&data)
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("initdb: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
+    Ok(dir)
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(|e| format!("free port: {e}"))?
-        .port();
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=300",
-        dir.display()
-    );
-    let out = pg_command(&bin.join("pg_ctl"), root)
-        .arg("-D")
-        .arg(&data)
-        .args(["-o", &options, "-l"])
-        .arg(dir.join("server.log"))
-        .args(["-w", "-t", "60", "start"])
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("pg_ctl: {e}"))?;
-    if !out.status.success() {
-        let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-        return Err(format!(
-            "pg_ctl start failed: {}\n{log}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    spawn_reaper(&bin, &data, &dir, root);
-    Ok(format!("postgres://postgres@127.0.0.1:{port}"))
+        .map_err(|e| format!("free port: {e}"))
+        .map(|a| a.port())
 }
 
 /// Stops the cluster and removes its directory once this process is gone.

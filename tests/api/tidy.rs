@@ -27,6 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "service/",
             "rotation/worker.rs",
+            "rotation/brake.rs",
             "auth/authenticator.rs",
             "auth/live_tokens.rs",
         ],

@@ -122,6 +122,8 @@ function render(progress: RotationProgress): void {
   field("rate").textContent = progress.rowsPerSecond.toFixed(0);
   field("eta").textContent = progress.etaSeconds < 0 ? "–" : `${progress.etaSeconds.toFixed(0)} s`;
   field("last-error").textContent = job.lastError || "none";
+  // Paused by an operator, or slowed by its latency budget or a standby.
+  field("throttle").textContent = job.throttled ? job.throttleReason : "no";
   const percent = total > 0 ? Math.min(100, (100 * processed) / total) : progress.terminal ? 100 : 0;
   field("bar-fill").style.width = `${percent}%`;
   field("progressbar").setAttribute("aria-valuenow", percent.toFixed(0));

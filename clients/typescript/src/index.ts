@@ -204,6 +204,9 @@ export class KeywardClient {
       batchSize: 0,
       maxRowsPerSecond: 0,
       targetBatchMs: 0,
+      maxForegroundP99Ms: 0,
+      minRowsPerSecond: 0,
+      maxReplicationLagMs: 0,
       ...request,
     });
   }
