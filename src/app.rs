@@ -462,6 +462,11 @@ impl Application {
         // Encrypt/Decrypt latency, published for rotations with a latency
         // budget under this replica's heartbeat row.
         let foreground = Arc::new(ForegroundLatency::default());
+        tokio::spawn(foreground::probe_scheduling(
+            Arc::clone(&foreground),
+            stop.clone(),
+        ));
+        foreground::probe_wakeups(Arc::clone(&foreground), stop.clone());
         tokio::spawn(foreground::publish(
             services.store.clone(),
             Arc::clone(&foreground),

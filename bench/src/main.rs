@@ -6,7 +6,9 @@
 //! - `throughput` ([`throughput`]): Encrypt, Decrypt and BatchEncrypt
 //!   against the `Health/Check` floor, on one channel, in one run;
 //! - `rotation` ([`rotation`]): rotation rows/s against a one-`UPDATE`
-//!   floor, and Encrypt p99 during a rotation against idle;
+//!   floor, and Encrypt p99 during a rotation against idle, without and
+//!   within a latency budget, measured by `load` ([`load`]): Encrypt at a
+//!   fixed rate from a child process;
 //! - `soak` ([`soak`]): a bounded soak of a real `keyward serve` process;
 //! - `adopt` ([`adopt`]): `migrate` adopting an application's live table;
 //! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS.
@@ -18,6 +20,7 @@
 mod adopt;
 #[cfg(feature = "aws-kms")]
 mod kms_cache;
+mod load;
 mod rotation;
 mod rows;
 mod server;
@@ -41,8 +44,13 @@ enum Command {
     /// Measure Encrypt/Decrypt/BatchEncrypt against the Health/Check floor.
     Throughput(throughput::ThroughputArgs),
     /// Measure rotation rows/s against a single-UPDATE floor, and Encrypt
-    /// p99 during a rotation against idle (use an empty PostgreSQL database).
+    /// p99 during a rotation against idle, without a latency budget and
+    /// within one (use an empty PostgreSQL database).
     Rotation(rotation::RotationArgs),
+    /// Call Encrypt at a fixed rate (an open loop) and report p50/p99 from
+    /// when each call was due: the latency `rotation` measures, from a
+    /// process of its own.
+    Load(load::LoadArgs),
     /// Adopt an application's live `connections` table (--rows rows, uuid
     /// ids) on PostgreSQL while writers update it: migrate's wall time and
     /// the writers' longest stall (in a schema of its own, dropped after).
@@ -101,6 +109,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Throughput(args) => throughput::run(args).await.map(|_| true),
         Command::Rotation(args) => rotation::run(args).await.map(|()| true),
+        Command::Load(args) => load::run(args).await.map(|()| true),
         Command::Soak(args) => soak::run(args).await,
         Command::Adopt(args) => adopt::run(args).await.map(|()| true),
         #[cfg(feature = "aws-kms")]

@@ -1,41 +1,50 @@
 //! `keyward-bench rotation`: how fast a rotation moves rows, against the
-//! database's own floor, and what it does to Encrypt latency meanwhile.
+//! database's own floor, and what it does to Encrypt latency meanwhile,
+//! without a latency budget and within one.
 //!
 //! On the database given by `--database-url` (an empty PostgreSQL database
 //! is the intended target) it:
 //! 1. writes `--rows` envelopes (`--payload-bytes` each) under a fresh key;
-//! 2. times one `UPDATE` setting every one of those rows to the new key record
-//!    and rewriting its envelope columns: the floor no row-by-row rotation
-//!    can beat (it changes the indexed key column, as a rotation does);
-//! 3. measures Encrypt p50/p99 on an idle server (closed loop,
-//!    `--load-concurrency` callers);
-//! 4. activates a second key and rotates every row (REENCRYPT, local KMS)
-//!    with `--workers` in-process workers while the same Encrypt load runs;
-//! 5. verifies every row is on the new key and a sample decrypts, and
+//! 2. the floor: times one `UPDATE` setting every one of those rows to a new
+//!    key record and rewriting its envelope columns, which no row-by-row
+//!    rotation can beat (it changes the indexed key column, as a rotation
+//!    does), then moves them back untimed;
+//! 3. idle: Encrypt p99 on the idle server;
+//! 4. no budget: activates a new key and rotates every row (REENCRYPT,
+//!    local KMS) with `--workers` in-process workers;
+//! 5. each `--budgets` multiple of the idle p99: activates a new key and
+//!    rotates with that latency budget for at most `--budget-seconds`,
+//!    sampling whether the job is throttled every 100 ms;
+//! 6. verifies every row is on the last key and a sample decrypts, and
 //!    removes what it wrote.
+//!
+//! Every phase runs `--repeats` times and every run is reported. Latency
+//! is measured the same way in every phase by `keyward-bench load`, a
+//! child process calling Encrypt at a fixed rate (`--load-rate`): the
+//! budget holds only if the callers see it, not if the server says so.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use hdrhistogram::Histogram;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use keyward::{
-    app::Application,
+    app::{Application, Services},
     config::{MasterSecrets, Settings},
     crypto::{context::EncryptionContext, secret::MasterSecret},
-    rotation::{worker::WorkerOptions, JobStatus, Mode},
+    keys::KeyRecord,
+    rotation::{worker::WorkerOptions, Mode, RotationJob},
     service::{
         admin::{CreateKey, Staging},
         crypto::Ciphertext,
         rotation::StartRotation,
     },
 };
-use keyward_client::proto::{crypto_client::CryptoClient, EncryptRequest, EnvelopeForm};
 
 use crate::{
+    load::{LoadChild, LoadResult},
     rows::{self, Rows, Run},
     DatabaseArgs,
 };
@@ -50,18 +59,30 @@ pub struct RotationArgs {
     /// Plaintext bytes per row.
     #[arg(long, default_value_t = 300)]
     pub payload_bytes: usize,
-    /// Rows per rotation batch.
-    #[arg(long, default_value_t = 1000)]
+    /// Rows per rotation batch; 0: adaptive (the default of StartRotation).
+    #[arg(long, default_value_t = 0)]
     pub batch_size: i64,
     /// Rotation workers in this process.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Concurrent Encrypt callers during the idle and the rotation phases.
-    #[arg(long, default_value_t = 4)]
-    pub load_concurrency: usize,
-    /// Seconds of idle Encrypt load measured before the rotation.
+    /// Encrypt calls per second of the load generator, in every phase.
+    #[arg(long, default_value_t = 1500)]
+    pub load_rate: u32,
+    /// Seconds of each idle measurement.
     #[arg(long, default_value_t = 5.0)]
     pub idle_seconds: f64,
+    /// Runs of each phase.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Latency budgets to rotate within, as multiples of the idle p99
+    /// (the median of the idle runs); `--budgets` alone: only the
+    /// unbudgeted rotation.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,1.5")]
+    pub budgets: Vec<f64>,
+    /// How long a budgeted rotation runs at most (it is then cancelled;
+    /// its rows per second are over that time).
+    #[arg(long, default_value_t = 20.0)]
+    pub budget_seconds: f64,
 }
 
 pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
@@ -95,143 +116,168 @@ pub async fn run(args: RotationArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the rotation benchmark measured.
-struct Report {
-    floor_rate: f64,
-    rotation_rate: f64,
-    idle: LoadResult,
-    busy: LoadResult,
-    passes: i64,
-    processed: i64,
+/// One run of a phase.
+#[derive(Debug, Clone)]
+struct PhaseRun {
+    /// Rows per second (none for idle).
+    rate: Option<f64>,
+    load: LoadResult,
+    /// The fraction of samples the job was throttled in.
+    throttled: Option<f64>,
+    /// The median of the 1 s p99 windows the server published (what the
+    /// workers act on; published only while a job has a budget).
+    server_p99: Option<f64>,
 }
 
-/// Steps 1 to 5 of a run (see `run`).
+/// A rotation's latency budget, in ms and as a multiple of the idle p99;
+/// `None`: none.
+type Budget = Option<(f64, f64)>;
+
+/// What the rotation benchmark measured.
+struct Report {
+    floor: Vec<f64>,
+    idle: Vec<PhaseRun>,
+    /// (budget in ms and as a multiple of idle p99, its runs); `None`:
+    /// no budget.
+    rotations: Vec<(Budget, Vec<PhaseRun>)>,
+    load_rate: u32,
+}
+
+/// Steps 1 to 6 of a run (see the module docs).
 async fn measure(
     args: &RotationArgs,
-    services: &keyward::app::Services,
+    services: &Services,
     rows: &Rows,
     run: &Run,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<Report> {
-    let Run {
-        id: run_id,
-        prefix,
-        old_key,
-        ..
-    } = run;
     println!(
-        "keyward-bench rotation: {} rows of {} bytes, batch {}, {} workers, {:?} backend",
+        "keyward-bench rotation: {} rows of {} bytes, batch {}, {} workers, Encrypt load {}/s, \
+         {} runs a phase, {:?} backend",
         args.rows,
         args.payload_bytes,
-        args.batch_size,
+        if args.batch_size == 0 {
+            "adaptive".to_owned()
+        } else {
+            args.batch_size.to_string()
+        },
         args.workers,
+        args.load_rate,
+        args.repeats,
         services.store.backend()
     );
+    let repeats = args.repeats.max(1);
 
     // 1. The table.
     let started = Instant::now();
     let plaintext = vec![0x42u8; args.payload_bytes.max(1)];
-    rows.write(services, old_key, prefix, args.rows, |_| plaintext.clone())
-        .await?;
+    rows.write(services, &run.old_key, &run.prefix, args.rows, |_| {
+        plaintext.clone()
+    })
+    .await?;
     println!(
         "wrote {} rows in {:.1} s",
         args.rows,
         started.elapsed().as_secs_f64()
     );
+    let mut keys = Keys { run, made: 0 };
 
-    // 2. The floor: one statement moving every row to the new key record and
-    // rewriting the envelope columns, as the rotation must (changing the
-    // indexed key column rules out HOT updates for both), then moving them
-    // back untimed.
-    let new_key = services
-        .admin
-        .create_key(CreateKey {
-            key_id: format!("bench-new-{run_id}"),
-            ..CreateKey::default()
-        })
-        .await?;
-    let started = Instant::now();
-    let touched = rows.rewrite_in_place(prefix, &new_key.id).await?;
-    let floor_secs = started.elapsed().as_secs_f64();
-    let floor_rate = touched as f64 / floor_secs;
-    rows.rewrite_in_place(prefix, &old_key.id).await?;
-    rows.vacuum().await?;
+    // 2. The floor, on a key record that is never activated.
+    let floor_key = keys.create(services).await?;
+    let mut floor = Vec::new();
+    for _ in 0..repeats {
+        let started = Instant::now();
+        let touched = rows.rewrite_in_place(&run.prefix, &floor_key.id).await?;
+        floor.push(touched as f64 / started.elapsed().as_secs_f64());
+        rows.rewrite_in_place(&run.prefix, &run.old_key.id).await?;
+        rows.vacuum().await?;
+    }
+    println!("floor: {}", list(&floor, 0));
 
-    // 3. Idle Encrypt latency.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect()
-        .await?;
-    let idle = encrypt_load(
-        channel.clone(),
-        args.load_concurrency,
-        Duration::from_secs_f64(args.idle_seconds),
-        None,
-    )
-    .await?;
-
-    // 4. Rotate under load.
-    let new_key = services
-        .admin
-        .activate_key(&new_key.id, Staging::Immediate)
-        .await?
-        .activated;
-    let job = services
-        .rotations
-        .start(StartRotation {
-            target: new_key.key_id.clone(),
-            mode: Some(Mode::Reencrypt),
-            batch_size: args.batch_size,
-            ..StartRotation::default()
-        })
-        .await?;
-    let stop_workers = CancellationToken::new();
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for _ in 0..args.workers.max(1) {
-        let worker = services.worker(WorkerOptions {
-            lease: Duration::from_secs(60),
-            idle_poll: Duration::from_millis(20),
-            ..WorkerOptions::default()
+    // 3. Idle.
+    let target = format!("http://{addr}");
+    let mut idle = Vec::new();
+    for _ in 0..repeats {
+        let load = LoadChild::start(&target, args.load_rate)?;
+        tokio::time::sleep(Duration::from_secs_f64(args.idle_seconds)).await;
+        idle.push(PhaseRun {
+            rate: None,
+            load: load.finish().await?,
+            throttled: None,
+            server_p99: None,
         });
-        let stop = stop_workers.clone();
-        handles.push(tokio::spawn(async move { worker.run(stop).await }));
     }
-    let rotation_done = CancellationToken::new();
-    let load = tokio::spawn(encrypt_load(
-        channel.clone(),
-        args.load_concurrency,
-        Duration::from_secs(3600),
-        Some(rotation_done.clone()),
-    ));
-    let final_job = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let current = services.rotations.get(&job.id).await?;
-        if current.status.is_terminal() {
-            break current;
-        }
-    };
-    let rotation_secs = started.elapsed().as_secs_f64();
-    rotation_done.cancel();
-    stop_workers.cancel();
-    for handle in handles {
-        handle.await?;
-    }
-    let busy = load.await??;
-    if final_job.status != JobStatus::Completed {
-        bail!(
-            "rotation ended {}: {:?}",
-            final_job.status,
-            final_job.last_error
-        );
-    }
-    let rotation_rate = final_job.counts.succeeded as f64 / rotation_secs;
+    let idle_p99 = median(idle.iter().map(|r| r.load.p99_ms()).collect());
+    println!(
+        "idle Encrypt p99: {}",
+        list(&idle.iter().map(|r| r.load.p99_ms()).collect::<Vec<_>>(), 3)
+    );
 
-    // 5. Verify and clean up.
-    let remaining = rows.count_off_key(prefix, &new_key.id).await?;
-    if remaining != 0 {
-        bail!("{remaining} rows are not on the new key");
+    // 4. and 5. Rotations.
+    let mut phases: Vec<Budget> = vec![None];
+    phases.extend(args.budgets.iter().map(|x| Some((idle_p99 * x, *x))));
+    let mut rotations = Vec::new();
+    let mut last_key = run.old_key.clone();
+    for phase in phases {
+        let mut runs = Vec::new();
+        for _ in 0..repeats {
+            let key = keys.create(services).await?;
+            let key = services
+                .admin
+                .activate_key(&key.id, Staging::Immediate)
+                .await?
+                .activated;
+            let limit = phase.map(|_| Duration::from_secs_f64(args.budget_seconds));
+            let (job, phase_run) = rotate(
+                args,
+                services,
+                &key,
+                phase.map(|(ms, _)| ms),
+                limit,
+                &target,
+            )
+            .await?;
+            println!(
+                "{}: {:.0} rows/s ({} of {} rows), p99 {:.3} ms{}",
+                phase.map_or_else(
+                    || "no budget".to_owned(),
+                    |(ms, x)| format!("budget {ms:.3} ms ({x}x idle)")
+                ),
+                phase_run.rate.unwrap_or(0.0),
+                job.counts.succeeded,
+                args.rows,
+                phase_run.load.p99_ms(),
+                phase_run
+                    .throttled
+                    .map(|t| format!(", throttled {:.0}% of the time", t * 100.0))
+                    .unwrap_or_default()
+            );
+            rows.vacuum().await?;
+            runs.push(phase_run);
+            last_key = key;
+        }
+        rotations.push((phase, runs));
     }
-    let sample = format!("{prefix}{:09}", args.rows / 2);
+
+    // 6. The last rotation (unbudgeted, or cancelled) is finished, then
+    // every row checked to be on its key and a sample decrypted.
+    if rows.count_off_key(&run.prefix, &last_key.id).await? != 0 {
+        let job = services
+            .rotations
+            .start(StartRotation {
+                target: last_key.key_id.clone(),
+                mode: Some(Mode::Reencrypt),
+                batch_size: args.batch_size,
+                ..StartRotation::default()
+            })
+            .await?;
+        run_workers(args, services, &job.id, None).await?;
+    }
+    let remaining = rows.count_off_key(&run.prefix, &last_key.id).await?;
+    if remaining != 0 {
+        bail!("{remaining} rows are not on the last key");
+    }
+    let sample = format!("{}{:09}", run.prefix, args.rows / 2);
     let row = rows
         .envelope(&sample)
         .await?
@@ -245,94 +291,221 @@ async fn measure(
         bail!("the sample row decrypted to something else");
     }
     Ok(Report {
-        floor_rate,
-        rotation_rate,
+        floor,
         idle,
-        busy,
-        passes: final_job.pass,
-        processed: final_job.counts.processed,
+        rotations,
+        load_rate: args.load_rate,
     })
+}
+
+/// The run's keys, each `bench-k{n}-{id}` (`Rows::remove` finds them).
+struct Keys<'a> {
+    run: &'a Run,
+    made: usize,
+}
+
+impl Keys<'_> {
+    async fn create(&mut self, services: &Services) -> anyhow::Result<KeyRecord> {
+        self.made += 1;
+        Ok(services
+            .admin
+            .create_key(CreateKey {
+                key_id: format!("{}-k{}-{}", self.run.label, self.made, self.run.id),
+                ..CreateKey::default()
+            })
+            .await?)
+    }
+}
+
+/// One rotation to `key` under load, within `budget_ms` when given, for
+/// at most `limit` (then cancelled).
+async fn rotate(
+    args: &RotationArgs,
+    services: &Services,
+    key: &KeyRecord,
+    budget_ms: Option<f64>,
+    limit: Option<Duration>,
+    target: &str,
+) -> anyhow::Result<(RotationJob, PhaseRun)> {
+    let job = services
+        .rotations
+        .start(StartRotation {
+            target: key.key_id.clone(),
+            mode: Some(Mode::Reencrypt),
+            batch_size: args.batch_size,
+            max_foreground_p99_ms: budget_ms.unwrap_or(0.0),
+            ..StartRotation::default()
+        })
+        .await?;
+    let load = LoadChild::start(target, args.load_rate)?;
+    let started = Instant::now();
+    let (job, throttled, windows) = run_workers(args, services, &job.id, limit).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let load = load.finish().await?;
+    if job.status != keyward::rotation::JobStatus::Completed && limit.is_none() {
+        bail!("rotation ended {}: {:?}", job.status, job.last_error);
+    }
+    let run = PhaseRun {
+        rate: Some(job.counts.succeeded as f64 / secs),
+        load,
+        throttled: budget_ms.map(|_| throttled),
+        server_p99: (!windows.is_empty()).then(|| median(windows)),
+    };
+    Ok((job, run))
+}
+
+/// Runs `--workers` workers on job `job_id` until it ends, or until
+/// `limit` passes (then it is cancelled); the job as it ended, the
+/// fraction of 100 ms samples it was throttled in, and the p99 windows the
+/// server published meanwhile.
+async fn run_workers(
+    args: &RotationArgs,
+    services: &Services,
+    job_id: &str,
+    limit: Option<Duration>,
+) -> anyhow::Result<(RotationJob, f64, Vec<f64>)> {
+    let stop = CancellationToken::new();
+    let mut handles = Vec::new();
+    for _ in 0..args.workers.max(1) {
+        let worker = services.worker(WorkerOptions {
+            lease: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(20),
+            ..WorkerOptions::default()
+        });
+        let stop = stop.clone();
+        handles.push(tokio::spawn(async move { worker.run(stop).await }));
+    }
+    let started = Instant::now();
+    let (mut samples, mut throttled) = (0u64, 0u64);
+    let (mut windows, mut last_window) = (Vec::new(), None);
+    let mut cancelled = false;
+    let job = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let job = services.rotations.get(job_id).await?;
+        if job.status.is_terminal() {
+            break job;
+        }
+        if job.started_at.is_some() && !cancelled {
+            samples += 1;
+            throttled += u64::from(job.throttle_reason(chrono::Utc::now()).is_some());
+            for reading in services.store.foreground_readings().await? {
+                if let (Some(at), Some(p99)) = (reading.at, reading.p99_ms) {
+                    if last_window.is_none_or(|last| at > last) {
+                        last_window = Some(at);
+                        windows.push(p99);
+                    }
+                }
+            }
+        }
+        if limit.is_some_and(|limit| started.elapsed() >= limit) && !cancelled {
+            services.rotations.cancel(job_id).await?;
+            cancelled = true;
+        }
+    };
+    stop.cancel();
+    for handle in handles {
+        handle.await?;
+    }
+    Ok((job, throttled as f64 / samples.max(1) as f64, windows))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn list(values: &[f64], decimals: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Report {
     fn print(&self) {
-        let Report {
-            floor_rate,
-            rotation_rate,
-            idle,
-            busy,
-            passes,
-            processed,
-        } = self;
-        println!("\n{:<46} {:>12}", "measure", "value");
+        let floor = median(self.floor.clone());
+        let idle = median(self.idle.iter().map(|r| r.load.p99_ms()).collect());
         println!(
-            "{:<46} {:>12.0}",
-            "floor: one UPDATE of the same columns, rows/s", floor_rate
+            "\nEncrypt latency from a separate process at {}/s (p99 over each run, from when each call was due)",
+            self.load_rate
         );
         println!(
-            "{:<46} {:>12.0}",
-            "rotation (REENCRYPT, local KMS), rows/s", rotation_rate
+            "{:<34} {:>3} {:>10} {:>7} {:>9} {:>7} {:>9} {:>7} {:>12}",
+            "phase",
+            "run",
+            "rows/s",
+            "/floor",
+            "p99 ms",
+            "/idle",
+            "throttled",
+            "errors",
+            "server p99"
         );
-        println!(
-            "{:<46} {:>12.2}",
-            "rotation / floor",
-            rotation_rate / floor_rate
-        );
-        println!("{:<46} {:>12.3}", "Encrypt p99 idle, ms", idle.p99_ms);
-        println!(
-            "{:<46} {:>12.3}",
-            "Encrypt p99 during rotation, ms", busy.p99_ms
-        );
-        println!(
-            "{:<46} {:>12.2}",
-            "p99 during / idle",
-            busy.p99_ms / idle.p99_ms
-        );
-        println!(
-            "{:<46} {:>12}",
-            "rotation passes / rows processed",
-            format!("{passes} / {processed}")
-        );
-    }
-}
-
-struct LoadResult {
-    p99_ms: f64,
-}
-
-/// Closed-loop Encrypt callers until `duration` passes or `stop` fires.
-async fn encrypt_load(
-    channel: tonic::transport::Channel,
-    concurrency: usize,
-    duration: Duration,
-    stop: Option<CancellationToken>,
-) -> anyhow::Result<LoadResult> {
-    let deadline = Instant::now() + duration;
-    let stop = stop.unwrap_or_default();
-    let mut tasks = Vec::new();
-    for task in 0..concurrency.max(1) {
-        let mut client = CryptoClient::new(channel.clone());
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let request = EncryptRequest {
-                plaintext: vec![7u8; 300].into(),
-                context: [("connection_id".to_owned(), format!("load-{task}"))].into(),
-                form: EnvelopeForm::Blob as i32,
+        for (n, rate) in self.floor.iter().enumerate() {
+            println!("{:<34} {:>3} {:>10.0}", "floor: one UPDATE", n + 1, rate);
+        }
+        for (n, run) in self.idle.iter().enumerate() {
+            println!(
+                "{:<34} {:>3} {:>10} {:>7} {:>9.3} {:>7.2} {:>9} {:>7}",
+                "idle",
+                n + 1,
+                "",
+                "",
+                run.load.p99_ms(),
+                run.load.p99_ms() / idle,
+                "",
+                run.load.errors
+            );
+        }
+        for (phase, runs) in &self.rotations {
+            let name = match phase {
+                None => "rotation, no budget".to_owned(),
+                Some((ms, x)) => format!("rotation, budget {ms:.3} ms ({x}x)"),
             };
-            while Instant::now() < deadline && !stop.is_cancelled() {
-                let t = Instant::now();
-                client.encrypt(request.clone()).await?;
-                hist.saturating_record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+            for (n, run) in runs.iter().enumerate() {
+                let rate = run.rate.unwrap_or(0.0);
+                println!(
+                    "{:<34} {:>3} {:>10.0} {:>7.2} {:>9.3} {:>7.2} {:>9} {:>7} {:>12}",
+                    name,
+                    n + 1,
+                    rate,
+                    rate / floor,
+                    run.load.p99_ms(),
+                    run.load.p99_ms() / idle,
+                    run.throttled
+                        .map(|t| format!("{:.0}%", t * 100.0))
+                        .unwrap_or_else(|| "-".into()),
+                    run.load.errors,
+                    run.server_p99
+                        .map(|ms| format!("{ms:.3}"))
+                        .unwrap_or_else(|| "-".into()),
+                );
             }
-            anyhow::Ok(hist)
-        }));
+            if let Some((ms, _)) = phase {
+                let held = runs.iter().filter(|r| r.load.p99_ms() <= *ms).count();
+                println!(
+                    "{:<34}     p99 within the budget in {held} of {} runs",
+                    "",
+                    runs.len()
+                );
+            }
+        }
+        println!("\nrotation / floor (median, no budget): {:.2}", {
+            let rates = self
+                .rotations
+                .first()
+                .map(|(_, runs)| runs.iter().filter_map(|r| r.rate).collect())
+                .unwrap_or_default();
+            median(rates) / floor
+        });
+        println!("p99 during / idle (median, no budget): {:.2}", {
+            let p99s = self
+                .rotations
+                .first()
+                .map(|(_, runs)| runs.iter().map(|r| r.load.p99_ms()).collect())
+                .unwrap_or_default();
+            median(p99s) / idle
+        });
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for task in tasks {
-        hist.add(task.await??)?;
-    }
-    Ok(LoadResult {
-        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
-    })
 }

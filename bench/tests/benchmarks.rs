@@ -96,6 +96,14 @@ async fn rotation_moves_every_row_and_leaves_nothing_behind() {
             "200",
             "--idle-seconds",
             "0.3",
+            "--repeats",
+            "1",
+            "--budgets",
+            "2",
+            "--budget-seconds",
+            "1",
+            "--load-rate",
+            "200",
         ])
         .env("DATABASE_URL", &url)
         .output()
@@ -105,9 +113,12 @@ async fn rotation_moves_every_row_and_leaves_nothing_behind() {
         &report,
         &[
             "wrote 1500 rows",
-            "rotation / floor",
-            "p99 during / idle",
-            "rotation passes / rows processed",
+            "floor: one UPDATE",
+            "rotation, no budget",
+            "rotation, budget",
+            "p99 within the budget in",
+            "rotation / floor (median, no budget)",
+            "p99 during / idle (median, no budget)",
         ],
     );
     let db = sqlx::SqlitePool::connect(&url).await.unwrap();

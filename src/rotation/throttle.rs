@@ -2,10 +2,11 @@
 //! the decisions, kept free of I/O so they can be tested as functions.
 //!
 //! - **Latency budget** (`max_foreground_p99_ms`): a [`Governor`] per
-//!   worker caps its rows per second like TCP's AIMD. While the worst live
-//!   serve replica's p99 is over the budget the cap is halved (at most once
-//!   per [`WINDOW`], the replicas' measuring window, so a cut is seen
-//!   before the next); while it is within, the cap rises by a tenth of the
+//!   worker caps its rows per second like TCP's AIMD. It starts slow, at a
+//!   tenth of the worker's unthrottled rate. While the worst live serve
+//!   replica's p99 is over the budget the cap is halved (at most once per
+//!   [`WINDOW`], the replicas' measuring window, so a cut is seen before
+//!   the next); while it is within, the cap rises by a tenth of the
 //!   worker's unthrottled rate per window until it is lifted. Well over the
 //!   budget ([`WELL_OVER`] times it) the worker claims nothing, unless the
 //!   job insists on `min_rows_per_second`: then the cap stays at that
@@ -219,6 +220,13 @@ impl Governor {
         };
         let floor = limits.min_rows_per_second.map(|r| r as f64);
         let full = self.full_rate.unwrap_or(ASSUMED_RATE);
+        if self.adjusted.is_none() {
+            // Slow start: nothing is known yet of what this job does to
+            // the callers.
+            let start = (full / 10.0).max(MIN_CAP);
+            self.cap = Some(floor.map_or(start, |floor| start.max(floor)));
+            self.adjusted = Some(now);
+        }
         let may_adjust = self.adjusted.is_none_or(|at| now >= at + WINDOW);
         match &reading.foreground {
             Some(Foreground { replica, p99_ms }) if *p99_ms > budget => {
@@ -282,7 +290,7 @@ impl Governor {
                     Reason::new(
                         Signal::Foreground,
                         Phase::Recovering,
-                        format!("recovering after foreground p99 over budget {budget:.2} ms; {cap:.0} rows/s"),
+                        format!("climbing under latency budget {budget:.2} ms; {cap:.0} rows/s"),
                     )
                 });
                 Verdict::go(self.cap, reason)
@@ -400,13 +408,21 @@ mod tests {
     }
 
     #[test]
-    fn over_budget_halves_the_rate_once_per_window_and_within_it_raises_it_slowly() {
+    fn a_budgeted_worker_starts_slow_halves_over_budget_and_climbs_back_within_it() {
         let start = Instant::now();
         let mut governor = governor_at(1000.0);
         let limits = budget(1.0);
-        let cut = governor.decide(&limits, &p99(1.5), start);
+        let first = governor.decide(&limits, &p99(0.5), start);
+        assert_eq!(first.cap, Some(100.0));
+        let reason = first.reason.unwrap();
+        assert_eq!(reason.phase, Phase::Recovering);
+        assert_eq!(
+            reason.text,
+            "climbing under latency budget 1.00 ms; 100 rows/s"
+        );
+        let cut = governor.decide(&limits, &p99(1.5), start + WINDOW);
         assert!(!cut.hold);
-        assert_eq!(cut.cap, Some(500.0));
+        assert_eq!(cut.cap, Some(50.0));
         let reason = cut.reason.unwrap();
         assert_eq!(
             (reason.signal, reason.phase),
@@ -414,15 +430,15 @@ mod tests {
         );
         assert_eq!(
             reason.text,
-            "foreground p99 1.50 ms > budget 1.00 ms on replica 10.0.0.1:50051; 500 rows/s"
+            "foreground p99 1.50 ms > budget 1.00 ms on replica 10.0.0.1:50051; 50 rows/s"
         );
         // Within the same window: not cut again.
-        let again = governor.decide(&limits, &p99(1.5), start + Duration::from_millis(300));
-        assert_eq!(again.cap, Some(500.0));
-        let next = governor.decide(&limits, &p99(1.5), start + WINDOW);
-        assert_eq!(next.cap, Some(250.0));
+        let again = governor.decide(&limits, &p99(1.5), start + WINDOW + WINDOW / 3);
+        assert_eq!(again.cap, Some(50.0));
+        let next = governor.decide(&limits, &p99(1.5), start + 2 * WINDOW);
+        assert_eq!(next.cap, Some(25.0));
         // Within budget: +100 rows/s (a tenth of the full rate) a window.
-        let mut at = start + WINDOW;
+        let mut at = start + 2 * WINDOW;
         let mut caps = Vec::new();
         loop {
             at += WINDOW;
@@ -435,14 +451,11 @@ mod tests {
             }
             assert_eq!(verdict.reason.unwrap().phase, Phase::Recovering);
         }
-        assert_eq!(
-            caps,
-            [350.0, 450.0, 550.0, 650.0, 750.0, 850.0, 950.0]
-                .map(Some)
-                .into_iter()
-                .chain([None])
-                .collect::<Vec<_>>()
-        );
+        let climb: Vec<Option<f64>> = (1..=9)
+            .map(|n| Some(25.0 + 100.0 * f64::from(n)))
+            .chain([None])
+            .collect();
+        assert_eq!(caps, climb);
     }
 
     #[test]
@@ -471,20 +484,24 @@ mod tests {
         // A cut never goes below the floor.
         let cut = governor.decide(&limits, &p99(1.5), now + WINDOW);
         assert_eq!(cut.cap, Some(200.0));
+        let cut = governor.decide(&limits, &p99(1.5), now + 2 * WINDOW);
+        assert_eq!(cut.cap, Some(200.0));
     }
 
     #[test]
-    fn no_budget_or_no_reading_leaves_the_worker_alone() {
+    fn without_a_budget_the_worker_is_left_alone() {
         let now = Instant::now();
         let mut governor = governor_at(1000.0);
         assert_eq!(
             governor.decide(&Limits::default(), &p99(50.0), now),
             Verdict::go(None, None)
         );
-        assert_eq!(
-            governor.decide(&budget(1.0), &Reading::default(), now),
-            Verdict::go(None, None)
-        );
+        // No replica reports a p99 (none has callers): a budgeted worker
+        // still starts slow, and climbs.
+        let first = governor.decide(&budget(1.0), &Reading::default(), now);
+        assert_eq!(first.cap, Some(100.0));
+        let later = governor.decide(&budget(1.0), &Reading::default(), now + WINDOW);
+        assert_eq!(later.cap, Some(200.0));
     }
 
     #[test]

@@ -8,6 +8,18 @@
 //! replica's `keyward_replicas` row, where workers on any host read it
 //! within about a second. Batch calls are not counted: their latency grows
 //! with their size, not with the load a rotation adds.
+//!
+//! A handler's clock starts when the runtime first polls the call; what a
+//! caller waits before that (the connection's task queued behind other
+//! work, the process starved of CPU by a rotation's database or workers)
+//! is invisible to it, and it is most of what a rotation adds on a busy
+//! host. So two probes measure that wait directly, 200 times a second
+//! each: [`probe_scheduling`], how long a task that yields waits to run
+//! again on the runtime, and [`probe_wakeups`], how late a sleeping thread
+//! of this process is woken (the operating system's run queue, which a
+//! runtime thread parked until a request arrives waits in too). The
+//! published p99 is the handlers' p99 plus both waits' p99: an upper
+//! estimate of what callers see, which is what the budget is for.
 
 use std::{
     sync::{
@@ -31,17 +43,43 @@ const GROWTH: f64 = 1.04;
 /// 10 µs × 1.04^400 ≈ 66 s: enough for any call.
 const BUCKETS: usize = 400;
 
-/// Encrypt/Decrypt latencies of the current window.
-pub struct ForegroundLatency {
-    buckets: Box<[AtomicU64]>,
+/// How often the scheduling probe runs.
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+
+/// A log-scale histogram of one window, atomics only.
+struct Buckets(Box<[AtomicU64]>);
+
+impl Default for Buckets {
+    fn default() -> Self {
+        Self((0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
+    }
 }
 
-impl Default for ForegroundLatency {
-    fn default() -> Self {
-        Self {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-        }
+impl Buckets {
+    fn record(&self, elapsed: Duration) {
+        self.0[bucket_of(elapsed)].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// The window's count and p99 (ms), emptied.
+    fn take(&self) -> (u64, Option<f64>) {
+        let counts: Vec<u64> = self
+            .0
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        let calls = counts.iter().sum();
+        let p99 = quantile(&counts, calls, 0.99).map(|i| upper_bound_us(i) / 1000.0);
+        (calls, p99)
+    }
+}
+
+/// Encrypt/Decrypt latencies, and the runtime's scheduling wait, of the
+/// current window.
+#[derive(Default)]
+pub struct ForegroundLatency {
+    calls: Buckets,
+    waits: Buckets,
+    wakeups: Buckets,
 }
 
 impl std::fmt::Debug for ForegroundLatency {
@@ -54,28 +92,51 @@ impl std::fmt::Debug for ForegroundLatency {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
     pub calls: u64,
-    /// `None` without calls.
+    /// The handlers' p99 plus the scheduling wait's; `None` without calls.
     pub p99_ms: Option<f64>,
 }
 
 impl ForegroundLatency {
     /// Counts one call.
     pub fn record(&self, elapsed: Duration) {
-        self.buckets[bucket_of(elapsed)].fetch_add(1, Ordering::Relaxed);
+        self.calls.record(elapsed);
+    }
+
+    /// Counts one scheduling wait ([`probe_scheduling`]).
+    pub fn record_wait(&self, waited: Duration) {
+        self.waits.record(waited);
+    }
+
+    /// Counts one late wake-up ([`probe_wakeups`]).
+    pub fn record_wakeup(&self, late: Duration) {
+        self.wakeups.record(late);
     }
 
     /// Ends the window: its figures, and a new empty one.
     pub fn take_window(&self) -> Window {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.swap(0, Ordering::Relaxed))
-            .collect();
-        let calls = counts.iter().sum();
+        let (calls, p99) = self.calls.take();
+        let (_, wait_p99) = self.waits.take();
+        let (_, wakeup_p99) = self.wakeups.take();
         Window {
             calls,
-            p99_ms: quantile(&counts, calls, 0.99).map(|i| upper_bound_us(i) / 1000.0),
+            p99_ms: p99.map(|p99| p99 + wait_p99.unwrap_or(0.0) + wakeup_p99.unwrap_or(0.0)),
         }
+    }
+}
+
+/// Measures how long a ready task waits to run on this runtime, every
+/// [`PROBE_EVERY`], until `stop`.
+pub async fn probe_scheduling(latency: Arc<ForegroundLatency>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let queued = tokio::time::Instant::now();
+        tokio::task::yield_now().await;
+        latency.record_wait(queued.elapsed());
     }
 }
 
@@ -103,6 +164,24 @@ fn quantile(counts: &[u64], calls: u64, q: f64) -> Option<usize> {
         seen += n;
         seen >= rank
     })
+}
+
+/// Measures how late a sleeping thread of this process wakes, every
+/// [`PROBE_EVERY`], on a thread of its own until `stop`.
+pub fn probe_wakeups(latency: Arc<ForegroundLatency>, stop: CancellationToken) {
+    let probe = move || {
+        while !stop.is_cancelled() {
+            let asleep = std::time::Instant::now();
+            std::thread::sleep(PROBE_EVERY);
+            latency.record_wakeup(asleep.elapsed().saturating_sub(PROBE_EVERY));
+        }
+    };
+    if let Err(err) = std::thread::Builder::new()
+        .name("keyward-wakeup-probe".into())
+        .spawn(probe)
+    {
+        tracing::warn!(error = %err, "cannot start the wake-up probe: the published p99 leaves out the operating system's run queue");
+    }
 }
 
 /// Publishes `latency`'s windows as replica `replica`'s until `stop`.
@@ -168,6 +247,21 @@ mod tests {
                 p99_ms: None
             }
         );
+    }
+
+    #[test]
+    fn the_published_p99_adds_the_waits_before_a_handler_runs() {
+        let latency = ForegroundLatency::default();
+        for _ in 0..100 {
+            latency.record(Duration::from_micros(200));
+            latency.record_wait(Duration::from_millis(2));
+            latency.record_wakeup(Duration::from_millis(1));
+        }
+        let p99 = latency.take_window().p99_ms.unwrap();
+        assert!((3.2..=3.2 * GROWTH).contains(&p99), "{p99}");
+        // Waits without calls publish no p99.
+        latency.record_wait(Duration::from_millis(2));
+        assert_eq!(latency.take_window().p99_ms, None);
     }
 
     #[test]

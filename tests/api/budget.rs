@@ -150,7 +150,7 @@ async fn workers_wait_while_a_replica_is_over_the_latency_budget(backend: Backen
     assert!(
         recovering
             .throttle_reason
-            .starts_with("recovering after foreground p99 over budget"),
+            .starts_with("climbing under latency budget 20.00 ms"),
         "{recovering:?}"
     );
     // Gone (a replica the job's pass would wait for to confirm keys).
