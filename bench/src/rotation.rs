@@ -427,7 +427,7 @@ impl Report {
         let floor = median(self.floor.clone());
         let idle = median(self.idle.iter().map(|r| r.load.p99_ms()).collect());
         println!(
-            "\nEncrypt latency from a separate process at {}/s (p99 over each run, from when each call was due)",
+            "\nEncrypt latency from a separate process at {}/s (p99 over each run, from when each call was sent)",
             self.load_rate
         );
         println!(

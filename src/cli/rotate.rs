@@ -156,7 +156,11 @@ pub(super) async fn rotate(global: &GlobalArgs, cmd: RotateCommand) -> anyhow::R
         }
         RotateCommand::Watch { job_id } => watch_job(rotations, &job_id).await,
         RotateCommand::Status { job_id } => {
-            print_jobs(&[rotations.get(&job_id).await?]);
+            let job = rotations.get(&job_id).await?;
+            print_jobs(std::slice::from_ref(&job));
+            if let Some(reason) = job.throttle_reason(chrono::Utc::now()) {
+                println!("throttled: {reason}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         RotateCommand::List { limit } => {

@@ -126,6 +126,15 @@ describe("the rotation dashboard", { skip: !!missing }, () => {
     assert.equal(await counter("total"), ROWS);
     mkdirSync(screenshots, { recursive: true });
     await page.screenshot({ path: join(screenshots, "dashboard-mid-rotation.png") });
+    assert.equal(await page.locator("[data-testid=throttle]").textContent(), "no");
+    // Paused by an operator: the dashboard shows the status and why the job
+    // is slow; resumed, it goes on.
+    keyward(["rotate", "pause", jobId]);
+    await page.waitForSelector("[data-testid=status]:has-text('paused')", { timeout: 15_000 });
+    assert.equal(await page.locator("[data-testid=throttle]").textContent(), "paused");
+    keyward(["rotate", "resume", jobId]);
+    await page.waitForSelector("[data-testid=status]:has-text('running')", { timeout: 15_000 });
+    assert.equal(await page.locator("[data-testid=throttle]").textContent(), "no");
     await page.waitForFunction(() => Number(document.querySelector("[data-testid=processed]").textContent) > 0, null);
     await page.waitForFunction(
       (first) => Number(document.querySelector("[data-testid=processed]").textContent) > first,
