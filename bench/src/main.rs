@@ -11,13 +11,16 @@
 //!   fixed rate from a child process;
 //! - `soak` ([`soak`]): a bounded soak of a real `keyward serve` process;
 //! - `adopt` ([`adopt`]): `migrate` adopting an application's live table;
-//! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS.
+//! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS;
+//! - `aead` ([`aead`]): keyward's AES-256-GCM (aws-lc-rs) against
+//!   RustCrypto's `aes-gcm`, the figures behind that choice.
 //!
 //! [`server`] starts the in-process server the first two measure; [`rows`]
 //! writes, reads and removes the benchmark's own rows (every statement
 //! scoped to the run's id prefix).
 
 mod adopt;
+mod aead;
 #[cfg(feature = "aws-kms")]
 mod kms_cache;
 mod load;
@@ -47,6 +50,9 @@ enum Command {
     /// p99 during a rotation against idle, without a latency budget and
     /// within one (use an empty PostgreSQL database).
     Rotation(rotation::RotationArgs),
+    /// Seal and open with the AES-256-GCM keyward runs (aws-lc-rs) and with
+    /// RustCrypto's aes-gcm, on the same payloads: ops/s and their ratio.
+    Aead(aead::AeadArgs),
     /// Call Encrypt at a fixed rate (an open loop) and report p50/p99 from
     /// when each call was due: the latency `rotation` measures, from a
     /// process of its own.
@@ -110,6 +116,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Throughput(args) => throughput::run(args).await.map(|_| true),
         Command::Rotation(args) => rotation::run(args).await.map(|()| true),
         Command::Load(args) => load::run(args).await.map(|()| true),
+        Command::Aead(args) => aead::run(&args).map(|()| true),
         Command::Soak(args) => soak::run(args).await,
         Command::Adopt(args) => adopt::run(args).await.map(|()| true),
         #[cfg(feature = "aws-kms")]

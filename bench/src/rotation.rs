@@ -409,7 +409,8 @@ async fn run_workers(
     Ok((job, throttled as f64 / samples.max(1) as f64, windows))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The middle value (the upper of two).
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

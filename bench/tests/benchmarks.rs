@@ -79,6 +79,26 @@ fn throughput_reports_every_phase_against_the_floor() {
     );
 }
 
+/// `aead`, briefly: both implementations seal and open every size, and the
+/// table has a row per size.
+#[test]
+fn aead_compares_both_implementations_on_every_size() {
+    let report = passed(
+        bench(&[
+            "aead",
+            "--rounds",
+            "1",
+            "--ops",
+            "200",
+            "--payload-bytes",
+            "32,1024",
+        ])
+        .output()
+        .unwrap(),
+    );
+    assert_lines(&report, &["aws-lc-rs op/s", "      32 ", "    1024 "]);
+}
+
 /// `rotation` on the embedded default (SQLite): its rows, the floor, a
 /// rotation under Encrypt load, the check that every row moved, and its
 /// clean-up, which leaves no row, key or job behind; on a database holding
