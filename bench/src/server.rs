@@ -12,7 +12,6 @@ use keyward::{
 /// stopped on drop.
 pub struct InProcessServer {
     pub url: String,
-    #[cfg_attr(not(feature = "aws-kms"), allow(dead_code))] // read by kms-cache
     pub services: Services,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,

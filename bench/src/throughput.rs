@@ -1,4 +1,4 @@
-//! `keyward-bench throughput`: drives Encrypt, Decrypt and BatchEncrypt against a
+//! `keyward-bench throughput`: drives Encrypt, Decrypt, Rewrap and BatchEncrypt against a
 //! server and reports them beside the `grpc.health.v1.Health/Check` floor,
 //! measured on the same channel at the same concurrency in the same run, so
 //! the ratios mean something on a noisy machine.
@@ -33,9 +33,9 @@ use keyward::{
     transport::connect_channel,
 };
 use keyward_client::proto::{
-    batch_encrypt_result, crypto_client::CryptoClient, decrypt_request, BatchEncryptRequest,
-    BatchEncryptResponse, DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse,
-    EnvelopeForm,
+    batch_encrypt_result, crypto_client::CryptoClient, decrypt_request, rewrap_request,
+    BatchEncryptRequest, BatchEncryptResponse, DecryptRequest, DecryptResponse, EncryptRequest,
+    EncryptResponse, EnvelopeForm, RewrapRequest, RewrapResponse,
 };
 
 use crate::server::InProcessServer;
@@ -48,7 +48,7 @@ pub struct ThroughputArgs {
     #[arg(long, env = "KEYWARD_BENCH_TARGET")]
     pub target: Option<String>,
     /// Bearer token for a `--target` that requires authentication (a token
-    /// with the encrypt and decrypt roles: keyward token create).
+    /// with the encrypt, decrypt and rewrap roles: keyward token create).
     #[arg(
         long,
         env = "KEYWARD_TOKEN",
@@ -62,7 +62,7 @@ pub struct ThroughputArgs {
     /// Plaintext size for Encrypt / Decrypt / BatchEncrypt items.
     #[arg(long, default_value_t = 1024)]
     pub payload_bytes: usize,
-    /// Seconds each of Health, Encrypt, Decrypt and BatchEncrypt runs in all.
+    /// Seconds each of Health, Encrypt, Decrypt, Rewrap and BatchEncrypt runs in all.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Items per BatchEncrypt request; fewer when that many would not fit
@@ -72,7 +72,7 @@ pub struct ThroughputArgs {
     /// BatchEncrypt requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub batch_concurrency: usize,
-    /// Interleaved rounds (Health, Encrypt, Decrypt) the time is split into.
+    /// Interleaved rounds (Health, Encrypt, Decrypt, Rewrap) the time is split into.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Envelope forms Encrypt returns.
@@ -169,6 +169,36 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
         .into_inner()
         .blob;
 
+    // Rewrap moves that ciphertext to the active key: the in-process server
+    // activates a second key first, so every call rewraps; a --target
+    // server's active key already holds it, so its calls measure the check
+    // that it is in place.
+    let rewrap_moves = match &_server {
+        Some(server) => {
+            let admin = &server.services.admin;
+            let next = admin
+                .create_key(keyward::service::admin::CreateKey {
+                    key_id: "bench-next".into(),
+                    ..Default::default()
+                })
+                .await?;
+            admin
+                .activate_key(&next.id, keyward::service::admin::Staging::Immediate)
+                .await?;
+            true
+        }
+        None => false,
+    };
+    let rewrap = PreEncodedCall::new(
+        &channel,
+        &authorization,
+        REWRAP,
+        &RewrapRequest {
+            context: context.clone(),
+            ciphertext: Some(rewrap_request::Ciphertext::Blob(blob.clone())),
+            form,
+        },
+    );
     let health = PreEncodedCall::new(
         &channel,
         &authorization,
@@ -203,10 +233,17 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
         &encrypt_request.plaintext,
     )
     .await?;
-    let (health, encrypt, decrypt, batch) = (
+    let moved = RewrapResponse::decode(rewrap.clone().call().await?)?;
+    anyhow::ensure!(
+        moved.rewrapped == rewrap_moves,
+        "Rewrap answered rewrapped={}",
+        moved.rewrapped
+    );
+    let (health, encrypt, decrypt, rewrap, batch) = (
         health.repeat(),
         encrypt.repeat(),
         decrypt.repeat(),
+        rewrap.repeat(),
         batch.repeat(),
     );
 
@@ -221,29 +258,37 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
 
     // Interleave short slices so that drift in the machine's speed hits
     // every operation alike.
-    let mut totals = [Totals::new()?, Totals::new()?, Totals::new()?];
-    // Each round's Encrypt and Decrypt against that round's floor: their
-    // spread shows how much of a difference between runs is the machine.
-    let mut round_ratios = [Vec::new(), Vec::new()];
+    let mut totals = [
+        Totals::new()?,
+        Totals::new()?,
+        Totals::new()?,
+        Totals::new()?,
+    ];
+    // Each round's Encrypt, Decrypt and Rewrap against that round's floor:
+    // their spread shows how much of a difference between runs is the
+    // machine.
+    let mut round_ratios = [Vec::new(), Vec::new(), Vec::new()];
+    let operations = [health, encrypt, decrypt, rewrap];
     for round in 0..rounds {
         // Every other round runs in reverse order, so that a steady change
         // in the machine's speed within a round favours no operation.
-        let (floor, encrypt, decrypt) = if round % 2 == 0 {
-            let floor = run_slice(args.concurrency, slice, health.clone()).await?;
-            let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
-            let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
-            (floor, encrypt, decrypt)
-        } else {
-            let decrypt = run_slice(args.concurrency, slice, decrypt.clone()).await?;
-            let encrypt = run_slice(args.concurrency, slice, encrypt.clone()).await?;
-            let floor = run_slice(args.concurrency, slice, health.clone()).await?;
-            (floor, encrypt, decrypt)
+        let mut order: Vec<usize> = (0..operations.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut slices = [None, None, None, None];
+        for n in order {
+            slices[n] = Some(run_slice(args.concurrency, slice, operations[n].clone()).await?);
+        }
+        let [Some(floor), Some(encrypt), Some(decrypt), Some(rewrap)] = slices else {
+            anyhow::bail!("a round missed an operation");
         };
-        round_ratios[0].push(encrypt.calls_per_sec() / floor.calls_per_sec());
-        round_ratios[1].push(decrypt.calls_per_sec() / floor.calls_per_sec());
-        totals[0].add(floor)?;
-        totals[1].add(encrypt)?;
-        totals[2].add(decrypt)?;
+        for (ratios, op) in round_ratios.iter_mut().zip([&encrypt, &decrypt, &rewrap]) {
+            ratios.push(op.calls_per_sec() / floor.calls_per_sec());
+        }
+        for (total, op) in totals.iter_mut().zip([floor, encrypt, decrypt, rewrap]) {
+            total.add(op)?;
+        }
     }
     let batch_totals = {
         let mut t = Totals::new()?;
@@ -256,13 +301,21 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
         floor.clone(),
         totals[1].result("Encrypt", 1),
         totals[2].result("Decrypt", 1),
+        totals[3].result(
+            if rewrap_moves {
+                "Rewrap"
+            } else {
+                "Rewrap (in place)"
+            },
+            1,
+        ),
         batch_totals.result("BatchEncrypt", batch_size),
     ];
     println!(
         "\n{:<22} {:>14} {:>10} {:>10} {:>10} {:>12}",
         "operation", "ops/s", "vs floor", "p50 ms", "p99 ms", "CPU µs/op"
     );
-    for r in &results[..3] {
+    for r in &results[..4] {
         println!(
             "{:<22} {:>14.0} {:>10.2} {:>10.3} {:>10.3} {:>12}",
             r.name,
@@ -273,7 +326,10 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
             cpu_micros(r.cpu_per_op)
         );
     }
-    for (name, ratios) in ["Encrypt", "Decrypt"].iter().zip(&mut round_ratios) {
+    for (name, ratios) in ["Encrypt", "Decrypt", "Rewrap"]
+        .iter()
+        .zip(&mut round_ratios)
+    {
         ratios.sort_by(f64::total_cmp);
         if let (Some(min), Some(max)) = (ratios.first(), ratios.last()) {
             println!(
@@ -283,7 +339,7 @@ pub async fn run(args: ThroughputArgs) -> anyhow::Result<Vec<PhaseResult>> {
             );
         }
     }
-    let b = &results[3];
+    let b = &results[4];
     println!(
         "{:<22} {:>14.0} {:>10} {:>10.3} {:>10.3} {:>12}   (items/s; {} items per request, {} in flight; latency per request)",
         b.name, b.ops_per_sec, "-", ms(b.p50), ms(b.p99), cpu_micros(b.cpu_per_op), batch_size, args.batch_concurrency
@@ -322,6 +378,7 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const ENCRYPT: &str = "/keyward.v1.Crypto/Encrypt";
 const DECRYPT: &str = "/keyward.v1.Crypto/Decrypt";
 const BATCH_ENCRYPT: &str = "/keyward.v1.Crypto/BatchEncrypt";
+const REWRAP: &str = "/keyward.v1.Crypto/Rewrap";
 
 /// One unary call the load generator makes over and over, as load
 /// generators do (h2load, ghz's binary mode, gRPC's own generic benchmark

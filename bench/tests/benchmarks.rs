@@ -71,9 +71,11 @@ fn throughput_reports_every_phase_against_the_floor() {
             "Health/Check (floor)",
             "Encrypt ",
             "Decrypt ",
+            "Rewrap ",
             "BatchEncrypt",
             "Encrypt/floor by round: min",
             "Decrypt/floor by round: min",
+            "Rewrap/floor by round: min",
             "(2 rounds)",
         ],
     );
@@ -191,6 +193,7 @@ fn throughput_sends_a_token_to_a_server_that_requires_one() {
     let token = Command::new(&keyward)
         .args([
             "token", "create", "--name", "bench", "--role", "encrypt", "--role", "decrypt",
+            "--role", "rewrap",
         ])
         .args(["--audit-log", "off"])
         .env_clear()

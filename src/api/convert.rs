@@ -98,6 +98,17 @@ pub fn ciphertext(ct: Option<proto::decrypt_request::Ciphertext>) -> Result<Ciph
     }
 }
 
+/// A RewrapRequest's ciphertext, read as Decrypt reads its own.
+pub fn rewrap_ciphertext(
+    ct: Option<proto::rewrap_request::Ciphertext>,
+) -> Result<Ciphertext, Error> {
+    use proto::{decrypt_request::Ciphertext as Decrypt, rewrap_request::Ciphertext as Rewrap};
+    ciphertext(ct.map(|ct| match ct {
+        Rewrap::Envelope(env) => Decrypt::Envelope(env),
+        Rewrap::Blob(blob) => Decrypt::Blob(blob),
+    }))
+}
+
 pub fn item_error(status: &Status) -> proto::ItemError {
     proto::ItemError {
         code: status.code() as i32,

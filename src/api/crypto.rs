@@ -24,6 +24,8 @@ use crate::{
 
 const DECRYPT: &str = "keyward.v1.Crypto/Decrypt";
 const BATCH_DECRYPT: &str = "keyward.v1.Crypto/BatchDecrypt";
+const REWRAP: &str = "keyward.v1.Crypto/Rewrap";
+const BATCH_REWRAP: &str = "keyward.v1.Crypto/BatchRewrap";
 
 /// The keys (by key_id) a call used, recorded in its span once at the end:
 /// a batch of 500 items under one key names it once, instead of formatting
@@ -125,35 +127,19 @@ impl CryptoApi {
                 .await
         }
         .await;
-        // Named by key_id, as Encrypt's span and events name it; a record
-        // this server does not know keeps the envelope's id.
         let key_name = result
             .as_ref()
             .ok()
-            .and_then(|o| o.key.as_ref().map(|k| k.key_id.clone()))
-            .or_else(|| {
-                key_id.map(|id| {
-                    self.service
-                        .catalog()
-                        .get(&id)
-                        .map_or(id, |key| key.key_id.clone())
-                })
-            });
-        if let Some(key) = &key_name {
-            keys.add(key);
-        }
-        self.audit.record(&AuditEvent {
-            principal: &caller.principal.name,
+            .and_then(|o| o.key.as_ref().map(|k| k.key_id.clone()));
+        self.record_use(
+            caller,
             rpc,
-            key_id: key_name.as_deref(),
-            context: context.as_ref(),
-            result: match &result {
-                Ok(_) => "ok",
-                Err(err) => code_name(code_of(err)),
-            },
-            peer: caller.peer_string(),
-            detail: None,
-        })?;
+            key_name,
+            key_id,
+            context.as_ref(),
+            &result,
+            keys,
+        )?;
         let opened = result?;
         Ok(proto::DecryptResponse {
             encryption_key_id: opened
@@ -164,6 +150,94 @@ impl CryptoApi {
             legacy: opened.key.is_none(),
             plaintext: opened.plaintext.into_vec().into(),
         })
+    }
+
+    /// Rewraps one item and writes its audit event, as Decrypt does: the
+    /// source key's scope and the legacy rule are Decrypt's, and the
+    /// caller must also be allowed the active key the result is under.
+    async fn rewrap_one(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        req: proto::RewrapRequest,
+        keys: &mut KeysUsed,
+    ) -> Result<proto::RewrapResponse, Error> {
+        let form = proto::EnvelopeForm::try_from(req.form).unwrap_or(proto::EnvelopeForm::Both);
+        let mut context = None;
+        let mut key_id = None;
+        let result = async {
+            let ctx = context.insert(convert::context(req.context, self.service.limits())?);
+            let ciphertext = convert::rewrap_ciphertext(req.ciphertext)?;
+            let envelope = self.service.parse(ciphertext)?;
+            key_id = Some(envelope.encryption_key_id.clone()).filter(|id| !id.is_empty());
+            self.check_decrypt_scope(&caller.principal, &envelope.encryption_key_id, ctx)
+                .await?;
+            let principal = &caller.principal;
+            self.service
+                .rewrap_to_active(envelope, ctx, |key| principal.scope.allows_key(key))
+                .await
+        }
+        .await;
+        let key_name = result.as_ref().ok().map(|r| r.sealed.key.key_id.clone());
+        self.record_use(
+            caller,
+            rpc,
+            key_name,
+            key_id,
+            context.as_ref(),
+            &result,
+            keys,
+        )?;
+        let rewrapped = result?;
+        let sealed = convert::sealed_to_proto(rewrapped.sealed, form)?;
+        Ok(proto::RewrapResponse {
+            envelope: sealed.envelope,
+            blob: sealed.blob,
+            key_id: sealed.key_id,
+            rewrapped: rewrapped.rewrapped,
+        })
+    }
+
+    /// Notes the key a Decrypt or Rewrap used and writes its audit event
+    /// (fail-closed: an error here fails the call). The key is named by
+    /// `key_id`, as Encrypt's span and events name it (`used`, when the
+    /// call got that far); a record this server does not know keeps the
+    /// envelope's id (`named`).
+    #[allow(clippy::too_many_arguments)]
+    fn record_use<T>(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        used: Option<String>,
+        named: Option<String>,
+        context: Option<&EncryptionContext>,
+        result: &Result<T, Error>,
+        keys: &mut KeysUsed,
+    ) -> Result<(), Error> {
+        let key_name = used.or_else(|| {
+            named.map(|id| {
+                self.service
+                    .catalog()
+                    .get(&id)
+                    .map_or(id, |key| key.key_id.clone())
+            })
+        });
+        if let Some(key) = &key_name {
+            keys.add(key);
+        }
+        self.audit.record(&AuditEvent {
+            principal: &caller.principal.name,
+            rpc,
+            key_id: key_name.as_deref(),
+            context,
+            result: match result {
+                Ok(_) => "ok",
+                Err(err) => code_name(code_of(err)),
+            },
+            peer: caller.peer_string(),
+            detail: None,
+        })?;
+        Ok(())
     }
 
     /// A scoped principal may decrypt only under its keys and contexts. The
@@ -311,6 +385,51 @@ impl Crypto for CryptoApi {
         }
         keys.record();
         Ok(Response::new(proto::BatchDecryptResponse { results }))
+    }
+
+    async fn rewrap(
+        &self,
+        mut request: Request<proto::RewrapRequest>,
+    ) -> Result<Response<proto::RewrapResponse>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let mut keys = KeysUsed::default();
+        let result = self
+            .rewrap_one(&caller, REWRAP, request.into_inner(), &mut keys)
+            .await;
+        keys.record();
+        Ok(Response::new(result?))
+    }
+
+    async fn batch_rewrap(
+        &self,
+        mut request: Request<proto::BatchRewrapRequest>,
+    ) -> Result<Response<proto::BatchRewrapResponse>, Status> {
+        let caller = Caller::take(&mut request)?;
+        let items = request.into_inner().items;
+        self.service.check_batch(items.len())?;
+        let mut results = Vec::with_capacity(items.len());
+        let mut keys = KeysUsed::default();
+        for item in items {
+            let result = match self
+                .rewrap_one(&caller, BATCH_REWRAP, item, &mut keys)
+                .await
+            {
+                Ok(ok) => proto::batch_rewrap_result::Result::Ok(ok),
+                // Fail-closed audit, as BatchDecrypt.
+                Err(err @ Error::Audit(_)) => {
+                    keys.record();
+                    return Err(to_status(&err));
+                }
+                Err(err) => {
+                    proto::batch_rewrap_result::Result::Error(convert::item_error(&to_status(&err)))
+                }
+            };
+            results.push(proto::BatchRewrapResult {
+                result: Some(result),
+            });
+        }
+        keys.record();
+        Ok(Response::new(proto::BatchRewrapResponse { results }))
     }
 }
 

@@ -28,17 +28,22 @@ pub enum Role {
     Encrypt,
     /// `Crypto/Decrypt`, `Crypto/BatchDecrypt`.
     Decrypt,
+    /// `Crypto/Rewrap`, `Crypto/BatchRewrap`: moves ciphertexts to the
+    /// active key without ever seeing their plaintext (a batch migration
+    /// service), so it does not grant `decrypt`.
+    Rewrap,
     /// Every `Admin` RPC.
     Admin,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Encrypt, Role::Decrypt, Role::Admin];
+    pub const ALL: [Role; 4] = [Role::Encrypt, Role::Decrypt, Role::Rewrap, Role::Admin];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Encrypt => "encrypt",
             Role::Decrypt => "decrypt",
+            Role::Rewrap => "rewrap",
             Role::Admin => "admin",
         }
     }
@@ -58,6 +63,7 @@ impl Role {
             "keyward.v1.Crypto" => Some(match method {
                 "Encrypt" | "BatchEncrypt" => Role::Encrypt,
                 "Decrypt" | "BatchDecrypt" => Role::Decrypt,
+                "Rewrap" | "BatchRewrap" => Role::Rewrap,
                 _ => Role::Admin,
             }),
             "grpc.health.v1.Health"

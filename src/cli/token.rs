@@ -21,7 +21,7 @@ pub(super) enum TokenCommand {
         /// Unique name; audit events record it as the principal.
         #[arg(long)]
         name: String,
-        /// encrypt, decrypt or admin; repeat for several.
+        /// encrypt, decrypt, rewrap or admin; repeat for several.
         #[arg(long = "role", required = true)]
         roles: Vec<String>,
         /// Limit to these keys (key_id or id); repeat for several; default any.

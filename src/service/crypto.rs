@@ -80,6 +80,22 @@ pub struct Sealed {
     pub key: Arc<KeyRecord>,
 }
 
+/// A ciphertext [`CryptoService::rewrap_to_active`] moved (or found
+/// already in place: `rewrapped` false).
+pub struct Rewrapped {
+    pub sealed: Sealed,
+    pub rewrapped: bool,
+}
+
+impl Rewrapped {
+    fn new(envelope: Envelope, key: Arc<KeyRecord>, rewrapped: bool) -> Self {
+        Self {
+            sealed: Sealed { envelope, key },
+            rewrapped,
+        }
+    }
+}
+
 impl Sealed {
     /// The one-column form of the envelope.
     pub fn blob(&self) -> Result<Vec<u8>> {
@@ -517,6 +533,48 @@ impl CryptoService {
             data_key_iv: wrapped.iv,
             ..envelope
         })
+    }
+
+    /// Moves a caller's ciphertext to the active key without returning its
+    /// plaintext (Crypto/Rewrap), bound to the same `context`: an envelope
+    /// has its data key rewrapped ([`Self::rewrap`]; AWS KMS ReEncrypt
+    /// between two aws-kms keys, so the data key never leaves the KMS); a
+    /// legacy ciphertext is sealed into an envelope. One already on the
+    /// active key and wrapped under the current key-encryption key is only
+    /// checked to open under `context` and comes back as given. `allowed`
+    /// decides whether the caller may use the active key.
+    pub async fn rewrap_to_active(
+        &self,
+        envelope: Envelope,
+        context: &EncryptionContext,
+        allowed: impl Fn(&KeyRecord) -> bool,
+    ) -> Result<Rewrapped> {
+        if let Some(reason) = self.foreign.load().as_deref() {
+            return Err(Error::NotServing(reason.clone()));
+        }
+        let key = self.catalog.active().ok_or(Error::NoActiveKey)?;
+        if !allowed(&key) {
+            return Err(crate::auth::AuthError::Denied(
+                "the caller may not use the active key, which a rewrap moves the ciphertext to"
+                    .into(),
+            )
+            .into());
+        }
+        if envelope.encryption_key_id.is_empty() {
+            let envelope = self.reencrypt(&envelope, context, &key).await?;
+            return Ok(Rewrapped::new(envelope, key, true));
+        }
+        let current_wrap = self
+            .kms
+            .get(key.provider)
+            .and_then(|provider| provider.wrap_tag())
+            .is_none_or(|tag| envelope.data_key_ciphertext.starts_with(&tag));
+        if envelope.encryption_key_id == key.id && current_wrap {
+            self.open(&envelope, context, Caching::Use).await?;
+            return Ok(Rewrapped::new(envelope, key, false));
+        }
+        let envelope = self.rewrap(envelope, context, &key).await?;
+        Ok(Rewrapped::new(envelope, key, true))
     }
 
     /// Checks `key`'s KMS key is enabled, then round-trips a random probe

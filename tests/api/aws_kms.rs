@@ -8,9 +8,9 @@ use std::{sync::atomic::Ordering, time::Duration};
 use keyward::rotation::worker::WorkerOptions;
 use keyward::{
     api::proto::{
-        decrypt_request::Ciphertext, ActivateKeyRequest, CreateKeyRequest, DecryptRequest,
-        EncryptRequest, RefreshKeyMetadataRequest, RotationMode, RotationStatus, SelfTestRequest,
-        StartRotationRequest,
+        decrypt_request::Ciphertext, rewrap_request, ActivateKeyRequest, CreateKeyRequest,
+        DecryptRequest, EncryptRequest, RefreshKeyMetadataRequest, RewrapRequest, RotationMode,
+        RotationStatus, SelfTestRequest, StartRotationRequest,
     },
     config::KmsSettings,
     crypto::{
@@ -78,6 +78,55 @@ async fn decrypt(
         })
         .await
         .map(|r| r.into_inner().plaintext.to_vec())
+}
+
+/// Crypto/Rewrap between two aws-kms keys moves only the data key, with
+/// one KMS ReEncrypt (the data key never leaves the KMS); the context
+/// stays bound, and KMS refuses another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_between_aws_keys_is_one_reencrypt() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let Some(app) = spawn_aws(Backend::Sqlite, moto::kms_settings(endpoint)).await else {
+        return;
+    };
+    register(&app, "aws-a", &moto::create_key(&kms).await, true).await;
+    let context = [("connection_id", "queue-message-9")];
+    let sealed = app.encrypt(b"kept in a queue", &context).await;
+    let old = sealed.envelope.unwrap();
+    register(&app, "aws-b", &moto::create_key(&kms).await, true).await;
+    let request = |context: &[(&str, &str)]| RewrapRequest {
+        context: ctx(context),
+        ciphertext: Some(rewrap_request::Ciphertext::Envelope(old.clone())),
+        form: 0,
+    };
+    let reencrypts = kms_calls(&app, KmsOperation::ReEncrypt);
+    let decrypts = kms_calls(&app, KmsOperation::Decrypt);
+    let moved = app
+        .crypto
+        .clone()
+        .rewrap(request(&context))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kms_calls(&app, KmsOperation::ReEncrypt) - reencrypts, 1);
+    assert_eq!(kms_calls(&app, KmsOperation::Decrypt) - decrypts, 0);
+    assert!(moved.rewrapped);
+    assert_eq!(moved.key_id, "aws-b");
+    let envelope = moved.envelope.unwrap();
+    assert_eq!(envelope.payload_ciphertext, old.payload_ciphertext);
+    assert_eq!(
+        decrypt(&app, envelope, &context).await.unwrap(),
+        b"kept in a queue"
+    );
+    let wrong = app
+        .crypto
+        .clone()
+        .rewrap(request(&[("connection_id", "queue-message-10")]))
+        .await;
+    assert_code(wrong, Code::InvalidArgument);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,6 +30,7 @@ mod moto;
 mod postgres;
 mod progress;
 mod replicas;
+mod rewrap;
 mod rollover;
 mod rotation;
 mod scale_out;

@@ -246,6 +246,7 @@ async fn authorization_matrix_covers_every_rpc() {
     let enc = issue(&app, "app-encrypt", &[Role::Encrypt], Scope::default()).await;
     let dec = issue(&app, "app-decrypt", &[Role::Decrypt], Scope::default()).await;
     let adm = issue(&app, "operator", &[Role::Admin], Scope::default()).await;
+    let rew = issue(&app, "app-rewrap", &[Role::Rewrap], Scope::default()).await;
     let revoked = issue(&app, "revoked", Role::ALL.as_ref(), Scope::default()).await;
     assert!(app.services.store.revoke_token("revoked").await.unwrap());
     let unknown = token::generate().to_string();
@@ -309,6 +310,12 @@ async fn authorization_matrix_covers_every_rpc() {
             Box::new(expect_role(&[Role::Admin])),
         ),
         (
+            "rewrap token",
+            &plain,
+            Some(bearer(&rew)),
+            Box::new(expect_role(&[Role::Rewrap])),
+        ),
+        (
             "mTLS ops-admin",
             &mtls_admin,
             None,
@@ -318,7 +325,7 @@ async fn authorization_matrix_covers_every_rpc() {
     ];
 
     let methods = keyward_methods();
-    assert_eq!(methods.len(), 25, "{methods:?}");
+    assert_eq!(methods.len(), 27, "{methods:?}");
     let mut table = String::new();
     for method in &methods {
         let needed = Role::required_for(method).unwrap();
