@@ -334,20 +334,22 @@ impl Crypto for CryptoApi {
         &self,
         mut request: Request<proto::BatchEncryptRequest>,
     ) -> Result<Response<proto::BatchEncryptResponse>, Status> {
+        use proto::batch_encrypt_result::Result as Item;
         let caller = Caller::take(&mut request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
-        let mut results = Vec::with_capacity(items.len());
         let mut keys = KeysUsed::default();
+        let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let result = match self.encrypt_one(&caller, item, &mut keys).await {
-                Ok(ok) => proto::batch_encrypt_result::Result::Ok(ok),
-                Err(err) => proto::batch_encrypt_result::Result::Error(convert::item_error(
-                    &to_status(&err),
-                )),
+            let result = match batch_item(self.encrypt_one(&caller, item, &mut keys).await) {
+                Ok(result) => result,
+                Err(status) => {
+                    keys.record();
+                    return Err(status);
+                }
             };
             results.push(proto::BatchEncryptResult {
-                result: Some(result),
+                result: Some(result.map_or_else(Item::Error, Item::Ok)),
             });
         }
         keys.record();
@@ -358,29 +360,25 @@ impl Crypto for CryptoApi {
         &self,
         mut request: Request<proto::BatchDecryptRequest>,
     ) -> Result<Response<proto::BatchDecryptResponse>, Status> {
+        use proto::batch_decrypt_result::Result as Item;
         let caller = Caller::take(&mut request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
-        let mut results = Vec::with_capacity(items.len());
         let mut keys = KeysUsed::default();
+        let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let result = match self
-                .decrypt_one(&caller, BATCH_DECRYPT, item, &mut keys)
-                .await
-            {
-                Ok(ok) => proto::batch_decrypt_result::Result::Ok(ok),
-                // A fail-closed audit failure fails the whole batch: no
-                // plaintext leaves unaudited.
-                Err(err @ Error::Audit(_)) => {
+            let result = match batch_item(
+                self.decrypt_one(&caller, BATCH_DECRYPT, item, &mut keys)
+                    .await,
+            ) {
+                Ok(result) => result,
+                Err(status) => {
                     keys.record();
-                    return Err(to_status(&err));
+                    return Err(status);
                 }
-                Err(err) => proto::batch_decrypt_result::Result::Error(convert::item_error(
-                    &to_status(&err),
-                )),
             };
             results.push(proto::BatchDecryptResult {
-                result: Some(result),
+                result: Some(result.map_or_else(Item::Error, Item::Ok)),
             });
         }
         keys.record();
@@ -404,32 +402,40 @@ impl Crypto for CryptoApi {
         &self,
         mut request: Request<proto::BatchRewrapRequest>,
     ) -> Result<Response<proto::BatchRewrapResponse>, Status> {
+        use proto::batch_rewrap_result::Result as Item;
         let caller = Caller::take(&mut request)?;
         let items = request.into_inner().items;
         self.service.check_batch(items.len())?;
-        let mut results = Vec::with_capacity(items.len());
         let mut keys = KeysUsed::default();
+        let mut results = Vec::with_capacity(items.len());
         for item in items {
-            let result = match self
-                .rewrap_one(&caller, BATCH_REWRAP, item, &mut keys)
-                .await
-            {
-                Ok(ok) => proto::batch_rewrap_result::Result::Ok(ok),
-                // Fail-closed audit, as BatchDecrypt.
-                Err(err @ Error::Audit(_)) => {
+            let result = match batch_item(
+                self.rewrap_one(&caller, BATCH_REWRAP, item, &mut keys)
+                    .await,
+            ) {
+                Ok(result) => result,
+                Err(status) => {
                     keys.record();
-                    return Err(to_status(&err));
-                }
-                Err(err) => {
-                    proto::batch_rewrap_result::Result::Error(convert::item_error(&to_status(&err)))
+                    return Err(status);
                 }
             };
             results.push(proto::BatchRewrapResult {
-                result: Some(result),
+                result: Some(result.map_or_else(Item::Error, Item::Ok)),
             });
         }
         keys.record();
         Ok(Response::new(proto::BatchRewrapResponse { results }))
+    }
+}
+
+/// One batch item's outcome: its answer, or the error it would have failed
+/// with by itself; a fail-closed audit failure instead fails the whole
+/// batch (nothing leaves unaudited).
+fn batch_item<T>(result: Result<T, Error>) -> Result<Result<T, proto::ItemError>, Status> {
+    match result {
+        Ok(ok) => Ok(Ok(ok)),
+        Err(err @ Error::Audit(_)) => Err(to_status(&err)),
+        Err(err) => Ok(Err(convert::item_error(&to_status(&err)))),
     }
 }
 

@@ -58,6 +58,39 @@ async fn await_published(app: &TestApp, condition: &str) {
     panic!("the server never published its foreground p99");
 }
 
+/// Starts `request` (a job with a budget), lets `worker` take its first
+/// batch (from then on the worker follows the job), and waits until the
+/// server has published its own latency (`published`, a condition on its
+/// replica row); the job's id.
+async fn follow_a_budgeted_job(
+    app: &TestApp,
+    worker: &Worker,
+    request: StartRotationRequest,
+    published: &str,
+) -> String {
+    let job_id = start(app, request).await;
+    let step = worker.try_execute_task().await.unwrap();
+    assert!(matches!(step, Step::Batch { .. }), "{step:?}");
+    await_published(app, published).await;
+    job_id
+}
+
+/// A live serve replica that reports `p99_ms` (`None`: publishes nothing),
+/// once the worker's last reading is too old to count.
+async fn slow_replica(app: &TestApp, p99_ms: Option<f64>) -> ReplicaRecord {
+    let store = &app.services.store;
+    let slow = synthetic_replica("synthetic-slow");
+    store.heartbeat(&slow).await.unwrap();
+    if p99_ms.is_some() {
+        store
+            .publish_foreground(&slow.id, p99_ms, 500, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(READING_AGE).await;
+    slow
+}
+
 /// A serve replica that is not one: its heartbeat row only, with the p99
 /// a test gives it.
 fn synthetic_replica(id: &str) -> ReplicaRecord {
@@ -88,42 +121,22 @@ async fn workers_wait_while_a_replica_is_over_the_latency_budget(backend: Backen
     let Some((app, plaintexts)) = rows_off_the_active_key(backend, 30).await else {
         return;
     };
-    let job_id = start(
+    let worker = app.services.worker(Default::default());
+    // The server itself publishes its p99 every second while a job with a
+    // budget runs.
+    let job_id = follow_a_budgeted_job(
         &app,
+        &worker,
         StartRotationRequest {
             batch_size: 10,
             max_foreground_p99_ms: 20.0,
             ..Default::default()
         },
+        "foreground_calls > 0",
     )
     .await;
-    let worker = app.services.worker(Default::default());
-    let step = worker.try_execute_task().await.unwrap();
-    assert!(matches!(step, Step::Batch { rows: 10, .. }), "{step:?}");
-
-    // The server itself publishes its p99 every second while a job with a
-    // budget runs (it looks for one every 5 s).
-    let published =
-        "SELECT COUNT(*) FROM keyward_replicas WHERE kind = 'serve' AND foreground_calls > 0";
-    let mut waited = 0;
-    while app.count(published).await == 0 {
-        app.encrypt(b"foreground", &[("connection_id", "fg")]).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += 1;
-        assert!(
-            waited < 300,
-            "the server never published its foreground p99"
-        );
-    }
-
     let store = &app.services.store;
-    let slow = synthetic_replica("synthetic-slow");
-    store.heartbeat(&slow).await.unwrap();
-    store
-        .publish_foreground(&slow.id, Some(100.0), 500, chrono::Utc::now())
-        .await
-        .unwrap();
-    tokio::time::sleep(READING_AGE).await;
+    let slow = slow_replica(&app, Some(100.0)).await;
     let expected = "foreground p99 100.00 ms > budget 20.00 ms on replica slow.example:50051";
     for _ in 0..5 {
         match worker.try_execute_task().await.unwrap() {
@@ -168,27 +181,20 @@ async fn a_floor_breaks_the_budget_on_purpose(backend: Backend) {
     let Some((app, _)) = rows_off_the_active_key(backend, 20).await else {
         return;
     };
-    let job_id = start(
+    let worker = app.services.worker(Default::default());
+    let job_id = follow_a_budgeted_job(
         &app,
+        &worker,
         StartRotationRequest {
             batch_size: 5,
             max_foreground_p99_ms: 20.0,
             min_rows_per_second: 100,
             ..Default::default()
         },
+        "foreground_at IS NOT NULL",
     )
     .await;
-    let worker = app.services.worker(Default::default());
-    worker.try_execute_task().await.unwrap();
-    await_published(&app, "foreground_at IS NOT NULL").await;
-    let store = &app.services.store;
-    let slow = synthetic_replica("synthetic-slow");
-    store.heartbeat(&slow).await.unwrap();
-    store
-        .publish_foreground(&slow.id, Some(100.0), 500, chrono::Utc::now())
-        .await
-        .unwrap();
-    tokio::time::sleep(READING_AGE).await;
+    slow_replica(&app, Some(100.0)).await;
     let step = worker.try_execute_task().await.unwrap();
     assert!(matches!(step, Step::Batch { rows: 5, .. }), "{step:?}");
     let going = job(&app, &job_id).await;
@@ -218,24 +224,19 @@ async fn a_replica_that_publishes_no_latency_holds_a_budgeted_job(backend: Backe
     let Some((app, _)) = rows_off_the_active_key(backend, 20).await else {
         return;
     };
-    start(
+    let worker = app.services.worker(Default::default());
+    follow_a_budgeted_job(
         &app,
+        &worker,
         StartRotationRequest {
             batch_size: 5,
             max_foreground_p99_ms: 20.0,
             ..Default::default()
         },
+        "foreground_at IS NOT NULL",
     )
     .await;
-    let worker = app.services.worker(Default::default());
-    worker.try_execute_task().await.unwrap();
-    await_published(&app, "foreground_at IS NOT NULL").await;
-    app.services
-        .store
-        .heartbeat(&synthetic_replica("synthetic-old"))
-        .await
-        .unwrap();
-    tokio::time::sleep(READING_AGE).await;
+    slow_replica(&app, None).await;
     match worker.try_execute_task().await.unwrap() {
         Step::Throttled { reason, .. } => assert!(
             reason.starts_with("no foreground p99 from replica slow.example:50051"),

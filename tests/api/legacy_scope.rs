@@ -22,7 +22,7 @@ use crate::{
 
 /// Another connection's legacy row, as an attacker would copy it from the
 /// table: payload columns only, no key record.
-fn legacy_envelope(plaintext: &[u8]) -> Envelope {
+pub(crate) fn legacy_envelope(plaintext: &[u8]) -> Envelope {
     let (iv, ct) = encrypt_legacy(&MasterSecret::new(MASTER).unwrap(), plaintext);
     Envelope {
         payload_ciphertext: ct.into(),

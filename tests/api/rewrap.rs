@@ -10,13 +10,13 @@ use keyward::{
         CreateKeyRequest, EncryptRequest, Envelope, RewrapRequest, RewrapResponse,
     },
     auth::{audit::AuditSink, Role, Scope},
-    crypto::{legacy::encrypt_legacy, secret::MasterSecret},
 };
 use tonic::Code;
 
 use crate::{
     audit_bounds::audited_app,
-    helpers::{assert_code, ctx, json_lines, spawn, Backend, TestApp, MASTER},
+    helpers::{assert_code, ctx, json_lines, spawn, Backend, TestApp},
+    legacy_scope::legacy_envelope,
     on_both_backends,
     rotation::activate_new_key,
     security::{decrypt_request, issue, with_token},
@@ -51,16 +51,6 @@ async fn decrypt(app: &TestApp, envelope: Envelope, context: &[(&str, &str)]) ->
         .into_inner()
         .plaintext
         .to_vec()
-}
-
-/// A legacy ciphertext (payload columns only), as the application wrote it.
-fn legacy_envelope(plaintext: &[u8]) -> Envelope {
-    let (iv, ct) = encrypt_legacy(&MasterSecret::new(MASTER).unwrap(), plaintext);
-    Envelope {
-        payload_ciphertext: ct.into(),
-        payload_iv: iv.to_vec().into(),
-        ..Envelope::default()
-    }
 }
 
 async fn rewrap_moves_a_ciphertext_to_the_active_key_without_its_plaintext(backend: Backend) {
