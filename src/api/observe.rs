@@ -239,7 +239,9 @@ where
             span: span.clone(),
             started: Instant::now(),
             metrics: self.metrics.clone(),
-            foreground: self.foreground.clone().filter(|_| is_foreground(method)),
+            foreground: is_foreground(method)
+                .then(|| self.foreground.clone())
+                .flatten(),
             notes: Arc::clone(&notes),
             finished: false,
         };

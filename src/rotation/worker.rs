@@ -398,11 +398,7 @@ impl Worker {
     /// since the job started): rows written now would stay off target and
     /// be redone in every pass. A dry run writes nothing.
     fn wraps_otherwise(&self, job: &RotationJob, target: &KeyRecord) -> Option<Option<Vec<u8>>> {
-        let wraps = self
-            .crypto
-            .kms()
-            .get(target.provider)
-            .and_then(|provider| provider.wrap_tag());
+        let wraps = self.crypto.wrap_tag_of(target);
         (!job.dry_run && wraps != job.wrap_tag).then_some(wraps)
     }
 

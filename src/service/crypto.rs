@@ -244,6 +244,15 @@ impl CryptoService {
         &self.kms
     }
 
+    /// What every data key wrapped now under `key` begins with
+    /// ([`KmsProvider::wrap_tag`]: the local KMS's master-secret tag);
+    /// `None` when its provider tags nothing.
+    pub fn wrap_tag_of(&self, key: &KeyRecord) -> Option<Vec<u8>> {
+        self.kms
+            .get(key.provider)
+            .and_then(|provider| provider.wrap_tag())
+    }
+
     /// The data-key cache, with its hit and miss counts.
     pub fn cache(&self) -> &DataKeyCache {
         &self.cache
@@ -565,9 +574,7 @@ impl CryptoService {
             return Ok(Rewrapped::new(envelope, key, true));
         }
         let current_wrap = self
-            .kms
-            .get(key.provider)
-            .and_then(|provider| provider.wrap_tag())
+            .wrap_tag_of(&key)
             .is_none_or(|tag| envelope.data_key_ciphertext.starts_with(&tag));
         if envelope.encryption_key_id == key.id && current_wrap {
             self.open(&envelope, context, Caching::Use).await?;

@@ -14,7 +14,8 @@
 //! work, the process starved of CPU by a rotation's database or workers)
 //! is invisible to it, and it is most of what a rotation adds on a busy
 //! host. So two probes measure that wait directly, 200 times a second
-//! each: [`probe_scheduling`], how long a task that yields waits to run
+//! each while a job has a budget (once a second otherwise, recording
+//! nothing): [`probe_scheduling`], how long a task that yields waits to run
 //! again on the runtime, and [`probe_wakeups`], how late a sleeping thread
 //! of this process is woken (the operating system's run queue, which a
 //! runtime thread parked until a request arrives waits in too). The
@@ -43,8 +44,9 @@ const GROWTH: f64 = 1.04;
 /// 10 µs × 1.04^400 ≈ 66 s: enough for any call.
 const BUCKETS: usize = 400;
 
-/// How often the scheduling probe runs.
+/// How often the probes run while a job has a budget, and otherwise.
 const PROBE_EVERY: Duration = Duration::from_millis(5);
+const IDLE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// A log-scale histogram of one window, atomics only.
 struct Buckets(Box<[AtomicU64]>);
@@ -80,6 +82,9 @@ pub struct ForegroundLatency {
     calls: Buckets,
     waits: Buckets,
     wakeups: Buckets,
+    /// Whether a running job has a budget ([`publish`] keeps it): the
+    /// probes run fast and record only then.
+    measuring: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ForegroundLatency {
@@ -112,6 +117,23 @@ impl ForegroundLatency {
         self.wakeups.record(late);
     }
 
+    fn set_measuring(&self, measuring: bool) {
+        self.measuring.store(measuring, Ordering::Relaxed);
+    }
+
+    fn measuring(&self) -> bool {
+        self.measuring.load(Ordering::Relaxed)
+    }
+
+    /// How long the probes sleep between two measurements.
+    fn probe_every(&self) -> Duration {
+        if self.measuring() {
+            PROBE_EVERY
+        } else {
+            IDLE_PROBE_EVERY
+        }
+    }
+
     /// Ends the window: its figures, and a new empty one.
     pub fn take_window(&self) -> Window {
         let (calls, p99) = self.calls.take();
@@ -125,18 +147,18 @@ impl ForegroundLatency {
 }
 
 /// Measures how long a ready task waits to run on this runtime, every
-/// [`PROBE_EVERY`], until `stop`.
+/// [`PROBE_EVERY`] while a job has a budget, until `stop`.
 pub async fn probe_scheduling(latency: Arc<ForegroundLatency>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(PROBE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(latency.probe_every()) => {}
             () = stop.cancelled() => return,
         }
-        let queued = tokio::time::Instant::now();
-        tokio::task::yield_now().await;
-        latency.record_wait(queued.elapsed());
+        if latency.measuring() {
+            let queued = tokio::time::Instant::now();
+            tokio::task::yield_now().await;
+            latency.record_wait(queued.elapsed());
+        }
     }
 }
 
@@ -167,13 +189,17 @@ fn quantile(counts: &[u64], calls: u64, q: f64) -> Option<usize> {
 }
 
 /// Measures how late a sleeping thread of this process wakes, every
-/// [`PROBE_EVERY`], on a thread of its own until `stop`.
+/// [`PROBE_EVERY`] while a job has a budget, on a thread of its own until
+/// `stop`.
 pub fn probe_wakeups(latency: Arc<ForegroundLatency>, stop: CancellationToken) {
     let probe = move || {
         while !stop.is_cancelled() {
+            let every = latency.probe_every();
             let asleep = std::time::Instant::now();
-            std::thread::sleep(PROBE_EVERY);
-            latency.record_wakeup(asleep.elapsed().saturating_sub(PROBE_EVERY));
+            std::thread::sleep(every);
+            if latency.measuring() {
+                latency.record_wakeup(asleep.elapsed().saturating_sub(every));
+            }
         }
     };
     if let Err(err) = std::thread::Builder::new()
@@ -201,13 +227,16 @@ pub async fn publish(
         let window = latency.take_window();
         // One small read a second; a budgeted job's workers hold until
         // every live replica has published.
-        match store.budgeted_job_running().await {
-            Ok(true) => {}
-            Ok(false) => continue,
+        let budgeted = match store.budgeted_job_running().await {
+            Ok(budgeted) => budgeted,
             Err(err) => {
                 tracing::debug!(error = %err, "cannot read whether a rotation has a latency budget");
-                continue;
+                false
             }
+        };
+        latency.set_measuring(budgeted);
+        if !budgeted {
+            continue;
         }
         let calls = i64::try_from(window.calls).unwrap_or(i64::MAX);
         if let Err(err) = store

@@ -176,10 +176,7 @@ impl Rotations {
         // A master-secret rollover: rows on the target key that another
         // secret wrapped are rewrapped, and the keys' probes resealed.
         let crypto = self.admin.crypto();
-        let wrap_tag = crypto
-            .kms()
-            .get(target.provider)
-            .and_then(|provider| provider.wrap_tag());
+        let wrap_tag = crypto.wrap_tag_of(&target);
         if !req.dry_run {
             rollout::reseal_probes(&self.store, crypto, &catalog).await?;
         }
