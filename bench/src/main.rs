@@ -35,6 +35,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// The shipped binary's allocator (`src/main.rs`): the in-process server
+/// is measured as `keyward serve` runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "keyward-bench", version, about = "Benchmarks of keyward")]
 struct Cli {
