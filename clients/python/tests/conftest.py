@@ -7,12 +7,14 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from keyward_client import Client, KeywardError, admin_pb2
+from keyward_client import Client, KeywardError
 
 REPO = Path(__file__).resolve().parents[3]
 MASTER = "python-client-test-master-secret-0123456789"
@@ -42,10 +44,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+@contextmanager
+def _serve(workdir: Path, *serve_args: str) -> Iterator[Server]:
+    """`keyward serve` on a fresh SQLite database in `workdir`, with an
+    admin and an application token, until the block ends."""
     binary = _binary()
-    workdir = tmp_path_factory.mktemp("keyward")
     database = workdir / "keyward.db"
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -62,7 +65,7 @@ def server(tmp_path_factory):
     keyward("seed-key")
     admin_token = keyward(
         "token", "create", "--name", "py-admin",
-        "--role", "admin", "--role", "encrypt", "--role", "decrypt",
+        "--role", "admin", "--role", "encrypt", "--role", "decrypt", "--role", "rewrap",
     )
     app_token = keyward(
         "token", "create", "--name", "py-app", "--role", "encrypt", "--role", "decrypt"
@@ -70,7 +73,7 @@ def server(tmp_path_factory):
     target = f"127.0.0.1:{_free_port()}"
     log = open(workdir / "server.log", "w")
     process = subprocess.Popen(
-        [str(binary), "serve", "--listen", target, "--audit-log", "off"],
+        [str(binary), "serve", "--listen", target, "--audit-log", "off", *serve_args],
         env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
@@ -78,7 +81,7 @@ def server(tmp_path_factory):
         with Client(target, token=admin_token) as probe:
             while True:
                 try:
-                    probe.admin("ListKeys", admin_pb2.ListKeysRequest())
+                    probe.list_keys()
                     break
                 except KeywardError:
                     if time.monotonic() > deadline or process.poll() is not None:
@@ -89,3 +92,18 @@ def server(tmp_path_factory):
         process.terminate()
         process.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One server the tests share (they change no key)."""
+    with _serve(tmp_path_factory.mktemp("keyward")) as running:
+        yield running
+
+
+@pytest.fixture
+def idle_server(tmp_path):
+    """A server of the test's own, with no rotation worker: a job it starts
+    stays pending until the test moves it."""
+    with _serve(tmp_path, "--no-worker") as running:
+        yield running

@@ -46,7 +46,8 @@ function freePort(): Promise<number> {
   });
 }
 
-export async function startServer(binary: string): Promise<Server> {
+/** `keyward serve` with `serveArgs` (e.g. `--no-worker`) on a fresh database. */
+export async function startServer(binary: string, serveArgs: string[] = []): Promise<Server> {
   const dir = mkdtempSync(join(tmpdir(), "keyward-ts-"));
   const env = {
     PATH: process.env.PATH ?? "",
@@ -58,11 +59,11 @@ export async function startServer(binary: string): Promise<Server> {
     execFileSync(binary, args, { env, input, encoding: "utf8" }).trim();
   keyward(["seed-key"]);
   const adminToken = keyward([
-    "token", "create", "--name", "ts-admin", "--role", "admin", "--role", "encrypt", "--role", "decrypt",
+    "token", "create", "--name", "ts-admin", "--role", "admin", "--role", "encrypt", "--role", "decrypt", "--role", "rewrap",
   ]);
   const appToken = keyward(["token", "create", "--name", "ts-app", "--role", "encrypt", "--role", "decrypt"]);
   const target = `127.0.0.1:${await freePort()}`;
-  const child: ChildProcess = spawn(binary, ["serve", "--listen", target, "--audit-log", "off"], {
+  const child: ChildProcess = spawn(binary, ["serve", "--listen", target, "--audit-log", "off", ...serveArgs], {
     env,
     stdio: ["ignore", "ignore", "inherit"],
   });
