@@ -139,6 +139,10 @@ impl Services {
         listen: Option<SocketAddr>,
         options: ReplicaOptions,
     ) -> ReplicaAgent {
+        self.admin
+            .catalog()
+            .health()
+            .set_key_check_interval(options.key_check);
         ReplicaAgent::new(
             kind,
             listen,

@@ -11,6 +11,8 @@
 //! - audit events written and failed ([`AuditLog`]);
 //! - bearer tokens this process did not hold, and the shared database
 //!   checks they cost ([`TokenStats`]);
+//! - each non-retired key's last scheduled check in this process
+//!   (`keyward_key_ready`, from `service::probes`, no KMS call at scrape);
 //! - rotation jobs by status, and rows and rate of each running job, read
 //!   from the database at scrape time, so every replica reports the same;
 //! - re-encryption debt: rows per key (legacy included) and rotation
@@ -21,7 +23,12 @@ use std::{fmt, sync::Arc, time::Duration};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet},
-    metrics::{counter::ConstCounter, family::Family, gauge::Gauge, MetricType},
+    metrics::{
+        counter::ConstCounter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        MetricType,
+    },
     registry::Registry,
 };
 use tokio::net::TcpListener;
@@ -185,6 +192,7 @@ impl Metrics {
         registry.register_collector(Box::new(CacheCollector(cache)));
         registry.register_collector(Box::new(AuditCollector(audit)));
         registry.register_collector(Box::new(TokenCollector(tokens)));
+        registry.register_collector(Box::new(KeyCheckCollector(Arc::clone(&admin))));
         Self {
             registry,
             rpc,
@@ -438,6 +446,49 @@ impl Collector for ThrottleCollector {
         )?;
         for (labels, seconds) in values.iter() {
             ConstCounter::new(*seconds).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeyLabels {
+    key_id: String,
+    status: &'static str,
+}
+
+/// `keyward_key_ready{key_id, status}`: each non-retired key's last
+/// scheduled check in this process (its KMS round trip and probe), read
+/// without calling any KMS.
+struct KeyCheckCollector(Arc<KeyAdmin>);
+
+impl fmt::Debug for KeyCheckCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyCheckCollector")
+    }
+}
+
+impl Collector for KeyCheckCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), fmt::Error> {
+        let checks = self.0.catalog().health().last_key_checks();
+        let catalog = self.0.catalog_snapshot();
+        let mut family = encoder.encode_descriptor(
+            "key_ready",
+            "1 when this process's last check of a non-retired key (a KMS round trip, its probe) \
+             passed, 0 when it failed (Decrypt under it fails here; an active key's failure is \
+             also NOT_SERVING), by key_id and status",
+            None,
+            MetricType::Gauge,
+        )?;
+        for key in catalog.keys() {
+            let Some(fault) = checks.get(&key.id) else {
+                continue;
+            };
+            let labels = KeyLabels {
+                key_id: key.key_id.clone(),
+                status: key.status.as_str(),
+            };
+            ConstGauge::new(i64::from(fault.is_none())).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

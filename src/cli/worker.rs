@@ -40,6 +40,12 @@ pub(super) struct ReplicaArgs {
     /// connection pooler in transaction mode); the version poll remains.
     #[arg(long, env = "KEYWARD_NO_CATALOG_LISTEN", value_parser = clap::builder::BoolishValueParser::new())]
     no_catalog_listen: bool,
+    /// Seconds between checks of each non-retired key by this process (a
+    /// KMS round trip and its probe, jittered by up to a tenth more); the
+    /// heartbeat carries the results. The active key is checked at every
+    /// heartbeat while it fails.
+    #[arg(long, env = "KEYWARD_KEY_CHECK_SECS", default_value_t = crate::service::probes::DEFAULT_KEY_CHECK.as_secs())]
+    key_check_secs: u64,
 }
 
 impl ReplicaArgs {
@@ -48,6 +54,7 @@ impl ReplicaArgs {
             heartbeat: Duration::from_secs(self.heartbeat_secs.max(1)),
             catalog_poll: Duration::from_millis(self.catalog_poll_ms.max(50)),
             listen: !self.no_catalog_listen,
+            key_check: Duration::from_secs(self.key_check_secs.max(1)),
         }
     }
 }

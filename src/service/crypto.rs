@@ -587,7 +587,7 @@ impl CryptoService {
     /// Checks `key`'s KMS key is enabled, then round-trips a random probe
     /// through its provider (never through the cache).
     pub async fn round_trip(&self, key: &Arc<KeyRecord>) -> Result<()> {
-        self.provider(key)?.check_key(key.kek()).await?;
+        self.check_kms_key(key).await?;
         let context = EncryptionContext::from_pairs([(SELF_TEST_CONTEXT_KEY, key.id.as_str())])?;
         let mut probe = [0u8; 32];
         OsRng.fill_bytes(&mut probe);
@@ -692,6 +692,12 @@ impl CryptoService {
             });
         }
         Ok(())
+    }
+
+    /// Asks the key's KMS whether its key is usable (enabled, reachable):
+    /// one call (`DescribeKey` on AWS KMS), no data key.
+    pub async fn check_kms_key(&self, key: &KeyRecord) -> Result<()> {
+        Ok(self.provider(key)?.check_key(key.kek()).await?)
     }
 
     fn provider(&self, key: &KeyRecord) -> Result<&dyn KmsProvider> {

@@ -28,7 +28,11 @@
 use std::{
     collections::{BTreeMap, HashMap},
     hash::{Hash, Hasher},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -223,17 +227,79 @@ async fn open_probe(
     }
 }
 
-/// The keys' checks, remembered while what was checked (KMS key and
-/// probe) stays the same; failures are checked again every time.
-#[derive(Default)]
+/// How often a key is checked again by default: at most one KMS round
+/// trip per key per five minutes per process (`serve --key-check-secs`).
+pub const DEFAULT_KEY_CHECK: Duration = Duration::from_secs(300);
+
+/// Whether a key checked at `checked_at` is due for another check at `now`.
+/// Proven or failing, a key waits `interval` plus its jitter (`jitter` in
+/// [0, 1): up to a tenth more, so replicas started together spread their
+/// KMS calls). The active key, while it fails, is due at every look: this
+/// process serves nothing until it passes, and the looks (heartbeats,
+/// catalog reloads) are few.
+pub fn check_due(
+    checked_at: Instant,
+    now: Instant,
+    interval: Duration,
+    jitter: f64,
+    failing_active: bool,
+) -> bool {
+    failing_active || now.duration_since(checked_at) >= interval.mul_f64(1.0 + jitter / 10.0)
+}
+
+/// One key's last check.
+#[derive(Debug, Clone)]
+struct Checked {
+    /// What was checked: the KMS key and the probe.
+    seen: u64,
+    at: Instant,
+    jitter: f64,
+    fault: Option<KeyFault>,
+}
+
+/// The keys' checks, on a schedule: each non-retired key is checked again
+/// when what was checked (KMS key, probe) changes, or when its interval
+/// has passed ([`check_due`]).
 pub(crate) struct KeyProofs {
-    checked: tokio::sync::Mutex<HashMap<String, u64>>,
+    checked: tokio::sync::Mutex<HashMap<String, Checked>>,
+    /// The last result of every key, for readers that must not wait for a
+    /// check in flight (metrics).
+    last: std::sync::Mutex<BTreeMap<String, Option<String>>>,
+    interval_ms: AtomicU64,
+}
+
+impl Default for KeyProofs {
+    fn default() -> Self {
+        Self {
+            checked: Default::default(),
+            last: Default::default(),
+            interval_ms: AtomicU64::new(millis(DEFAULT_KEY_CHECK)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl KeyProofs {
-    /// Checks every non-retired key of `catalog`: `None` where this process
-    /// can use the key, else why not. `fresh` checks proven keys again (the
-    /// self-test).
+    /// Checks each key again after `interval` (from its last check on).
+    pub(crate) fn set_interval(&self, interval: Duration) {
+        self.interval_ms.store(millis(interval), Ordering::Relaxed);
+    }
+
+    /// Each non-retired key's last result (record id → why it failed),
+    /// without checking anything.
+    pub(crate) fn last(&self) -> BTreeMap<String, Option<String>> {
+        self.last
+            .lock()
+            .map(|last| last.clone())
+            .unwrap_or_default()
+    }
+
+    /// Checks every non-retired key of `catalog` that is due: `None` where
+    /// this process can use the key, else why not. `fresh` checks every key
+    /// now (the self-test).
     pub(crate) async fn check(
         &self,
         crypto: &CryptoService,
@@ -244,6 +310,7 @@ impl KeyProofs {
     ) -> Result<BTreeMap<String, Option<KeyFault>>> {
         let mut checked = self.checked.lock().await;
         let probes: HashMap<String, Vec<u8>> = store.key_probes().await?.into_iter().collect();
+        let interval = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed));
         let mut results = BTreeMap::new();
         for key in catalog
             .keys()
@@ -252,36 +319,85 @@ impl KeyProofs {
         {
             let probe = probes.get(&key.id).map(Vec::as_slice);
             let seen = fingerprint(&key.kms_key_arn, probe);
-            if !fresh && checked.get(&key.id) == Some(&seen) {
-                results.insert(key.id.clone(), None);
-                continue;
-            }
-            let fault = prove_key(crypto, store, targets, key, probe, Vacant::Leave)
-                .await
-                .err();
-            match &fault {
-                None => {
-                    // Remembered by the probe's bytes: one written just now
-                    // counts from the next look; a key still without one
-                    // (no rows yet) is looked at again every time.
-                    let probe = match probe {
-                        Some(probe) => Some(probe.to_vec()),
-                        None => store.key_probe(&key.id).await?,
-                    };
-                    if let Some(probe) = probe {
-                        checked.insert(key.id.clone(), fingerprint(&key.kms_key_arn, Some(&probe)));
-                    }
-                }
-                Some(fault) => {
-                    checked.remove(&key.id);
-                    tracing::warn!(key_id = %key.key_id, reason = fault.reason(), "this process cannot use a key");
+            let now = Instant::now();
+            if let Some(last) = checked.get(&key.id) {
+                let failing_active = key.status == KeyStatus::Active && last.fault.is_some();
+                if !fresh
+                    && last.seen == seen
+                    && !check_due(last.at, now, interval, last.jitter, failing_active)
+                {
+                    results.insert(key.id.clone(), last.fault.clone());
+                    continue;
                 }
             }
+            let fault = check_key(crypto, store, targets, key, probe).await.err();
+            // Remembered by the probe's bytes: one written just now counts
+            // from the next look.
+            let probe = match probe {
+                Some(probe) => Some(probe.to_vec()),
+                None => store.key_probe(&key.id).await?,
+            };
+            if let Some(fault) = &fault {
+                tracing::warn!(
+                    key_id = %key.key_id,
+                    status = key.status.as_str(),
+                    reason = fault.reason(),
+                    "this process cannot use a key: {}",
+                    consequence(key.status)
+                );
+            }
+            checked.insert(
+                key.id.clone(),
+                Checked {
+                    seen: fingerprint(&key.kms_key_arn, probe.as_deref()),
+                    at: now,
+                    jitter: rand::random::<f64>(),
+                    fault: fault.clone(),
+                },
+            );
             results.insert(key.id.clone(), fault);
         }
         checked.retain(|id, _| results.contains_key(id));
+        if let Ok(mut last) = self.last.lock() {
+            *last = results
+                .iter()
+                .map(|(id, fault)| (id.clone(), fault.as_ref().map(|f| f.reason().to_owned())))
+                .collect();
+        }
         Ok(results)
     }
+}
+
+/// What a key that fails its check means for callers.
+fn consequence(status: KeyStatus) -> &'static str {
+    match status {
+        KeyStatus::Active => "Encrypt is refused and health is NOT_SERVING until it passes",
+        KeyStatus::Rotating => {
+            "Decrypt of the rows still on it fails (and rotation of them) until it passes; health stays SERVING"
+        }
+        _ => "it cannot be activated, and Decrypt of anything under it fails, until it passes; health stays SERVING",
+    }
+}
+
+/// One key's check: a round trip through its KMS for the active key
+/// (which must encrypt) and for a key without a probe (whose probe check
+/// may call no KMS), else a look at its KMS key (a disabled key shows
+/// there before a Decrypt would fail); then its probe opened, or a sample
+/// of its rows.
+async fn check_key(
+    crypto: &CryptoService,
+    store: &Store,
+    targets: &[RotationTarget],
+    key: &Arc<KeyRecord>,
+    probe: Option<&[u8]>,
+) -> std::result::Result<(), KeyFault> {
+    let kms = if key.status == KeyStatus::Active || probe.is_none() {
+        crypto.round_trip(key).await
+    } else {
+        crypto.check_kms_key(key).await
+    };
+    kms.map_err(|err| KeyFault::Unchecked(chain(&err)))?;
+    prove_key(crypto, store, targets, key, probe, Vacant::Leave).await
 }
 
 fn fingerprint(kms_key_arn: &str, probe: Option<&[u8]>) -> u64 {
@@ -293,7 +409,38 @@ fn fingerprint(kms_key_arn: &str, probe: Option<&[u8]>) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{judge_sample, SampleOutcome as O, SampleVerdict as V};
+    use std::time::{Duration, Instant};
+
+    use super::{check_due, judge_sample, SampleOutcome as O, SampleVerdict as V};
+
+    #[test]
+    fn a_key_is_checked_again_once_its_interval_and_jitter_have_passed() {
+        let at = Instant::now();
+        let five_minutes = Duration::from_secs(300);
+        let check = |after: u64, jitter: f64| {
+            check_due(
+                at,
+                at + Duration::from_secs(after),
+                five_minutes,
+                jitter,
+                false,
+            )
+        };
+        assert!(!check(0, 0.0));
+        assert!(!check(299, 0.0));
+        assert!(check(300, 0.0));
+        // Jitter only ever lengthens the wait, by up to a tenth.
+        assert!(!check(300, 0.5));
+        assert!(!check(314, 0.5));
+        assert!(check(315, 0.5));
+        assert!(check(330, 0.999));
+    }
+
+    #[test]
+    fn a_failing_active_key_is_due_at_every_look() {
+        let at = Instant::now();
+        assert!(check_due(at, at, Duration::from_secs(300), 0.3, true));
+    }
 
     #[test]
     fn a_key_without_rows_or_with_one_readable_row_is_proven() {

@@ -93,6 +93,17 @@ impl KeyHealth {
         }
     }
 
+    /// Checks each key again after `interval` (`serve --key-check-secs`).
+    pub fn set_key_check_interval(&self, interval: std::time::Duration) {
+        self.proofs.set_interval(interval);
+    }
+
+    /// Each non-retired key's last check here (record id → why it failed),
+    /// without checking anything: what the metrics report.
+    pub fn last_key_checks(&self) -> BTreeMap<String, Option<String>> {
+        self.proofs.last()
+    }
+
     /// Follows readiness changes.
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
         self.readiness.subscribe()
@@ -107,9 +118,10 @@ impl KeyHealth {
     }
 
     /// Whether this process can use each non-retired key of `catalog`
-    /// (`None`: it can): it opens the key's probe, or proves itself on a
-    /// sample of the key's rows and writes the probe. Proven keys are not
-    /// checked again until their KMS key or probe changes, unless `fresh`.
+    /// (`None`: it can), from the keys' scheduled checks
+    /// (`service::probes`): a key is checked again when its KMS key or
+    /// probe changes, or when its interval has passed, or always with
+    /// `fresh`. Readiness follows the active key's result.
     pub async fn key_faults(
         &self,
         catalog: &Catalog,
@@ -131,6 +143,11 @@ impl KeyHealth {
             .find(|f| f.is_foreign())
             .map(|f| f.reason().to_owned());
         self.crypto.set_foreign(foreign);
+        let active_fault = catalog
+            .active()
+            .and_then(|active| faults.get(&active.id).cloned().flatten())
+            .map(|fault| fault.reason().to_owned());
+        self.send(catalog, active_fault);
         Ok(faults)
     }
 
@@ -182,36 +199,41 @@ impl KeyHealth {
 
     /// Ready means: an active key that round-trips, and no key whose data
     /// this process cannot open (another master secret wrote it). Uses the
-    /// self-test's result when there is one, else probes the keys.
+    /// self-test's result when there is one, else the keys' scheduled
+    /// checks (the active key is checked again at most once per key-check
+    /// interval while it passes, at every look while it fails).
     pub async fn publish(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
-        // A self-test has just checked every key (fresh).
-        if report.is_none() {
-            if let Err(err) = self.key_faults(catalog, false).await {
-                tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
+        match (report, catalog.active()) {
+            (Some(report), active) => {
+                let active_fault = active.and_then(|active| {
+                    report
+                        .keys
+                        .iter()
+                        .find(|c| c.key.id == active.id)
+                        .and_then(|check| check.error.clone())
+                });
+                self.send(catalog, active_fault);
+            }
+            (None, _) => {
+                if let Err(err) = self.key_faults(catalog, false).await {
+                    tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
+                }
             }
         }
+    }
+
+    /// Publishes readiness from the active key's last result.
+    fn send(&self, catalog: &Catalog, active_fault: Option<String>) {
         let readiness = match (catalog.active(), self.misconfigured()) {
             (_, Some(reason)) => Readiness::NotReady(reason),
             (None, None) => Readiness::NotReady("no active key".into()),
-            (Some(active), None) => {
-                let result =
-                    match report.and_then(|r| r.keys.iter().find(|c| c.key.id == active.id)) {
-                        Some(check) => check.error.clone(),
-                        None => self
-                            .crypto
-                            .round_trip(active)
-                            .await
-                            .err()
-                            .map(|e| e.to_string()),
-                    };
-                match result {
-                    None => Readiness::Ready,
-                    Some(reason) => Readiness::NotReady(format!(
-                        "active key {} failed its self-test: {reason}",
-                        active.key_id
-                    )),
-                }
-            }
+            (Some(active), None) => match active_fault {
+                None => Readiness::Ready,
+                Some(reason) => Readiness::NotReady(format!(
+                    "active key {} failed its self-test: {reason}",
+                    active.key_id
+                )),
+            },
         };
         self.readiness.send_if_modified(|current| {
             if *current == readiness {

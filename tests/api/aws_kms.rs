@@ -1,16 +1,16 @@
 //! The `aws-kms` provider end to end, against moto's KMS server: round
 //! trips with context, KMS failures as gRPC codes, rotation into and
 //! between AWS keys in both modes, a KMS outage mid-rotation, and the
-//! data-key cache's bounds on KMS calls.
+//! data-key cache's bounds on KMS calls, and the scheduled check of every
+//! live key within a KMS call budget.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use keyward::rotation::worker::WorkerOptions;
 use keyward::{
     api::proto::{
         decrypt_request::Ciphertext, rewrap_request, ActivateKeyRequest, CreateKeyRequest,
-        DecryptRequest, EncryptRequest, RefreshKeyMetadataRequest, RewrapRequest, RotationMode,
-        RotationStatus, SelfTestRequest, StartRotationRequest,
+        DecryptRequest, EncryptRequest, ListReplicasRequest, RefreshKeyMetadataRequest,
+        RewrapRequest, RotationMode, RotationStatus, SelfTestRequest, StartRotationRequest,
     },
     config::KmsSettings,
     crypto::{
@@ -18,6 +18,7 @@ use keyward::{
         kms::{KmsOperation, ProviderKind},
     },
 };
+use keyward::{rotation::worker::WorkerOptions, service::replica::ReplicaOptions};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -716,4 +717,140 @@ async fn a_key_arn_carries_its_region() {
             "{refused}"
         );
     }
+}
+
+/// This replica's readiness of `key_id` as its heartbeat reports it:
+/// `Some(error)` (empty when ready), `None` before it reports the key.
+async fn reported(app: &TestApp, key_id: &str) -> Option<(bool, String)> {
+    let replicas = app
+        .admin
+        .clone()
+        .list_replicas(ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    let me = replicas
+        .into_iter()
+        .find(|r| r.listen == app.addr.to_string())?;
+    me.keys
+        .into_iter()
+        .find(|k| k.key_id == key_id)
+        .map(|k| (k.ready, k.error))
+}
+
+/// Waits until this replica reports `key_id` ready (or not).
+async fn wait_until_reported(app: &TestApp, key_id: &str, ready: bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((now, error)) = reported(app, key_id).await {
+            if now == ready {
+                return error;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key_id} never reported ready={ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every non-retired key is checked again on a schedule within a KMS call
+/// budget; a rotating key whose KMS key is disabled is reported (heartbeat,
+/// metrics) while health stays SERVING, and recovers when re-enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_live_key_is_rechecked_within_a_kms_call_budget() {
+    let Some(endpoint) = moto::endpoint_or_skip() else {
+        return;
+    };
+    let kms = moto::client(endpoint).await;
+    let interval = Duration::from_secs(2);
+    let app = spawn_with(
+        Backend::Sqlite,
+        Options {
+            kms: moto::kms_settings(endpoint),
+            metrics: true,
+            worker: None,
+            replica: ReplicaOptions {
+                heartbeat: Duration::from_millis(500),
+                catalog_poll: Duration::from_millis(100),
+                key_check: interval,
+                ..ReplicaOptions::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    // primary (local) and aws-old end up rotating, aws-new active,
+    // aws-pending pending: three AWS keys.
+    let old_arn = moto::create_key(&kms).await;
+    register(&app, "aws-old", &old_arn, true).await;
+    register(&app, "aws-new", &moto::create_key(&kms).await, true).await;
+    register(&app, "aws-pending", &moto::create_key(&kms).await, false).await;
+
+    // The budget: each key at most once per interval (plus jitter); a
+    // check is a round trip and the probe for the active key (at most 4
+    // calls: DescribeKey, GenerateDataKey, Decrypt twice), a look at the
+    // KMS key and the probe for the others (DescribeKey, Decrypt).
+    let calls = || {
+        app.services
+            .crypto
+            .kms()
+            .stats()
+            .total(ProviderKind::AwsKms)
+    };
+    let before = calls();
+    let window = Duration::from_secs(7);
+    tokio::time::sleep(window).await;
+    let spent = calls() - before;
+    let checks_per_key = (window.as_secs_f64() / interval.as_secs_f64()).floor() as u64 + 1;
+    let budget = checks_per_key * (4 + 2 + 2);
+    assert!(
+        spent <= budget,
+        "{spent} AWS KMS calls in {window:?}, budget {budget}"
+    );
+    println!("{spent} AWS KMS calls in {window:?}: 3 AWS keys checked every {interval:?} (budget {budget})");
+    // And the keys were checked again: each at least once in the window.
+    assert!(spent >= 3, "{spent} AWS KMS calls in {window:?}");
+    assert_eq!(wait_until_reported(&app, "aws-old", true).await, "");
+
+    // The rotating key's KMS key is disabled: reported within the
+    // interval, on the heartbeat and in the metrics; health stays SERVING.
+    kms.disable_key()
+        .key_id(moto::key_id(&old_arn))
+        .send()
+        .await
+        .unwrap();
+    let error = wait_until_reported(&app, "aws-old", false).await;
+    assert!(error.contains("disabled"), "{error}");
+    assert_eq!(
+        app.health_status().await,
+        1,
+        "a rotating key does not stop serving"
+    );
+    let scrape = crate::metrics::scrape_text(&app).await;
+    assert!(
+        scrape.contains(r#"keyward_key_ready{key_id="aws-old",status="rotating"} 0"#),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains(r#"keyward_key_ready{key_id="aws-new",status="active"} 1"#),
+        "{scrape}"
+    );
+
+    // Re-enabled: it recovers on its next check.
+    kms.enable_key()
+        .key_id(moto::key_id(&old_arn))
+        .send()
+        .await
+        .unwrap();
+    wait_until_reported(&app, "aws-old", true).await;
+    let scrape = crate::metrics::scrape_text(&app).await;
+    assert!(
+        scrape.contains(r#"keyward_key_ready{key_id="aws-old",status="rotating"} 1"#),
+        "{scrape}"
+    );
+    assert_eq!(app.health_status().await, 1);
 }

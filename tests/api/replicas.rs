@@ -38,6 +38,7 @@ fn frozen() -> Options {
             catalog_poll: HOUR,
             listen: false,
             heartbeat: HOUR,
+            ..ReplicaOptions::default()
         },
         catalog_refresh: HOUR,
         ..Options::default()
@@ -143,6 +144,7 @@ async fn replicas_follow_catalog_changes(backend: Backend) {
                 catalog_poll: poll,
                 listen: true,
                 heartbeat: Duration::from_secs(5),
+                ..ReplicaOptions::default()
             },
             catalog_refresh: HOUR,
             ..Options::default()

@@ -35,6 +35,10 @@ pub struct ReplicaOptions {
     /// On PostgreSQL, also `LISTEN` for changes (off behind a pooler in
     /// transaction mode, which cannot hold a LISTEN).
     pub listen: bool,
+    /// Between checks of each non-retired key (a KMS round trip, its
+    /// probe), whose results the heartbeat carries
+    /// (`service::probes::check_due`).
+    pub key_check: Duration,
 }
 
 impl Default for ReplicaOptions {
@@ -43,6 +47,7 @@ impl Default for ReplicaOptions {
             heartbeat: Duration::from_secs(5),
             catalog_poll: Duration::from_secs(1),
             listen: true,
+            key_check: crate::service::probes::DEFAULT_KEY_CHECK,
         }
     }
 }
