@@ -198,7 +198,7 @@ impl Services {
             .await
             .map_err(StartupError::Targets)?;
         let targets = Arc::new(targets);
-        #[allow(unused_mut)] // only the aws-kms build adds a provider here
+        #[allow(unused_mut)] // only the aws-kms and pkcs11 builds add a provider here
         let mut kms = KmsRegistry::default();
         // The AWS client is built on first use, so registering it costs a
         // local-only deployment nothing.
@@ -208,7 +208,14 @@ impl Services {
                 kms_settings.aws.clone(),
             )));
         }
-        #[cfg(not(feature = "aws-kms"))]
+        // Likewise the PKCS#11 module is loaded on first use.
+        #[cfg(feature = "pkcs11")]
+        {
+            kms = kms.with(Arc::new(crate::crypto::kms::pkcs11::Pkcs11Kms::new(
+                kms_settings.pkcs11.clone(),
+            )));
+        }
+        #[cfg(not(any(feature = "aws-kms", feature = "pkcs11")))]
         let _ = kms_settings;
         let mut legacy = None;
         if let Some(master) = master {

@@ -58,6 +58,8 @@ impl MasterSecrets {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KmsSettings {
     pub aws: AwsKmsSettings,
+    /// The HSM of `pkcs11` keys, if this process has one.
+    pub pkcs11: Option<crate::crypto::kms::Pkcs11Settings>,
     pub cache: CacheSettings,
 }
 

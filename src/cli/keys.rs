@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::{
     audit::{audited, operator_audit, operator_audit_if},
-    open, GlobalArgs,
+    open, ConfigError, GlobalArgs,
 };
 use crate::{
     keys::{Catalog, KeyRecord},
@@ -41,12 +41,17 @@ pub(super) enum KeysCommand {
         kms_key_arn: String,
         #[arg(long)]
         alias: Option<String>,
-        /// local or aws-kms; default inferred from --kms-key-arn.
+        /// local, aws-kms or pkcs11; default inferred from --kms-key-arn.
         #[arg(long, default_value = "")]
         provider: String,
         /// Activate at once (the previous active key becomes rotating).
         #[arg(long)]
         activate: bool,
+        /// A pkcs11 key (--kms-key-arn pkcs11:token=T;object=LABEL): first
+        /// generate its AES-256 key object in the token (sensitive, never
+        /// extractable), or adopt an AES key object that has the label.
+        #[arg(long)]
+        generate: bool,
     },
     /// Make a key active; the previous active key becomes rotating.
     Activate {
@@ -74,6 +79,45 @@ pub(super) enum KeysCommand {
     Usage,
 }
 
+/// `keys create --generate`: the key object in the HSM, before the record.
+async fn generate_key_object(
+    global: &GlobalArgs,
+    provider: &str,
+    kms_key_arn: &str,
+) -> anyhow::Result<()> {
+    use crate::crypto::kms::{provider_of_new_key, ProviderKind};
+    let pkcs11 = match provider {
+        "" => provider_of_new_key(kms_key_arn).ok() == Some(ProviderKind::Pkcs11),
+        named => ProviderKind::parse(named) == Some(ProviderKind::Pkcs11),
+    };
+    if !pkcs11 {
+        anyhow::bail!(ConfigError(
+            "--generate makes key objects in an HSM: give --kms-key-arn pkcs11:token=TOKEN;object=LABEL \
+             (aws-kms keys are created in AWS KMS, local keys need nothing)"
+                .into()
+        ));
+    }
+    #[cfg(feature = "pkcs11")]
+    {
+        use crate::crypto::kms::pkcs11::{KeyObject, Pkcs11Kms};
+        let hsm = Pkcs11Kms::new(global.pkcs11_settings()?);
+        match hsm.create_key_object(kms_key_arn).await? {
+            KeyObject::Generated => {
+                println!("generated an AES-256 key object in the token: {kms_key_arn}")
+            }
+            KeyObject::Adopted => println!(
+                "the token already holds that AES key object; it is used as is: {kms_key_arn}"
+            ),
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "pkcs11"))]
+    {
+        let _ = global;
+        anyhow::bail!(ConfigError("this build has no pkcs11 provider".into()))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(super) enum ReplicasCommand {
     /// Every keyward process heartbeating into this database: catalog
@@ -99,7 +143,11 @@ pub(super) async fn keys(global: &GlobalArgs, cmd: KeysCommand) -> anyhow::Resul
             alias,
             provider,
             activate,
+            generate,
         } => {
+            if generate {
+                generate_key_object(global, &provider, &kms_key_arn).await?;
+            }
             let detail = format!("kms_key_arn={kms_key_arn} activate={activate}");
             let create = admin.create_key(CreateKey {
                 key_id: key_id.clone(),

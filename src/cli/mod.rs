@@ -23,6 +23,7 @@
 
 mod audit;
 mod config_file;
+mod hsm;
 mod keys;
 mod legacy;
 mod master;
@@ -100,6 +101,8 @@ struct GlobalArgs {
     verbose: bool,
     #[command(flatten)]
     aws: AwsArgs,
+    #[command(flatten)]
+    pkcs11: hsm::Pkcs11Args,
     #[command(flatten)]
     audit: AuditArgs,
     #[command(flatten)]
@@ -225,15 +228,24 @@ impl AwsArgs {
             operation_timeout: ms(self.aws_kms_timeout_ms),
         }
     }
+}
 
-    /// The KMS settings of a command that serves no API call: AWS as
-    /// configured, the data-key cache at its defaults (only `serve`'s API
-    /// path uses the cache; rotation and the self-test bypass it).
-    fn kms_settings(&self) -> KmsSettings {
-        KmsSettings {
-            aws: self.settings(),
-            cache: CacheSettings::default(),
-        }
+impl GlobalArgs {
+    /// The HSM of pkcs11 keys, if configured.
+    fn pkcs11_settings(&self) -> anyhow::Result<Option<crate::crypto::kms::Pkcs11Settings>> {
+        self.pkcs11.settings()
+    }
+
+    /// The KMS settings of a command: AWS and PKCS#11 as configured, and
+    /// `cache` (commands that serve no API call keep the defaults: only
+    /// `serve`'s API path uses the cache; rotation and the self-test
+    /// bypass it).
+    fn kms_settings(&self, cache: CacheSettings) -> anyhow::Result<KmsSettings> {
+        Ok(KmsSettings {
+            aws: self.aws.settings(),
+            pkcs11: self.pkcs11_settings()?,
+            cache,
+        })
     }
 }
 
@@ -487,7 +499,7 @@ async fn open(global: &GlobalArgs) -> anyhow::Result<Services> {
     Ok(Services::open_with_targets(
         &global.database_url,
         master.as_ref(),
-        &global.aws.kms_settings(),
+        &global.kms_settings(CacheSettings::default())?,
         Limits::default(),
         rotation_targets(global)?,
     )

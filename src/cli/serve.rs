@@ -20,7 +20,7 @@ use crate::{
         audit::{AuditSettings, AuditSink},
         AuthSettings,
     },
-    config::{KmsSettings, MasterSecrets, Settings, TlsSettings},
+    config::{MasterSecrets, Settings, TlsSettings},
     crypto::cache::{CacheMode, CacheSettings},
     service::crypto::Limits,
 };
@@ -297,10 +297,7 @@ impl ServeArgs {
                     .options(Duration::from_secs(args.shutdown_grace_secs))
             }),
             rotation_targets: rotation_targets(global)?,
-            kms: KmsSettings {
-                aws: global.aws.settings(),
-                cache: args.cache.settings(),
-            },
+            kms: global.kms_settings(args.cache.settings())?,
             ..Settings::for_database(global.database_url.clone(), Some(master))
         })
     }
@@ -344,7 +341,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        crypto::secret::MasterSecret, rotation::worker::WorkerOptions,
+        config::KmsSettings, crypto::secret::MasterSecret, rotation::worker::WorkerOptions,
         service::replica::ReplicaOptions,
     };
 

@@ -579,19 +579,25 @@ fn validate_new_key(req: CreateKey) -> Result<NewKey> {
             "may contain only letters, digits and - _ . : / @",
         ));
     }
-    let explicit = match req.provider.trim() {
-        "" => None,
-        name => Some(
-            ProviderKind::parse(name)
-                .ok_or_else(|| invalid("provider", "must be \"local\" or \"aws-kms\""))?,
-        ),
-    };
+    let explicit =
+        match req.provider.trim() {
+            "" => None,
+            name => Some(ProviderKind::parse(name).ok_or_else(|| {
+                invalid("provider", "must be \"local\", \"aws-kms\" or \"pkcs11\"")
+            })?),
+        };
     let arn = req.kms_key_arn.trim().to_owned();
     let (provider, kms_key_arn) = match (explicit, arn.is_empty()) {
         (Some(ProviderKind::AwsKms), true) => {
             return Err(invalid(
                 "kms_key_arn",
                 "an aws-kms key needs its KMS key ARN, id or alias",
+            ))
+        }
+        (Some(ProviderKind::Pkcs11), true) => {
+            return Err(invalid(
+                "kms_key_arn",
+                "a pkcs11 key needs its PKCS#11 URI (pkcs11:token=TOKEN;object=LABEL)",
             ))
         }
         (_, true) => (ProviderKind::Local, format!("local:{key_id}")),
@@ -675,7 +681,8 @@ mod tests {
                 "projects/p/locations/global/keyRings/r/cryptoKeys/k",
                 "Google Cloud KMS key; that provider is not in this build",
             ),
-            ("pkcs11:token=t;object=k", "PKCS#11 key"),
+            ("pkcs11:token=t", "names no object"),
+            ("vault:transit/k", "HashiCorp Vault key"),
         ] {
             let Err(Error::InvalidField { field, reason }) = validate_new_key(req("k", arn, ""))
             else {
@@ -693,6 +700,7 @@ mod tests {
             "alias/app/2025-03",
             "1234abcd-12ab-34cd-56ef-1234567890ab",
             "local:2025-03",
+            "pkcs11:token=keyward;object=kek-2026-12",
         ] {
             assert!(validate_new_key(req("k", arn, "")).is_ok(), "{arn}");
         }

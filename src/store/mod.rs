@@ -285,10 +285,16 @@ impl Store {
             Pool::Sqlite(pool) => {
                 self.adopt_if_needed(&SQLITE_MIGRATIONS, allow_app_schema_changes)
                     .await?;
-                SQLITE_MIGRATIONS
-                    .run(pool)
+                // On a connection of its own, closed when done: a migration
+                // that edits the schema in place (0014) leaves the
+                // connection that ran it with the old schema in memory.
+                let mut conn = pool.acquire().await?.detach();
+                let migrated = SQLITE_MIGRATIONS
+                    .run(&mut conn)
                     .await
-                    .map_err(StoreError::Migrate)
+                    .map_err(StoreError::Migrate);
+                let _ = sqlx::Connection::close(conn).await;
+                migrated
             }
             Pool::Postgres(pool) => {
                 self.adopt_if_needed(&POSTGRES_MIGRATIONS, allow_app_schema_changes)

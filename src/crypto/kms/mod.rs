@@ -6,6 +6,9 @@
 #[cfg(feature = "aws-kms")]
 pub mod aws;
 pub mod local;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+pub mod pkcs11_uri;
 mod stats;
 
 pub use stats::{KmsCallStats, KmsOperation};
@@ -24,16 +27,23 @@ pub enum ProviderKind {
     Local,
     /// AWS KMS (or a KMS-compatible server) through `aws-sdk-kms`.
     AwsKms,
+    /// An HSM (or SoftHSM2) through its PKCS#11 module (`cryptoki`).
+    Pkcs11,
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 2] = [ProviderKind::Local, ProviderKind::AwsKms];
+    pub const ALL: [ProviderKind; 3] = [
+        ProviderKind::Local,
+        ProviderKind::AwsKms,
+        ProviderKind::Pkcs11,
+    ];
 
     /// The name stored in `encryption_keys.provider`.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Local => "local",
             ProviderKind::AwsKms => "aws-kms",
+            ProviderKind::Pkcs11 => "pkcs11",
         }
     }
 
@@ -44,11 +54,14 @@ impl ProviderKind {
 
     /// The provider a bare `kms_key_arn` implies, for rows inserted by hand
     /// (runbook §1.2 inserts no provider): AWS ARNs, `alias/…` names and
-    /// bare AWS key ids are AWS KMS; `local:…` and anything else is local.
+    /// bare AWS key ids are AWS KMS; `pkcs11:…` URIs are PKCS#11; `local:…`
+    /// and anything else is local.
     pub fn infer(kms_key_arn: &str) -> Self {
         let arn = kms_key_arn.trim();
         if arn.starts_with("arn:aws") || arn.starts_with("alias/") || looks_like_aws_key_id(arn) {
             ProviderKind::AwsKms
+        } else if arn.starts_with("pkcs11:") {
+            ProviderKind::Pkcs11
         } else {
             ProviderKind::Local
         }
@@ -65,7 +78,8 @@ impl fmt::Display for ProviderKind {
 /// The forms a new key record's `kms_key_arn` may take, for messages.
 pub const ACCEPTED_KEY_REFS: &str =
     "an AWS KMS key ARN (arn:aws:kms:…), an AWS key id, an AWS alias \
-     (alias/…), or a local key name (local:NAME)";
+     (alias/…), a PKCS#11 URI (pkcs11:token=TOKEN;object=LABEL), or a local \
+     key name (local:NAME)";
 
 /// Why a `kms_key_arn` names nothing this build can use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +88,10 @@ pub enum KeyRefError {
     OtherProvider(String, &'static str),
     #[error("{0:?} is not a key reference keyward understands; give {ACCEPTED_KEY_REFS}")]
     Unknown(String),
+    #[error(
+        "{0:?} is not a PKCS#11 key reference keyward can use: {1} (accepted: {ACCEPTED_KEY_REFS})"
+    )]
+    Pkcs11(String, pkcs11_uri::UriError),
 }
 
 /// The provider a new key record's `kms_key_arn` names. Unlike
@@ -93,12 +111,16 @@ pub fn provider_of_new_key(kms_key_arn: &str) -> Result<ProviderKind, KeyRefErro
     {
         return Ok(ProviderKind::Local);
     }
+    if arn.starts_with("pkcs11:") {
+        return match pkcs11_uri::KeyUri::parse(arn) {
+            Ok(_) => Ok(ProviderKind::Pkcs11),
+            Err(err) => Err(KeyRefError::Pkcs11(arn.to_owned(), err)),
+        };
+    }
     let other = if arn.starts_with("projects/") && arn.contains("/cryptoKeys/") {
         Some("Google Cloud KMS")
     } else if arn.contains(".vault.azure.net/") {
         Some("Azure Key Vault")
-    } else if arn.starts_with("pkcs11:") {
-        Some("PKCS#11")
     } else if arn.starts_with("vault:") || arn.starts_with("transit/") {
         Some("HashiCorp Vault")
     } else {
@@ -149,6 +171,41 @@ impl Default for AwsKmsSettings {
             attempt_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(15),
         }
+    }
+}
+
+/// How keyward reaches an HSM: one PKCS#11 module, one token and its user
+/// PIN per process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Settings {
+    /// The module (`/usr/lib/softhsm/libsofthsm2.so`, a vendor's library).
+    pub module: std::path::PathBuf,
+    /// The token's label.
+    pub token: String,
+    /// The user PIN (from a file or the environment, never a flag value).
+    pub pin: Pkcs11Pin,
+    /// Sessions kept open: an HSM serializes the work of one session, so
+    /// this bounds how many wraps and unwraps run at once.
+    pub sessions: usize,
+}
+
+/// A token's user PIN: zeroized on drop, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pkcs11Pin(zeroize::Zeroizing<String>);
+
+impl Pkcs11Pin {
+    pub fn new(pin: String) -> Self {
+        Self(zeroize::Zeroizing::new(pin))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pkcs11Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pkcs11Pin(<redacted>)")
     }
 }
 
@@ -332,6 +389,28 @@ mod tests {
         for arn in ["local:default", "my-key", ""] {
             assert_eq!(ProviderKind::infer(arn), ProviderKind::Local, "{arn}");
         }
+        assert_eq!(
+            ProviderKind::infer("pkcs11:token=keyward;object=kek"),
+            ProviderKind::Pkcs11
+        );
+    }
+
+    #[test]
+    fn new_pkcs11_keys_need_a_usable_uri() {
+        assert_eq!(
+            provider_of_new_key("pkcs11:token=keyward;object=kek"),
+            Ok(ProviderKind::Pkcs11)
+        );
+        assert!(matches!(
+            provider_of_new_key("pkcs11:token=keyward"),
+            Err(KeyRefError::Pkcs11(_, pkcs11_uri::UriError::NoObject))
+        ));
+    }
+
+    #[test]
+    fn a_pin_never_prints() {
+        let pin = Pkcs11Pin::new("123456".into());
+        assert!(!format!("{pin:?}").contains("123456"));
     }
 
     #[test]

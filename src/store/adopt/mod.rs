@@ -244,7 +244,7 @@ const KEY_COLUMNS: [Wanted; 10] = [
     wanted(
         "provider",
         Family::Text,
-        "TEXT CHECK (provider IS NULL OR provider IN ('local', 'aws-kms'))",
+        "TEXT CHECK (provider IS NULL OR provider IN ('local', 'aws-kms', 'pkcs11'))",
     ),
     wanted("status", Family::Text, ""),
     wanted("derived_key", Family::Text, "TEXT"),
