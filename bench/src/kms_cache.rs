@@ -1,12 +1,16 @@
-//! `keyward-bench kms-cache`: what the data-key cache saves on a remote KMS.
+//! `keyward-bench kms-cache`: what the data-key cache saves on a remote KMS
+//! or an HSM.
 //!
-//! Against an AWS KMS endpoint (moto's server stands in for AWS), it starts
-//! an in-process server twice, once with the cache on and once off, each
-//! with an active `aws-kms` key; drives a fixed number of Encrypts (one
-//! encryption context, as one tenant's writes) and then Decrypts of what was
-//! just written (warm: as the writer reads back; cold: after the cache is
-//! emptied, as another replica would); and reports requests/s and the KMS
-//! calls keyward made for each, counted by keyward itself
+//! Against an AWS KMS endpoint (moto's server stands in for AWS), or with
+//! `--provider pkcs11` an HSM's PKCS#11 token (SoftHSM2 stands in for one),
+//! it starts an in-process server twice, once with the cache on and once
+//! off, each with an active key of that provider; measures the
+//! `Health/Check` floor on the same channel at the same concurrency; drives
+//! a fixed number of Encrypts (one encryption context, as one tenant's
+//! writes) and then Decrypts of what was just written (warm: as the writer
+//! reads back; cold: after the cache is emptied, as another replica would);
+//! and reports requests/s, Encrypt ÷ floor and the KMS (HSM) calls keyward
+//! made for each, counted by keyward itself
 //! (`keyward::crypto::kms::KmsCallStats`).
 
 use std::{
@@ -37,8 +41,17 @@ use keyward_client::proto::{
 
 use crate::server::InProcessServer;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    AwsKms,
+    Pkcs11,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct KmsCacheArgs {
+    /// Where the key lives: AWS KMS (or a KMS-compatible server) or an HSM.
+    #[arg(long, value_enum, default_value_t = Provider::AwsKms)]
+    pub provider: Provider,
     /// AWS region (default: the standard AWS chain).
     #[arg(long, env = "AWS_REGION")]
     pub aws_region: Option<String>,
@@ -54,14 +67,30 @@ pub struct KmsCacheArgs {
     /// Plaintext size.
     #[arg(long, default_value_t = 1024)]
     pub payload_bytes: usize,
-    /// KMS key to use; default: create one on the endpoint.
+    /// KMS key to use; default: create one on the endpoint (or a key
+    /// object on the token).
     #[arg(long)]
     pub kms_key_arn: Option<String>,
+    /// PKCS#11 module, with --provider pkcs11.
+    #[arg(long, env = "KEYWARD_PKCS11_MODULE")]
+    pub pkcs11_module: Option<std::path::PathBuf>,
+    /// Token label, with --provider pkcs11.
+    #[arg(long, env = "KEYWARD_PKCS11_TOKEN")]
+    pub pkcs11_token: Option<String>,
+    /// File holding the token's user PIN (or set KEYWARD_PKCS11_PIN).
+    #[arg(long, env = "KEYWARD_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<std::path::PathBuf>,
+    /// PKCS#11 sessions keyward keeps open (default: keyward's, twice the
+    /// cores).
+    #[arg(long)]
+    pub pkcs11_sessions: Option<usize>,
 }
 
 /// What one run measured.
 struct RunResult {
     mode: &'static str,
+    /// `Health/Check` per second on the same channel.
+    floor_per_sec: f64,
     encrypt_per_sec: f64,
     generate_calls: u64,
     decrypt_per_sec: f64,
@@ -74,7 +103,7 @@ struct RunResult {
 }
 
 pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
-    let kms = KmsSettings {
+    let mut kms = KmsSettings {
         aws: AwsKmsSettings {
             region: args.aws_region.clone().filter(|r| !r.is_empty()),
             endpoint: args.aws_kms_endpoint.clone().filter(|e| !e.is_empty()),
@@ -82,14 +111,43 @@ pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
         },
         ..KmsSettings::default()
     };
-    let endpoint = kms.aws.endpoint.clone();
-    let arn = match &args.kms_key_arn {
-        Some(arn) => arn.clone(),
-        None => create_kms_key(&kms).await?,
+    let (kind, arn, place) = match args.provider {
+        Provider::AwsKms => {
+            let arn = match &args.kms_key_arn {
+                Some(arn) => arn.clone(),
+                None => create_kms_key(&kms).await?,
+            };
+            let place = format!("KMS {}", kms.aws.endpoint.as_deref().unwrap_or("(AWS)"));
+            (ProviderKind::AwsKms, arn, place)
+        }
+        Provider::Pkcs11 => {
+            let settings = pkcs11_settings(&args)?;
+            let arn = match &args.kms_key_arn {
+                Some(arn) => arn.clone(),
+                None => {
+                    let arn = format!(
+                        "pkcs11:token={};object=keyward-bench-{}",
+                        settings.token,
+                        uuid::Uuid::new_v4().simple()
+                    );
+                    keyward::crypto::kms::pkcs11::Pkcs11Kms::new(Some(settings.clone()))
+                        .create_key_object(&arn)
+                        .await
+                        .context("creating the key object on the token")?;
+                    arn
+                }
+            };
+            let place = format!(
+                "HSM {} ({} sessions)",
+                settings.module.display(),
+                settings.sessions
+            );
+            kms.pkcs11 = Some(settings);
+            (ProviderKind::Pkcs11, arn, place)
+        }
     };
     println!(
-        "keyward-bench kms-cache: KMS {}, key {arn}, {} Encrypts then {} Decrypts of {} bytes, concurrency {}",
-        endpoint.as_deref().unwrap_or("(AWS)"),
+        "keyward-bench kms-cache: {place}, key {arn}, {} Encrypts then {} Decrypts of {} bytes, concurrency {}",
         args.requests,
         args.requests,
         args.payload_bytes,
@@ -99,13 +157,15 @@ pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
     for (mode, label) in [(CacheMode::Auto, "cache on"), (CacheMode::Off, "cache off")] {
         let mut settings = kms.clone();
         settings.cache.mode = mode;
-        results.push(run_once(settings, &arn, label, &args).await?);
+        results.push(run_once(settings, kind, &arn, label, &args).await?);
     }
     println!(
-        "\n{:<10} {:>10} {:>16} {:>10} {:>12} {:>15} {:>17} {:>10}",
+        "\n{:<10} {:>9} {:>10} {:>8} {:>16} {:>10} {:>12} {:>15} {:>17} {:>10}",
         "run",
+        "floor/s",
         "Encrypt/s",
-        "GenerateDataKey",
+        "/floor",
+        "KMS generate",
         "Decrypt/s",
         "KMS Decrypt",
         "cold Decrypt/s",
@@ -114,9 +174,11 @@ pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
     );
     for r in &results {
         println!(
-            "{:<10} {:>10.0} {:>16} {:>10.0} {:>12} {:>15.0} {:>17} {:>10}",
+            "{:<10} {:>9.0} {:>10.0} {:>8.3} {:>16} {:>10.0} {:>12} {:>15.0} {:>17} {:>10}",
             r.mode,
+            r.floor_per_sec,
             r.encrypt_per_sec,
+            r.encrypt_per_sec / r.floor_per_sec.max(f64::EPSILON),
             r.generate_calls,
             r.decrypt_per_sec,
             r.decrypt_calls,
@@ -139,6 +201,33 @@ pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The HSM of `--provider pkcs11`.
+fn pkcs11_settings(args: &KmsCacheArgs) -> anyhow::Result<keyward::crypto::kms::Pkcs11Settings> {
+    let module = args
+        .pkcs11_module
+        .clone()
+        .context("--provider pkcs11 needs --pkcs11-module")?;
+    let token = args
+        .pkcs11_token
+        .clone()
+        .context("--provider pkcs11 needs --pkcs11-token")?;
+    let pin = match &args.pkcs11_pin_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        None => std::env::var("KEYWARD_PKCS11_PIN")
+            .context("--provider pkcs11 needs --pkcs11-pin-file or KEYWARD_PKCS11_PIN")?,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    Ok(keyward::crypto::kms::Pkcs11Settings {
+        module,
+        token,
+        pin: keyward::crypto::kms::Pkcs11Pin::new(pin),
+        sessions: args.pkcs11_sessions.unwrap_or(2 * cores).max(1),
+    })
+}
+
 async fn create_kms_key(kms: &KmsSettings) -> anyhow::Result<String> {
     let config = keyward::crypto::kms::aws::load_sdk_config(&kms.aws).await;
     let client = aws_sdk_kms::Client::new(&config);
@@ -155,6 +244,7 @@ async fn create_kms_key(kms: &KmsSettings) -> anyhow::Result<String> {
 
 async fn run_once(
     kms: KmsSettings,
+    kind: ProviderKind,
     arn: &str,
     label: &'static str,
     args: &KmsCacheArgs,
@@ -170,14 +260,25 @@ async fn run_once(
             ..CreateKey::default()
         })
         .await
-        .context("registering the aws-kms key")?;
+        .context("registering the key")?;
     let channel = Endpoint::from_shared(server.url.clone())?
         .tcp_nodelay(true)
         .connect()
         .await?;
-    let client = CryptoClient::new(channel);
+    let client = CryptoClient::new(channel.clone());
     let stats = Arc::clone(server.services.crypto.kms().stats());
-    let calls = |op| stats.ok(ProviderKind::AwsKms, op) + stats.failed(ProviderKind::AwsKms, op);
+    let calls = |op| stats.ok(kind, op) + stats.failed(kind, op);
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let floor_time = drive(args.requests, args.concurrency, move |_| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .map(drop)
+        }
+    })
+    .await?;
     let context: HashMap<String, String> = [("tenant".to_owned(), "bench".to_owned())].into();
 
     let request = EncryptRequest {
@@ -237,6 +338,7 @@ async fn run_once(
 
     Ok(RunResult {
         mode: label,
+        floor_per_sec: args.requests as f64 / floor_time.as_secs_f64().max(f64::EPSILON),
         encrypt_per_sec: args.requests as f64 / encrypt_time.as_secs_f64().max(f64::EPSILON),
         generate_calls,
         decrypt_per_sec: blobs.len() as f64 / decrypt_time.as_secs_f64().max(f64::EPSILON),

@@ -11,7 +11,8 @@
 //!   fixed rate from a child process;
 //! - `soak` ([`soak`]): a bounded soak of a real `keyward serve` process;
 //! - `adopt` ([`adopt`]): `migrate` adopting an application's live table;
-//! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS;
+//! - `kms-cache` ([`kms_cache`]): the data-key cache on a remote KMS or an
+//!   HSM;
 //! - `aead` ([`aead`]): keyward's AES-256-GCM (aws-lc-rs) against
 //!   RustCrypto's `aes-gcm`, the figures behind that choice.
 //!
@@ -21,7 +22,7 @@
 
 mod adopt;
 mod aead;
-#[cfg(feature = "aws-kms")]
+#[cfg(all(feature = "aws-kms", feature = "pkcs11"))]
 mod kms_cache;
 mod load;
 mod rotation;
@@ -71,10 +72,11 @@ enum Command {
     /// row back; reports errors, p50/p99 over time and peak RSS (use an
     /// empty database). Exit 0 only if it passed.
     Soak(soak::SoakArgs),
-    #[cfg(feature = "aws-kms")]
-    /// Measure Encrypt/Decrypt through an aws-kms key with the data-key
-    /// cache on and off, counting KMS calls (point --aws-kms-endpoint at a
-    /// KMS-compatible server, or use AWS).
+    #[cfg(all(feature = "aws-kms", feature = "pkcs11"))]
+    /// Measure Encrypt/Decrypt through an aws-kms key (point
+    /// --aws-kms-endpoint at a KMS-compatible server, or use AWS) or, with
+    /// --provider pkcs11, an HSM key, with the data-key cache on and off,
+    /// against the Health/Check floor, counting KMS (HSM) calls.
     KmsCache(kms_cache::KmsCacheArgs),
 }
 
@@ -124,7 +126,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Aead(args) => aead::run(&args).map(|()| true),
         Command::Soak(args) => soak::run(args).await,
         Command::Adopt(args) => adopt::run(args).await.map(|()| true),
-        #[cfg(feature = "aws-kms")]
+        #[cfg(all(feature = "aws-kms", feature = "pkcs11"))]
         Command::KmsCache(args) => kms_cache::run(args).await.map(|()| true),
     }
 }

@@ -8,7 +8,7 @@
 use keyward::{
     api::proto::{
         decrypt_request::Ciphertext, CreateKeyRequest, DecryptRequest, RotationMode,
-        RotationStatus, StartRotationRequest,
+        RotationStatus, SelfTestRequest, StartRotationRequest,
     },
     config::KmsSettings,
     crypto::kms::pkcs11::{KeyObject, Pkcs11Kms},
@@ -227,8 +227,9 @@ async fn rotation_into_and_between_hsm_keys(backend: Backend) {
 /// The token refuses keyward mid-rotation (its PIN changed and the
 /// process logged out: a wrong PIN from then on): the rows it could not
 /// wrap carry `last_error` naming the key, the job ends
-/// `completed_with_errors`, nothing is lost, and once the PIN is right
-/// again a new job finishes.
+/// `completed_with_errors`, the self-test names it and health turns
+/// NOT_SERVING (the key is the active one), nothing is lost, and once the
+/// PIN is right again health recovers and a new job finishes.
 async fn an_hsm_outage_mid_rotation_loses_nothing(backend: Backend) {
     // One test at a time changes the outage token's PIN.
     static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -305,6 +306,24 @@ async fn an_hsm_outage_mid_rotation_loses_nothing(backend: Backend) {
     }
     hsm.outage(true);
     let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
+    // The self-test and health say so: the active key fails its check.
+    let report = app
+        .admin
+        .clone()
+        .self_test(SelfTestRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let check = report
+        .keys
+        .iter()
+        .find(|k| k.key_id == "hsm-target")
+        .unwrap();
+    assert!(
+        !check.ok && check.error.contains("refused this process's PIN"),
+        "{check:?}"
+    );
+    app.wait_for_health(2).await;
     hsm.outage(false);
     assert_eq!(
         last.status(),
@@ -326,6 +345,14 @@ async fn an_hsm_outage_mid_rotation_loses_nothing(backend: Backend) {
         assert_ne!(row.encryption_key_id.as_deref(), Some(target.as_str()));
     }
 
+    let report = app
+        .admin
+        .clone()
+        .self_test(SelfTestRequest {})
+        .await
+        .unwrap();
+    assert!(report.into_inner().passed);
+    app.wait_for_health(1).await;
     let job = start(&app, StartRotationRequest::default()).await;
     let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
     assert_eq!(last.status(), RotationStatus::Completed, "{last:?}");
