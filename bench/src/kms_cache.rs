@@ -138,7 +138,7 @@ pub async fn run(args: KmsCacheArgs) -> anyhow::Result<()> {
                 }
             };
             let place = format!(
-                "HSM {} ({} sessions)",
+                "HSM {} (sessions: {})",
                 settings.module.display(),
                 settings.sessions
             );
