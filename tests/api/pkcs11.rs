@@ -171,10 +171,23 @@ async fn a_missing_key_object_is_named_and_not_activated() {
         Code::FailedPrecondition,
     );
     assert!(status.message().contains("other"), "{status:?}");
+    // A module that cannot be loaded: UNAVAILABLE, naming it.
+    let broken = Pkcs11Kms::new(Some(keyward::crypto::kms::Pkcs11Settings {
+        module: "/nonexistent/libpkcs11.so".into(),
+        ..hsm.settings()
+    }));
+    let err = broken.create_key_object(&uri).await.unwrap_err();
+    let status = keyward::api::status::to_status(&keyward::error::Error::from(err));
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("/nonexistent/libpkcs11.so"),
+        "{status:?}"
+    );
 }
 
 /// Rows on a local key and legacy rows rotate into an HSM key, then to
-/// another HSM key, in both modes; every row decrypts after each step.
+/// another HSM key, in both modes, then out of the HSM onto a local key;
+/// every row decrypts after each step.
 async fn rotation_into_and_between_hsm_keys(backend: Backend) {
     let Some(hsm) = hsm_or_skip() else {
         return;
@@ -222,6 +235,26 @@ async fn rotation_into_and_between_hsm_keys(backend: Backend) {
         }
         assert_eq!(decrypt_all(&app).await, expected, "after {key_id}");
     }
+    // And out of the HSM, onto a local key.
+    let local = app
+        .admin
+        .clone()
+        .create_key(CreateKeyRequest {
+            key_id: "local-again".into(),
+            activate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let job = start(&app, StartRotationRequest::default()).await;
+    let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
+    assert_eq!(last.status(), RotationStatus::Completed, "{last:?}");
+    for row in app.connections().await {
+        assert_eq!(row.encryption_key_id.as_deref(), Some(local.as_str()));
+    }
+    assert_eq!(decrypt_all(&app).await, expected, "after leaving the HSM");
 }
 
 /// The token refuses keyward mid-rotation (its PIN changed and the
@@ -369,9 +402,9 @@ crate::on_both_backends!(
 );
 
 /// The operator's path, as processes: `keys create --generate --activate`
-/// with the PIN from a file, a self-test, then the PIN from the
-/// environment, wrong: refused, naming the key, and the PIN is in no
-/// output, not even at trace level.
+/// with the PIN from a file, a self-test, `serve` with the HSM key active,
+/// then the PIN from the environment, wrong: refused, naming the key; the
+/// PIN is in no output, not even at trace level.
 #[test]
 fn the_cli_generates_keys_and_never_prints_the_pin() {
     let Some(hsm) = hsm_or_skip() else {
@@ -426,6 +459,21 @@ fn the_cli_generates_keys_and_never_prints_the_pin() {
     assert!(
         !text.contains(crate::softhsm::PIN),
         "the PIN was printed: {text}"
+    );
+
+    // keyward serve with the HSM key active, at trace level, then stopped.
+    let addr = format!("127.0.0.1:{}", crate::cli::free_port());
+    let mut cmd = keyward(None);
+    cmd.args(["serve", "--listen", &addr, "--audit-log", "off"]);
+    let mut server = crate::cli::Server::spawn(cmd, addr);
+    // Logged once the active key (the HSM's) passed its round trip.
+    server.wait_for_log("Encryption service initialized successfully");
+    server.signal("-TERM");
+    server.wait_exit(std::time::Duration::from_secs(15));
+    let log = server.log();
+    assert!(
+        !log.contains(crate::softhsm::PIN),
+        "the PIN was logged: {log}"
     );
 
     let wrong = "13579-wrong-pin";
