@@ -25,7 +25,10 @@ use tonic::Code;
 use crate::{
     helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp},
     moto,
-    rotation::{conn_ctx, decrypt_all, insert_legacy_row, insert_row, start, watch_all},
+    rotation::{
+        conn_ctx, decrypt_all, insert_legacy_row, insert_row, rotate_every_row_onto, start,
+        watch_all,
+    },
 };
 
 /// A server whose AWS KMS is the moto server (or the given endpoint).
@@ -323,27 +326,7 @@ async fn rotation_into_and_between_aws_keys(backend: Backend) {
     for (key_id, mode) in steps {
         let record = register(&app, key_id, &moto::create_key(&kms).await, true).await;
         let reencrypts_before = kms_calls(&app, KmsOperation::ReEncrypt);
-        let job = start(
-            &app,
-            StartRotationRequest {
-                mode: mode.into(),
-                batch_size: 7,
-                ..Default::default()
-            },
-        )
-        .await;
-        let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
-        assert_eq!(
-            last.status(),
-            RotationStatus::Completed,
-            "{key_id}: {last:?}"
-        );
-        assert_eq!(last.failed_rows, 0);
-        for row in app.connections().await {
-            assert_eq!(row.encryption_key_id.as_deref(), Some(record.as_str()));
-            assert_eq!(row.last_error, None);
-        }
-        assert_eq!(decrypt_all(&app).await, expected, "after {key_id}");
+        rotate_every_row_onto(&app, &record, mode, &expected).await;
         if key_id == "aws-b" {
             // Every row moved inside KMS: one ReEncrypt each.
             assert_eq!(

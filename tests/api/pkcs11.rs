@@ -17,7 +17,9 @@ use tonic::Code;
 
 use crate::{
     helpers::{assert_code, ctx, spawn_with, Backend, Options, TestApp},
-    rotation::{decrypt_all, insert_legacy_row, insert_row, start, watch_all},
+    rotation::{
+        decrypt_all, insert_legacy_row, insert_row, rotate_every_row_onto, start, watch_all,
+    },
     softhsm::{hsm_or_skip, SoftHsm, OUTAGE_TOKEN},
 };
 
@@ -213,27 +215,7 @@ async fn rotation_into_and_between_hsm_keys(backend: Backend) {
     ];
     for (key_id, mode) in steps {
         let record = hsm_key(&app, hsm, key_id, true).await;
-        let job = start(
-            &app,
-            StartRotationRequest {
-                mode: mode.into(),
-                batch_size: 7,
-                ..Default::default()
-            },
-        )
-        .await;
-        let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
-        assert_eq!(
-            last.status(),
-            RotationStatus::Completed,
-            "{key_id}: {last:?}"
-        );
-        assert_eq!(last.failed_rows, 0);
-        for row in app.connections().await {
-            assert_eq!(row.encryption_key_id.as_deref(), Some(record.as_str()));
-            assert_eq!(row.last_error, None);
-        }
-        assert_eq!(decrypt_all(&app).await, expected, "after {key_id}");
+        rotate_every_row_onto(&app, &record, mode, &expected).await;
     }
     // And out of the HSM, onto a local key.
     let local = app
@@ -248,13 +230,7 @@ async fn rotation_into_and_between_hsm_keys(backend: Backend) {
         .unwrap()
         .into_inner()
         .id;
-    let job = start(&app, StartRotationRequest::default()).await;
-    let last = watch_all(&app, &job).await.pop().unwrap().job.unwrap();
-    assert_eq!(last.status(), RotationStatus::Completed, "{last:?}");
-    for row in app.connections().await {
-        assert_eq!(row.encryption_key_id.as_deref(), Some(local.as_str()));
-    }
-    assert_eq!(decrypt_all(&app).await, expected, "after leaving the HSM");
+    rotate_every_row_onto(&app, &local, RotationMode::Reencrypt, &expected).await;
 }
 
 /// The token refuses keyward mid-rotation (its PIN changed and the

@@ -81,6 +81,42 @@ pub(crate) async fn watch_all(app: &TestApp, job_id: &str) -> Vec<RotationProgre
     events
 }
 
+/// Rotates every row onto the active key `record` in `mode` (batches of
+/// 7) and checks the job completed without a failure, every row is on
+/// `record` with no error, and every row decrypts to what `expected` says.
+pub(crate) async fn rotate_every_row_onto(
+    app: &TestApp,
+    record: &str,
+    mode: RotationMode,
+    expected: &HashMap<String, String>,
+) {
+    let job = start(
+        app,
+        StartRotationRequest {
+            mode: mode.into(),
+            batch_size: 7,
+            ..Default::default()
+        },
+    )
+    .await;
+    let last = watch_all(app, &job).await.pop().unwrap().job.unwrap();
+    assert_eq!(
+        last.status(),
+        RotationStatus::Completed,
+        "{record}: {last:?}"
+    );
+    assert_eq!(last.failed_rows, 0);
+    for row in app.connections().await {
+        assert_eq!(row.encryption_key_id.as_deref(), Some(record));
+        assert_eq!(row.last_error, None);
+    }
+    assert_eq!(
+        &decrypt_all(app).await,
+        expected,
+        "after rotating onto {record}"
+    );
+}
+
 /// Decrypts every row through the API with its own context.
 pub(crate) async fn decrypt_all(app: &TestApp) -> HashMap<String, String> {
     let mut client = app.crypto.clone();
