@@ -638,6 +638,25 @@ async fn an_application_database_with_the_runbooks_tables_is_adopted() {
     )
     .await;
     assert!(one_active, "no unique index keeps one active key at most");
+    // The provider column adoption added takes pkcs11 keys (0014), and no
+    // provider keyward does not know.
+    let insert = |provider: &'static str| {
+        sqlx::query(
+            "INSERT INTO encryption_keys (key_id, kms_key_arn, provider) \
+             VALUES ('hsm-' || $1, 'pkcs11:token=t;object=o', $1)",
+        )
+        .bind(provider)
+        .execute(&pool)
+    };
+    insert("pkcs11").await.unwrap();
+    assert!(
+        insert("gcp").await.is_err(),
+        "an unknown provider was stored"
+    );
+    sqlx::query("DELETE FROM encryption_keys WHERE key_id = 'hsm-pkcs11'")
+        .execute(&pool)
+        .await
+        .unwrap();
 
     let app = spawn_on(Backend::Postgres, url.clone(), Options::default()).await;
     let sealed = app
