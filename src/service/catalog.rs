@@ -79,7 +79,7 @@ impl CatalogLoader {
     /// Reloads the catalog and re-evaluates readiness.
     pub async fn reload(&self) -> Result<Arc<Catalog>> {
         let catalog = self.load().await?;
-        self.health.publish(&catalog, None).await;
+        self.health.publish(&catalog).await;
         Ok(catalog)
     }
 

@@ -299,7 +299,7 @@ impl KeyProofs {
 
     /// Checks every non-retired key of `catalog` that is due: `None` where
     /// this process can use the key, else why not. `fresh` checks every key
-    /// now (the self-test).
+    /// now, each with a round trip (the self-test).
     pub(crate) async fn check(
         &self,
         crypto: &CryptoService,
@@ -330,7 +330,9 @@ impl KeyProofs {
                     continue;
                 }
             }
-            let fault = check_key(crypto, store, targets, key, probe).await.err();
+            let fault = check_key(crypto, store, targets, key, probe, fresh)
+                .await
+                .err();
             // Remembered by the probe's bytes: one written just now counts
             // from the next look.
             let probe = match probe {
@@ -380,18 +382,19 @@ fn consequence(status: KeyStatus) -> &'static str {
 }
 
 /// One key's check: a round trip through its KMS for the active key
-/// (which must encrypt) and for a key without a probe (whose probe check
-/// may call no KMS), else a look at its KMS key (a disabled key shows
-/// there before a Decrypt would fail); then its probe opened, or a sample
-/// of its rows.
+/// (which must encrypt), for a key without a probe (whose probe check may
+/// call no KMS) and for every key in a self-test (`full`), else a look at
+/// its KMS key (a disabled key shows there before a Decrypt would fail);
+/// then its probe opened, or a sample of its rows.
 async fn check_key(
     crypto: &CryptoService,
     store: &Store,
     targets: &[RotationTarget],
     key: &Arc<KeyRecord>,
     probe: Option<&[u8]>,
+    full: bool,
 ) -> std::result::Result<(), KeyFault> {
-    let kms = if key.status == KeyStatus::Active || probe.is_none() {
+    let kms = if full || key.status == KeyStatus::Active || probe.is_none() {
         crypto.round_trip(key).await
     } else {
         crypto.check_kms_key(key).await

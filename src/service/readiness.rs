@@ -170,12 +170,10 @@ impl KeyHealth {
             .iter()
             .filter(|k| k.status != KeyStatus::Retired)
         {
+            // The fresh check round-tripped the key and opened its probe.
             let fault = faults.remove(&key.id).flatten();
             let foreign = fault.as_ref().is_some_and(KeyFault::is_foreign);
-            let error = match self.crypto.round_trip(key).await {
-                Err(err) if !foreign => Some(err.to_string()),
-                _ => fault.map(|fault| fault.reason().to_owned()),
-            };
+            let error = fault.map(|fault| fault.reason().to_owned());
             // This process's own heartbeat row says what `error` says.
             let replicas = others
                 .iter()
@@ -192,37 +190,22 @@ impl KeyHealth {
                 replicas,
             });
         }
-        let report = SelfTestReport { keys };
-        self.publish(catalog, Some(&report)).await;
-        Ok(report)
+        // Readiness was published from the same checks (`key_faults`).
+        Ok(SelfTestReport { keys })
     }
 
-    /// Ready means: an active key that round-trips, and no key whose data
-    /// this process cannot open (another master secret wrote it). Uses the
-    /// self-test's result when there is one, else the keys' scheduled
-    /// checks (the active key is checked again at most once per key-check
-    /// interval while it passes, at every look while it fails).
-    pub async fn publish(&self, catalog: &Catalog, report: Option<&SelfTestReport>) {
-        match (report, catalog.active()) {
-            (Some(report), active) => {
-                let active_fault = active.and_then(|active| {
-                    report
-                        .keys
-                        .iter()
-                        .find(|c| c.key.id == active.id)
-                        .and_then(|check| check.error.clone())
-                });
-                self.send(catalog, active_fault);
-            }
-            (None, _) => {
-                if let Err(err) = self.key_faults(catalog, false).await {
-                    tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
-                }
-            }
+    /// Re-evaluates readiness from the keys' scheduled checks (the active
+    /// key is checked again at most once per key-check interval while it
+    /// passes, at every look while it fails); see [`Self::key_faults`].
+    pub async fn publish(&self, catalog: &Catalog) {
+        if let Err(err) = self.key_faults(catalog, false).await {
+            tracing::warn!(error = %err, "cannot check the keys' probes; readiness keeps the last result of that check");
         }
     }
 
-    /// Publishes readiness from the active key's last result.
+    /// Publishes readiness: an active key whose last check passed, and no
+    /// key whose data this process cannot open (another master secret
+    /// wrote it).
     fn send(&self, catalog: &Catalog, active_fault: Option<String>) {
         let readiness = match (catalog.active(), self.misconfigured()) {
             (_, Some(reason)) => Readiness::NotReady(reason),
