@@ -211,20 +211,16 @@ fn pkcs11_settings(args: &KmsCacheArgs) -> anyhow::Result<keyward::crypto::kms::
         .pkcs11_token
         .clone()
         .context("--provider pkcs11 needs --pkcs11-token")?;
-    let pin = match &args.pkcs11_pin_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .trim_end_matches(['\n', '\r'])
-            .to_owned(),
-        None => std::env::var("KEYWARD_PKCS11_PIN")
-            .context("--provider pkcs11 needs --pkcs11-pin-file or KEYWARD_PKCS11_PIN")?,
-    };
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let pin = keyward::crypto::kms::Pkcs11Pin::load(args.pkcs11_pin_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
     Ok(keyward::crypto::kms::Pkcs11Settings {
         module,
         token,
-        pin: keyward::crypto::kms::Pkcs11Pin::new(pin),
-        sessions: args.pkcs11_sessions.unwrap_or(2 * cores).max(1),
+        pin,
+        sessions: args
+            .pkcs11_sessions
+            .unwrap_or_else(keyward::crypto::kms::Pkcs11Settings::default_sessions)
+            .max(1),
     })
 }
 

@@ -9,9 +9,6 @@ use clap::Args;
 use super::{secrets::warn_if_others_can_read, ConfigError};
 use crate::crypto::kms::{Pkcs11Pin, Pkcs11Settings};
 
-/// The environment variable a PIN may come from instead of a file.
-const PIN_ENV: &str = "KEYWARD_PKCS11_PIN";
-
 #[derive(Debug, Args)]
 pub(super) struct Pkcs11Args {
     /// PKCS#11 module of the HSM holding pkcs11 keys (e.g.
@@ -44,32 +41,19 @@ impl Pkcs11Args {
             .ok_or_else(|| {
                 ConfigError("--pkcs11-module needs --pkcs11-token (the token's label)".into())
             })?;
-        let pin = match (&self.pkcs11_pin_file, std::env::var(PIN_ENV)) {
-            (Some(path), _) => {
-                warn_if_others_can_read(path, "PKCS#11 PIN file");
-                std::fs::read_to_string(path)
-                    .map(|pin| pin.trim_end_matches(['\n', '\r']).to_owned())
-                    .map_err(|e| {
-                        ConfigError(format!(
-                            "cannot read PKCS#11 PIN file {}: {e}",
-                            path.display()
-                        ))
-                    })?
-            }
-            (None, Ok(pin)) => pin,
-            (None, Err(_)) => {
-                return Err(ConfigError(format!(
-                    "--pkcs11-module needs the token's user PIN: --pkcs11-pin-file or {PIN_ENV}"
-                ))
-                .into())
-            }
-        };
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        if let Some(path) = &self.pkcs11_pin_file {
+            warn_if_others_can_read(path, "PKCS#11 PIN file");
+        }
+        let pin = Pkcs11Pin::load(self.pkcs11_pin_file.as_deref())
+            .map_err(|why| ConfigError(format!("--pkcs11-module: {why}")))?;
         Ok(Some(Pkcs11Settings {
             module,
             token,
-            pin: Pkcs11Pin::new(pin),
-            sessions: self.pkcs11_sessions.unwrap_or(2 * cores).max(1),
+            pin,
+            sessions: self
+                .pkcs11_sessions
+                .unwrap_or_else(Pkcs11Settings::default_sessions)
+                .max(1),
         }))
     }
 }

@@ -193,9 +193,33 @@ pub struct Pkcs11Settings {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Pkcs11Pin(zeroize::Zeroizing<String>);
 
+/// The environment variable a PKCS#11 PIN may come from instead of a file.
+pub const PKCS11_PIN_ENV: &str = "KEYWARD_PKCS11_PIN";
+
+impl Pkcs11Settings {
+    /// Sessions kept open unless configured: twice the cores.
+    pub fn default_sessions() -> usize {
+        2 * std::thread::available_parallelism().map_or(1, usize::from)
+    }
+}
+
 impl Pkcs11Pin {
     pub fn new(pin: String) -> Self {
         Self(zeroize::Zeroizing::new(pin))
+    }
+
+    /// The PIN in `file` (its line ending dropped), else in
+    /// [`PKCS11_PIN_ENV`]; why not, when neither gives one. The message
+    /// never holds the PIN.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, String> {
+        match file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|pin| Self::new(pin.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read PKCS#11 PIN file {}: {e}", path.display())),
+            None => std::env::var(PKCS11_PIN_ENV).map(Self::new).map_err(|_| {
+                format!("the token's user PIN is needed: --pkcs11-pin-file or {PKCS11_PIN_ENV}")
+            }),
+        }
     }
 
     pub fn expose(&self) -> &str {

@@ -157,44 +157,57 @@ impl Pkcs11Kms {
     /// How the token protects the key object `kms_key_arn` names: read
     /// back from the token, with an attempt to read the key's value.
     pub async fn describe_key_object(&self, kms_key_arn: &str) -> Result<KeyObjectInfo, KmsError> {
+        self.on_key(kms_key_arn, move |session, handle| {
+            let mut info = KeyObjectInfo {
+                sensitive: false,
+                always_sensitive: false,
+                extractable: true,
+                never_extractable: false,
+                value_len: 0,
+                value_readable: false,
+            };
+            for attribute in session.get_attributes(
+                handle,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::ValueLen,
+                ],
+            )? {
+                match attribute {
+                    Attribute::Sensitive(v) => info.sensitive = v,
+                    Attribute::AlwaysSensitive(v) => info.always_sensitive = v,
+                    Attribute::Extractable(v) => info.extractable = v,
+                    Attribute::NeverExtractable(v) => info.never_extractable = v,
+                    Attribute::ValueLen(len) => info.value_len = len.into(),
+                    _ => {}
+                }
+            }
+            // A sensitive key's value is unavailable: the module leaves
+            // it out (or refuses the whole call).
+            info.value_readable = session
+                .get_attributes(handle, &[AttributeType::Value])
+                .is_ok_and(|values| !values.is_empty());
+            Ok(info)
+        })
+        .await
+    }
+
+    /// Runs `op` on the key object `kms_key_arn` names, in a session of the
+    /// pool ([`Token::run`]).
+    async fn on_key<T: Send + 'static>(
+        &self,
+        kms_key_arn: &str,
+        mut op: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError> + Send + 'static,
+    ) -> Result<T, KmsError> {
         let uri = self.uri(kms_key_arn)?;
         let token = self.token(kms_key_arn).await?;
         token
             .run(kms_key_arn, move |token, session| {
                 let handle = token.handle(session, &uri.object)?;
-                let mut info = KeyObjectInfo {
-                    sensitive: false,
-                    always_sensitive: false,
-                    extractable: true,
-                    never_extractable: false,
-                    value_len: 0,
-                    value_readable: false,
-                };
-                for attribute in session.get_attributes(
-                    handle,
-                    &[
-                        AttributeType::Sensitive,
-                        AttributeType::AlwaysSensitive,
-                        AttributeType::Extractable,
-                        AttributeType::NeverExtractable,
-                        AttributeType::ValueLen,
-                    ],
-                )? {
-                    match attribute {
-                        Attribute::Sensitive(v) => info.sensitive = v,
-                        Attribute::AlwaysSensitive(v) => info.always_sensitive = v,
-                        Attribute::Extractable(v) => info.extractable = v,
-                        Attribute::NeverExtractable(v) => info.never_extractable = v,
-                        Attribute::ValueLen(len) => info.value_len = len.into(),
-                        _ => {}
-                    }
-                }
-                // A sensitive key's value is unavailable: the module leaves
-                // it out (or refuses the whole call).
-                info.value_readable = session
-                    .get_attributes(handle, &[AttributeType::Value])
-                    .is_ok_and(|values| !values.is_empty());
-                Ok(info)
+                op(session, handle)
             })
             .await
     }
@@ -204,7 +217,7 @@ impl Pkcs11Kms {
     fn uri(&self, kms_key_arn: &str) -> Result<KeyUri, KmsError> {
         let uri = KeyUri::parse(kms_key_arn).map_err(|err| KmsError::InvalidKeyRef {
             key: kms_key_arn.to_owned(),
-            reason: uri_reason(err),
+            reason: err.reason(),
         })?;
         if let (Some(named), Some(settings)) = (&uri.token, &self.settings) {
             if *named != settings.token {
@@ -226,16 +239,13 @@ impl Pkcs11Kms {
         data_key: &SecretKey,
         context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
-        let uri = self.uri(kek.kms_key_arn)?;
-        let token = self.token(kek.kms_key_arn).await?;
         let aad = wrap_aad(kek, context);
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         // The blocking thread gets its own copy, zeroized when it is done.
-        let plaintext = SecretKey::from_slice(data_key.expose()).ok_or(KmsError::UnwrapFailed)?;
-        let ciphertext = token
-            .run(kek.kms_key_arn, move |token, session| {
-                let handle = token.handle(session, &uri.object)?;
+        let plaintext = data_key.clone();
+        let ciphertext = self
+            .on_key(kek.kms_key_arn, move |session, handle| {
                 let mut iv = nonce;
                 let params = GcmParams::new(&mut iv, &aad, TAG_BITS.into())?;
                 session.encrypt(&Mechanism::AesGcm(params), handle, plaintext.expose())
@@ -282,13 +292,10 @@ impl KmsProvider for Pkcs11Kms {
     ) -> Result<SecretKey, KmsError> {
         let mut nonce: [u8; NONCE_LEN] =
             wrapped_iv.try_into().map_err(|_| KmsError::UnwrapFailed)?;
-        let uri = self.uri(kek.kms_key_arn)?;
-        let token = self.token(kek.kms_key_arn).await?;
         let aad = wrap_aad(kek, context);
         let sealed = wrapped_key.to_vec();
-        let opened = token
-            .run(kek.kms_key_arn, move |token, session| {
-                let handle = token.handle(session, &uri.object)?;
+        let opened = self
+            .on_key(kek.kms_key_arn, move |session, handle| {
                 let params = GcmParams::new(&mut nonce, &aad, TAG_BITS.into())?;
                 match session.decrypt(&Mechanism::AesGcm(params), handle, &sealed) {
                     Ok(mut plain) => {
@@ -316,12 +323,8 @@ impl KmsProvider for Pkcs11Kms {
     /// The key object exists on the token, is an AES key and may encrypt
     /// and decrypt.
     async fn check_key(&self, kek: KekRef<'_>) -> Result<(), KmsError> {
-        let uri = self.uri(kek.kms_key_arn)?;
-        let token = self.token(kek.kms_key_arn).await?;
-        let key = kek.kms_key_arn.to_owned();
-        let usable = token
-            .run(kek.kms_key_arn, move |token, session| {
-                let handle = token.handle(session, &uri.object)?;
+        let usable = self
+            .on_key(kek.kms_key_arn, move |session, handle| {
                 let attributes = session
                     .get_attributes(handle, &[AttributeType::Encrypt, AttributeType::Decrypt])?;
                 Ok(attributes
@@ -332,7 +335,9 @@ impl KmsProvider for Pkcs11Kms {
         if usable {
             Ok(())
         } else {
-            Err(KmsError::KeyDisabled { key })
+            Err(KmsError::KeyDisabled {
+                key: kek.kms_key_arn.to_owned(),
+            })
         }
     }
 }
@@ -351,17 +356,6 @@ fn wrap_aad(kek: KekRef<'_>, context: &EncryptionContext) -> Vec<u8> {
     put_bytes(&mut aad, kek.record_id.as_bytes());
     context.write_canonical(&mut aad);
     aad
-}
-
-fn uri_reason(err: super::pkcs11_uri::UriError) -> &'static str {
-    use super::pkcs11_uri::UriError::*;
-    match err {
-        Scheme => "a PKCS#11 key reference begins with pkcs11:",
-        NoObject => "it names no key object (object=LABEL)",
-        Query => "it carries query attributes; the PIN is configured, never stored",
-        Malformed => "an attribute is not NAME=VALUE in percent-encoded UTF-8",
-        NotSecretKey => "type must be secret-key",
-    }
 }
 
 /// The module at `path`, loaded and initialized once per process and kept

@@ -18,19 +18,35 @@ pub struct KeyUri {
 }
 
 /// Why a string is not a key reference keyward can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UriError {
-    #[error("it does not begin with pkcs11:")]
     Scheme,
-    #[error("it names no object (object=LABEL)")]
     NoObject,
-    #[error("it has query attributes (a PIN does not belong in kms_key_arn: give it with --pkcs11-pin-file or KEYWARD_PKCS11_PIN)")]
     Query,
-    #[error("an attribute is not NAME=VALUE, or its value is not valid percent-encoded UTF-8")]
     Malformed,
-    #[error("type must be secret-key (keyward's key objects are AES keys)")]
     NotSecretKey,
 }
+
+impl UriError {
+    /// What is wrong, for messages (`KmsError::InvalidKeyRef` carries it).
+    pub fn reason(self) -> &'static str {
+        match self {
+            UriError::Scheme => "it does not begin with pkcs11:",
+            UriError::NoObject => "it names no object (object=LABEL)",
+            UriError::Query => "it has query attributes (a PIN does not belong in kms_key_arn: give it with --pkcs11-pin-file or KEYWARD_PKCS11_PIN)",
+            UriError::Malformed => "an attribute is not NAME=VALUE, or its value is not valid percent-encoded UTF-8",
+            UriError::NotSecretKey => "type must be secret-key (keyward's key objects are AES keys)",
+        }
+    }
+}
+
+impl fmt::Display for UriError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for UriError {}
 
 impl KeyUri {
     pub fn parse(uri: &str) -> Result<Self, UriError> {
